@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny GPT-2 and a tokenizer made locally (no Hub), and ../shared data paths."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
+GPT2_TOKENIZER = SHARED_DATA / "gpt2-tokenizer"
+
+needs_shared = pytest.mark.skipif(
+    not SHAKESPEARE.exists() or not GPT2_TOKENIZER.exists(),
+    reason="needs ../shared/data (tinyshakespeare, gpt2-tokenizer) beside the checkout",
+)
+
+
+def embedded_texts(limit: int | None = None) -> list[str]:
+    import pydoc_data.topics as topics
+
+    return [topics.topics[k] for k in sorted(topics.topics)][:limit]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A 512-token byte-level BPE trained on the embedded corpus, saved as a tokenizer folder."""
+    from toolkit.tokenizer import train_bpe_tokenizer
+
+    path = tmp_path_factory.mktemp("tokenizer")
+    train_bpe_tokenizer(embedded_texts(), vocab_size=512).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A randomly initialised 2-layer, 64-wide GPT-2 (fp32, seed 0) with its tokenizer, as a save_pretrained folder."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    config = GPT2Config(
+        n_layer=2, n_head=2, n_embd=64, n_positions=128, vocab_size=len(tok),
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_text_file(tmp_path_factory) -> Path:
+    """~120k characters of English from the standard library docs, as a .txt training file."""
+    path = tmp_path_factory.mktemp("data") / "train.txt"
+    path.write_text("\n\n".join(embedded_texts(60)), encoding="utf-8")
+    return path
+
+
+def run_script(args: list[str], timeout: int = 600, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run a recipe/command as a real subprocess (fp32 CPU, no network) and return the result."""
+    full_env = dict(os.environ)
+    full_env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
