@@ -1,0 +1,157 @@
+"""Configuration dataclasses for recipes/pretrain.py and the parser that reads them.
+
+Flag names follow transformers' run_clm.py where one exists. `--config file.yaml` supplies values and
+`--key value` on the command line overrides them (trl's TrlParser does both). Unknown keys, in the
+YAML or on the command line, are errors.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from transformers import TrainingArguments
+
+from toolkit.errors import UserError
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Continue training a pretrained GPT-2 (Hub name or local save_pretrained folder). "
+                          "Leave empty to train from scratch from --preset."},
+    )
+    preset: str = field(
+        default="gpt2-micro",
+        metadata={"help": "Model size when training from scratch: gpt2-nano, gpt2-micro, gpt2-mini (CPU-sized), "
+                          "gpt2 (124M), gpt2-medium, gpt2-large, gpt2-xl. `toolkit presets` lists them."},
+    )
+    config_name: Optional[str] = field(
+        default=None, metadata={"help": "A config.json folder or Hub name to train from scratch instead of --preset."}
+    )
+    config_overrides: Optional[str] = field(
+        default=None, metadata={"help": "run_clm.py style overrides of the model config: 'n_embd=256,n_head=4'."}
+    )
+    n_layer: Optional[int] = field(default=None, metadata={"help": "Override the number of transformer blocks."})
+    n_head: Optional[int] = field(default=None, metadata={"help": "Override the number of attention heads."})
+    n_embd: Optional[int] = field(default=None, metadata={"help": "Override the hidden size (divisible by n_head)."})
+    n_positions: Optional[int] = field(default=None, metadata={"help": "Override the context length of the position table."})
+    dropout: Optional[float] = field(
+        default=None, metadata={"help": "Dropout for residual, embedding and attention (default 0: best for pretraining)."}
+    )
+    tokenizer_name: Optional[str] = field(
+        default=None,
+        metadata={"help": "Tokenizer (Hub name or folder, e.g. ../shared/data/gpt2-tokenizer). Default: the model's "
+                          "own with --model_name_or_path, else a byte-level BPE trained on the training text."},
+    )
+    vocab_size: int = field(default=4096, metadata={"help": "Vocabulary size of the BPE trained when no tokenizer is given."})
+    pad_vocab_to_multiple_of: int = field(
+        default=64, metadata={"help": "Pad the embedding/head rows to a multiple of this (faster GPU matmuls); 1 = no padding."}
+    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "Attention kernel: sdpa (fused) or eager."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the Hub to run (off by default)."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: Optional[str] = field(default=None, metadata={"help": "A Hub dataset name (datasets.load_dataset)."})
+    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "The Hub dataset's configuration name."})
+    train_file: Optional[str] = field(
+        default=None,
+        metadata={"help": "Local training data: a .txt (the whole file is one document), .json/.jsonl/.parquet/.csv "
+                          "(one document per row, column --text_column), or a folder of such files. "
+                          "Default (no dataset given): the embedded Python documentation corpus (~465k characters)."},
+    )
+    validation_file: Optional[str] = field(default=None, metadata={"help": "Local validation data, same formats."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text in tabular data."})
+    validation_split_percentage: int = field(
+        default=5, metadata={"help": "Percent of the packed training blocks (the last ones) held out when no validation data is given."}
+    )
+    block_size: int = field(default=128, metadata={"help": "Tokens per training sequence (packed, EOS between documents)."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the Hub dataset instead of downloading it (needs --max_steps and --tokenizer_name)."})
+    streaming_eval_blocks: int = field(default=64, metadata={"help": "With --streaming: blocks taken from the start of the stream for evaluation."})
+    data_cache_dir: Optional[str] = field(
+        default=None, metadata={"help": "Where packed token blocks are cached (default ~/.cache/gpt2-toolkit/packed)."}
+    )
+    preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for tokenization."})
+
+
+@dataclass
+class PretrainArguments(TrainingArguments):
+    """transformers.TrainingArguments with defaults for GPT-2 pretraining and a few additions."""
+
+    output_dir: Optional[str] = field(default="out/pretrain", metadata={"help": "Where the model, checkpoints and logs go."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into an output_dir that already holds a run (otherwise refused)."}
+    )
+    max_steps: int = field(default=600, metadata={"help": "Optimizer steps to train (overrides num_train_epochs when > 0)."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Sequences per device per micro-batch."})
+    per_device_eval_batch_size: int = field(default=32, metadata={"help": "Sequences per device per eval batch."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (after warmup)."})
+    warmup_steps: float = field(default=50, metadata={"help": "Linear warmup steps (or a ratio in [0, 1))."})
+    lr_scheduler_type: str = field(default="cosine_with_min_lr", metadata={"help": "Decay after warmup (cosine down to 10% by default)."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (not applied to biases and LayerNorms)."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (0.95 as in GPT-3/nanoGPT)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    optim: str = field(default="adamw_torch_fused", metadata={"help": "Optimizer (transformers OptimizerNames)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log loss, lr, tokens/s and MFU every N steps."})
+    eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate: no, steps, epoch."})
+    eval_steps: Optional[float] = field(default=200, metadata={"help": "Evaluate every N steps."})
+    save_strategy: str = field(default="steps", metadata={"help": "When to checkpoint: no, steps, epoch."})
+    save_steps: float = field(default=200, metadata={"help": "Checkpoint every N steps."})
+    save_total_limit: Optional[int] = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+    dataloader_drop_last: bool = field(default=True, metadata={"help": "Drop the last partial batch of an epoch (fixed shapes)."})
+    report_to: Optional[str] = field(default="tensorboard", metadata={"help": "Loggers: tensorboard, none, wandb, ..."})
+    bf16: Optional[bool] = field(
+        default=None, metadata={"help": "bf16 mixed precision. Default: on for GPUs that support it, off (fp32) on CPU."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed for initialisation and data order."})
+    resume_from_checkpoint: Optional[str] = field(
+        default=None, metadata={"help": "A checkpoint folder to continue from, or 'auto' for the newest one in output_dir."}
+    )
+    sample_prompt: str = field(default="", metadata={"help": "Prompt for the sample generated at the end (empty: start of a document)."})
+    sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of the generated sample printed at the end."})
+
+    def __post_init__(self):
+        import torch
+
+        if self.bf16 is None:
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        elif self.bf16 and not torch.cuda.is_available() and not torch.backends.mkldnn.is_bf16_supported():
+            raise UserError("--bf16 on a CPU without native bf16 (about 20x slower than fp32 here); drop --bf16: CPU runs use fp32")
+        elif self.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+            raise UserError("--bf16 on a GPU without bf16 support; drop --bf16 or use --fp16 on this GPU")
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
+        if self.lr_scheduler_type == "cosine_with_min_lr" and not self.lr_scheduler_kwargs:
+            self.lr_scheduler_kwargs = {"min_lr_rate": 0.1}
+        super().__post_init__()
+
+
+def parse_args(dataclass_types, argv: list[str] | None = None):
+    """Parse `--config file.yaml` + CLI overrides into the given dataclasses; errors are one line."""
+    from trl import TrlParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = TrlParser(dataclass_types)
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise UserError("--config needs a YAML file path, e.g. --config recipes/configs/pretrain_gpt2-micro.yaml")
+        try:
+            open(argv[i + 1]).close()
+        except OSError as err:
+            raise UserError(f"cannot read config file '{argv[i + 1]}' ({err.strerror}); check the path") from None
+    try:
+        return parser.parse_args_and_config(argv)
+    except ValueError as err:
+        message = str(err).splitlines()[0]
+        if "Unknown arguments from config file" in message:
+            unknown = message.split(":", 1)[1].split(". Please")[0].strip()
+            raise UserError(f"unknown key(s) in the YAML config: {unknown}; remove them or fix the spelling (see --help)") from None
+        if "not used by the HfArgumentParser" in message:
+            unknown = message.split(":", 1)[1].strip()
+            raise UserError(f"unknown command-line option(s): {unknown}; fix the spelling (see --help)") from None
+        raise UserError(f"invalid configuration: {message}") from None
