@@ -1,0 +1,259 @@
+"""Unit tests of the pretraining core: config parsing, validation, presets, tokenizer, packing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from toolkit.errors import UserError
+
+
+# ---------- config parsing ----------
+
+def _parse(argv):
+    from toolkit.config import DataArguments, ModelArguments, PretrainArguments, parse_args
+
+    return parse_args([ModelArguments, DataArguments, PretrainArguments], argv)
+
+
+def test_yaml_config_then_command_line_override(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("preset: gpt2-mini\nblock_size: 64\nmax_steps: 7\nlearning_rate: 3.0e-4\n")
+    model, data, train = _parse(["--config", str(cfg), "--max_steps", "9", "--n_layer", "3", "--output_dir", str(tmp_path / "o")])
+    assert (model.preset, data.block_size, train.learning_rate) == ("gpt2-mini", 64, 3e-4)  # from YAML
+    assert (train.max_steps, model.n_layer) == (9, 3)  # command line wins
+    assert train.bf16 is False  # CPU default is fp32
+    assert train.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+
+
+def test_unknown_yaml_key_is_a_one_line_error(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("block_sise: 64\n")
+    with pytest.raises(UserError, match="unknown key.*block_sise"):
+        _parse(["--config", str(cfg)])
+
+
+def test_unknown_command_line_option_is_an_error():
+    with pytest.raises((UserError, SystemExit)):
+        _parse(["--block_sise", "64"])
+
+
+def test_missing_config_file_is_an_error(tmp_path):
+    with pytest.raises(UserError, match="cannot read config file"):
+        _parse(["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_example_configs_parse():
+    from pathlib import Path
+
+    configs = sorted(Path(__file__).resolve().parents[1].joinpath("recipes", "configs").glob("pretrain_*.yaml"))
+    assert configs, "recipes/configs/pretrain_*.yaml examples are missing"
+    for cfg in configs:
+        model, data, train = _parse(["--config", str(cfg)])
+        assert train.max_steps > 0 and data.block_size > 0
+
+
+# ---------- presets and validation ----------
+
+def test_gpt2_preset_parameter_count_matches_openai():
+    from transformers import GPT2LMHeadModel
+
+    from toolkit.presets import build_gpt2_config, count_parameters
+
+    config = build_gpt2_config("gpt2", 50257, pad_vocab_to_multiple_of=1)
+    assert count_parameters(config.n_layer, config.n_embd, config.vocab_size, config.n_positions) == 124_439_808
+    with __import__("torch").device("meta"):
+        assert GPT2LMHeadModel(config).num_parameters() == 124_439_808
+
+
+@pytest.mark.parametrize("preset", ["gpt2-nano", "gpt2-micro", "gpt2-mini", "gpt2-medium", "gpt2-large", "gpt2-xl"])
+def test_preset_counts_match_the_real_model(preset):
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from toolkit.presets import build_gpt2_config, count_parameters
+
+    config = build_gpt2_config(preset, 50257)
+    assert config.vocab_size == 50304  # padded to a multiple of 64
+    with torch.device("meta"):
+        n = GPT2LMHeadModel(config).num_parameters()
+    assert n == count_parameters(config.n_layer, config.n_embd, config.vocab_size, config.n_positions)
+
+
+def test_seed_guide_override_form():
+    from toolkit.presets import build_gpt2_config
+
+    config = build_gpt2_config("gpt2", 50257, {"n_layer": 48, "n_head": 16, "n_embd": 1600})
+    assert (config.n_layer, config.n_head, config.n_embd) == (48, 16, 1600)
+
+
+def test_config_overrides_string():
+    from toolkit.presets import parse_config_overrides
+
+    assert parse_config_overrides("n_embd=256, n_head=4,resid_pdrop=0.1") == {"n_embd": 256, "n_head": 4, "resid_pdrop": 0.1}
+    with pytest.raises(UserError, match="key=value"):
+        parse_config_overrides("n_embd")
+
+
+def test_validation_errors_name_the_fix():
+    from toolkit.presets import build_gpt2_config, validate_config
+
+    with pytest.raises(UserError, match="not divisible by n_head"):
+        build_gpt2_config("gpt2-nano", 512, {"n_embd": 100, "n_head": 3})
+    with pytest.raises(UserError, match="unknown model preset 'gpt3'"):
+        build_gpt2_config("gpt3", 512)
+    config = build_gpt2_config("gpt2-nano", 512)
+    with pytest.raises(UserError, match="block_size=512 is larger than the model's n_positions=256"):
+        validate_config(config, block_size=512)
+    with pytest.raises(UserError, match="tokenizer has 50257 tokens but the model's vocab_size is 512"):
+        validate_config(config, tokenizer_size=50257)
+
+
+# ---------- tokenizer ----------
+
+def test_trained_bpe_round_trips_and_has_requested_size(tmp_path):
+    from transformers import AutoTokenizer
+
+    from toolkit.tokenizer import EOS_TOKEN, train_bpe_tokenizer
+
+    texts = ["The quick brown fox jumps over the lazy dog. " * 20, "def f(x):\n    return x ** 2\n" * 20, "naïve café – ünïcödé ✓"]
+    tok = train_bpe_tokenizer(texts, vocab_size=300)
+    assert len(tok) <= 300 and tok.eos_token == EOS_TOKEN
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    for text in texts:
+        assert again.decode(again(text)["input_ids"]) == text  # byte-level: any text round-trips
+    assert again.eos_token_id == tok.eos_token_id
+
+
+def test_bpe_training_is_deterministic():
+    from toolkit.tokenizer import train_bpe_tokenizer
+
+    from conftest import embedded_texts
+
+    texts = embedded_texts(30)
+    a = train_bpe_tokenizer(texts, 400).backend_tokenizer.to_str()
+    b = train_bpe_tokenizer(texts, 400).backend_tokenizer.to_str()
+    assert a == b
+
+
+def test_missing_tokenizer_folder_is_a_user_error(tmp_path):
+    from toolkit.tokenizer import load_tokenizer
+
+    with pytest.raises(UserError, match="does not exist"):
+        load_tokenizer(str(tmp_path / "no-such-tokenizer"))
+
+
+# ---------- data: packing, EOS, split, cache ----------
+
+class _Args:
+    def __init__(self, **kw):
+        self.dataset_name = self.dataset_config_name = self.train_file = self.validation_file = None
+        self.text_column, self.validation_split_percentage, self.block_size = "text", 10, 8
+        self.streaming, self.data_cache_dir, self.preprocessing_num_workers = False, None, None
+        self.__dict__.update(kw)
+
+
+def test_packing_puts_eos_after_every_document_and_makes_full_blocks(tmp_path, tiny_tokenizer_dir):
+    import datasets
+
+    from toolkit import data
+    from toolkit.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_tokenizer_dir))
+    docs = ["first document here", "second one", "and the third document, a bit longer than the others"]
+    ds = datasets.Dataset.from_dict({"text": docs})
+    packed = data.packed_blocks(ds, None, tok, _Args(data_cache_dir=str(tmp_path)))
+    expected = []
+    for d in docs:
+        expected += tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    blocks = np.concatenate([packed.train, packed.validation])
+    n = len(expected) // 8
+    assert blocks.shape == (n, 8)
+    assert blocks.reshape(-1).tolist() == expected[: n * 8]  # order kept, EOS after each document
+    assert len(packed.validation) == max(1, int(n * 10 / 100))  # validation = the last blocks
+    item = data.BlockDataset(packed.train)[0]
+    assert item["input_ids"].dtype.is_floating_point is False and item["labels"].tolist() == item["input_ids"].tolist()
+
+
+def test_packed_data_is_cached(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    import datasets
+
+    from toolkit import data
+    from toolkit.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_tokenizer_dir))
+    ds = datasets.Dataset.from_dict({"text": ["some words to pack"] * 50})
+    args = _Args(data_cache_dir=str(tmp_path))
+    first = data.packed_blocks(ds, None, tok, args)
+    monkeypatch.setattr(data, "_tokenize_stream", lambda *a, **k: pytest.fail("tokenized again despite the cache"))
+    second = data.packed_blocks(ds, None, tok, args)
+    assert second.cache_dir == first.cache_dir
+    assert np.array_equal(first.train, second.train)
+    monkeypatch.undo()
+    other = data.packed_blocks(ds, None, tok, _Args(data_cache_dir=str(tmp_path), block_size=16))
+    assert other.cache_dir != first.cache_dir and other.train.shape[1] == 16  # new settings, new cache entry
+
+
+def test_data_smaller_than_a_block_is_a_user_error(tmp_path, tiny_tokenizer_dir):
+    import datasets
+
+    from toolkit import data
+    from toolkit.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_tokenizer_dir))
+    ds = datasets.Dataset.from_dict({"text": ["hi"]})
+    with pytest.raises(UserError, match="shorter than one block"):
+        data.packed_blocks(ds, None, tok, _Args(data_cache_dir=str(tmp_path), block_size=64))
+
+
+def test_bad_data_files_are_user_errors(tmp_path):
+    from toolkit import data
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(UserError, match="does not exist"):
+        data.load_documents(_Args(train_file=str(tmp_path / "nope.txt")), "train")
+    with pytest.raises(UserError, match="is empty"):
+        data.load_documents(_Args(train_file=str(empty)), "train")
+    odd = tmp_path / "data.xyz"
+    odd.write_text("text")
+    with pytest.raises(UserError, match="unsupported data file type"):
+        data.load_documents(_Args(train_file=str(odd)), "train")
+
+
+def test_local_file_formats(tmp_path):
+    import json
+
+    from toolkit import data
+
+    txt = tmp_path / "a.txt"
+    txt.write_text("line one\nline two\n\nparagraph two\n")
+    docs = data.load_documents(_Args(train_file=str(txt)), "train")
+    assert docs["text"] == ["line one\nline two\n\nparagraph two\n"]  # a .txt file is one document
+    jl = tmp_path / "b.jsonl"
+    jl.write_text("\n".join(json.dumps({"content": f"doc {i}"}) for i in range(3)))
+    docs = data.load_documents(_Args(train_file=str(jl), text_column="content"), "train")
+    assert docs["text"] == ["doc 0", "doc 1", "doc 2"]
+    with pytest.raises(UserError, match="no 'text' column"):
+        data.load_documents(_Args(train_file=str(jl)), "train")
+
+
+def test_embedded_corpus_is_the_default():
+    from toolkit import data
+
+    docs = data.load_documents(_Args(), "train")
+    assert len(docs) > 50 and sum(len(t) for t in docs["text"]) > 400_000
+
+
+# ---------- flops ----------
+
+def test_flops_per_token_follows_6n_plus_attention():
+    from toolkit.flops import flops_per_token, gpu_peak_flops
+
+    # 124M: N without the position table = 124,439,808 - 1024*768
+    n = 124_439_808 - 1024 * 768
+    assert flops_per_token(12, 768, 50257, 1024) == 6 * n + 12 * 12 * 768 * 1024
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu_peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
+    assert gpu_peak_flops("Some Unknown Card") is None
