@@ -11,3 +11,9 @@ Each module owns one concern:
 """
 
 __version__ = "0.1.0"
+
+import logging as _logging
+
+# bitsandbytes tries to fetch an optional CPU 4-bit kernel from the Hub on import and warns when it
+# can't (always, offline); the built-in kernel is used instead, so the warning is only noise.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)

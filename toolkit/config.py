@@ -91,7 +91,7 @@ class PretrainArguments(TrainingArguments):
     per_device_eval_batch_size: int = field(default=32, metadata={"help": "Sequences per device per eval batch."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (after warmup)."})
     warmup_steps: float = field(default=50, metadata={"help": "Linear warmup steps (or a ratio in [0, 1))."})
-    lr_scheduler_type: str = field(default="cosine_with_min_lr", metadata={"help": "Decay after warmup (cosine down to 10% by default)."})
+    lr_scheduler_type: str = field(default="cosine_with_min_lr", metadata={"help": "Decay after warmup (cosine down to 10%% by default)."})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (not applied to biases and LayerNorms)."})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (0.95 as in GPT-3/nanoGPT)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})

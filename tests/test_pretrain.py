@@ -1,0 +1,104 @@
+"""End-to-end runs of recipes/pretrain.py as a user runs it (real subprocesses, CPU, offline)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from conftest import GPT2_TOKENIZER, SHAKESPEARE, needs_shared, run_script
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--preset", "gpt2-nano", "--vocab_size", "512", "--block_size", "32", "--per_device_train_batch_size", "8",
+        "--learning_rate", "3e-3", "--warmup_steps", "5", "--report_to", "none", "--sample_max_new_tokens", "8"]
+
+
+def train_losses(output_dir) -> dict[int, float]:
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+
+def eval_losses(output_dir) -> dict[int, float]:
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return {h["step"]: h["eval_loss"] for h in state["log_history"] if "eval_loss" in h}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, small_text_file):
+    """One 40-step run with a BPE trained on the text; checkpoints every 10 steps."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    result = run_script(["recipes/pretrain.py", *TINY, "--train_file", str(small_text_file), "--output_dir", str(out),
+                         "--max_steps", "40", "--logging_steps", "1", "--eval_on_start", "true", "--eval_steps", "20",
+                         "--save_steps", "10", "--save_total_limit", "10", "--data_cache_dir", str(out.parent / "cache")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_loss_goes_down_and_output_loads_with_from_pretrained(finished_run):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, result = finished_run
+    evals = eval_losses(out)
+    assert evals[0] > math.log(512) - 0.5  # a fresh model: close to uniform over the vocabulary
+    assert evals[max(evals)] < evals[0] - 0.5, evals  # validation loss really went down
+    assert "Model saved to" in result.stdout and "perplexity" in result.stdout and "Sample:" in result.stdout
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    assert (out / "model.safetensors").exists() and (out / "generation_config.json").exists()
+
+    tokenizer = AutoTokenizer.from_pretrained(out)  # the BPE trained by the run, saved with the model
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.n_layer == 2 and len(tokenizer) <= model.config.vocab_size
+    ids = tokenizer("The", return_tensors="pt").input_ids
+    generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] == ids.shape[1] + 5
+
+
+def test_resume_reproduces_the_uninterrupted_losses(finished_run, small_text_file, tmp_path):
+    out, _ = finished_run
+    resumed = tmp_path / "resumed"
+    result = run_script(["recipes/pretrain.py", *TINY, "--train_file", str(small_text_file), "--output_dir", str(resumed),
+                         "--max_steps", "40", "--logging_steps", "1", "--eval_steps", "20", "--save_steps", "10",
+                         "--resume_from_checkpoint", str(out / "checkpoint-20"), "--tokenizer_name", str(out),
+                         "--data_cache_dir", str(out.parent / "cache")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    full, again = train_losses(out), train_losses(resumed)
+    assert set(range(21, 41)) <= set(again)  # (steps 1-20 come from the checkpoint's history)
+    for step in range(21, 41):
+        assert again[step] == pytest.approx(full[step], abs=1e-5), step
+
+
+def test_refuses_to_overwrite_a_finished_run(finished_run):
+    out, _ = finished_run
+    before = (out / "model.safetensors").read_bytes()
+    result = run_script(["recipes/pretrain.py", *TINY, "--output_dir", str(out), "--max_steps", "2"])
+    assert result.returncode == 2
+    assert "already holds a run" in result.stderr and "--overwrite_output_dir" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (out / "model.safetensors").read_bytes() == before  # nothing lost
+
+
+@needs_shared
+def test_shakespeare_with_the_real_gpt2_tokenizer(tmp_path):
+    out = tmp_path / "shakespeare"
+    result = run_script(["recipes/pretrain.py", "--preset", "gpt2-nano", "--train_file", str(SHAKESPEARE),
+                         "--tokenizer_name", str(GPT2_TOKENIZER), "--block_size", "64", "--per_device_train_batch_size", "8",
+                         "--max_steps", "30", "--learning_rate", "3e-3", "--warmup_steps", "5", "--eval_on_start", "true",
+                         "--eval_steps", "30", "--save_strategy", "no", "--report_to", "none", "--output_dir", str(out),
+                         "--validation_split_percentage", "1", "--sample_max_new_tokens", "8", "--data_cache_dir", str(tmp_path / "cache")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    from transformers import AutoConfig, AutoTokenizer
+
+    assert len(AutoTokenizer.from_pretrained(out)) == 50257
+    assert AutoConfig.from_pretrained(out).vocab_size == 50304  # padded to a multiple of 64
+    evals = eval_losses(out)
+    assert evals[30] < evals[0] - 2.0, evals
+
+
+def test_help_explains_the_options():
+    result = run_script(["recipes/pretrain.py", "--help"])
+    assert result.returncode == 0
+    for flag in ("--preset", "--train_file", "--tokenizer_name", "--block_size", "--resume_from_checkpoint", "--overwrite_output_dir"):
+        assert flag in result.stdout
