@@ -1,0 +1,654 @@
+"""onefile_train.py: train GPT-2 from scratch in one file you can read from top to bottom.
+
+This is the educational twin of recipes/pretrain.py (HF Trainer + toolkit/). Everything the Trainer,
+accelerate and transformers do for pretrain.py is written out here by hand, in the manner of nanoGPT's
+train.py: the GPT-2 model, data loading and batching, AdamW with weight-decay groups, warmup + cosine
+schedule, gradient clipping and accumulation, evaluation, sampling, checkpointing and DDP.
+Given the same model config, tokenizer, data, seed and initial weights, both scripts produce the same
+loss curve (tests/test_onefile.py checks 20 steps to 1e-4). docs/training_architecture.md maps every
+section below to where it lives in the modular version and says which settings must match.
+
+Dependencies: torch, numpy and the standard library; `tokenizers` only to train/read a tokenizer and
+`safetensors` only to write model.safetensors (both are dependencies of this project anyway). Nothing
+from toolkit/: this file stands alone.
+
+Launch:
+    python recipes/onefile_train.py                        # gpt2-micro on the embedded pydoc corpus (CPU: minutes)
+    python recipes/onefile_train.py --train_file ../shared/data/tinyshakespeare/input.txt \
+        --tokenizer_name ../shared/data/gpt2-tokenizer --output_dir out/shakespeare
+    python recipes/onefile_train.py --init_from out/onefile --max_steps 100   # start from HF GPT-2 weights
+    python recipes/onefile_train.py --output_dir out/onefile --resume        # continue the latest checkpoint
+    torchrun --nproc_per_node 2 recipes/onefile_train.py   # DDP: gloo on CPU, nccl on GPUs
+The output folder loads with transformers.GPT2LMHeadModel / AutoTokenizer.from_pretrained, so
+recipes/lora.py can fine-tune it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import glob
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+EOS = "<|endoftext|>"
+
+
+def die(message: str) -> None:
+    """User mistakes end with one line naming the problem and the fix, and exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# -----------------------------------------------------------------------------------------------------
+# Configuration. Flag names are recipes/pretrain.py's (run_clm.py's) so one command line fits both, and
+# the defaults are its defaults: the gpt2-micro model on the embedded corpus.
+PRESETS = {  # (n_layer, n_head, n_embd, n_positions), as in toolkit/presets.py
+    "gpt2-nano": (2, 2, 64, 256), "gpt2-micro": (4, 4, 128, 256), "gpt2-mini": (6, 6, 384, 256), "gpt2": (12, 12, 768, 1024),
+    "gpt2-medium": (24, 16, 1024, 1024), "gpt2-large": (36, 20, 1280, 1024), "gpt2-xl": (48, 25, 1600, 1024),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train GPT-2 in one file (see the module docstring).")
+    a = p.add_argument
+    a("--output_dir", "--out_dir", default="out/onefile")
+    a("--train_file", help=".txt/.md (the whole file is one document) or .json/.jsonl (a 'text' per row); default: embedded corpus")
+    a("--validation_file", help="same formats; default: hold out the last validation_split_percentage%% of the training blocks")
+    a("--validation_split_percentage", type=int, default=5)
+    a("--tokenizer_name", help="folder with tokenizer.json, or vocab.json + merges.txt; default: --init_from's, else train a BPE")
+    a("--vocab_size", type=int, default=4096, help="size of the BPE trained when no tokenizer is given")
+    a("--init_from", "--model_name_or_path", dest="init_from", help="start from this save_pretrained GPT-2 folder")
+    a("--preset", choices=PRESETS, default="gpt2-micro", help="model shape when training from scratch")
+    for name in ("n_layer", "n_head", "n_embd", "n_positions"):
+        a(f"--{name}", type=int, help="override the preset")
+    a("--dropout", type=float, default=0.0)
+    a("--block_size", type=int, default=128, help="tokens per training sequence")
+    a("--per_device_train_batch_size", "--batch_size", dest="batch_size", type=int, default=16)
+    a("--per_device_eval_batch_size", dest="eval_batch_size", type=int, default=32)
+    a("--gradient_accumulation_steps", type=int, default=1)
+    a("--max_steps", type=int, default=600, help="optimizer updates")
+    a("--learning_rate", type=float, default=1e-3)
+    a("--warmup_steps", type=float, default=50, help="linear warmup updates (a value below 1: fraction of max_steps)")
+    a("--min_lr_rate", type=float, default=0.1, help="the cosine ends at learning_rate * min_lr_rate")
+    a("--weight_decay", type=float, default=0.1)
+    a("--adam_beta1", type=float, default=0.9)
+    a("--adam_beta2", type=float, default=0.95)
+    a("--adam_epsilon", type=float, default=1e-8)
+    a("--max_grad_norm", type=float, default=1.0)
+    a("--logging_steps", type=int, default=10)
+    a("--eval_strategy", choices=["steps", "no"], default="steps")
+    a("--eval_steps", type=int, default=200)
+    a("--save_strategy", choices=["steps", "no"], default="steps")
+    a("--save_steps", type=int, default=200)
+    a("--save_total_limit", type=int, default=2)
+    a("--overwrite_output_dir", action="store_true", help="replace a finished or interrupted run in output_dir")
+    a("--resume", "--resume_from_checkpoint", nargs="?", const="latest",
+      help="continue from OUTPUT_DIR's newest checkpoint, or from the checkpoint folder given")
+    a("--seed", type=int, default=42)
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a("--compile", action="store_true", help="torch.compile the model (slow start, faster GPU steps)")
+    a("--sample_max_new_tokens", "--sample_tokens", dest="sample_tokens", type=int, default=64, help="0: no sample")
+    a("--sample_prompt", "--prompt", dest="prompt", default="", help="text to continue (default: a new document)")
+    a("--temperature", type=float, default=0.8)
+    a("--top_k", type=int, default=50)
+    args = p.parse_args(argv)
+    for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_steps", "logging_steps", "block_size"):
+        if getattr(args, name) < 1:
+            die(f"--{name} must be at least 1; pass a positive integer")
+    for name, value in zip(("n_layer", "n_head", "n_embd", "n_positions"), PRESETS[args.preset]):
+        setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
+    args.warmup_steps = int(args.warmup_steps) if args.warmup_steps >= 1 else math.ceil(args.max_steps * args.warmup_steps)
+    return args
+
+
+# -----------------------------------------------------------------------------------------------------
+# The model: GPT-2 exactly as transformers' GPT2LMHeadModel computes it. Module names are the HF names
+# (transformer.h.0.attn.c_attn, ...) so checkpoints convert by name; the only difference is that HF's
+# Conv1D stores weights as (in, out) where nn.Linear stores (out, in): we transpose on save/load.
+class CausalSelfAttention(nn.Module):
+    def __init__(self, n_embd, n_head, dropout):
+        super().__init__()
+        self.n_head, self.dropout = n_head, dropout
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)  # query, key, value for all heads in one matmul
+        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_dim): every head attends independently.
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # Fused kernel (flash/memory-efficient on GPU, a fused CPU kernel otherwise): softmax(q k^T / sqrt(d)) v
+        # with the causal mask applied inside, so position t only sees positions <= t.
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd, dropout):
+        super().__init__()
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd)
+        self.c_proj = nn.Linear(4 * n_embd, n_embd)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        # GPT-2 uses the tanh approximation of GELU ("gelu_new" in transformers).
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, n_embd, n_head, dropout, eps):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd, eps=eps)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout)
+        self.ln_2 = nn.LayerNorm(n_embd, eps=eps)
+        self.mlp = MLP(n_embd, dropout)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.cfg = cfg
+        d, drop = cfg["n_embd"], cfg.get("dropout", 0.0)
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg["vocab_size"], d),  # token embeddings
+            wpe=nn.Embedding(cfg["n_positions"], d),  # learned position embeddings
+            drop=nn.Dropout(drop),
+            h=nn.ModuleList(Block(d, cfg["n_head"], drop, cfg["layer_norm_epsilon"]) for _ in range(cfg["n_layer"])),
+            ln_f=nn.LayerNorm(d, eps=cfg["layer_norm_epsilon"]),
+        ))
+        self.lm_head = nn.Linear(d, cfg["vocab_size"], bias=False)
+        # Weight tying: the output projection IS the token embedding (saves V*d parameters, as in GPT-2).
+        self.lm_head.weight = self.transformer.wte.weight
+        # GPT-2 initialisation: N(0, 0.02) for every weight matrix and embedding, zero biases, LayerNorm
+        # (1, 0); the projections that write into the residual stream (c_proj) get std 0.02/sqrt(2*n_layer)
+        # so the residual's variance does not grow with depth (2 residual additions per block).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg["n_layer"]))
+            elif p.dim() == 2:
+                nn.init.normal_(p, 0.0, 0.02)
+            elif name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                nn.init.ones_(p)
+            else:
+                nn.init.zeros_(p)
+
+    def forward(self, idx, labels=None):
+        """Logits (B, T, V); with labels (== idx for packed blocks), (logits of positions 0..T-2, loss)."""
+        T = idx.size(1)
+        pos = torch.arange(T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        if labels is None:
+            return self.lm_head(x)
+        # Position t predicts token t+1, so the last position has no target: like HF's shifted loss, the
+        # mean cross-entropy over the B*(T-1) predictions (we skip computing the unused last logits).
+        logits = self.lm_head(x[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Sample one token at a time, feeding the growing sequence back in (no KV cache: simple, not fast)."""
+        for _ in range(max_new_tokens):
+            logits = self(idx[:, -self.cfg["n_positions"]:])[:, -1, :] / max(temperature, 1e-6)
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth, -float("inf"))
+            nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx
+
+
+# -----------------------------------------------------------------------------------------------------
+# Checkpoints in Hugging Face format: config.json + model.safetensors with HF parameter names and the
+# Conv1D (in, out) layout, so transformers.GPT2LMHeadModel.from_pretrained loads what we write and we load
+# what it writes. lm_head.weight is not stored: it is tied to wte, as in HF's own files.
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def save_hf(model: GPT, tokenizer, eos_id: int, folder: str) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    cfg = model.cfg
+    config = dict(
+        architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=cfg["vocab_size"], n_positions=cfg["n_positions"],
+        n_embd=cfg["n_embd"], n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_inner=None, activation_function="gelu_new",
+        resid_pdrop=cfg.get("dropout", 0.0), embd_pdrop=cfg.get("dropout", 0.0), attn_pdrop=cfg.get("dropout", 0.0),
+        layer_norm_epsilon=cfg["layer_norm_epsilon"], initializer_range=0.02, scale_attn_weights=True,
+        tie_word_embeddings=True, bos_token_id=eos_id, eos_token_id=eos_id, use_cache=True, dtype="float32",
+    )
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        t = t.detach().float().cpu()
+        tensors[name] = (t.t() if name.endswith(CONV1D) else t).contiguous()
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    # The tokenizer travels with the model so AutoTokenizer.from_pretrained(folder) gives back the same one.
+    tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(dict(tokenizer_class="PreTrainedTokenizerFast", bos_token=EOS, eos_token=EOS, unk_token=EOS,
+                       model_max_length=cfg["n_positions"]), f, indent=2)
+
+
+def load_hf(folder: str, dropout: float = 0.0) -> GPT:
+    from safetensors.torch import load_file
+
+    cfg_path, weights = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
+    if not (os.path.isfile(cfg_path) and os.path.isfile(weights)):
+        die(f"'{folder}' lacks config.json or model.safetensors; pass a GPT-2 save_pretrained folder (save it with safe_serialization)")
+    with open(cfg_path) as f:
+        hf = json.load(f)
+    unsupported = [k for k in ("scale_attn_by_inverse_layer_idx", "add_cross_attention") if hf.get(k)]
+    if hf.get("model_type") != "gpt2" or hf.get("n_inner") not in (None, 4 * hf["n_embd"]) or unsupported \
+            or hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh") \
+            or not hf.get("tie_word_embeddings", True):
+        die(f"'{folder}' is not a plain GPT-2 (model_type={hf.get('model_type')}, {unsupported or 'n_inner/activation/untied head'}); "
+            f"train it with recipes/pretrain.py instead")
+    cfg = dict(vocab_size=hf["vocab_size"], n_positions=hf["n_positions"], n_embd=hf["n_embd"], n_layer=hf["n_layer"],
+               n_head=hf["n_head"], layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5), dropout=dropout)
+    model = GPT(cfg)
+    state = {}
+    for name, t in load_file(weights).items():
+        name = name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name  # OpenAI's files
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+            continue  # old causal-mask buffers; the tied head is wte
+        state[name] = t.t() if name.endswith(CONV1D) else t
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if [m for m in missing if m != "lm_head.weight"] or unexpected:
+        die(f"'{folder}' does not match GPT-2's layout (missing {missing[:3]}, unexpected {unexpected[:3]}); pass a GPT-2 checkpoint")
+    return model
+
+
+# -----------------------------------------------------------------------------------------------------
+# Tokenizer: a byte-level BPE (GPT-2's scheme: any text round-trips, one special token <|endoftext|>).
+def load_tokenizer(folder: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    if not os.path.isdir(folder):
+        die(f"tokenizer folder '{folder}' does not exist; pass an existing folder to --tokenizer_name")
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    elif os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isfile(os.path.join(folder, "merges.txt")):
+        # The original GPT-2 files: rebuild the fast tokenizer transformers builds from them.
+        tok = Tokenizer(models.BPE.from_file(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([EOS])
+    else:
+        die(f"'{folder}' has neither tokenizer.json nor vocab.json + merges.txt; pass a GPT-2 tokenizer folder with --tokenizer_name")
+    if tok.token_to_id(EOS) is None:
+        die(f"the tokenizer in '{folder}' has no {EOS} token; documents must be separated by it, choose a GPT-2 style tokenizer")
+    return tok
+
+
+def train_tokenizer(documents, vocab_size: int):
+    # The same steps as toolkit/tokenizer.py's train_bpe_tokenizer (copied so this file stands alone):
+    # identical settings give an identical tokenizer, so default runs of both recipes see the same tokens.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 257:
+        die(f"--vocab_size {vocab_size} is too small for a byte-level BPE; use at least 257 (256 bytes + EOS)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(documents, trainer=trainer)
+    return tok
+
+
+# -----------------------------------------------------------------------------------------------------
+# Data: documents -> token stream (EOS after every document) -> fixed-length blocks.
+def read_documents(path):
+    """A .txt file is ONE document (like datasets' text loader with sample_by='document'); .json/.jsonl
+    rows are documents (their 'text' field); no file: the standard library's pydoc topics, one per topic."""
+    if path is None:
+        import pydoc_data.topics as topics
+
+        return [topics.topics[k] for k in sorted(topics.topics)]
+    if not os.path.isfile(path):
+        die(f"data file '{path}' does not exist; pass an existing .txt/.json/.jsonl file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith((".txt", ".text", ".md")):
+        return [text]
+    if not path.endswith((".json", ".jsonl")):
+        die(f"'{path}': onefile_train.py reads .txt, .json and .jsonl; use recipes/pretrain.py for parquet or Hub datasets")
+    try:
+        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
+        return [row["text"] for row in rows]
+    except (ValueError, KeyError, TypeError):
+        die(f"'{path}' is not JSON lines with a 'text' field per row; write one {{\"text\": ...}} object per line")
+
+
+def pack(documents, tokenizer, eos_id, block_size):
+    """Concatenate every document's ids plus EOS and cut the stream into (n_blocks, block_size) rows;
+    the tail that does not fill a block is dropped. The same blocks serve as inputs and labels."""
+    encoded = tokenizer.encode_batch(documents, add_special_tokens=False)
+    stream = np.concatenate([np.append(np.asarray(e.ids, dtype=np.int64), eos_id) for e in encoded])
+    n_blocks = len(stream) // block_size
+    return torch.from_numpy(stream[: n_blocks * block_size].reshape(n_blocks, block_size))
+
+
+def epoch_batches(n_train, batch_size, seed, epoch, rank, world):
+    """The block indices of this rank's batches in one epoch, exactly as HF Trainer + accelerate order them:
+    a fresh permutation per epoch seeded with seed + epoch, consecutive slices of batch_size (the last
+    partial batch dropped), and batch i*world + r going to rank r (leftover batches that cannot go to
+    every rank are dropped too)."""
+    perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed + epoch))
+    n_per_rank = (n_train // batch_size) // world
+    return [perm[(i * world + rank) * batch_size:(i * world + rank + 1) * batch_size] for i in range(n_per_rank)]
+
+
+# -----------------------------------------------------------------------------------------------------
+# Learning-rate schedule: linear warmup from 0, then cosine decay to min_lr_rate * learning_rate at
+# max_steps (transformers' "cosine_with_min_lr"). Update k uses lr * f(k); f(0) = 0 with warmup, as in HF.
+def lr_factor(k, warmup, max_steps, min_lr_rate):
+    if k < warmup:
+        return float(k) / float(max(1, warmup))
+    progress = float(k - warmup) / float(max(1, max_steps - warmup))
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)) * (1 - min_lr_rate) + min_lr_rate)
+
+
+# -----------------------------------------------------------------------------------------------------
+# MFU (model FLOPs utilisation): training FLOPs per token are 6N for the weight matmuls (2N forward,
+# 4N backward; N without the position table, which is only indexed) plus 12*L*d*T for attention
+# (PaLM appendix B). The peak is the dense bf16 data-sheet figure on GPUs, a measured fp32 matmul on CPU.
+GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12}
+
+
+@functools.lru_cache(maxsize=None)  # measure once per process
+def peak_flops(device) -> tuple[float | None, str]:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
+        return peak, f"{name} bf16 data sheet" if peak else f"{name}: unknown peak"
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    torch.mm(a, b)  # warm-up
+    n, start = 0, time.perf_counter()
+    while n < 2 or time.perf_counter() - start < 0.5:
+        torch.mm(a, b)
+        n += 1
+    return 2 * 2048**3 * n / (time.perf_counter() - start), "CPU fp32 2048x2048 matmul, measured"
+
+
+def flops_per_token(cfg, T):
+    d, L = cfg["n_embd"], cfg["n_layer"]
+    n_matmul = cfg["vocab_size"] * d + L * (12 * d * d + 13 * d) + 2 * d  # all parameters but wpe
+    return 6 * n_matmul + 12 * L * d * T
+
+
+# -----------------------------------------------------------------------------------------------------
+def find_checkpoint(args):
+    """--resume DIR: that checkpoint; --resume (or 'auto'): the newest of OUTPUT_DIR/checkpoint-N and
+    OUTPUT_DIR itself, or None when there is none yet (a fresh start, so one command serves every restart)."""
+    if args.resume not in ("latest", "auto"):
+        if not os.path.isfile(os.path.join(args.resume, "training_state.pt")):
+            die(f"--resume: '{args.resume}' holds no training_state.pt; pass a checkpoint folder this script wrote")
+        return args.resume
+    found = [c for c in glob.glob(os.path.join(args.output_dir, "checkpoint-*")) + [args.output_dir]
+             if os.path.isfile(os.path.join(c, "training_state.pt"))]
+    step_of = lambda c: torch.load(os.path.join(c, "training_state.pt"), weights_only=True)["step"]  # noqa: E731
+    return max(found, key=step_of) if found else None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    # ---- Distributed setup. torchrun starts one process per device and sets RANK/WORLD_SIZE; each process
+    # trains a full copy of the model on different batches, and DDP averages the gradients during backward.
+    ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    rank, world, local_rank = 0, 1, 0
+    if ddp:
+        import torch.distributed as dist
+
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    # bf16 autocast on GPUs that have it (weights and optimizer stay fp32); plain fp32 on CPU, where bf16 is slow.
+    bf16 = use_cuda and torch.cuda.is_bf16_supported()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    torch.manual_seed(args.seed)  # same seed on every rank: identical initial weights everywhere
+
+    # ---- Resume / init: which weights and tokenizer we start from (a checkpoint folder holds both).
+    resume_dir = find_checkpoint(args) if args.resume else None
+    if args.resume and not resume_dir:
+        log(f"--resume: no checkpoint in {args.output_dir} yet; starting a fresh run")
+    earlier = glob.glob(os.path.join(args.output_dir, "checkpoint-*")) + glob.glob(os.path.join(args.output_dir, "training_state.pt"))
+    if earlier and not resume_dir:  # never overwrite a run by accident
+        if not args.overwrite_output_dir:
+            die(f"'{args.output_dir}' already holds a run; pass --resume to continue it, --overwrite_output_dir to "
+                f"replace it, or another --output_dir")
+        for old in earlier if master else []:
+            shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+    weights_from = resume_dir or args.init_from
+    tok_folder = args.tokenizer_name or weights_from
+
+    # ---- Data and tokenizer.
+    train_docs = read_documents(args.train_file)
+    if tok_folder:
+        tokenizer = load_tokenizer(tok_folder)
+    else:
+        # Rank 0 trains the BPE and the others read its file: one tokenizer however many processes run.
+        if master:
+            os.makedirs(args.output_dir, exist_ok=True)
+            train_tokenizer(train_docs, args.vocab_size).save(os.path.join(args.output_dir, "tokenizer.json"))
+        if ddp:
+            dist.barrier()
+        tokenizer = load_tokenizer(args.output_dir)
+    eos_id = tokenizer.token_to_id(EOS)
+    T = args.block_size
+    blocks = pack(train_docs, tokenizer, eos_id, T)
+    if args.validation_file:
+        val_blocks, train_blocks = pack(read_documents(args.validation_file), tokenizer, eos_id, T), blocks
+    else:  # hold out the LAST blocks (at least one) for validation
+        n_val = max(1, int(len(blocks) * args.validation_split_percentage / 100))
+        train_blocks, val_blocks = blocks[:-n_val], blocks[-n_val:]
+    n_train = len(train_blocks)
+    if n_train < args.batch_size * world or len(val_blocks) == 0:
+        die(f"only {len(blocks)} blocks of {T} tokens: fewer than one batch per process (+1 for validation); "
+            f"use more text or lower --block_size / --per_device_train_batch_size")
+
+    # ---- Model: from a checkpoint, or fresh with GPT-2 init. The embedding is padded to a multiple of 64
+    # (nanoGPT: 50304 instead of 50257 makes GPU matmuls faster); the extra rows never appear as targets.
+    if weights_from:
+        model = load_hf(weights_from, args.dropout)
+    else:
+        if args.n_embd % args.n_head:
+            die(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}; pick an n_head that divides n_embd")
+        vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+        model = GPT(dict(vocab_size=math.ceil(vocab / 64) * 64, n_positions=args.n_positions, n_embd=args.n_embd,
+                         n_layer=args.n_layer, n_head=args.n_head, layer_norm_epsilon=1e-5, dropout=args.dropout))
+    cfg = model.cfg
+    if T > cfg["n_positions"]:
+        die(f"--block_size {T} exceeds the model's n_positions={cfg['n_positions']}; lower --block_size or raise --n_positions")
+    if tokenizer.get_vocab_size(with_added_tokens=True) > cfg["vocab_size"]:
+        die(f"the tokenizer has more tokens than the model's vocab_size={cfg['vocab_size']}; pass the model's own tokenizer")
+    model.to(device)
+    raw_model = model  # unwrapped, for saving and sampling
+    if args.compile:
+        model = torch.compile(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[local_rank] if use_cuda else None)
+
+    # ---- Optimizer: AdamW with weight decay on the matrices (embeddings and the four Linear weights per
+    # block) only; biases and LayerNorm weights are not decayed. p.dim() >= 2 picks exactly the set that
+    # transformers' get_decay_parameter_names picks by name. fused=True: one kernel for all parameters.
+    params = [p for p in raw_model.parameters() if p.requires_grad]  # the tied head appears once
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  eps=args.adam_epsilon, fused=device.type in ("cuda", "cpu"))
+    step = 0
+    if resume_dir:
+        state = torch.load(os.path.join(resume_dir, "training_state.pt"), map_location=device, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        torch.set_rng_state(state["rng"].cpu())  # dropout masks continue as if never interrupted
+        log(f"resumed from {resume_dir} at step {step}")
+
+    # ---- Bookkeeping: throughput, MFU and the metrics file.
+    G = args.gradient_accumulation_steps
+    per_rank = (n_train // args.batch_size) // world  # micro-batches per rank per epoch
+    updates_per_epoch = math.ceil(per_rank / G)  # the last update of an epoch may use fewer micro-batches
+    fpt = flops_per_token(cfg, T)
+    peak, peak_src = peak_flops(device)
+    n_params = sum(p.numel() for p in params)
+    log(f"model: {cfg['n_layer']} layers, {cfg['n_head']} heads, width {cfg['n_embd']}, vocab {cfg['vocab_size']}: "
+        f"{n_params:,} parameters | data: {n_train} train / {len(val_blocks)} val blocks of {T} tokens | "
+        f"{world} process(es) on {device.type}{' (bf16 autocast)' if bf16 else ''} | peak {peak or 0:.3g} FLOP/s ({peak_src})")
+    if master:
+        os.makedirs(args.output_dir, exist_ok=True)
+    metrics = open(os.path.join(args.output_dir, "metrics.jsonl"), "a" if resume_dir else "w") if master else None
+
+    def record(entry):
+        if master:
+            metrics.write(json.dumps(entry) + "\n")
+            metrics.flush()
+
+    def reduce_mean(t):  # average a scalar over processes (only at log/eval time: it synchronises)
+        if ddp:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t /= world
+        return t
+
+    @torch.no_grad()
+    def evaluate():
+        """Mean cross-entropy over every validation prediction; processes share the batches round-robin."""
+        model.eval()
+        total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+        for i in range(rank * args.eval_batch_size, len(val_blocks), world * args.eval_batch_size):
+            x = val_blocks[i:i + args.eval_batch_size].to(device)
+            with autocast:
+                _, loss = raw_model(x, labels=x)
+            total += loss.float() * x.size(0)
+            count += x.size(0)
+        if ddp:
+            dist.all_reduce(total)
+            dist.all_reduce(count)
+        model.train()
+        return (total / count).item()
+
+    def save(folder):
+        if master:
+            save_hf(raw_model, tokenizer, eos_id, folder)
+            torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()},
+                       os.path.join(folder, "training_state.pt"))
+            if folder != args.output_dir:  # keep only the newest save_total_limit checkpoints
+                old = sorted(glob.glob(os.path.join(args.output_dir, "checkpoint-*")),
+                             key=lambda c: int(re.sub(r"\D", "", os.path.basename(c)) or 0))
+                for c in old[:-max(1, args.save_total_limit)]:
+                    shutil.rmtree(c, ignore_errors=True)
+        if ddp:
+            dist.barrier()
+
+    # ---- The training loop. One iteration = one optimizer update = G micro-batches per process.
+    model.train()
+    loss_sum, steps_since_log, tok_rates = torch.zeros((), device=device), 0, []
+    batches, batches_epoch, t_last = None, -1, time.perf_counter()
+    while step < args.max_steps:
+        # The data position is a pure function of the step, so a resumed run continues the same order.
+        epoch, u = divmod(step, updates_per_epoch)
+        if epoch != batches_epoch:
+            batches, batches_epoch = epoch_batches(n_train, args.batch_size, args.seed, epoch, rank, world), epoch
+        micro = batches[u * G:(u + 1) * G]
+        lr = args.learning_rate * lr_factor(step, args.warmup_steps, args.max_steps, args.min_lr_rate)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for i, idx in enumerate(micro):
+            x = train_blocks[idx].to(device, non_blocking=True)
+            # Gradient accumulation: gradients of the micro-batches add up in .grad; dividing each loss by
+            # their number makes the sum the mean over all tokens of the update. Under DDP the gradient
+            # all-reduce (an average over processes) runs only on the last micro-batch; no_sync skips it before.
+            sync = not ddp or i == len(micro) - 1
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                _, loss = model(x, labels=x)
+                loss = loss / len(micro)
+            loss.backward()
+            loss_sum += loss.detach()  # stays on the device: no synchronisation per step
+        # Clip the global gradient norm to max_grad_norm: one bad batch cannot blow the weights up.
+        if args.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        steps_since_log += 1
+
+        if step % args.logging_steps == 0 or step == args.max_steps:
+            loss_val = reduce_mean(loss_sum / steps_since_log).item()  # .item() waits for the device
+            tok_s = steps_since_log * G * world * args.batch_size * T / (time.perf_counter() - t_last)
+            mfu = fpt * tok_s / (peak * world) if peak else None
+            if step > steps_since_log:  # the first interval includes warm-up: leave it out of the average
+                tok_rates.append(tok_s)
+            log(f"step {step}/{args.max_steps} | loss {loss_val:.4f} | lr {lr:.3e} | {tok_s:,.0f} tok/s"
+                + (f" | mfu {100 * mfu:.2f}%" if mfu is not None else ""))
+            record(dict(step=step, loss=loss_val, lr=lr, grad_norm=grad_norm.item() if args.max_grad_norm > 0 else None,
+                        tokens_per_s=tok_s, mfu=mfu))
+            loss_sum.zero_()
+            steps_since_log, t_last = 0, time.perf_counter()
+        t_pause = time.perf_counter()
+        if args.eval_strategy == "steps" and (step % args.eval_steps == 0 or step == args.max_steps):
+            val = evaluate()
+            log(f"step {step} | eval loss {val:.4f} | perplexity {math.exp(min(val, 50)):.2f}")
+            record(dict(step=step, eval_loss=val, eval_perplexity=math.exp(min(val, 50))))
+        if args.save_strategy == "steps" and step % args.save_steps == 0 and step < args.max_steps:
+            save(os.path.join(args.output_dir, f"checkpoint-{step}"))
+        t_last += time.perf_counter() - t_pause  # evaluating and saving is not training time
+
+    # ---- Save the final model (a save_pretrained-style folder) and show what it learned.
+    save(args.output_dir)
+    if tok_rates:
+        mean_tok = sum(tok_rates) / len(tok_rates)
+        log(f"throughput after warm-up: {mean_tok:,.0f} tok/s"
+            + (f", MFU {100 * fpt * mean_tok / (peak * world):.2f}% of {peak:.3g} FLOP/s per process" if peak else ""))
+    log(f"saved to {args.output_dir}")
+    if master and args.sample_tokens > 0:
+        raw_model.eval()
+        start = tokenizer.encode(args.prompt, add_special_tokens=False).ids if args.prompt else [eos_id]
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        with autocast:
+            out = raw_model.generate(torch.tensor([start], device=device), args.sample_tokens, args.temperature,
+                                     args.top_k, generator=gen)
+        print("sample:", tokenizer.decode(out[0].tolist()))  # decode drops the special EOS
+    if metrics:
+        metrics.close()
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
