@@ -21,28 +21,32 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 from toolkit.errors import UserError, exit_on_user_error
 
 
 @exit_on_user_error
 def main() -> None:
+    from toolkit import distributed
     from toolkit.config import DataArguments, ModelArguments, PretrainArguments, parse_args
 
-    # 1. Parse: YAML (--config) + command-line overrides.
+    # 1. Parse: YAML (--config) + command-line overrides. (On CPU ranks an FSDP accelerate config must be
+    #    turned into real FSDP2 before TrainingArguments sets up accelerate; a no-op everywhere else.)
+    distributed.enable_cpu_fsdp2()
     model_args, data_args, args = parse_args([ModelArguments, DataArguments, PretrainArguments])
+    distributed.check_distributed_launch(args)
 
     # Heavy imports after parsing, so --help and config errors come back fast.
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, default_data_collator, set_seed
 
-    from toolkit import data, distributed, flops, presets
-    from toolkit.callbacks import LossCurveCallback
-    from toolkit.run_dir import prepare_output_dir
+    from toolkit import data, flops, presets
+    from toolkit.callbacks import GracefulStopCallback, LossCurveCallback
+    from toolkit.run_dir import check_resume_compatible, load_pretrained_model, prepare_output_dir
     from toolkit.tokenizer import load_tokenizer, train_bpe_tokenizer
     from toolkit.trainer import PretrainTrainer
 
-    distributed.check_distributed_launch()
     resume_from = prepare_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint, args.process_index == 0)
     push_to_hub, args.push_to_hub = args.push_to_hub, False  # we push the final folder ourselves, once, at the end
     if push_to_hub:
@@ -90,8 +94,21 @@ def main() -> None:
         config = presets.build_gpt2_config(model_args.preset, len(tokenizer), overrides, model_args.pad_vocab_to_multiple_of,
                                            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     presets.validate_config(config, data_args.block_size, len(tokenizer))
+    if resume_from:
+        check_resume_compatible(resume_from, config)
 
-    # 5. Data: EOS-separated documents packed into blocks (cached), or a stream packed on the fly.
+    # 5. Model: weights from the checkpoint, or GPT-2 initialisation from the seed.
+    if model_args.model_name_or_path:
+        model = load_pretrained_model(model_args.model_name_or_path, config=config, dtype=torch.float32,
+                                      attn_implementation=model_args.attn_implementation,
+                                      trust_remote_code=model_args.trust_remote_code)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=model_args.attn_implementation)
+    model.generation_config.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                   bos_token_id=tokenizer.eos_token_id)
+    n_params = model.num_parameters()
+
+    # 6. Data: EOS-separated documents packed into blocks (cached), or a stream packed on the fly.
     if streaming:
         train_dataset, eval_dataset = data.streaming_datasets(data_args, tokenizer)
         print(f"Data: streaming {data_args.dataset_name}, blocks of {data_args.block_size} tokens")
@@ -105,17 +122,6 @@ def main() -> None:
         train_dataset, eval_dataset = data.BlockDataset(packed.train), data.BlockDataset(packed.validation)
         if args.process_index == 0:
             print(f"Data: {packed.describe()} (cache: {packed.cache_dir})")
-
-    # 6. Model: weights from the checkpoint, or GPT-2 initialisation from the seed.
-    if model_args.model_name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, config=config, dtype=torch.float32,
-                                                     attn_implementation=model_args.attn_implementation,
-                                                     trust_remote_code=model_args.trust_remote_code)
-    else:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=model_args.attn_implementation)
-    model.generation_config.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                   bos_token_id=tokenizer.eos_token_id)
-    n_params = model.num_parameters()
 
     # 7. Trainer: HF Trainer + tokens/s and MFU logging + loss-curve plot.
     tokens_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size * data_args.block_size
@@ -141,7 +147,15 @@ def main() -> None:
         print(f"Distributed: {setup}")
 
     # 8. Train (resuming restores model, optimizer, scheduler, RNG and the position in the data order).
+    #    SIGINT/SIGTERM saves a checkpoint at the end of the current step and stops.
+    stop = GracefulStopCallback(trainer.accelerator)
+    trainer.add_callback(stop)
     trainer.train(resume_from_checkpoint=resume_from)
+    if stop.signal_name:
+        if args.process_index == 0:
+            print(f"\nStopped by {stop.signal_name} at step {stop.stopped_at_step}; checkpoint saved in {args.output_dir}. "
+                  f"Resume with the same command plus --resume_from_checkpoint auto", flush=True)
+        sys.exit(stop.exit_code)
 
     # 9. Evaluate, save a from_pretrained-ready folder, show a sample.
     metrics = trainer.evaluate()

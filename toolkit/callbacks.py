@@ -40,3 +40,53 @@ class LossCurveCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             plot_loss_curve(state.log_history, os.path.join(args.output_dir, "loss_curve.png"))
+
+
+class GracefulStopCallback(TrainerCallback):
+    """SIGINT/SIGTERM -> finish the current step, save a checkpoint, stop; a second signal kills at once.
+
+    Schedulers (SLURM preemption, Kubernetes) send SIGTERM before killing a job; without this the
+    Trainer dies mid-step and everything since the last checkpoint is lost. Under several processes
+    the request is all-reduced every step so that all ranks stop at the same step (a rank that stopped
+    alone would leave the others waiting in a collective).
+    """
+
+    def __init__(self, accelerator=None):
+        import signal
+
+        self.accelerator = accelerator
+        self.signal_name: str | None = None
+        self.stopped_at_step: int | None = None
+        self._previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._request_stop)
+
+    def _request_stop(self, signum, frame):
+        import signal
+
+        self.signal_name = signal.Signals(signum).name
+        for sig, handler in self._previous.items():  # a second Ctrl-C / SIGTERM stops immediately
+            signal.signal(sig, handler)
+
+    def _stop_requested_anywhere(self) -> bool:
+        local = self.signal_name is not None
+        if self.accelerator is None or self.accelerator.num_processes == 1:
+            return local
+        import torch
+
+        flag = torch.tensor([1.0 if local else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._stop_requested_anywhere():
+            self.signal_name = self.signal_name or "SIGTERM"  # another rank got it
+            self.stopped_at_step = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    @property
+    def exit_code(self) -> int:
+        import signal
+
+        return 128 + int(getattr(signal, self.signal_name or "SIGTERM"))

@@ -111,6 +111,11 @@ class PretrainArguments(TrainingArguments):
     resume_from_checkpoint: Optional[str] = field(
         default=None, metadata={"help": "A checkpoint folder to continue from, or 'auto' for the newest one in output_dir."}
     )
+    global_batch_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Sequences per optimizer step over all processes; sets gradient_accumulation_steps so the "
+                          "run is the same on 1 or N processes. Must be divisible by per_device_train_batch_size x world size."},
+    )
     sample_prompt: str = field(default="", metadata={"help": "Prompt for the sample generated at the end (empty: start of a document)."})
     sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of the generated sample printed at the end."})
 
@@ -119,8 +124,13 @@ class PretrainArguments(TrainingArguments):
 
         if self.bf16 is None:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-        elif self.bf16 and not torch.cuda.is_available() and not torch.backends.mkldnn.is_bf16_supported():
-            raise UserError("--bf16 on a CPU without native bf16 (about 20x slower than fp32 here); drop --bf16: CPU runs use fp32")
+        elif self.bf16 and not torch.cuda.is_available():
+            from toolkit.flops import cpu_bf16_speedup
+
+            speedup = cpu_bf16_speedup()
+            if speedup < 1.0:
+                raise UserError(f"--bf16 on a CPU without fast bf16 (bf16 matmul measured {1 / speedup:.0f}x slower than fp32 "
+                                "here); drop --bf16: CPU runs use fp32")
         elif self.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
             raise UserError("--bf16 on a GPU without bf16 support; drop --bf16 or use --fp16 on this GPU")
         if not torch.cuda.is_available():
@@ -128,6 +138,12 @@ class PretrainArguments(TrainingArguments):
         if self.lr_scheduler_type == "cosine_with_min_lr" and not self.lr_scheduler_kwargs:
             self.lr_scheduler_kwargs = {"min_lr_rate": 0.1}
         super().__post_init__()
+        if self.global_batch_size is not None:
+            per_step = self.per_device_train_batch_size * self.world_size
+            if self.global_batch_size % per_step:
+                raise UserError(f"--global_batch_size {self.global_batch_size} is not divisible by per-device batch "
+                                f"{self.per_device_train_batch_size} x {self.world_size} processes; pick a multiple of {per_step}")
+            self.gradient_accumulation_steps = self.global_batch_size // per_step
 
 
 def parse_args(dataclass_types, argv: list[str] | None = None):

@@ -79,3 +79,21 @@ def peak_flops(device: str = "auto") -> tuple[float | None, str]:
         peak = gpu_peak_flops(name)
         return peak, (f"{name} bf16 data sheet" if peak else f"{name}: unknown peak")
     return measure_cpu_peak_flops(), "CPU fp32 matmul, measured"
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_speedup(size: int = 256) -> float:
+    """bf16 / fp32 matmul throughput on this CPU (>1: bf16 pays off). Measured, because CPU flags lie:
+    a VM here reports avx512_bf16 and oneDNN says bf16 is supported, yet bf16 matmul runs ~100x slower."""
+    import torch
+
+    def rate(dtype) -> float:
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        torch.mm(a, b)
+        start, n = time.perf_counter(), 0
+        while n < 3 or time.perf_counter() - start < 0.02:
+            torch.mm(a, b)
+            n += 1
+        return n / (time.perf_counter() - start)
+
+    return rate(torch.bfloat16) / rate(torch.float32)

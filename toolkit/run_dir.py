@@ -45,3 +45,35 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint:
                 if name.startswith("checkpoint-"):
                     shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
     return None
+
+
+def check_resume_compatible(checkpoint: str, config) -> None:
+    """A checkpoint from another model shape fails deep in torch with a size-mismatch wall; say it plainly."""
+    import json
+
+    path = os.path.join(checkpoint, "config.json")
+    if not os.path.isfile(path):
+        return  # sharded (FSDP) checkpoints keep the config beside the shards; torch checks shapes there
+    try:
+        saved = json.loads(open(path).read())
+    except (OSError, ValueError):
+        raise UserError(f"checkpoint '{checkpoint}' has a corrupt config.json; resume from an earlier checkpoint-N folder") from None
+    for key in ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions"):
+        if key in saved and saved[key] != getattr(config, key, saved[key]):
+            raise UserError(f"checkpoint '{checkpoint}' was trained with {key}={saved[key]} but this run has "
+                            f"{key}={getattr(config, key)}; use the same model options as the run that wrote it")
+
+
+def load_pretrained_model(name_or_path: str, **kwargs):
+    """AutoModelForCausalLM.from_pretrained with one-line errors for a missing or corrupt checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    local = os.path.sep in name_or_path or name_or_path.startswith(".")
+    if local and not os.path.isdir(name_or_path):
+        raise UserError(f"model folder '{name_or_path}' does not exist; pass a save_pretrained folder or a Hub model name")
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except Exception as err:  # OSError, SafetensorError, size mismatches...: all mean "this is not a usable checkpoint"
+        first = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}" if str(err).strip() else type(err).__name__
+        raise UserError(f"could not load model '{name_or_path}' ({first}); check that it is a complete "
+                        "save_pretrained folder (config.json + model.safetensors) or a reachable Hub name") from None

@@ -1,15 +1,27 @@
-"""PretrainTrainer: the HF Trainer plus tokens/s and MFU in every training log line.
+"""PretrainTrainer: the HF Trainer plus throughput logging and crash-safe checkpoints.
 
-The Trainer reports samples/s for the whole run only; people training LMs compare tokens/s and MFU
-(model FLOPs utilisation) per logging window, so `log` adds both. Time spent in evaluation is
-excluded, so the figure is training throughput.
+- The Trainer reports samples/s for the whole run only; people training LMs compare tokens/s and MFU
+  (model FLOPs utilisation) per logging window, so `log` adds both. Time spent in evaluation is
+  excluded, so the figure is training throughput.
+- The Trainer writes checkpoint-N in place, so a `kill -9` during a save leaves a half-written
+  folder that `get_last_checkpoint` (and so `--resume_from_checkpoint auto`) would pick. We write it
+  under `output_dir/.incomplete/` and rename it into place only when every rank has finished.
+- A full disk while saving becomes a one-line error that says the previous checkpoints are intact.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 import time
 
 from transformers import Trainer
+from transformers.trainer_utils import rotate_checkpoints
+
+from toolkit.errors import UserError
+
+STAGING_DIR = ".incomplete"
 
 
 class PretrainTrainer(Trainer):
@@ -48,3 +60,29 @@ class PretrainTrainer(Trainer):
                     logs["mfu"] = round(tokens_per_s * self.flops_per_token / self.peak_flops, 4)
             self._start_window()
         super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        final_root = self._get_output_dir(trial=trial)
+        staging_root = os.path.join(final_root, STAGING_DIR)
+        name = f"checkpoint-{self.state.global_step}"
+        # Trainer._save_checkpoint builds its target from _get_output_dir(); point it at the staging area.
+        self._get_output_dir = lambda trial=None: staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                shutil.rmtree(os.path.join(staging_root, name), ignore_errors=True)
+                raise UserError(f"disk full while saving {name} to {final_root}; earlier checkpoints are intact: free "
+                                "space (or lower --save_total_limit) and rerun with --resume_from_checkpoint auto") from None
+            raise
+        finally:
+            del self._get_output_dir  # back to the class method
+        self.accelerator.wait_for_everyone()  # every rank has written its part (FSDP shards, RNG state)
+        if self.args.should_save:
+            target = os.path.join(final_root, name)
+            if os.path.exists(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(staging_root, name), target)  # atomic on one filesystem
+            rotate_checkpoints(output_dir=final_root, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        self.accelerator.wait_for_everyone()
