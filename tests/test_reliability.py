@@ -208,3 +208,22 @@ def test_bad_input_gives_a_one_line_error(name, argv, message, bad_inputs, tiny_
     assert len(error_lines) == 1 and re.search(message, error_lines[0]), err[-2000:]
     assert "Traceback" not in err
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_loading_is_safe_in_our_code():
+    """No pickle loads of weights, no remote code unless the user asks: scan our sources for the unsafe forms."""
+    import re
+
+    sources = [p for d in ("toolkit", "recipes", "benchmarks") for p in (REPO / d).rglob("*.py")]
+    assert sources
+    for path in sources:
+        text = path.read_text()
+        for match in re.finditer(r"torch\.load\(", text):
+            depth, end = 1, match.end()
+            while depth and end < len(text):  # the whole call, nested parentheses included
+                depth += {"(": 1, ")": -1}.get(text[end], 0)
+                end += 1
+            call = text[match.start():end]
+            assert "weights_only=True" in call, f"{path.name}: {call}"
+        assert not re.search(r"trust_remote_code\s*=\s*True", text), f"{path.name} turns on remote code"
+        assert "safe_serialization=False" not in text, f"{path.name} writes pickled weights"
