@@ -1,0 +1,284 @@
+"""LoRA / QLoRA fine-tuning on a tiny GPT-2 (CPU): recipes, adapters, 4-bit loading, merge, data formats, errors.
+
+The recipes run in this process (importing transformers/trl once) on the tiny 2-layer model; the
+subprocess run of a recipe's command line is in test_hub.py (it also pushes).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import REPO
+
+FAST_TRAIN = ["--max_steps", "12", "--learning_rate", "1e-2", "--per_device_train_batch_size", "8",
+              "--max_length", "64", "--max_eval_samples", "16", "--lora_r", "4", "--lora_alpha", "8",
+              "--lora_dropout", "0.0", "--logging_steps", "4", "--sample_max_new_tokens", "8", "--seed", "0"]
+
+
+def run_recipe(name: str, argv: list[str]) -> dict:
+    """recipes/<name>.py main(argv) in this process: the same code path as `python recipes/<name>.py ...`."""
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+def user_error(capsys, fn, *args) -> str:
+    """Run fn, expect the one-line user error (exit 2); return the message."""
+    with pytest.raises(SystemExit) as exc:
+        fn(*args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ")
+    return err
+
+
+def _logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def _ids(vocab: int, n: int = 24):
+    return torch.randint(0, vocab, (2, n), generator=torch.Generator().manual_seed(1))
+
+
+def _randomize_adapter(model, seed: int = 0):
+    """A trained-looking adapter: LoRA B is zero at init (identity), so give A and B random values."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=gen).to(param.dtype) * 0.05)
+
+
+def _lora_model(base_dir, quantized: bool, train_embeddings: bool = False, targets=("all",)):
+    from peft import get_peft_model
+
+    from toolkit import lora
+
+    if quantized:
+        q = lora.QuantizationArguments()
+        base = lora.load_quantized_base_model(str(base_dir), lora.bnb_config(q, torch.float32), torch.float32, {"": "cpu"})
+    else:
+        base = lora.load_base_model(str(base_dir))
+    args = lora.LoraArguments(lora_r=4, lora_alpha=8, lora_target_modules=list(targets), lora_train_embeddings=train_embeddings)
+    model = get_peft_model(base, lora.build_lora_config(args, base, quantized=quantized))
+    _randomize_adapter(model)
+    return model
+
+
+# --------------------------------------------------------------------------------------------- recipes
+
+
+def test_lora_recipe_lowers_loss_and_saves_adapter(tmp_path, tiny_model_dir, small_text_file, capsys):
+    out = tmp_path / "lora"
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--train_file", str(small_text_file), "--output_dir", str(out), *FAST_TRAIN]
+    metrics = run_recipe("lora", argv)
+    printed = capsys.readouterr().out
+    assert "trainable params: 8,192 (" in printed  # 2 layers x r=4 x (64+192 + 64+64 + 64+256 + 256+64)
+
+    # the loss really went down on held-out data
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"] - 0.05, metrics
+    assert metrics["eval_perplexity_after"] < metrics["eval_perplexity_before"]
+
+    # the adapter folder: adapter, tokenizer, card with the numbers and the command, metrics
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md", "all_results.json"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model_dir) and config["fan_in_fan_out"] is True
+    card = (out / "README.md").read_text()
+    assert "library_name: peft" in card and "base_model:" not in card  # a local base is no Hub id (transformers#33922)
+    assert f"{metrics['eval_loss_after']:.4g}" in card and "python recipes/lora.py --model_name_or_path" in card
+    assert json.loads((out / "all_results.json").read_text())["eval_loss_after"] == metrics["eval_loss_after"]
+    # a tiny fraction of the base (r=4 on a 64-wide model; ~2% at r=16 on the 124M shape, see docs)
+    assert (out / "adapter_model.safetensors").stat().st_size < 0.1 * (tiny_model_dir / "model.safetensors").stat().st_size
+
+    # a finished run is not overwritten without --overwrite_output_dir, and nothing is lost
+    before = (out / "adapter_model.safetensors").read_bytes()
+    err = user_error(capsys, run_recipe, "lora", argv)
+    assert "already holds a finished adapter" in err and "--overwrite_output_dir" in err
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_qlora_recipe_lowers_loss(tmp_path, tiny_model_dir, small_text_file, capsys):
+    out = tmp_path / "qlora"
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--data", str(small_text_file), "--output_dir", str(out), *FAST_TRAIN]
+    metrics = run_recipe("qlora", argv)
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"] - 0.05, metrics
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model_dir)
+    assert config["fan_in_fan_out"] is False  # bitsandbytes layers are Linear, not Conv1D
+    card = (out / "README.md").read_text()
+    assert "bitsandbytes 4-bit nf4" in card and "python recipes/qlora.py" in card
+    # adapters are fp32 with fp32 compute on CPU (trl would leave them bf16)
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(out / "adapter_model.safetensors").values()} == {torch.float32}
+
+
+# ------------------------------------------------------------------------------------- adapters, 4-bit
+
+
+@pytest.mark.parametrize("quantized,train_embeddings", [(False, False), (False, True), (True, False)],
+                         ids=["lora", "lora+embeddings", "qlora"])
+def test_adapter_reloads_with_same_logits(tmp_path, tiny_model_dir, quantized, train_embeddings):
+    from peft import PeftModel
+
+    from toolkit import lora
+
+    model = _lora_model(tiny_model_dir, quantized, train_embeddings)
+    if train_embeddings:  # while training, head and embedding are one trainable matrix (as in the base)
+        inner = model.get_base_model()
+        assert inner.get_output_embeddings().weight.data_ptr() == inner.get_input_embeddings().weight.data_ptr()
+        assert inner.get_input_embeddings().weight.requires_grad
+    ids = _ids(model.config.vocab_size)
+    expected = _logits(model, ids)
+    model.save_pretrained(tmp_path / "adapter")
+
+    if quantized:
+        q = lora.QuantizationArguments()
+        base = lora.load_quantized_base_model(str(tiny_model_dir), lora.bnb_config(q, torch.float32), torch.float32, {"": "cpu"})
+    else:
+        base = lora.load_base_model(str(tiny_model_dir))
+    assert not torch.allclose(_logits(base, ids), expected, atol=1e-3)  # the adapter changes the model
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    torch.testing.assert_close(_logits(reloaded, ids), expected, rtol=0, atol=1e-6)
+
+
+def test_4bit_linear_weights_take_one_eighth_of_fp32(tiny_model_dir):
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    from toolkit import lora
+
+    fp32 = lora.load_base_model(str(tiny_model_dir))
+    q = lora.bnb_config(lora.QuantizationArguments(), torch.float32)
+    ours = lora.load_quantized_base_model(str(tiny_model_dir), q, torch.float32, {"": "cpu"})
+    layers = {n: m for n, m in ours.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(layers) == 4 * fp32.config.n_layer  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block
+    for name, module in layers.items():
+        full = fp32.get_submodule(name).weight
+        w = module.weight
+        assert w.numel() * w.element_size() * 8 == full.numel() * full.element_size(), name
+        assert w.quant_state.nested  # double quantization: the per-block scales are quantized too
+        assert w.quant_state.quant_type == "nf4"
+    # the pread loader builds exactly what transformers' own quantized from_pretrained builds
+    theirs = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), quantization_config=q, dtype=torch.float32, device_map={"": "cpu"})
+    lora.keep_training_layout(theirs)
+    ids = _ids(fp32.config.vocab_size)
+    torch.testing.assert_close(_logits(ours, ids), _logits(theirs, ids), rtol=0, atol=0)
+    # and NF4 stays close to the fp32 model it came from
+    assert (_logits(ours, ids) - _logits(fp32, ids)).abs().max() < 0.1
+
+
+# --------------------------------------------------------------------------------------------- merge
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+def test_merge_gives_same_logits_as_base_plus_adapter(tmp_path, tiny_model_dir, quantized):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from toolkit import lora, merge
+
+    model = _lora_model(tiny_model_dir, quantized)
+    model.save_pretrained(tmp_path / "adapter")
+    # the reference: the adapter on the full-precision fp32 base (also for a QLoRA adapter)
+    reference = PeftModel.from_pretrained(lora.load_base_model(str(tiny_model_dir)), tmp_path / "adapter")
+    ids = _ids(model.config.vocab_size)
+
+    assert merge.main(["--adapter", str(tmp_path / "adapter"), "--output_dir", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not hasattr(merged.config, "quantization_config") and merged.dtype == torch.float32
+    assert type(merged.transformer.h[0].attn.c_attn).__name__ == "Conv1D"  # a plain GPT-2 again
+    torch.testing.assert_close(_logits(merged, ids), _logits(reference, ids), rtol=0, atol=1e-5)
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------- data formats
+
+
+def _sft_trainer(tiny_model_dir, data_file, **config):
+    from trl import SFTTrainer
+
+    from toolkit import finetune, lora
+    from toolkit.sft_data import DataArguments, load_sft_datasets
+    from toolkit.tokenizer import load_tokenizer
+
+    args = finetune.FinetuneConfig(output_dir=str(data_file.parent / "out"), report_to="none", **config)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    train, evaluation, fmt = load_sft_datasets(DataArguments(train_file=str(data_file)), seed=0)
+    model = lora.load_base_model(str(tiny_model_dir))
+    finetune.prepare_for_data(args, fmt, tokenizer, model.config)
+    peft_config = lora.build_lora_config(lora.LoraArguments(lora_r=2), model, quantized=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+                         processing_class=tokenizer, peft_config=peft_config)
+    return trainer, tokenizer, fmt
+
+
+def _jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_prompt_completion_trains_on_completion_only_and_ends_with_eos(tmp_path, tiny_model_dir):
+    rows = [{"prompt": f"Question {i}: what is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(20)]
+    trainer, tok, fmt = _sft_trainer(tiny_model_dir, _jsonl(tmp_path / "pc.jsonl", rows))
+    assert fmt == "prompt-completion" and trainer.args.packing is False
+    for ex in trainer.train_dataset:
+        ids, labels = ex["input_ids"], ex["labels"]
+        n_prompt = next(i for i, label in enumerate(labels) if label != -100)
+        assert n_prompt > 0 and tok.decode(ids[:n_prompt]).startswith("Question")
+        assert all(label == t for label, t in zip(labels[n_prompt:], ids[n_prompt:]))  # loss on the completion
+        assert ids[-1] == tok.eos_token_id and labels[-1] == tok.eos_token_id  # learns to stop
+
+
+def test_chat_messages_get_a_template_whose_eos_ends_every_reply(tmp_path, tiny_model_dir):
+    from toolkit.sft_data import DEFAULT_CHAT_TEMPLATE, sample_prompt
+
+    rows = [{"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i}!"},
+                          {"role": "user", "content": "Again."}, {"role": "assistant", "content": f"{i} again!"}]}
+            for i in range(20)]
+    trainer, tok, fmt = _sft_trainer(tiny_model_dir, _jsonl(tmp_path / "chat.jsonl", rows), assistant_only_loss=True)
+    assert fmt == "messages" and tok.chat_template == DEFAULT_CHAT_TEMPLATE
+    eos = tok.eos_token_id
+    for ex in trainer.train_dataset:
+        ids, labels = ex["input_ids"], ex["labels"]
+        assert ids[-1] == eos and ids.count(eos) == 2  # each assistant turn ends with EOS
+        trained = tok.decode([t for t, label in zip(ids, labels) if label != -100])
+        assert "User" not in trained and trained.count(tok.eos_token) == 2  # assistant tokens (and their EOS) only
+    prompt = sample_prompt(rows[0], fmt, tok)
+    assert prompt == "User: Say 0.\nAssistant: 0!<|endoftext|>User: Again.\nAssistant:"
+    assert trainer.model.generation_config.eos_token_id == eos  # generation stops at that EOS
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+def test_bad_input_gives_one_line_errors(tmp_path, tiny_model_dir, small_text_file, capsys):
+    from peft import get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from toolkit import lora, merge
+
+    base = ["--train_file", str(small_text_file), "--output_dir", str(tmp_path / "o"), *FAST_TRAIN]
+    err = user_error(capsys, run_recipe, "lora", ["--model_name_or_path", str(tmp_path / "missing"), *base])
+    assert "does not exist" in err and "save_pretrained folder" in err
+    err = user_error(capsys, run_recipe, "lora", ["--model_name_or_path", str(tiny_model_dir), *base, "--lora_target_modules", "q_proj"])
+    assert "q_proj" in err and "c_attn" in err
+    assert not (tmp_path / "o" / "adapter_config.json").exists()
+
+    # an adapter trained on another base (other width) does not merge into this one
+    other = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=512))
+    other_adapter = get_peft_model(other, lora.build_lora_config(lora.LoraArguments(lora_r=2), other, quantized=False))
+    other_adapter.save_pretrained(tmp_path / "other-adapter")
+    err = user_error(capsys, merge.main, ["--adapter", str(tmp_path / "other-adapter"), "--output_dir", str(tmp_path / "m"),
+                                          "--base_model_name_or_path", str(tiny_model_dir)])
+    assert "does not fit base" in err and "--base_model_name_or_path" in err
+    assert not (tmp_path / "m").exists()

@@ -1,0 +1,235 @@
+"""The steps recipes/lora.py and recipes/qlora.py share: arguments, output folder, eval, sample, save, push.
+
+The recipes differ only in how the base is loaded (full precision vs bitsandbytes 4/8-bit); every
+other step is a function here, so both read as the same short list of steps.
+
+Defaults differ from trl's SFTConfig where a CPU or GPT-2 needs it: bf16 and activation
+checkpointing are on only with a CUDA GPU (bf16 matmuls are ~20x slower on this CPU), plain text is
+packed into max_length blocks ("wrapped": concatenate, cut; GPT-2 has no padding-free attention
+path for trl's "bfd"), max_length is capped at the model's n_positions, and the learning rate is
+LoRA's usual 2e-4.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from trl import SFTConfig, TrlParser
+
+from toolkit.errors import UserError
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Base GPT-2: Hub name (gpt2, gpt2-medium) or save_pretrained folder (pretrain.py output)."}
+    )
+    model_revision: str = field(default="main", metadata={"help": "Hub revision of the base."})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer (default: the base model's)."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "eager / sdpa (default: transformers' choice)."})
+    base_model_hub_id: str | None = field(
+        default=None, metadata={"help": "Hub id of the base when --model_name_or_path is a local folder (for the model card)."}
+    )
+
+
+@dataclass
+class FinetuneConfig(SFTConfig):
+    """trl's SFTConfig with CPU-aware defaults and the recipe's own output options."""
+
+    output_dir: str | None = field(default=None, metadata={"help": "Where the adapter, tokenizer, card and metrics go."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a finished run in output_dir."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "AdamW learning rate (LoRA usually wants 1e-4..3e-4)."})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: on with a bf16 GPU, off on CPU)."})
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Alias of --activation_checkpointing (default: on with CUDA, off on CPU)."}
+    )
+    packing: bool | None = field(default=None, metadata={"help": "Pack examples into max_length blocks (default: on for plain text)."})
+    packing_strategy: str = field(default="wrapped", metadata={"help": "trl packing strategy.", "choices": ["wrapped", "bfd", "bfd_split"]})
+    optim: str = field(default="auto", metadata={"help": "Optimizer (default: paged_adamw_32bit for QLoRA on CUDA, else adamw_torch)."})
+    save_strategy: str = field(default="no", metadata={"help": "Checkpoints during training: no / steps / epoch."})
+    sample_prompt: str | None = field(default=None, metadata={"help": "Prompt for the generated sample (default: from the eval data)."})
+    sample_max_new_tokens: int = field(default=40, metadata={"help": "Length of the generated sample."})
+
+    quantized_base: ClassVar[bool] = False
+
+    def __post_init__(self):
+        import torch
+
+        cuda = torch.cuda.is_available()
+        if self.bf16 is None:
+            self.bf16 = bool(cuda and torch.cuda.is_bf16_supported()) and not self.fp16
+        if self.activation_checkpointing is None:
+            self.activation_checkpointing = cuda if self.gradient_checkpointing is None else self.gradient_checkpointing
+        self.gradient_checkpointing = self.activation_checkpointing
+        if self.activation_checkpointing and not (self.activation_checkpointing_kwargs or self.gradient_checkpointing_kwargs):
+            self.activation_checkpointing_kwargs = {"use_reentrant": False}  # reentrant breaks with frozen inputs (peft)
+        if self.optim == "auto":
+            # Paged AdamW for a quantized base on CUDA (optimizer state pages to CPU under memory spikes, as in
+            # the QLoRA paper); paging means nothing on a CPU.
+            self.optim = "paged_adamw_32bit" if (self.quantized_base and cuda) else "adamw_torch"
+        if self.output_dir is None:
+            self.output_dir = "out/finetune"
+        super().__post_init__()
+
+
+@dataclass
+class QLoraConfig(FinetuneConfig):
+    """FinetuneConfig for a quantized base (recipes/qlora.py): paged AdamW by default on CUDA."""
+
+    quantized_base: ClassVar[bool] = True
+
+
+def parse_args(argv: list[str] | None, dataclasses: list, defaults: dict | None = None):
+    """TrlParser: --config YAML, then --key value overrides (run `--help` for every flag)."""
+    parser = TrlParser(dataclasses)
+    parser.set_defaults_with_config(report_to="none", **(defaults or {}))
+    try:
+        return parser.parse_args_and_config(args=argv)
+    except ValueError as err:  # bad YAML keys and values
+        raise UserError(f"{err}; fix the config file or flag") from None
+
+
+def check_args(model_args: ModelArguments, args: FinetuneConfig) -> str | None:
+    """Fail before any work: no/missing base, finished output_dir, bad push target. Returns the repo to push to."""
+    from toolkit.lora import check_base_model
+
+    check_base_model(model_args.model_name_or_path)
+    check_output_dir(args)
+    return args.hub_model_id if check_push_args(args) else None
+
+
+def check_output_dir(args: FinetuneConfig) -> None:
+    """Refuse to overwrite a finished run (its adapter) unless --overwrite_output_dir."""
+    if os.path.isfile(os.path.join(args.output_dir, "adapter_config.json")) and not args.overwrite_output_dir:
+        raise UserError(
+            f"output_dir '{args.output_dir}' already holds a finished adapter; pass --overwrite_output_dir to replace it "
+            f"or choose another --output_dir"
+        )
+
+
+def check_push_args(args: FinetuneConfig) -> bool:
+    """Validate --push_to_hub before training; turn off the Trainer's own push (we push the finished folder once)."""
+    push = bool(args.push_to_hub)
+    if push:
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
+        if not args.hub_model_id or "/" not in args.hub_model_id:
+            raise UserError("--push_to_hub needs --hub_model_id user/name (the repo to create or update)")
+        try:
+            validate_repo_id(args.hub_model_id)
+        except HFValidationError:
+            raise UserError(f"--hub_model_id '{args.hub_model_id}' is not a Hub repo id; use user/name") from None
+    args.push_to_hub = False
+    return push
+
+
+def prepare_for_data(args: FinetuneConfig, fmt: str, tokenizer, model_config) -> None:
+    """Packing by format, max_length within the model's context, a chat template for chat data."""
+    from toolkit.sft_data import ensure_chat_template
+
+    if args.packing is None:
+        args.packing = fmt == "text"
+    if args.packing and fmt != "text" and args.packing_strategy == "wrapped":
+        print("note: packing chat / prompt-completion examples with 'wrapped' lets examples attend to each other")
+    n_positions = getattr(model_config, "n_positions", None) or getattr(model_config, "max_position_embeddings", None)
+    if n_positions and (args.max_length is None or args.max_length > n_positions):
+        args.max_length = n_positions
+    if fmt != "text" and ensure_chat_template(tokenizer):
+        print("tokenizer has no chat template: using toolkit.sft_data.DEFAULT_CHAT_TEMPLATE (EOS ends each assistant turn)")
+
+
+def match_adapter_dtype(model, dtype) -> None:
+    """trl stores QLoRA adapter weights in bf16 (the paper's choice on GPUs); with fp32 compute (CPU)
+    keep them fp32, else every LoRA matmul runs in slow CPU bf16."""
+    import torch
+
+    if dtype == torch.float32:
+        for param in model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 50 else float("inf")
+
+
+def evaluate(trainer, label: str) -> dict:
+    """Held-out loss and perplexity."""
+    metrics = trainer.evaluate()
+    loss = float(metrics["eval_loss"])
+    out = {f"eval_loss_{label}": loss, f"eval_perplexity_{label}": perplexity(loss)}
+    print(f"eval {label}: loss {loss:.4f}  perplexity {perplexity(loss):.2f}")
+    return out
+
+
+def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int) -> dict:
+    """Greedy continuation; stops at EOS (generation_config.eos_token_id)."""
+    import torch
+
+    model.eval()
+    inputs = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    completion = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=False)
+    print(f"sample: {prompt!r} -> {completion!r}")
+    return {"prompt": prompt, "completion": completion}
+
+
+def peak_memory() -> dict:
+    """Peak resident memory of this process (ru_maxrss, KB on Linux), and of the GPU when there is one."""
+    import resource
+
+    import torch
+
+    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def save_run(trainer, *, script: str, argv: list[str] | None, method: str, model_args: ModelArguments,
+             lora_args, data_args, data_format: str, metrics: dict, sample: dict | None, extra_hparams: dict | None = None) -> None:
+    """Adapter + tokenizer (trainer.save_model), metrics JSON, model card."""
+    from toolkit.model_card import reproduce_command, write_model_card
+    from toolkit.sft_data import data_source
+
+    args = trainer.args
+    trainer.save_model(args.output_dir)
+    if not trainer.is_world_process_zero():
+        return
+    with open(os.path.join(args.output_dir, "all_results.json"), "w", encoding="utf-8") as f:
+        json.dump(metrics, f, indent=2)
+    hparams = {
+        "lora_r": lora_args.lora_r, "lora_alpha": lora_args.lora_alpha, "lora_dropout": lora_args.lora_dropout,
+        "lora_target_modules": lora_args.lora_target_modules, "lora_train_embeddings": lora_args.lora_train_embeddings,
+        **(extra_hparams or {}),
+        "learning_rate": args.learning_rate, "max_steps": args.max_steps, "num_train_epochs": args.num_train_epochs,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps, "max_length": args.max_length,
+        "packing": args.packing, "optim": str(getattr(args.optim, "value", args.optim)), "bf16": args.bf16, "seed": args.seed,
+    }
+    write_model_card(
+        args.output_dir, title=os.path.basename(os.path.abspath(args.output_dir)), base_model=model_args.model_name_or_path,
+        base_model_hub_id=model_args.base_model_hub_id, method=method, data_source=data_source(data_args),
+        data_format=data_format, dataset_hub_id=data_args.dataset_name if data_args.dataset_name and not os.path.exists(data_args.dataset_name) else None,
+        hyperparameters=hparams, metrics=metrics, sample=sample,
+        command=reproduce_command(script, sys.argv[1:] if argv is None else argv),
+    )
+    print(f"saved adapter, tokenizer, README.md and all_results.json to {args.output_dir}")
+
+
+def push(trainer, repo_id: str) -> str | None:
+    from toolkit.hub import push_folder
+
+    if not trainer.is_world_process_zero():
+        return None
+    args = trainer.args
+    return push_folder(args.output_dir, repo_id, private=bool(args.hub_private_repo), token=args.hub_token,
+                       commit_message=f"Upload adapter from {os.path.basename(os.path.abspath(args.output_dir))}")

@@ -1,0 +1,191 @@
+"""Fine-tuning data: load it, tell its format, hold out an eval split, and give GPT-2 a chat template.
+
+Three formats, told apart by their columns exactly as trl's SFTTrainer tells them apart (trl does the
+tokenizing, EOS, completion masks and packing; this module only gets the data to it):
+
+  text                 a "text" column (or --dataset_text_field): language modelling on every token.
+                       A .txt file is split into examples by paragraph (blank lines) by default.
+  prompt + completion  "prompt" and "completion" columns: loss on the completion only.
+  messages             a "messages" column of {"role", "content"} turns (or ShareGPT "conversations"):
+                       rendered with the tokenizer's chat template.
+
+trl appends EOS to every text / completion; chat examples get it from the template below, which
+ends every assistant turn with EOS. Without it a chat-tuned GPT-2 never learns to stop (open-r1#604).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from toolkit.errors import UserError
+
+# GPT-2 ships no chat template. This one is plain text ("User: ...\nAssistant: ...") so the base
+# model's knowledge of English carries over, and EOS closes each assistant turn so generation stops
+# there. The {% generation %} markers let trl's --assistant_only_loss mask everything else.
+# "Assistant:" (with add_generation_prompt) is a token-prefix of "Assistant: <reply>", so prompt +
+# completion tokenizes consistently (GPT-2's pre-tokenizer splits ":" from " reply").
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- 'Assistant:' }}{% generation %}{{ ' ' + message['content'] + eos_token }}{% endgeneration %}"
+    "{%- else %}"
+    "{{- message['role'] | capitalize + ': ' + message['content'] + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- 'Assistant:' }}"
+    "{%- elif messages and messages[-1]['role'] != 'assistant' %}{{- eos_token }}{%- endif %}"
+)
+
+FORMATS = ("text", "prompt-completion", "messages")
+_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class DataArguments:
+    """Where the fine-tuning data comes from (trl ScriptArguments names plus run_clm.py's --train_file)."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset name or local dataset folder (datasets.load_dataset)."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on, when the dataset has it."})
+    train_file: str | None = field(default=None, metadata={"help": "A .txt / .json / .jsonl / .csv / .parquet file."})
+    data: str | None = field(default=None, metadata={"help": "Alias of --train_file (the seed guide's name)."})
+    validation_file: str | None = field(default=None, metadata={"help": "Held-out file; default: split off the training data."})
+    validation_split_percentage: float = field(
+        default=5, metadata={"help": "Percent of the training examples held out for eval when there is no validation set."}
+    )
+    text_sample_by: str = field(
+        default="paragraph",
+        metadata={"help": "How a .txt file is cut into examples (each ends with EOS).", "choices": ["paragraph", "line", "document"]},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on only the first N held-out examples."})
+
+
+def data_source(args: DataArguments) -> str:
+    """A short description for logs and the model card."""
+    if args.dataset_name:
+        return args.dataset_name + (f" ({args.dataset_config})" if args.dataset_config else "")
+    return os.path.basename(args.train_file or args.data or "")
+
+
+def _load(args: DataArguments):
+    from datasets import DatasetDict, load_dataset
+
+    if args.data:
+        if args.train_file and args.train_file != args.data:
+            raise UserError("--data is an alias of --train_file and both were given with different files; pass one")
+        args.train_file = args.data
+    if args.dataset_name and args.train_file:
+        raise UserError("both --dataset_name and --train_file were given; pass one data source")
+    if not args.dataset_name and not args.train_file:
+        raise UserError("no data; pass --train_file FILE (.txt/.jsonl/.json/.csv/.parquet) or --dataset_name NAME")
+    if args.train_file:
+        files = {"train": args.train_file}
+        if args.validation_file:
+            files["validation"] = args.validation_file
+        exts = set()
+        for split, path in files.items():
+            if not os.path.isfile(path):
+                raise UserError(f"--{'train' if split == 'train' else 'validation'}_file '{path}' does not exist; pass an existing file")
+            exts.add(os.path.splitext(path)[1].lower())
+        builders = {_BUILDERS.get(ext) for ext in exts}
+        if None in builders or len(builders) != 1:
+            raise UserError(
+                f"cannot read {' and '.join(sorted(exts))} files; use .txt (plain text), .jsonl/.json, .csv or .parquet, "
+                f"the same kind for --train_file and --validation_file"
+            )
+        builder = builders.pop()
+        kwargs = {"sample_by": args.text_sample_by} if builder == "text" else {}
+        try:
+            return load_dataset(builder, data_files=files, **kwargs)
+        except Exception as err:  # datasets raises many types for unreadable files
+            raise UserError(f"could not read {args.train_file} as {builder} ({type(err).__name__}: {err}); check the file format") from None
+    try:
+        data = load_dataset(args.dataset_name, args.dataset_config)
+    except (OSError, ValueError, ConnectionError) as err:
+        raise UserError(
+            f"could not load dataset '{args.dataset_name}' ({type(err).__name__}); pass a local dataset folder, "
+            f"a Hub dataset reachable from this machine, or --train_file"
+        ) from None
+    if not isinstance(data, DatasetDict) or args.dataset_train_split not in data:
+        splits = list(data) if isinstance(data, DatasetDict) else []
+        raise UserError(f"dataset '{args.dataset_name}' has no split '{args.dataset_train_split}' (it has: {', '.join(splits)}); pass --dataset_train_split")
+    if args.validation_file:
+        raise UserError("--validation_file goes with --train_file; with --dataset_name use --dataset_test_split")
+    out = {"train": data[args.dataset_train_split]}
+    if args.dataset_test_split in data:
+        out["validation"] = data[args.dataset_test_split]
+    return DatasetDict(out)
+
+
+def detect_format(columns: list[str], text_field: str = "text") -> str:
+    if "messages" in columns or "conversations" in columns:
+        return "messages"
+    if "prompt" in columns and "completion" in columns:
+        return "prompt-completion"
+    if text_field in columns:
+        return "text"
+    raise UserError(
+        f"the data has columns {', '.join(columns)}; expected '{text_field}' (plain text), 'prompt' + 'completion' "
+        f"(loss on the completion), or 'messages' (chat turns with role/content); rename the columns or pass --dataset_text_field"
+    )
+
+
+def load_sft_datasets(args: DataArguments, seed: int, text_field: str = "text"):
+    """(train, eval, format): eval is the validation file / test split, else a seeded hold-out of train."""
+    data = _load(args)
+    train = data["train"]
+    fmt = detect_format(train.column_names, text_field)
+    if fmt == "text":  # paragraph splitting leaves empty rows between blank lines
+        data = data.filter(lambda ex: bool(ex[text_field] and ex[text_field].strip()))
+        train = data["train"]
+    if "validation" in data:
+        evaluation = data["validation"]
+    else:
+        if len(train) < 2:
+            raise UserError(
+                f"the training data has {len(train)} example(s), too few to hold one out for eval; pass --validation_file, "
+                f"or for a .txt file --text_sample_by paragraph or line"
+            )
+        n_eval = max(1, int(len(train) * args.validation_split_percentage / 100))
+        split = train.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+        train, evaluation = split["train"], split["test"]
+    if args.max_train_samples:
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    if args.max_eval_samples:
+        evaluation = evaluation.select(range(min(args.max_eval_samples, len(evaluation))))
+    if len(train) == 0 or len(evaluation) == 0:
+        raise UserError("the training or held-out data is empty after loading; check the file and --max_*_samples")
+    return train, evaluation, fmt
+
+
+def ensure_chat_template(tokenizer) -> bool:
+    """Give the tokenizer DEFAULT_CHAT_TEMPLATE if it has none; True when it was set."""
+    if getattr(tokenizer, "chat_template", None):
+        return False
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return True
+
+
+def _messages(example) -> list[dict]:
+    if "messages" in example:
+        return list(example["messages"])
+    return [{"role": {"human": "user", "gpt": "assistant"}.get(t["from"], t["from"]), "content": t["value"]}
+            for t in example["conversations"]]
+
+
+def sample_prompt(example: dict, fmt: str, tokenizer, text_field: str = "text", n_tokens: int = 16) -> str:
+    """The prompt for the generated sample: the start of an eval text, its prompt, or its chat context."""
+    if fmt == "text":
+        ids = tokenizer(example[text_field])["input_ids"][:n_tokens]
+        return tokenizer.decode(ids)
+    if fmt == "prompt-completion":
+        prompt = example["prompt"]
+        if isinstance(prompt, str):
+            return prompt
+        return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+    turns = _messages(example)
+    last_assistant = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=len(turns))
+    return tokenizer.apply_chat_template(turns[:last_assistant], tokenize=False, add_generation_prompt=True)
