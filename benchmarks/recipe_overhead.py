@@ -1,0 +1,182 @@
+"""Recipe overhead: end-to-end training-loop tokens/s of recipes/pretrain.py (HF Trainer) against
+recipes/onefile_train.py (a plain PyTorch loop) on the same model shape, batch, tokenizer and data.
+
+Both recipes run as real subprocesses with their real command lines, interleaved (onefile, pretrain, onefile,
+pretrain, ...) so machine noise hits both alike. The figure is the wall clock between the first and the last
+training log line of each run: steps, data loading, logging, evaluation (one inside the window) all count;
+process start-up, data preparation and the first (warm-up) logging window do not.
+
+    python benchmarks/recipe_overhead.py                      # tiny, small and 124M shapes, updates docs/benchmarks.md
+    python benchmarks/recipe_overhead.py --shapes tiny --repeats 3
+    python benchmarks/recipe_overhead.py --variant "no_tb=--report_to none" --variant "no_clip=--max_grad_norm 0"
+    python benchmarks/recipe_overhead.py --quick --doc ''     # smoke version (the test suite runs this)
+
+A --variant adds a pretrain.py run with extra flags to every round (to find which default costs time);
+flags listed in --both go to both recipes (e.g. --both "--max_grad_norm 0" compares loops without clipping).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+import harness
+
+# name -> (model flags shared by both recipes, batch, block, steps, logging_steps, eval_steps)
+SHAPES = {
+    "tiny": (["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--n_positions", "256"], 16, 128, 60, 10, 30),
+    "small": (["--n_layer", "6", "--n_head", "6", "--n_embd", "384", "--n_positions", "256"], 8, 256, 24, 4, 12),
+    "124M": (["--n_layer", "12", "--n_head", "12", "--n_embd", "768", "--n_positions", "1024"], 4, 256, 8, 2, 4),
+}
+QUICK = {"tiny": (["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--n_positions", "128"], 8, 64, 6, 2, 4)}
+
+
+def commands(shape, tokenizer: str, workdir: Path, tag: str, both: list[str], extra: list[str], val_pct: int):
+    model, batch, block, steps, log_every, eval_every = shape
+    common = [*model, "--tokenizer_name", tokenizer, "--block_size", str(block), "--per_device_train_batch_size", str(batch),
+              "--per_device_eval_batch_size", str(batch), "--max_steps", str(steps), "--logging_steps", str(log_every),
+              "--eval_strategy", "steps", "--eval_steps", str(eval_every), "--save_strategy", "no",
+              "--validation_split_percentage", str(val_pct), "--warmup_steps", "2", *both]
+    onefile = [sys.executable, str(harness.ONEFILE), *common, "--sample_tokens", "0", "--output_dir", str(workdir / f"onefile-{tag}")]
+    pretrain = [sys.executable, str(harness.PRETRAIN), *common, "--sample_max_new_tokens", "1",
+                "--output_dir", str(workdir / f"pretrain-{tag}"), *extra]
+    return onefile, pretrain
+
+
+def measure(kind: str, cmd: list[str], shape, echo: bool) -> dict:
+    model, batch, block, steps, log_every, eval_every = shape
+    r = harness.run(cmd, echo=echo, sample_memory=False).check()
+    if kind == "onefile":
+        logs = harness.onefile_logs(r)
+    else:
+        logs = [(t, d) for t, d in harness.trainer_logs(r) if "loss" in d]
+    loop = harness.loop_throughput(logs, log_every, batch * block)
+    # The recipe's own figure (training steps only, evaluation excluded), for comparison.
+    own = harness.median([d["tokens_per_s"] for _, d in logs[1:] if isinstance(d.get("tokens_per_s"), float)])
+    return {"loop_tokens_per_s": loop, "recipe_tokens_per_s": own, "process_wall_s": r.wall_s,
+            "final_loss": logs[-1][1]["loss"]}
+
+
+PROFILE_GROUPS = {  # cumulative time of these functions = one cost of the Trainer's loop (groups may nest)
+    "model forward (HF GPT2LMHeadModel)": "modeling_gpt2.py:.*\\(forward\\)$",
+    "loss (ForCausalLMLoss)": "loss_utils.py:.*\\(ForCausalLMLoss\\)$",
+    "backward": "_tensor.py:.*\\(backward\\)$",
+    "gradient clipping": "clip_grad.py:.*\\(clip_grad_norm_\\)$",
+    "optimizer step": "optimizer.py:.*\\(wrapper\\)$",
+    "data: DataLoader __next__ (collation)": "data_loader.py:.*\\(__iter__\\)$|dataloader.py:.*\\(__next__\\)$",
+    "default_data_collator": "data_collator.py:.*\\(default_data_collator\\)$",
+    "get_batch_samples (token counting)": "trainer.py:.*\\(get_batch_samples\\)$",
+    "logging (Trainer.log + callbacks)": "trainer.py:.*\\(_maybe_log_save_evaluate\\)$",
+    "evaluation": "trainer.py:.*\\(evaluate\\)$",
+    "callbacks (all events)": "trainer_callback.py:.*\\(call_event\\)$",
+    "training_step": "trainer.py:.*\\(training_step\\)$",
+    "whole training loop": "trainer.py:.*\\(_inner_training_loop\\)$",
+}
+
+
+def profile(shape, args) -> list[dict]:
+    """pretrain.py under cProfile (`python -m cProfile`): cumulative seconds of the loop's parts."""
+    import pstats
+    import re
+
+    with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
+        workdir = Path(tmp)
+        tokenizer = args.tokenizer_name or default_tokenizer(workdir)
+        _, pretrain = commands(shape, tokenizer, workdir, "profile", shlex.split(args.both), [], 5)
+        prof = workdir / "pretrain.prof"
+        cmd = [sys.executable, "-m", "cProfile", "-o", str(prof), *pretrain[1:]]
+        harness.run(cmd, echo=args.echo, sample_memory=False).check()
+        stats = pstats.Stats(str(prof))
+    rows = []
+    for label, pattern in PROFILE_GROUPS.items():
+        rx = re.compile(pattern)
+        # max, not sum: several matches nest (every GPT-2 module's forward); the outermost holds the others
+        total = max([v[3] for k, v in stats.stats.items() if rx.search(f"{k[0]}:{k[1]}({k[2]})")] or [0.0])
+        rows.append({"part": label, "cumulative_s": total})
+    loop = next(r["cumulative_s"] for r in rows if r["part"] == "whole training loop") or float("nan")
+    print(harness.table(["part", "cumulative s", "% of loop"], [[r["part"], r["cumulative_s"], f"{100 * r['cumulative_s'] / loop:.1f}%"] for r in rows]))
+    top = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:25]
+    print("\nTop functions by own time:")
+    for (f, line, fn), v in top:
+        print(f"  {v[2]:8.3f} s  {v[1]:8d} calls  {Path(f).name}:{line}({fn})")
+    harness.save_json(args.json, {"profile": rows, "command": shlex.join(cmd)})
+    return rows
+
+
+def default_tokenizer(workdir: Path) -> str:
+    if harness.GPT2_TOKENIZER.exists():
+        return str(harness.GPT2_TOKENIZER)
+    from toolkit.data import embedded_documents
+    from toolkit.tokenizer import train_bpe_tokenizer
+
+    path = workdir / "bpe4096"
+    train_bpe_tokenizer(embedded_documents(), 4096).save_pretrained(path)
+    return str(path)
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    harness.add_common_args(p)
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--repeats", type=int, nargs="+", default=[3, 2, 1], help="rounds per shape (one number per shape, or one for all)")
+    p.add_argument("--tokenizer_name", help="default: ../shared/data/gpt2-tokenizer, else a BPE trained on the embedded corpus")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS", help="extra pretrain.py run with these flags")
+    p.add_argument("--both", default="", help="flags passed to both recipes")
+    p.add_argument("--profile", action="store_true", help="instead: run pretrain.py once under cProfile at the first shape "
+                                                          "and print where its time goes")
+    args = p.parse_args(argv)
+    if args.profile:
+        return profile(SHAPES[args.shapes[0]] if not args.quick else QUICK["tiny"], args)
+    load = harness.load_average()
+    shapes = QUICK if args.quick else {k: SHAPES[k] for k in args.shapes}
+    repeats = args.repeats if len(args.repeats) > 1 else args.repeats * len(shapes)
+    variants = [("pretrain", [])] + [(v.split("=", 1)[0], shlex.split(v.split("=", 1)[1])) for v in args.variant]
+    both = shlex.split(args.both)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
+        workdir = Path(tmp)
+        tokenizer = args.tokenizer_name or default_tokenizer(workdir)
+        for (name, shape), reps in zip(shapes.items(), repeats if not args.quick else [1]):
+            val_pct = 1 if name == "124M" else 5  # evaluation at 124M costs as much as several steps: keep it small
+            for rep in range(reps):
+                for vname, extra in [("onefile", None)] + variants:
+                    onefile, pretrain = commands(shape, tokenizer, workdir, f"{name}-{vname}-{rep}", both, extra or [], val_pct)
+                    cmd = onefile if vname == "onefile" else pretrain
+                    print(f"[{name} round {rep + 1}/{reps}] {vname} ...", flush=True)
+                    m = measure("onefile" if vname == "onefile" else "pretrain", cmd, shape, args.echo)
+                    print(f"    loop {m['loop_tokens_per_s']:,.0f} tok/s (recipe's own: {m['recipe_tokens_per_s']:,.0f})", flush=True)
+                    results.append({"shape": name, "round": rep, "recipe": vname, **m,
+                                    "command": shlex.join(cmd[1:]).replace(str(workdir), "$TMP")})
+
+    rows = []
+    for name in shapes:
+        base = [r for r in results if r["shape"] == name and r["recipe"] == "onefile"]
+        for vname in ["onefile"] + [v for v, _ in variants]:
+            mine = [r for r in results if r["shape"] == name and r["recipe"] == vname]
+            # Ratio per round (each against the onefile run of the same round), then the median over rounds.
+            ratios = [m["loop_tokens_per_s"] / b["loop_tokens_per_s"] for m, b in zip(mine, base)]
+            rows.append([name, vname, len(mine), harness.median([m["loop_tokens_per_s"] for m in mine]),
+                         harness.median([m["recipe_tokens_per_s"] for m in mine]), harness.median(ratios),
+                         " ".join(f"{x:.2f}" for x in ratios)])
+    headers = ["shape", "recipe", "runs", "loop tok/s (median)", "recipe's own tok/s", "ratio vs onefile (median)", "ratio per round"]
+    out = harness.table(headers, rows)
+    print(out)
+    shape_lines = "\n".join(
+        f"- {n}: `{' '.join(s[0])}`, batch {s[1]} x block {s[2]}, {s[3]} steps, log every {s[4]}, eval every {s[5]}"
+        for n, s in shapes.items())
+    body = (f"{out}\n\nShapes (both recipes, same tokenizer `{Path(tokenizer).name}`, embedded corpus, fp32, no checkpoints):\n"
+            f"{shape_lines}\n\nExtra flags to both: `{args.both or '(none)'}`. Variants: "
+            + (", ".join(f"{v} = `{shlex.join(f)}`" for v, f in variants[1:]) or "none") +
+            "\n\n'loop tok/s' = tokens trained between the first and the last training log line / wall-clock seconds "
+            "between them (evaluation and logging included); 'recipe's own' = the tokens/s the recipe logs (steps only).")
+    harness.write_section("recipe_overhead", "1. Recipe overhead: pretrain.py (HF Trainer) vs onefile_train.py", body,
+                          load=load, doc=args.doc or None)
+    harness.save_json(args.json, {"load": load, "results": results, "table": rows})
+    return results
+
+
+if __name__ == "__main__":
+    main()
