@@ -1,0 +1,137 @@
+"""Pushing to the Hub end to end: the real huggingface_hub client against tests/hub_server.py on 127.0.0.1.
+
+huggingface_hub reads HF_ENDPOINT when it is imported, so every push / download runs in a fresh
+process pointed at the test server, with a fake token that must reach the server and never the output.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, run_script
+from hub_server import HubServer
+
+TOKEN = "hf_TestSecretToken0123456789"
+
+
+def hub_env(hub: HubServer, tmp_path) -> dict:
+    return {"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf-home"),
+            "HF_HUB_DISABLE_TELEMETRY": "1", "NO_PROXY": "127.0.0.1,localhost"}
+
+
+def _tiny_adapter(tiny_model_dir, folder):
+    """A LoRA adapter with non-trivial weights, saved as recipes/lora.py saves one, plus its logits."""
+    from peft import get_peft_model
+
+    from toolkit import lora
+
+    base = lora.load_base_model(str(tiny_model_dir))
+    model = get_peft_model(base, lora.build_lora_config(lora.LoraArguments(lora_r=4), base, quantized=False))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.05)
+    model.save_pretrained(folder)
+    ids = torch.arange(20).reshape(1, 20)
+    model.eval()
+    with torch.no_grad():
+        return ids, model(input_ids=ids).logits
+
+
+@pytest.mark.slow
+def test_push_then_download_gives_the_same_logits(tmp_path, tiny_model_dir):
+    adapter = tmp_path / "adapter"
+    ids, logits = _tiny_adapter(tiny_model_dir, adapter)
+    # a card as transformers/peft write it for a local base: the Hub rejects this base_model (transformers#33922)
+    (adapter / "README.md").write_text(f"---\nbase_model: {tiny_model_dir}\nlibrary_name: peft\n---\n# tiny adapter\n")
+    (adapter / "training_args.bin").write_bytes(b"pickle: never uploaded")
+    script = f"""
+import sys, torch
+from toolkit.cli import main
+assert main(["push", {str(adapter)!r}, "someone/tiny-lora", "--private"]) == 0
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r}), "someone/tiny-lora")
+model.eval()
+with torch.no_grad():
+    torch.save(model(input_ids=torch.arange(20).reshape(1, 20)).logits, {str(tmp_path / "downloaded.pt")!r})
+"""
+    with HubServer() as hub:
+        result = run_script(["-c", script], env=hub_env(hub, tmp_path), timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert TOKEN not in result.stdout + result.stderr
+        assert "pushed" in result.stdout and "removed base_model" in result.stdout
+
+        repo = hub.repos["someone/tiny-lora"]
+        assert repo.private
+        assert repo.files["adapter_model.safetensors"] == (adapter / "adapter_model.safetensors").read_bytes()
+        assert "training_args.bin" not in repo.files
+        assert b"base_model" not in repo.files["README.md"]  # dropped: not a Hub id
+        # the token went to the Hub on every write, and a private repo was served only with it
+        writes = [r for r in hub.requests if r["method"] == "POST"]
+        assert writes and all(r["authorization"] == f"Bearer {TOKEN}" for r in writes)
+        assert any("/resolve/" in r["path"] for r in hub.requests if r["method"] == "GET")
+    downloaded = torch.load(tmp_path / "downloaded.pt", weights_only=True)
+    torch.testing.assert_close(downloaded, logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_recipe_push_to_hub_from_a_config_file(tmp_path, tiny_model_dir, small_text_file):
+    """The real command line: --config YAML + overrides, train, save, push the finished adapter folder."""
+    out = tmp_path / "run"
+    argv = ["recipes/lora.py", "--config", "recipes/configs/lora_gpt2.yaml",
+            "--model_name_or_path", str(tiny_model_dir), "--train_file", str(small_text_file), "--output_dir", str(out),
+            "--max_steps", "2", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+            "--max_length", "32", "--max_eval_samples", "4", "--lora_r", "2", "--sample_max_new_tokens", "4",
+            "--push_to_hub", "--hub_model_id", "someone/run-lora", "--base_model_hub_id", "openai-community/gpt2",
+            "--hub_token", TOKEN]
+    with HubServer() as hub:
+        result = run_script(argv, env={**hub_env(hub, tmp_path), "HF_TOKEN": ""}, timeout=420)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert TOKEN not in result.stdout + result.stderr
+        repo = hub.repos["someone/run-lora"]
+        assert not repo.private
+        for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md", "all_results.json"):
+            assert repo.files[name] == (out / name).read_bytes(), name
+        card = repo.files["README.md"].decode()
+        assert "base_model: openai-community/gpt2" in card and "python recipes/lora.py --config" in card
+        assert TOKEN not in card and "--hub_token '<redacted>'" in card
+        assert f"{hub.url}/someone/run-lora" in result.stdout
+    metrics = json.loads((out / "all_results.json").read_text())
+    assert metrics["train_steps"] == 2 and metrics["eval_loss_before"] > 0
+
+
+def test_push_refuses_bad_input_before_contacting_the_hub(tmp_path, capsys):
+    from toolkit import hub
+
+    def err(argv):
+        with pytest.raises(SystemExit) as exc:
+            hub.main(argv)
+        assert exc.value.code == 2
+        return capsys.readouterr().err.strip()
+
+    assert "is not a folder with files" in err([str(tmp_path / "nothing"), "someone/x"])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text("{}")
+    assert "not a Hub repo id" in err([str(tmp_path / "a"), "some one/x!"])
+    assert "no namespace" in err([str(tmp_path / "a"), "justaname"])
+
+
+def test_recipe_refuses_push_without_a_repo_id(tmp_path, tiny_model_dir, small_text_file, capsys):
+    from test_lora import run_recipe
+
+    with pytest.raises(SystemExit) as exc:
+        run_recipe("lora", ["--model_name_or_path", str(tiny_model_dir), "--train_file", str(small_text_file),
+                            "--output_dir", str(tmp_path / "o"), "--push_to_hub"])
+    assert exc.value.code == 2
+    assert "--push_to_hub needs --hub_model_id" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before any work
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
