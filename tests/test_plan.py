@@ -1,0 +1,197 @@
+"""`toolkit plan`: the memory formulas, the recommendation and the command-line behaviour.
+
+Unit tests call the planner in-process (no training); one slow test runs benchmarks/check_plan.py at tiny
+size, i.e. a real recipe run whose measured peak is compared with the prediction.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from toolkit import plan
+from toolkit.errors import UserError
+
+GiB = plan.GiB
+
+
+def shape(name="gpt2", task="pretrain", **kw):
+    return plan.load_shape(name, task, **kw)
+
+
+def setup(**kw):
+    base = dict(task="pretrain", device="cuda", num_devices=1, device_memory=80 * GiB, batch_size=8, seq_len=1024)
+    base.update(kw)
+    return plan.Setup(**base)
+
+
+def test_124m_parameter_count_matches_openai_gpt2():
+    # the Hub's gpt2 (vocab 50257, tied head) has 124,439,808 parameters; pretraining pads the vocab to 50304
+    assert shape("gpt2", "full").n_params == 124_439_808
+    assert shape("gpt2", "pretrain").n_params == 124_439_808 + (50304 - 50257) * 768
+
+
+def test_local_config_json_is_read(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "gpt2", "n_layer": 3, "n_embd": 96, "n_head": 4, "vocab_size": 1000, "n_positions": 64}))
+    sh = plan.load_shape(str(tmp_path), "lora")
+    assert (sh.n_layer, sh.n_embd, sh.vocab_size) == (3, 96, 1000)
+    assert sh.n_params == plan.count_parameters(3, 96, 1000, 64)
+
+
+def test_fsdp2_sharded_state_shrinks_as_one_over_n():
+    sh = shape("gpt2-xl")
+    sharded = []
+    for n in (2, 4, 8):
+        est = plan.estimate(sh, setup(num_devices=n), "fsdp")
+        # working set (gathered root + 2 blocks) does not shrink; the fp32 shards, grads and AdamW state do
+        fsdp_working = 2 * (sh.vocab_size * sh.n_embd + sh.n_positions * sh.n_embd + 2 * sh.n_embd + 2 * sh.block_params)
+        sharded.append(est.components["parameters"] - fsdp_working + est.components["optimizer"])
+    assert sharded[0] == pytest.approx(2 * sharded[1], rel=1e-9)
+    assert sharded[1] == pytest.approx(2 * sharded[2], rel=1e-9)
+    assert sharded[0] == pytest.approx(12 * sh.n_params / 2, rel=1e-9)  # 4 B fp32 master + 8 B AdamW, over 2 ranks
+
+
+def test_ddp_holds_full_state_and_a_bucket_copy_of_gradients():
+    sh = shape("gpt2")
+    single = plan.estimate(sh, setup(num_devices=4), "single")
+    ddp = plan.estimate(sh, setup(num_devices=4), "ddp")
+    assert ddp.components["optimizer"] == single.components["optimizer"] == 8 * sh.n_params
+    assert ddp.components["gradients"] == pytest.approx(2 * single.components["gradients"])
+
+
+def test_qlora_weights_are_about_an_eighth_of_fp32_plus_constants():
+    sh = shape("gpt2-medium", "qlora")
+    linear = sh.n_layer * sh.block_linear_weights
+    s = setup(task="qlora", device="cpu", precision="fp32", lora_r=8)
+    q = plan.estimate(sh, s, "single")
+    lora = plan.estimate(sh, setup(task="lora", device="cpu", precision="fp32", lora_r=8), "single")
+    saved = lora.components["parameters"] - q.components["parameters"]  # only the linear weights differ
+    assert saved == pytest.approx(linear * (4 - 0.5))  # 4 bytes -> 4 bits
+    # double-quantised absmax: 8 bits per 64 weights plus an fp32 per 256 blocks, ~0.127 bits per weight
+    assert q.components["quantization"] == pytest.approx(linear * (1 / 64 + 4 / (64 * 256)))
+    single_quant = plan.estimate(sh, plan.Setup(**{**s.__dict__, "double_quant": False}), "single")
+    assert single_quant.components["quantization"] == pytest.approx(linear * 4 / 64)
+
+
+def test_activations_grow_with_batch_and_checkpointing_cuts_them():
+    sh = shape("gpt2")
+    s = setup()
+    a1 = plan.activation_terms(sh, s, 4, False)["layers"]
+    a2 = plan.activation_terms(sh, s, 8, False)["layers"]
+    assert a2 == pytest.approx(2 * a1)
+    ck = plan.activation_terms(sh, s, 8, True)["layers"]
+    assert ck < a2 / 5
+    eager = plan.activation_terms(sh, setup(attn="eager"), 8, False)["layers"]
+    assert eager - a2 == pytest.approx(sh.n_layer * 8 * sh.n_head * 1024 * (1024 * 6 - 4))  # softmax (+bf16 copy) vs lse
+
+
+@pytest.mark.parametrize("model,n,mem,batch,expect", [
+    ("gpt2", 1, "80GB", 8, "single"),  # 124M on one 80 GB card: no distribution needed
+    ("gpt2", 4, "80GB", 8, "ddp"),  # fits one card, several cards: DDP, not FSDP2
+    ("gpt2-xl", 4, "8GB", 1, "fsdp"),  # 1.5B: 25 GB of fp32 weights + AdamW cannot sit on an 8 GB card
+    ("gpt2-xl", 4, "8GB", 4, "fsdp_offload"),  # ... and with 4 sequences per card only CPU offload is left
+    ("gpt2-xl", 1, "80GB", 4, "single"),
+])
+def test_recommendation(model, n, mem, batch, expect):
+    s = setup(num_devices=n, device_memory=plan.parse_memory(mem), batch_size=batch, seq_len=1024)
+    p = plan.make_plan(shape(model), s)
+    assert p.choice is not None and p.choice.strategy == expect, p.reasons
+    assert p.choice.fits and p.choice.total <= s.device_memory
+    # every strategy tried before the choice was refused with its number
+    assert all("does not fit" in r for r in p.reasons[: p.reasons.index(next(r for r in p.reasons if " fits in " in r))])
+
+
+def test_1p5b_on_4x8gb_uses_fsdp2_config_and_command():
+    p = plan.make_plan(shape("gpt2-xl"), setup(num_devices=4, device_memory=8 * GiB, batch_size=1, seq_len=1024))
+    assert p.choice.strategy == "fsdp"
+    assert p.accelerate_config == "accelerate_configs/fsdp.yaml"
+    assert p.command.startswith("accelerate launch --config_file accelerate_configs/fsdp.yaml --num_processes 4 recipes/pretrain.py --preset gpt2-xl")
+    # DDP was tried first and refused with its number
+    assert any(r.startswith("DDP") and "does not fit" in r for r in p.reasons)
+
+
+def test_lora_that_does_not_fit_points_to_qlora():
+    s = setup(task="lora", device_memory=1 * GiB, batch_size=1, seq_len=128)
+    p = plan.make_plan(shape("gpt2-xl", "lora"), s)
+    assert p.choice is None and "qlora" in p.reasons[-1]
+    q = plan.make_plan(shape("gpt2-xl", "qlora"), setup(task="qlora", device_memory=4 * GiB, batch_size=1, seq_len=128))
+    assert q.choice is not None and q.command.startswith("python recipes/qlora.py --model_name_or_path gpt2-xl")
+
+
+def test_cli_json_parses_and_has_the_table(capsys):
+    assert plan.main(["--model", "gpt2", "--task", "pretrain", "--device", "cuda", "--num_devices", "2",
+                      "--device_memory", "24GB", "--batch_size", "4", "--seq_len", "512", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    names = [s["strategy"] for s in out["strategies"]]
+    assert names == ["single", "ddp", "fsdp", "fsdp_offload"]
+    for s in out["strategies"]:
+        c = s["components_bytes"]
+        assert set(c) >= {"parameters", "gradients", "optimizer", "activations", "quantization", "overhead"}
+        assert sum(c.values()) == pytest.approx(s["total_bytes"], abs=8)
+    assert out["recommendation"]["command"].startswith("accelerate launch")
+    assert out["recommendation"]["throughput"]["label"] == "estimate"
+
+
+def test_cli_text_on_cpu_plans_per_process(capsys):
+    assert plan.main(["--model", "gpt2-nano", "--device", "cpu", "--device_memory", "4GB", "--no_flops_benchmark"]) == 0
+    out = capsys.readouterr().out
+    assert "total (peak)" in out and "python recipes/pretrain.py --preset gpt2-nano" in out
+
+
+def test_plot_writes_png(tmp_path):
+    path = tmp_path / "plan.png"
+    assert plan.main(["--model", "gpt2-medium", "--device", "cuda", "--num_devices", "4", "--device_memory", "16GB",
+                      "--plot", str(path), "--json"]) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--model", "./no/such/folder"], "neither a preset"),
+    (["--device", "cuda", "--num_devices", "2", "--device_memory", "lots"], "cannot read memory size"),
+    (["--device", "cpu", "--batch_size", "0"], "--batch_size must be a positive"),
+    (["--model", "gpt2-nano", "--device", "cpu", "--seq_len", "4096"], "longer than the model's n_positions"),
+    (["--task", "lora", "--lora_targets", "q_proj", "--device", "cpu"], "unknown --lora_targets"),
+    (["--device", "cuda", "--gpu", "Z80"], "unknown GPU"),
+    (["--device", "cuda", "--gpu", "T4", "--task", "lora", "--strategy", "fsdp"], "--strategy fsdp does not apply"),
+])
+def test_bad_input_is_one_line_error(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as exc:
+        plan.main(argv + ["--no_flops_benchmark"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and fragment in err and "\n" not in err
+
+
+def test_python_dash_m_entry_point():
+    r = subprocess.run([sys.executable, "-m", "toolkit.plan", "--model", "gpt2-mini", "--device", "cuda", "--gpu", "T4",
+                        "--task", "lora", "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)["recommendation"]
+    assert rec["strategy"] == "single" and rec["fits"]
+
+
+@pytest.mark.slow
+def test_check_plan_smoke(tmp_path):
+    """A real recipe run (gpt2-nano, 3 steps): the measured peak RSS of the training steps is within 25% of the plan."""
+    out = tmp_path / "rows.json"
+    r = subprocess.run([sys.executable, "benchmarks/check_plan.py", "--quick", "--doc", "", "--work_dir", str(tmp_path),
+                        "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=plan.__file__.rsplit("/toolkit/", 1)[0])
+    assert out.exists(), r.stdout + r.stderr
+    (row,) = json.loads(out.read_text())
+    assert row["measured"][0] > 200 * 1024**2  # a real process: torch + transformers alone are hundreds of MiB
+    assert 0.75 < row["ratio"][0] < 1.25, row
+
+
+def test_lora_target_presets_match_the_recipe():
+    from toolkit.lora import TARGET_PRESETS, resolve_target_modules
+
+    assert set(plan.LORA_TARGET_PRESETS) == set(TARGET_PRESETS)
+    for name in TARGET_PRESETS:
+        kinds = plan.resolve_lora_targets(name)
+        expanded = resolve_target_modules([name])
+        # every module kind the planner counts is one peft would match, and vice versa
+        assert set(kinds) == {m for m in plan.LORA_MODULES if any(m == t or m.endswith("." + t) for t in expanded)}
