@@ -1,0 +1,121 @@
+"""Smoke versions of the benchmarks (benchmarks/*.py --quick): each runs the real recipes at tiny sizes, prints
+a table that parses, writes its section into a markdown file and its raw results as JSON. Nothing here is
+timed: the checks are that the pipeline runs end to end and reports sane, consistent values."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+
+import pytest
+
+from conftest import REPO, needs_shared
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+harness = importlib.import_module("harness")
+
+
+def run_quick(module: str, tmp_path, *extra: str):
+    """main() of a benchmark in --quick mode, writing into tmp_path; returns (its return value, the table rows,
+    the doc text, the JSON)."""
+    doc, out = tmp_path / "benchmarks.md", tmp_path / "out.json"
+    result = importlib.import_module(module).main(["--quick", "--doc", str(doc), "--json", str(out), *extra])
+    text = doc.read_text()
+    return result, harness.parse_table(text[text.index("|"):]), text, json.loads(out.read_text())
+
+
+def test_doc_sections_are_replaced_not_duplicated(tmp_path):
+    doc = tmp_path / "b.md"
+    harness.write_section("x", "X", "| a | b |\n|---|---|\n| 1 | 2 |", command=["benchmarks/x.py", "--quick"], doc=doc)
+    harness.write_section("y", "Y", "body y", command=["benchmarks/y.py"], doc=doc)
+    harness.write_section("x", "X", "| a | b |\n|---|---|\n| 3 | 4 |", command=["benchmarks/x.py", "--quick"], doc=doc)
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks") and "no GPU was lent" in text
+    assert text.count("<!-- BEGIN x -->") == 1 and text.index("BEGIN x") < text.index("BEGIN y")
+    assert "python benchmarks/x.py --quick" in text and "load average at start" in text
+    assert harness.parse_table(text) == [{"a": "3", "b": "4"}]
+
+
+def test_log_parsers_read_both_recipes_formats():
+    lines = [(1.0, "{'loss': '4.25', 'grad_norm': '1.1', 'tokens_per_s': '1234.5', 'epoch': '0.1'}"),
+             (1.5, "noise {'eval_loss': '4.0', 'eval_runtime': '0.2'}"), (3.0, "{'loss': '3.5', 'tokens_per_s': '1300'}"),
+             (4.0, "step 20/60 | loss 3.2500 | lr 1.000e-03 | 12,345 tok/s | mfu 1.00%")]
+    r = harness.Run(["x"], 0, 5.0, lines)
+    logs = harness.trainer_logs(r)
+    assert [d.get("loss") for _, d in logs] == [4.25, None, 3.5] and logs[1][1]["eval_loss"] == 4.0
+    assert harness.onefile_logs(r) == [(4.0, {"step": 20, "loss": 3.25, "tokens_per_s": 12345.0})]
+    train = [x for x in logs if "loss" in x[1]]
+    assert harness.loop_throughput(train, logging_steps=10, tokens_per_step=100) == pytest.approx(10 * 100 / 2.0)
+
+
+@pytest.mark.slow
+def test_recipe_overhead_quick(tmp_path, tiny_tokenizer_dir):
+    results, rows, doc, data = run_quick("recipe_overhead", tmp_path, "--tokenizer_name", str(tiny_tokenizer_dir))
+    assert [(r["shape"], r["recipe"]) for r in rows] == [("tiny", "onefile"), ("tiny", "pretrain")]
+    assert float(rows[0]["ratio vs onefile (median)"]) == 1.0
+    ratio = float(rows[1]["ratio vs onefile (median)"])
+    by = {r["recipe"]: r for r in results}
+    assert ratio == pytest.approx(by["pretrain"]["loop_tokens_per_s"] / by["onefile"]["loop_tokens_per_s"], rel=1e-2)
+    # both trained the same tiny model on the same data: the losses after 6 steps are close
+    assert by["pretrain"]["final_loss"] == pytest.approx(by["onefile"]["final_loss"], rel=0.05)
+    assert "recipes/onefile_train.py" in by["onefile"]["command"] and "recipes/pretrain.py" in by["pretrain"]["command"]
+    assert "## 1. Recipe overhead" in doc and data["table"]
+
+
+def test_mfu_quick(tmp_path):
+    from toolkit.flops import flops_per_token
+
+    data, rows, doc, _ = run_quick("mfu_cpu", tmp_path, "--variants", "base", "noclip")
+    assert [r["variant"] for r in rows] == ["base", "noclip"]
+    assert data["peak_flops"] > 1e8 and len(data["peaks"]) == 3  # one before the warm-up, one before each timed step
+    for r in data["results"]:
+        parts = r["forward"] + r["backward"] + r["clip"] + r["optimizer"]
+        assert parts == pytest.approx(r["total"], rel=1e-6)
+        fpt = flops_per_token(n_layer=2, n_embd=64, vocab_size=512, seq_len=64)  # the quick shape: 2x64 tokens
+        assert r["tokens_per_s"] == pytest.approx(2 * 64 / r["total"])
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * fpt / data["peak_flops"])
+    noclip = next(r for r in data["results"] if r["variant"] == "noclip")
+    assert noclip["clip"] < 1e-3  # the variant really skips clipping
+    assert rows[0]["MFU"].endswith("%") and "GFLOP/s" in doc
+
+
+@needs_shared
+@pytest.mark.slow
+def test_quality_quick(tmp_path):
+    results, rows, doc, _ = run_quick("quality_budget", tmp_path, "--plot", str(tmp_path / "curve.png"))
+    assert [r["config"] for r in rows] == ["q-gpt2", "q-bpe"]
+    by = {r["config"]: r for r in results}
+    # bits per byte convert each tokenizer's loss to the same unit: tokens/byte is the tokenizer's, not a constant
+    assert 0.2 < by["q-gpt2"]["tokens_per_byte"] < 0.4 < by["q-bpe"]["tokens_per_byte"] < 1.0
+    for r in results:
+        assert r["bpb"] == pytest.approx(r["eval_loss"] * r["tokens_per_byte"] / math.log(2))
+        assert 0 < r["bpb"] < 8  # a random 8-bit predictor scores 8 bits per byte
+    assert by["q-bpe"]["tokens"] == 4096 and (tmp_path / "curve.png").stat().st_size > 0
+    assert "## 3. Quality" in doc and "Best at the wall-clock budget" in doc
+
+
+@needs_shared
+@pytest.mark.slow
+def test_finetune_quick(tmp_path):
+    results, rows, doc, _ = run_quick("finetune", tmp_path, "--methods", "lora", "full")
+    by = {r["method"]: r for r in results}
+    assert by["lora"]["trainable"] < by["full"]["trainable"] / 2  # adapters train a fraction of the weights
+    assert by["lora"]["saved_bytes"] < by["full"]["saved_bytes"]
+    assert all(r["peak_rss"] > 100 * 2**20 and r["eval_loss"] > 0 and r["s_per_step"] > 0 for r in results)
+    assert rows[0]["eval loss vs LoRA"] == "+0.00%" and "## 4. Fine-tuning" in doc
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_distributed_quick(tmp_path):
+    results, rows, doc, data = run_quick("distributed_cpu", tmp_path, "--launches", "1 process", "FSDP2 x2")
+    by = {r["launch"]: r for r in results}
+    assert len(by["1 process"]["rank_peak_rss"]) == 1 and len(by["FSDP2 x2"]["rank_peak_rss"]) == 2  # one per rank
+    assert "FSDP" in by["FSDP2 x2"]["distributed"]
+    assert [r["launch"] for r in rows] == ["1 process", "FSDP2 x2"] and rows[0]["vs 1 process"] == "1.00"
+    # the planner's FSDP2 rank holds half the optimizer state of the single process (its parameter and gradient
+    # terms add the all-gathered blocks in flight, so they are not simply halved)
+    plan = {k: v["components"] for k, v in data["plan"].items()}
+    assert plan["FSDP2 x2"]["optimizer"] == pytest.approx(plan["1 process"]["optimizer"] / 2, rel=0.01)
