@@ -206,25 +206,29 @@ class DistributedInfo:
 
     def summary(self) -> str:
         kind = self.distributed_type + (f" (FSDP{self.fsdp_version})" if self.fsdp_version else "")
-        sharding = (
-            f"sharded {'/'.join(self.placements)}, this rank holds {self.local_param_fraction:.1%} of parameters"
-            if self.params_sharded
-            else "replicated (every rank holds all parameters)"
-        )
-        extra = f", cpu_offload" if self.cpu_offload else ""
+        if self.params_sharded:
+            sharding = f"sharded {'/'.join(self.placements)}, this rank holds {self.local_param_fraction:.1%} of them"
+        elif self.distributed_type == "FSDP" and not self.params_are_dtensors:
+            sharding = "not sharded yet (the Trainer shards the model inside train(); use DistributedSetupCallback)"
+        else:
+            sharding = "replicated (every rank holds all of them)"
+        extra = ", cpu_offload" if self.cpu_offload else ""
         return (
             f"{kind}, world size {self.world_size}, backend {self.backend or 'none'}, device {self.device}, "
             f"mixed precision {self.mixed_precision}{extra}; parameters {sharding}"
         )
 
+    __str__ = summary
+
 
 def _accelerator_state(obj):
     """AcceleratorState of a Trainer / Accelerator, or the process-wide one (a singleton) when obj is None."""
+    from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     if obj is None:
         return AcceleratorState()
-    accelerator = obj if hasattr(obj, "state") and hasattr(obj, "prepare") else getattr(obj, "accelerator", None)
+    accelerator = obj if isinstance(obj, Accelerator) else getattr(obj, "accelerator", None)
     if accelerator is None:
         raise TypeError(f"describe_distributed needs a Trainer, an Accelerator or None, got {type(obj).__name__}")
     return accelerator.state
