@@ -133,7 +133,7 @@ def main() -> None:
         eval_dataset=eval_dataset,
         data_collator=default_data_collator,
         processing_class=tokenizer,
-        callbacks=[LossCurveCallback()],
+        callbacks=[LossCurveCallback(), distributed.DistributedSetupCallback()],  # logs type, world size, sharding
         flops_per_token=flops.flops_per_token_for(config, data_args.block_size),
         peak_flops=peak * args.world_size if peak else None,
         tokens_per_step=tokens_per_step,
@@ -142,15 +142,18 @@ def main() -> None:
         print(f"Model: {n_params:,} parameters (n_layer={config.n_layer}, n_head={config.n_head}, n_embd={config.n_embd}, "
               f"vocab={config.vocab_size}); {'bf16 mixed precision' if args.bf16 else 'fp32'}; "
               f"{tokens_per_step:,} tokens/step; MFU against {peak_source}")
-    setup = distributed.describe_distributed(trainer, trainer.model)
-    if args.process_index == 0:
-        print(f"Distributed: {setup}")
 
     # 8. Train (resuming restores model, optimizer, scheduler, RNG and the position in the data order).
     #    SIGINT/SIGTERM saves a checkpoint at the end of the current step and stops.
     stop = GracefulStopCallback(trainer.accelerator)
     trainer.add_callback(stop)
-    trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except Exception as err:
+        if args.world_size > 1 and distributed.is_peer_failure(err):  # one line instead of a collective's traceback
+            raise UserError(f"lost contact with another rank at step {trainer.state.global_step} ({str(err).splitlines()[0][:160]}); "
+                            "check the other ranks' logs, then rerun the same command with --resume_from_checkpoint auto") from None
+        raise
     if stop.signal_name:
         if args.process_index == 0:
             print(f"\nStopped by {stop.signal_name} at step {stop.stopped_at_step}; checkpoint saved in {args.output_dir}. "

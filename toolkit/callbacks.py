@@ -43,7 +43,7 @@ class LossCurveCallback(TrainerCallback):
 
 
 class GracefulStopCallback(TrainerCallback):
-    """SIGINT/SIGTERM -> finish the current step, save a checkpoint, stop; a second signal kills at once.
+    """SIGINT/SIGTERM -> finish the current step, save a checkpoint, stop; a second Ctrl-C kills at once.
 
     Schedulers (SLURM preemption, Kubernetes) send SIGTERM before killing a job; without this the
     Trainer dies mid-step and everything since the last checkpoint is lost. Under several processes
@@ -65,8 +65,9 @@ class GracefulStopCallback(TrainerCallback):
         import signal
 
         self.signal_name = signal.Signals(signum).name
-        for sig, handler in self._previous.items():  # a second Ctrl-C / SIGTERM stops immediately
-            signal.signal(sig, handler)
+        # A second Ctrl-C stops at once. Repeated SIGTERMs are kept: launchers (torchrun, SLURM) forward
+        # their own SIGTERM to workers that already got one, and the save must still finish.
+        signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
 
     def _stop_requested_anywhere(self) -> bool:
         local = self.signal_name is not None

@@ -7,6 +7,7 @@ YAML or on the command line, are errors.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -111,6 +112,12 @@ class PretrainArguments(TrainingArguments):
     resume_from_checkpoint: Optional[str] = field(
         default=None, metadata={"help": "A checkpoint folder to continue from, or 'auto' for the newest one in output_dir."}
     )
+    ddp_timeout: int = field(
+        default=600, metadata={"help": "Seconds a rank waits in a collective before giving up (a dead peer's closed socket fails at once)."}
+    )
+    ddp_find_unused_parameters: Optional[bool] = field(
+        default=False, metadata={"help": "GPT-2 uses every parameter each step, so DDP need not search for unused ones."}
+    )
     global_batch_size: Optional[int] = field(
         default=None,
         metadata={"help": "Sequences per optimizer step over all processes; sets gradient_accumulation_steps so the "
@@ -133,6 +140,8 @@ class PretrainArguments(TrainingArguments):
                                 "here); drop --bf16: CPU runs use fp32")
         elif self.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
             raise UserError("--bf16 on a GPU without bf16 support; drop --bf16 or use --fp16 on this GPU")
+        if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 and "--use_cpu" not in sys.argv:
+            self.use_cpu = True  # several ranks on a machine without GPUs: join one gloo group instead of N copies
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
         if self.lr_scheduler_type == "cosine_with_min_lr" and not self.lr_scheduler_kwargs:

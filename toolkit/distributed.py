@@ -375,3 +375,19 @@ def export_full_model(trainer, output_dir: str, tokenizer=None) -> None:
         if tokenizer is not None:
             tokenizer.save_pretrained(output_dir)
     accelerator.wait_for_everyone()
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """True when a collective failed because another rank died or stopped answering.
+
+    gloo raises a RuntimeError ("Connection closed by peer" / "Connection reset by peer") as soon as a peer's
+    socket closes; NCCL and timeouts raise torch.distributed.DistError subclasses. Either way the user's next step
+    is the same: look at the other ranks' logs and resume.
+    """
+    import torch.distributed as dist
+
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err)
+    markers = ("Connection closed by peer", "Connection reset", "Broken pipe", "gloo", "NCCL", "timed out", "Timed out")
+    return isinstance(err, RuntimeError) and any(marker in text for marker in markers)
