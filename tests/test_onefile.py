@@ -11,11 +11,24 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, run_script
+from conftest import GPT2_TOKENIZER, REPO, SHAKESPEARE, needs_shared, run_script
 
 ONEFILE = REPO / "recipes" / "onefile_train.py"
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--n_positions", "128", "--block_size", "64"]
 QUIET = ["--eval_strategy", "no", "--save_strategy", "no", "--sample_tokens", "0", "--logging_steps", "1"]
+
+
+# One thread per process: these models are tiny, and on a shared 2-core machine two OpenMP threads wait on
+# each other at every op (measured: 6 tiny steps took 10.6 s with 2 threads, 0.5 s with 1, under load).
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +62,7 @@ def test_cli_trains_and_transformers_loads_the_result(tmp_path, tiny_tokenizer_d
     r = run_script([str(ONEFILE), "--train_file", str(small_text_file), "--tokenizer_name", str(tiny_tokenizer_dir), *TINY,
                     "--batch_size", "8", "--max_steps", "30", "--learning_rate", "3e-3", "--warmup_steps", "3",
                     "--logging_steps", "1", "--eval_steps", "15", "--save_steps", "15", "--sample_tokens", "10",
-                    "--output_dir", str(out)], timeout=300)
+                    "--output_dir", str(out)], timeout=300, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "tok/s" in r.stdout and "mfu" in r.stdout and "sample:" in r.stdout
 
@@ -79,6 +92,17 @@ def test_cli_trains_and_transformers_loads_the_result(tmp_path, tiny_tokenizer_d
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, mine(x), atol=1e-5, rtol=0)
     assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()  # the head stays tied
+
+
+@needs_shared
+def test_gpt2_vocab_and_merges_tokenize_like_transformers(onefile):
+    """A folder with only vocab.json + merges.txt gives the ids AutoTokenizer gives (same data for both recipes)."""
+    from transformers import AutoTokenizer
+
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:50_000] + " <|endoftext|> tail"
+    ours = onefile.load_tokenizer(str(GPT2_TOKENIZER)).encode(text, add_special_tokens=False).ids
+    assert ours == AutoTokenizer.from_pretrained(GPT2_TOKENIZER)(text)["input_ids"]
+    assert 50256 in ours
 
 
 def test_resume_continues_the_same_run(tmp_path, tiny_model_dir, small_text_file, onefile):
@@ -121,7 +145,7 @@ def test_same_loss_curve_as_pretrain(tmp_path, tiny_model_dir, small_text_file, 
     onefile.main(["--init_from", str(tiny_model_dir), *same, "--sample_tokens", "0", "--output_dir", str(tmp_path / "onefile")])
     r = run_script([str(REPO / "recipes" / "pretrain.py"), "--model_name_or_path", str(tiny_model_dir), *same,
                     "--report_to", "none", "--data_cache_dir", str(tmp_path / "cache"), "--sample_max_new_tokens", "1",
-                    "--output_dir", str(tmp_path / "pretrain")], timeout=300)
+                    "--output_dir", str(tmp_path / "pretrain")], timeout=300, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-3000:]
     history = json.loads((tmp_path / "pretrain" / "trainer_state.json").read_text())["log_history"]
     theirs = [e for e in history if "loss" in e and "step" in e]
@@ -140,7 +164,7 @@ def test_ddp_matches_one_process(tmp_path, tiny_model_dir, small_text_file, onef
     # 2 processes x 4 blocks (gloo) vs 1 process x 8 blocks vs 1 process x 4 blocks x 2 accumulation steps:
     # the same 8 blocks per update, so the same losses.
     r = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ONEFILE), *common,
-                    "--batch_size", "4", "--output_dir", str(tmp_path / "ddp")], timeout=300, env={"OMP_NUM_THREADS": "1"})
+                    "--batch_size", "4", "--output_dir", str(tmp_path / "ddp")], timeout=300, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es)" in r.stdout
     onefile.main([*common, "--batch_size", "8", "--output_dir", str(tmp_path / "single")])
