@@ -1,0 +1,124 @@
+"""Interrupted and failing runs at 2 real processes: a dead rank stops the others with a clear error in
+bounded time; kill -9 (DDP) and SIGTERM (FSDP2) leave a checkpoint that resumes with the one-process losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import REPO, run_script
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+STEPS = 12
+
+
+def losses(output_dir) -> dict[int, float]:
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args: list[str]) -> tuple[subprocess.Popen, list[str], list[str]]:
+    """Start a command in its own process group (so the test can signal launcher + workers, like a scheduler)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    out: list[str] = []
+    err: list[str] = []
+    threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True).start()
+    threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True).start()
+    return proc, out, err
+
+
+def wait_for_losses(lines: list[str], n: int, proc, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while sum("'loss'" in line for line in list(lines)) < n:
+        assert proc.poll() is None, "run ended before it was interrupted"
+        assert time.time() < deadline, "run did not reach the step in time"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_tokenizer_dir, small_text_file):
+    root = tmp_path_factory.mktemp("reliability-distributed")
+    common = ["--preset", "gpt2-nano", "--tokenizer_name", str(tiny_tokenizer_dir), "--train_file", str(small_text_file),
+              "--data_cache_dir", str(root / "cache"), "--block_size", "32", "--learning_rate", "3e-3",
+              "--warmup_steps", "2", "--max_steps", str(STEPS), "--logging_steps", "1", "--eval_strategy", "no",
+              "--report_to", "none", "--sample_max_new_tokens", "4", "--seed", "0"]
+    result = run_script(["recipes/pretrain.py", *common, "--per_device_train_batch_size", "8", "--save_strategy", "no",
+                         "--output_dir", str(root / "reference")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, common, losses(root / "reference")
+
+
+def assert_resumed_like_reference(out, reference, after_step: int) -> None:
+    got = losses(out)
+    for step in range(after_step + 1, STEPS + 1):
+        assert got[step] == pytest.approx(reference[step], abs=1e-5), (step, got, reference)
+
+
+def test_a_dead_rank_stops_the_other_with_a_clear_error_and_kill_9_resumes(setup):
+    root, common, reference = setup
+    out = root / "ddp"
+    port = free_port()
+    nodes = [start(["-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
+                    "--master_addr", "127.0.0.1", "--master_port", str(port), "recipes/pretrain.py", *common,
+                    "--use_cpu", "true", "--per_device_train_batch_size", "4", "--save_steps", "2",
+                    "--save_total_limit", "3", "--output_dir", str(out)]) for rank in (0, 1)]
+    (node0, out0, err0), (node1, _, _) = nodes
+    wait_for_losses(out0, 5, node0)
+    import psutil
+
+    workers = psutil.Process(node1.pid).children(recursive=True)  # torchrun starts workers in their own session
+    assert workers
+    for worker in workers:
+        worker.kill()  # rank 1 dies without a word (SIGKILL)
+    killed_at = time.time()
+    code = node0.wait(timeout=120)  # bounded: no hang on a collective
+    elapsed = time.time() - killed_at
+    time.sleep(0.5)
+    assert code != 0 and elapsed < 120
+    assert any("lost contact with another rank" in line for line in err0), "".join(err0)[-3000:]
+
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(out))
+    assert last is not None and (root / "ddp" / os.path.basename(last) / "trainer_state.json").exists()
+    result = run_script(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                         "recipes/pretrain.py", *common, "--use_cpu", "true", "--per_device_train_batch_size", "4",
+                         "--save_steps", "2", "--output_dir", str(out), "--resume_from_checkpoint", "auto"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_resumed_like_reference(out, reference, int(last.rsplit("-", 1)[1]))
+
+
+def test_sigterm_under_fsdp2_saves_a_sharded_checkpoint_and_resumes(setup):
+    root, common, reference = setup
+    out = root / "fsdp"
+    launch = ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / "fsdp_cpu.yaml"),
+              "--main_process_port", str(free_port()), "recipes/pretrain.py", *common, "--use_cpu", "true",
+              "--per_device_train_batch_size", "4", "--save_steps", "1000", "--output_dir", str(out)]
+    proc, lines, err = start(launch)
+    wait_for_losses(lines, 4, proc)
+    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler does: launcher and workers all get it
+    proc.wait(timeout=120)
+    time.sleep(0.5)
+    assert any("--resume_from_checkpoint auto" in line for line in lines), "".join(lines)[-2000:] + "".join(err)[-2000:]
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and list(checkpoints[0].rglob("*.distcp")), "no sharded checkpoint"
+    stopped = int(checkpoints[0].name.split("-")[1])
+    result = run_script([*launch[:4], "--main_process_port", str(free_port()), *launch[6:], "--resume_from_checkpoint", "auto"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_resumed_like_reference(out, reference, stopped)
