@@ -24,7 +24,7 @@ def hub_env(hub: HubServer, tmp_path) -> dict:
 
 
 def _tiny_adapter(tiny_model_dir, folder):
-    """A LoRA adapter with non-trivial weights, saved as recipes/lora.py saves one, plus its logits."""
+    """A LoRA adapter with non-trivial weights, saved as recipes/lora.py saves one."""
     from peft import get_peft_model
 
     from toolkit import lora
@@ -37,73 +37,86 @@ def _tiny_adapter(tiny_model_dir, folder):
             if param.requires_grad:
                 param.add_(torch.randn(param.shape, generator=gen) * 0.05)
     model.save_pretrained(folder)
-    ids = torch.arange(20).reshape(1, 20)
+
+
+def _logits(model_dir, adapter_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir)
     model.eval()
     with torch.no_grad():
-        return ids, model(input_ids=ids).logits
+        return model(input_ids=IDS).logits
+
+
+IDS = torch.arange(20).reshape(1, 20)
 
 
 @pytest.mark.slow
-def test_push_then_download_gives_the_same_logits(tmp_path, tiny_model_dir):
+def test_push_then_download_gives_the_same_logits(tmp_path, tiny_model_dir, small_text_file):
+    """One fresh process (HF_ENDPOINT -> the test server, HF_TOKEN set): the lora recipe's command line with
+    --config + overrides + --push_to_hub; `toolkit push` of another adapter into a private repo; then both
+    adapters downloaded with PeftModel.from_pretrained from that endpoint."""
+    out = tmp_path / "run"
+    recipe_argv = ["--config", "recipes/configs/lora_gpt2.yaml",
+                   "--model_name_or_path", str(tiny_model_dir), "--train_file", str(small_text_file), "--output_dir", str(out),
+                   "--max_steps", "2", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+                   "--max_length", "32", "--max_eval_samples", "4", "--lora_r", "2", "--sample_max_new_tokens", "4",
+                   "--push_to_hub", "--hub_model_id", "someone/run-lora", "--base_model_hub_id", "openai-community/gpt2"]
     adapter = tmp_path / "adapter"
-    ids, logits = _tiny_adapter(tiny_model_dir, adapter)
+    _tiny_adapter(tiny_model_dir, adapter)
     # a card as transformers/peft write it for a local base: the Hub rejects this base_model (transformers#33922)
     (adapter / "README.md").write_text(f"---\nbase_model: {tiny_model_dir}\nlibrary_name: peft\n---\n# tiny adapter\n")
     (adapter / "training_args.bin").write_bytes(b"pickle: never uploaded")
     script = f"""
-import sys, torch
+import runpy, sys, torch
+sys.argv = ["recipes/lora.py", *{recipe_argv!r}]
+runpy.run_path("recipes/lora.py", run_name="__main__")
 from toolkit.cli import main
 assert main(["push", {str(adapter)!r}, "someone/tiny-lora", "--private"]) == 0
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r}), "someone/tiny-lora")
-model.eval()
-with torch.no_grad():
-    torch.save(model(input_ids=torch.arange(20).reshape(1, 20)).logits, {str(tmp_path / "downloaded.pt")!r})
+for repo in ("someone/run-lora", "someone/tiny-lora"):
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r}), repo)
+    model.eval()
+    with torch.no_grad():
+        torch.save(model(input_ids=torch.arange(20).reshape(1, 20)).logits, {str(tmp_path)!r} + "/" + repo.split("/")[1] + ".pt")
 """
     with HubServer() as hub:
-        result = run_script(["-c", script], env=hub_env(hub, tmp_path), timeout=300)
+        result = run_script(["-c", script], env=hub_env(hub, tmp_path), timeout=420)
         assert result.returncode == 0, result.stderr[-3000:]
         assert TOKEN not in result.stdout + result.stderr
-        assert "pushed" in result.stdout and "removed base_model" in result.stdout
+        assert f"{hub.url}/someone/run-lora" in result.stdout and "removed base_model" in result.stdout
 
-        repo = hub.repos["someone/tiny-lora"]
-        assert repo.private
-        assert repo.files["adapter_model.safetensors"] == (adapter / "adapter_model.safetensors").read_bytes()
-        assert "training_args.bin" not in repo.files
-        assert b"base_model" not in repo.files["README.md"]  # dropped: not a Hub id
-        # the token went to the Hub on every write, and a private repo was served only with it
+        # the recipe pushed its finished folder: adapter, tokenizer, card, metrics
+        run = hub.repos["someone/run-lora"]
+        assert not run.private
+        for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md", "all_results.json"):
+            assert run.files[name] == (out / name).read_bytes(), name
+        card = run.files["README.md"].decode()
+        assert "base_model: openai-community/gpt2" in card and "python recipes/lora.py --config" in card
+        # toolkit push: private repo, pickles left out, the invalid base_model dropped so the Hub accepts the card
+        tiny = hub.repos["someone/tiny-lora"]
+        assert tiny.private and "training_args.bin" not in tiny.files
+        assert tiny.files["adapter_model.safetensors"] == (adapter / "adapter_model.safetensors").read_bytes()
+        assert b"base_model" not in tiny.files["README.md"]
+        # the token went with every write, and the private repo was served only with it
         writes = [r for r in hub.requests if r["method"] == "POST"]
         assert writes and all(r["authorization"] == f"Bearer {TOKEN}" for r in writes)
-        assert any("/resolve/" in r["path"] for r in hub.requests if r["method"] == "GET")
-    downloaded = torch.load(tmp_path / "downloaded.pt", weights_only=True)
-    torch.testing.assert_close(downloaded, logits, rtol=0, atol=1e-6)
+    for repo, local in (("run-lora", out), ("tiny-lora", adapter)):
+        downloaded = torch.load(tmp_path / f"{repo}.pt", weights_only=True)
+        torch.testing.assert_close(downloaded, _logits(str(tiny_model_dir), str(local)), rtol=0, atol=1e-6)
+    assert json.loads((out / "all_results.json").read_text())["train_steps"] == 2
 
 
-@pytest.mark.slow
-def test_recipe_push_to_hub_from_a_config_file(tmp_path, tiny_model_dir, small_text_file):
-    """The real command line: --config YAML + overrides, train, save, push the finished adapter folder."""
-    out = tmp_path / "run"
-    argv = ["recipes/lora.py", "--config", "recipes/configs/lora_gpt2.yaml",
-            "--model_name_or_path", str(tiny_model_dir), "--train_file", str(small_text_file), "--output_dir", str(out),
-            "--max_steps", "2", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
-            "--max_length", "32", "--max_eval_samples", "4", "--lora_r", "2", "--sample_max_new_tokens", "4",
-            "--push_to_hub", "--hub_model_id", "someone/run-lora", "--base_model_hub_id", "openai-community/gpt2",
-            "--hub_token", TOKEN]
-    with HubServer() as hub:
-        result = run_script(argv, env={**hub_env(hub, tmp_path), "HF_TOKEN": ""}, timeout=420)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert TOKEN not in result.stdout + result.stderr
-        repo = hub.repos["someone/run-lora"]
-        assert not repo.private
-        for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md", "all_results.json"):
-            assert repo.files[name] == (out / name).read_bytes(), name
-        card = repo.files["README.md"].decode()
-        assert "base_model: openai-community/gpt2" in card and "python recipes/lora.py --config" in card
-        assert TOKEN not in card and "--hub_token '<redacted>'" in card
-        assert f"{hub.url}/someone/run-lora" in result.stdout
-    metrics = json.loads((out / "all_results.json").read_text())
-    assert metrics["train_steps"] == 2 and metrics["eval_loss_before"] > 0
+def test_model_card_command_never_contains_a_token():
+    from toolkit.model_card import card_base_model, reproduce_command
+
+    cmd = reproduce_command("recipes/lora.py", ["--hub_token", TOKEN, "--lr", "1", f"--hub_token={TOKEN}", "--output_dir", "a b"])
+    assert TOKEN not in cmd
+    assert cmd == "python recipes/lora.py --hub_token '<redacted>' --lr 1 '--hub_token=<redacted>' --output_dir 'a b'"
+    assert card_base_model("gpt2") == "gpt2" and card_base_model("/tmp/base") is None and card_base_model("./x") is None
+    assert card_base_model("/tmp/base", "openai-community/gpt2") == "openai-community/gpt2"
 
 
 def test_push_refuses_bad_input_before_contacting_the_hub(tmp_path, capsys):

@@ -14,9 +14,12 @@ they stay one matrix; the adapter file then holds a full copy of it.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 
 from toolkit.errors import UserError
@@ -255,12 +258,15 @@ def load_quantized_base_model(name_or_path: str, quantization_config, dtype, dev
                               trust_remote_code: bool = False, attn_implementation: str | None = None):
     """The base quantized by bitsandbytes while it loads, one tensor at a time.
 
-    transformers quantizes each weight as it is read, but it reads them through a memory map of the
-    whole file, and the map stays alive while any unquantized tensor (GPT-2's embedding) is a view of
-    it: every page it touched counts in the process's memory, so a 4-bit load of the 124M model
-    peaked higher than an fp32 one. Here the same loader reads the file with `pread` instead
-    (safetensors' `backend="pread"`), passed as `state_dict` of lazy slices: each full-precision
-    tensor exists only until it is quantized. (transformers picks pread itself only on MPS/Windows.)
+    transformers quantizes each weight as it is read, but reads every tensor through one memory map
+    of the file, and the map stays alive while an unquantized tensor (GPT-2's embedding) is a view of
+    it: each page it touched, i.e. every full-precision weight, keeps counting in the process's
+    memory. So the same loader gets a `state_dict` of lazy slices instead: the weights that will be
+    quantized come through safetensors' `backend="pread"` (read, quantized, freed; transformers
+    picks pread itself only on MPS/Windows), the ones kept in full precision through the memory map
+    (no copy). And while it runs, glibc is told to serve large blocks with mmap, so the freed
+    full-precision buffers go back to the OS instead of piling up as heap fragments.
+    Measured at the 124M shape in docs/qlora_explained.md.
     """
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -280,10 +286,17 @@ def load_quantized_base_model(name_or_path: str, quantization_config, dtype, dev
             raise _from_pretrained_error(name_or_path, err) from None
     # The Auto class deep-copies its kwargs (slices cannot be copied), so call the concrete class.
     model_class = AutoModelForCausalLM._model_mapping[type(config)]
-    handles = [safe_open(f, framework="pt", device="cpu", backend="pread") for f in files]
+    handles = []
+    state_dict = {}
     try:
-        state_dict = {key: h.get_slice(key) for h in handles for key in h.keys()}
-        model = model_class.from_pretrained(None, config=config, state_dict=state_dict, **common)
+        for f in files:
+            mapped = safe_open(f, framework="pt", device="cpu")
+            read = safe_open(f, framework="pt", device="cpu", backend="pread")
+            handles += [mapped, read]
+            for key in mapped.keys():
+                state_dict[key] = (read if _will_be_quantized(key, mapped.get_slice(key).get_shape()) else mapped).get_slice(key)
+        with _large_blocks_from_mmap():
+            model = model_class.from_pretrained(None, config=config, state_dict=state_dict, **common)
         del state_dict
     finally:
         for h in handles:
@@ -298,6 +311,33 @@ def load_quantized_base_model(name_or_path: str, quantization_config, dtype, dev
     gc.collect()
     _release_freed_memory()
     return model
+
+
+def _will_be_quantized(key: str, shape) -> bool:
+    """bitsandbytes quantizes the 2-D weights of the linear layers, not embeddings or the head."""
+    return len(shape) == 2 and key.endswith(".weight") and not any(k in key for k in ("wte", "wpe", "embed", "lm_head"))
+
+
+@contextlib.contextmanager
+def _large_blocks_from_mmap():
+    """glibc only: serve allocations >= 128 KiB with mmap while loading (fixed threshold; by default glibc
+    raises it after the first large free, so freed buffers stay in the heap), then settle at 32 MiB
+    (the ceiling its own adjustment reaches) so training allocations are served as usual."""
+    libc = None
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+        except (OSError, AttributeError):
+            libc = None
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc malloc.h
 
 
 def keep_training_layout(model) -> None:
@@ -315,9 +355,6 @@ def keep_training_layout(model) -> None:
 
 def _release_freed_memory() -> None:
     """Hand the heap that held the full-precision tensors back to the OS (glibc keeps it otherwise)."""
-    import ctypes
-    import sys
-
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
