@@ -143,6 +143,7 @@ def main(argv=None) -> list[dict]:
                     r["trainable"] = mem["params"]
                 r.update(shape=shape, model_memory=mem["4bit"] if method == "qlora" else mem["fp32"])
                 results.append(r)
+                harness.save_json(args.json, {"load": load, "partial": True, "results": results})  # survives an interrupted run
                 print(f"    eval loss {r['eval_loss']:.4f}, {r['s_per_step']:.2f} s/step, peak RSS {r['peak_rss'] / 2**20:,.0f} MiB", flush=True)
 
     rows = []

@@ -31,6 +31,7 @@ VARIANTS = {
     "noclip": "no gradient clipping",
     "foreach": "AdamW foreach (not fused)",
     "threads1": "torch.set_num_threads(1)",
+    "fastgelu": "GELU as one fused kernel (gelu_pytorch_tanh) instead of HF gelu_new's 8 elementwise ops",
     "compile": "torch.compile(model) (default inductor backend)",
 }
 
@@ -75,10 +76,20 @@ class Setup:
                 lr=1e-4, betas=(0.9, 0.95), eps=1e-8, fused=fused, foreach=None if fused else True)
         return self.optimizers[fused]
 
+    def _set_gelu(self, fused: bool) -> None:
+        """Same function (GELU, tanh approximation): transformers' "gelu_new" writes it as 8 tensor ops,
+        "gelu_pytorch_tanh" is torch's single fused kernel."""
+        from transformers.activations import ACT2FN
+
+        act = ACT2FN["gelu_pytorch_tanh" if fused else self.config.activation_function]
+        for block in self.model.transformer.h:
+            block.mlp.act = act
+
     def step(self, variant: str, x) -> dict[str, float]:
         import torch
 
         self.model.set_attn_implementation("eager" if variant == "eager" else "sdpa")
+        self._set_gelu(fused=variant == "fastgelu")
         model = self.model
         if variant == "compile":
             if self.compiled is None:

@@ -153,6 +153,7 @@ def main(argv=None) -> list[dict]:
             print(f"[time budget {args.budget_s:.0f} s] {cfg['name']}: probe {step_s:.3f} s/step -> {steps} steps", flush=True)
             r = pretrain(cfg, steps, args.train_file, workdir, args.echo)
             results.append({"budget": f"{args.budget_s:.0f} s", **r})
+            harness.save_json(args.json, {"load": load, "partial": True, "results": results})  # survives an interrupted run
             print(f"    eval loss {r['eval_loss']:.4f} nats/token, {r['bpb']:.4f} bits/byte, trained {r['train_runtime_s']:.0f} s", flush=True)
         for name in args.token_configs if args.token_budget else []:
             cfg = next(c for c in configs if c["name"] == name)
