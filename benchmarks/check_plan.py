@@ -84,6 +84,7 @@ def child(out_prefix: str, recipe: str, recipe_args: list[str]) -> None:
         def on_step_end(self, args, state, control, **kwargs):
             if self.t0 is not None:
                 record["step_peaks"].append(_status("VmHWM"))
+                record["rss_anon_file"] = [_status("RssAnon"), _status("RssFile")]  # after the step, for diagnosis
                 record["steps_timed"] = state.global_step - self.step0
                 record["seconds"] = time.perf_counter() - self.t0
                 if _cuda():
@@ -142,8 +143,12 @@ def configurations(work: Path, quick: bool) -> dict[str, dict]:
     base = ["--preset", "gpt2"] + gpt2_tok
     if quick:
         return {"quick-1p": dict(task="pretrain", procs=1, model=nano, batch=4, seq=64, steps=3)}
+    # The nano-* runs calibrate toolkit.plan's constant runtime term (CPU_OVERHEAD: python, torch, HF libraries,
+    # Trainer) per recipe kind and for a 2-rank launch: their tensors are a few MiB, so peak RSS there is the runtime.
+    # Every other row is a held-out check of the formulas.
     configs = {
-        "nano-1p": dict(task="pretrain", procs=1, model=nano, batch=8, seq=128),
+        "nano-1p": dict(task="pretrain", procs=1, model=nano, batch=8, seq=128, calibration=True),
+        "nano-ddp": dict(task="pretrain", procs=2, launch="ddp", model=nano, batch=8, seq=128, calibration=True),
         "mini-1p": dict(task="pretrain", procs=1, model=mini, batch=16, seq=256),
         "mini-eager-1p": dict(task="pretrain", procs=1, model=mini, batch=16, seq=256, attn="eager"),
         "124m-1p": dict(task="pretrain", procs=1, model=base, batch=4, seq=256),
@@ -153,8 +158,8 @@ def configurations(work: Path, quick: bool) -> dict[str, dict]:
         "124m-full-ft-1p": dict(task="full", procs=1, model=None, batch=4, seq=256),
     }
     for name in ("lora", "qlora"):
-        if (REPO / "recipes" / f"{name}.py").exists():
-            configs[f"124m-{name}-1p"] = dict(task=name, procs=1, model=None, batch=4, seq=256)
+        configs[f"nano-{name}-1p"] = dict(task=name, procs=1, model=None, base="gpt2-nano", batch=8, seq=128, calibration=True)
+        configs[f"124m-{name}-1p"] = dict(task=name, procs=1, model=None, batch=4, seq=256)
     return configs
 
 
@@ -190,7 +195,8 @@ def lora_args(c: dict, base_model: Path, out: Path, steps: int) -> list[str]:
     """Flags of recipes/lora.py / qlora.py (trl SFTTrainer): short run on Shakespeare lines."""
     args = ["--model_name_or_path", str(base_model), "--per_device_train_batch_size", str(c["batch"]),
             "--max_length", str(c["seq"]), "--max_steps", str(steps), "--logging_steps", "1",
-            "--save_strategy", "no", "--report_to", "none", "--output_dir", str(out)]
+            "--save_strategy", "no", "--report_to", "none", "--output_dir", str(out), "--overwrite_output_dir", "true",
+            "--max_eval_samples", "8", "--sample_max_new_tokens", "1"]
     if SHAKESPEARE.exists():
         args += ["--train_file", str(SHAKESPEARE)]
     return args + c.get("extra", [])
@@ -232,7 +238,7 @@ def predict(c: dict, config: dict, ram: float, task: str) -> dict:
     est = plan.estimate(shape, s, strategy)
     from toolkit.flops import flops_per_token
 
-    return {"total": est.total, "components": est.components, "peak_moment": est.peak_moment, "n_params": shape.n_params,
+    return {"total": est.total, "components": est.components, "overhead": est.components["overhead"], "peak_moment": est.peak_moment, "n_params": shape.n_params,
             "flops_per_token": flops_per_token(shape.n_layer, shape.n_embd, shape.vocab_size, c["seq"])}
 
 
@@ -302,12 +308,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         configs = {k: v for k, v in configs.items() if k in args.only.split(",")}
     ram = float(psutil.virtual_memory().total)
-    base_model = None
-    if any(c["model"] is None for c in configs.values()):
-        base_model = make_base_model(work / "base-gpt2")
     peak_flops = measure_cpu_peak_flops()
     rows = []
     for name, c in configs.items():
+        base_model = None
+        if c["model"] is None:  # fine-tuning: a saved random-init base of the preset, like a Hub checkpoint
+            preset = c.get("base", "gpt2")
+            base_model = make_base_model(work / f"base-{preset}", preset)
         m = measure(name, c, work, base_model, args.default_malloc)
         pred = predict(c, m["config"], ram, c["task"])
         est_tps = peak_flops * ASSUMED_MFU["cpu"] / pred["flops_per_token"]
@@ -315,8 +322,9 @@ def main(argv: list[str] | None = None) -> int:
             est_tps *= 6 / 4
         if c.get("ckpt"):
             est_tps *= 6 / 8
-        row = {"name": name, "task": c["task"], "procs": c["procs"], "launch": c.get("launch") or "single",
+        row = {"name": name, "calibration": bool(c.get("calibration")), "task": c["task"], "procs": c["procs"], "launch": c.get("launch") or "single",
                "batch": c["batch"], "seq": c["seq"], "n_params": pred["n_params"], "predicted": pred["total"],
+               "overhead": pred["overhead"],
                "peak_moment": pred["peak_moment"], "measured": m["peaks"], "ratio": [pred["total"] / x for x in m["peaks"]],
                "tokens_per_s": m["tokens_per_s"], "est_tokens_per_s": est_tps, "wall_s": m["wall_s"],
                "command": shlex.join(["python" if a == sys.executable else os.path.relpath(a, REPO) if a.startswith(str(REPO)) else a
@@ -325,8 +333,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<18} predicted {pred['total'] / MiB:7.0f} MiB  measured "
               f"{', '.join(f'{x / MiB:.0f}' for x in m['peaks'])} MiB  ratio "
               f"{', '.join(f'{r:.3f}' for r in row['ratio'])}  ({pred['peak_moment']}; {m['wall_s']:.0f} s)", flush=True)
-    worst = max(abs(r - 1) for row in rows for r in row["ratio"])
-    print(f"worst |prediction/measured - 1| = {worst:.1%} (target <= 15%)")
+    checks = [row for row in rows if not row["calibration"]] or rows
+    worst = max(abs(r - 1) for row in checks for r in row["ratio"])
+    print(f"worst |prediction/measured - 1| over the checks (not the calibration runs) = {worst:.1%} (target <= 15%)")
+    for row in rows:
+        if row["calibration"]:
+            print(f"calibration {row['name']}: runtime term implied = measured - predicted tensors = "
+                  f"{(max(row['measured']) - row['predicted'] + row['overhead']) / MiB:.0f} MiB per process")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     if args.doc:
@@ -340,11 +353,13 @@ def write_doc(path: Path, rows: list[dict], peak_flops: float, args) -> None:
     lines = [BEGIN, "",
              f"Measured {date} on a {machine()}; fp32; peak RSS per rank over training steps 2-4 "
              f"(MALLOC_MMAP_THRESHOLD_=131072{', default glibc' if args.default_malloc else ''}). "
-             f"Generated by `{cmd}`. Measured CPU fp32 matmul peak at run time: {peak_flops / 1e9:.0f} GFLOP/s.", "",
+             f"Generated by `{cmd}`. Measured CPU fp32 matmul peak at run time: {peak_flops / 1e9:.0f} GFLOP/s; "
+             f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other jobs share the machine: "
+             f"tokens/s are what these runs got, memory is unaffected).", "",
              "| configuration | task | launch | params | micro-batch x seq | predicted (MiB) | measured per rank (MiB) | predicted / measured | tokens/s measured | tokens/s estimate |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['task']} | {r['launch']} x{r['procs']} | {r['n_params'] / 1e6:.1f}M | "
+        lines.append(f"| {r['name']}{' (calibration)' if r.get('calibration') else ''} | {r['task']} | {r['launch']} x{r['procs']} | {r['n_params'] / 1e6:.1f}M | "
                      f"{r['batch']} x {r['seq']} | {r['predicted'] / MiB:.0f} | {' / '.join(f'{x / MiB:.0f}' for x in r['measured'])} | "
                      f"{' / '.join(f'{x:.3f}' for x in r['ratio'])} | "
                      f"{r['tokens_per_s']:.0f} | {r['est_tokens_per_s']:.0f} |")

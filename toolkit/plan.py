@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -47,11 +46,11 @@ LORA_TARGET_PRESETS = {"all": ["c_attn", "c_proj", "c_fc"], "attention": ["c_att
 
 # Framework/runtime memory of one training process, not counted by the tensor formulas.
 # CPU: resident set of python + torch + transformers + accelerate + datasets (+ trl, peft, bitsandbytes for the
-# LoRA recipes) + the Trainer's runtime, measured as peak RSS minus tensor bytes on the smallest configuration of
-# benchmarks/check_plan.py (2-core AVX2 CPU, torch 2.13; see docs/training_strategies.md). A gloo process group
-# and its threads add a little per rank.
-CPU_OVERHEAD = {"pretrain": 700 * MiB, "full": 700 * MiB, "lora": 760 * MiB, "qlora": 800 * MiB}
-CPU_DISTRIBUTED_OVERHEAD = 40 * MiB
+# LoRA recipes) + the Trainer's runtime: peak RSS minus predicted tensors of the gpt2-nano calibration runs of
+# benchmarks/check_plan.py (2-core AVX2 CPU, torch 2.13, 2026-11-25; docs/training_strategies.md). A 2-rank
+# gloo launch measured the same per rank (569 vs 570 MiB), so distribution adds nothing here.
+CPU_OVERHEAD = {"pretrain": 570 * MiB, "full": 570 * MiB, "lora": 610 * MiB, "qlora": 640 * MiB}
+CPU_DISTRIBUTED_OVERHEAD = 0
 # GPU: the CUDA context, cuBLAS workspaces and kernels loaded by torch (~0.5 GiB on recent cards, not counted by
 # torch.cuda.max_memory_allocated) plus caching-allocator slack. An estimate; not yet measured here.
 GPU_CONTEXT = 0.6 * GiB
@@ -79,6 +78,11 @@ class Shape:
     n_inner: int | None = None
     activation_function: str = "gelu_new"
     tie_word_embeddings: bool = True
+    # Dropout keeps masks for backward. recipes/pretrain.py trains with 0; OpenAI's GPT-2 checkpoints (and
+    # GPT2Config's defaults) have 0.1, which fine-tuning keeps.
+    resid_pdrop: float = 0.0
+    embd_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
     source: str = ""
 
     @property
@@ -160,12 +164,15 @@ def load_shape(model: str, task: str, overrides: dict | None = None, vocab_size:
         # Pretraining pads the vocabulary like recipes/pretrain.py; a pretrained Hub GPT-2 has exactly 50257 rows.
         vocab = vocab_size or GPT2_VOCAB_SIZE
         vocab = pad_vocab(vocab, pad_vocab_to_multiple_of) if task == "pretrain" else vocab
-        shape = Shape(vocab_size=vocab, source=f"preset {model}", **fields)
+        drop = 0.0 if task == "pretrain" else 0.1  # pretrain.py's default vs the Hub checkpoint's config
+        shape = Shape(vocab_size=vocab, source=f"preset {model}", resid_pdrop=drop, embd_pdrop=drop, attn_pdrop=drop,
+                      **fields)
     else:
         shape = _shape_from_config(_read_config(model), model)
         if vocab_size:
             shape.vocab_size = vocab_size
-    known = {"n_layer", "n_embd", "n_head", "vocab_size", "n_positions", "n_inner", "activation_function", "tie_word_embeddings"}
+    known = {"n_layer", "n_embd", "n_head", "vocab_size", "n_positions", "n_inner", "activation_function", "tie_word_embeddings",
+             "resid_pdrop", "embd_pdrop", "attn_pdrop"}
     for key, value in overrides.items():
         if key in known and value is not None:
             setattr(shape, key, value)
@@ -205,7 +212,8 @@ def _shape_from_config(cfg: dict, source: str) -> Shape:
         return Shape(n_layer=int(cfg["n_layer"]), n_embd=int(cfg["n_embd"]), n_head=int(cfg["n_head"]),
                      vocab_size=int(cfg["vocab_size"]), n_positions=int(cfg.get("n_positions", 1024)),
                      n_inner=cfg.get("n_inner"), activation_function=cfg.get("activation_function", "gelu_new"),
-                     tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)), source=source)
+                     tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)), source=source,
+                     **{k: float(cfg.get(k, 0.1)) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")})
     except KeyError as err:
         raise UserError(f"config.json of '{source}' has no {err}; it is not a GPT-2 config") from None
 
@@ -248,11 +256,11 @@ def activation_terms(shape: Shape, s: Setup, batch_size: int, checkpointing: boo
     input (u), four tensors of the python gelu_new at width n_inner (pow input, tanh output, 0.5*x, 1+tanh: 16u
     at 4*n_embd) and mlp c_proj input (4u): 28u. eager attention adds the softmax output (heads x seq^2 per
     sequence); sdpa only its log-sum-exp. A frozen Conv1D (LoRA) does not save its input; a LoRA branch saves it
-    for lora_A, and peft's lora_dropout adds a mask and a copy (measured: 0.5 x its input width, 1.0 for
-    attn.c_proj). Under bf16 autocast the matmul inputs are bf16 copies; LayerNorm, residual stream, pow and
-    tanh stay fp32 (CUDA autocast op lists); a QLoRA base in bf16 makes the residual stream bf16 too.
-    The loss head keeps ln_f/lm_head inputs and, at the start of backward, three logits-sized fp32 tensors
-    (log-softmax output, its gradient, the logits gradient).
+    for lora_A, and peft's lora_dropout adds a dropped copy and a mask (measured). Under bf16 autocast the matmul
+    inputs are bf16 copies; LayerNorm, residual stream, pow and tanh stay fp32 (CUDA autocast op lists); a QLoRA
+    base in bf16 makes the residual stream bf16 too. Dropout > 0 (GPT-2 checkpoints have 0.1) keeps masks.
+    Loss head: transformers' loss keeps ln_f/lm_head inputs and, at the start of backward, three logits-sized fp32
+    tensors (log-softmax output, its gradient, the logits gradient); trl's fused head (LoRA recipes) works in tiles.
     """
     b, T, d, L, V, a = batch_size, s.seq_len, shape.n_embd, shape.n_layer, shape.vocab_size, shape.n_head
     u = b * T * d
@@ -276,23 +284,40 @@ def activation_terms(shape: Shape, s: Setup, batch_size: int, checkpointing: boo
         if full or (lora and module in s.lora_targets):
             per_layer += low * width * u  # the Conv1D's (or lora_A's) input
         if lora and module in s.lora_targets and s.lora_dropout > 0:
-            per_layer += (1.0 if module == "attn.c_proj" else 0.5) * 4 * width * u
+            # peft's lora_dropout: a dropped copy of the input for lora_A and its mask (measured with the recipe's
+            # defaults: 8 x 4u per block for all four projections)
+            per_layer += (2.0 if module == "attn.c_proj" else 1.0) * low * width * u
     per_layer += 2 * 2 * 4 * b * T  # LayerNorm mean/rstd, fp32
+    mask = 1 if mixed else 4  # CUDA's fused dropout keeps a bool mask; the CPU kernel an fp32 one
+    per_layer += (2 * mask * u) if shape.resid_pdrop > 0 else 0  # after attention and after the MLP
     if s.attn == "eager":
         per_layer += (6 if mixed else 4) * a * b * T * T  # softmax output (+ its bf16 copy)
+        if shape.attn_pdrop > 0:
+            per_layer += (mask + low) * a * b * T * T  # dropout mask + the dropped probabilities
+    elif shape.attn_pdrop > 0 and not mixed:
+        per_layer += 3 * 4 * a * b * T * T  # CPU sdpa with dropout falls back to the math kernel: T^2 tensors
     else:
-        per_layer += 4 * a * b * T  # log-sum-exp
+        per_layer += 4 * a * b * T  # log-sum-exp (CUDA flash/efficient kernels apply dropout without a mask)
+    embd_drop = mask * u if shape.embd_pdrop > 0 else 0
 
-    head_inputs = res * u + (low * u if full else 0)  # ln_f input, lm_head input (tied head frozen in LoRA)
-    logits = 4 * b * T * V
-    head_peak = 3 * logits
-    if checkpointing:
-        # Each block keeps only its input; during its backward one block is recomputed in full.
-        layers = L * res * u + per_layer
+    n_tok = b * (T - 1)
+    if lora:
+        # trl's SFTTrainer scores tokens through a chunked, fused LM head: tiles of up to 4096 tokens x 32768 vocab,
+        # never the whole logits. Without Triton (CPU) its torch fallback keeps ~8.3 fp32 tiles alive in backward
+        # (measured); with Triton, one bf16 tile plus the fp32 hidden-state gradient.
+        tile = min(n_tok, 4096) * min(V, 32768)
+        head_inputs = res * u + 4 * n_tok * d  # ln_f input, the hidden states it scores
+        head_peak = 2 * tile + 4 * n_tok * d if mixed else 8.3 * 4 * tile
+        logits = 0.0
     else:
-        layers = L * per_layer
-    return {"layers": layers, "per_layer": per_layer, "head_inputs": head_inputs, "head_peak": head_peak,
-            "logits": logits}
+        head_inputs = res * u + low * u  # ln_f input, lm_head input
+        logits = 4 * b * T * V
+        head_peak = 3 * logits  # log-softmax output, its gradient, the logits gradient (fp32)
+    # With checkpointing each block keeps only its input; during its backward one block is recomputed in full.
+    layers = (L * res * u if checkpointing else L * per_layer) + embd_drop
+    recompute = per_layer if checkpointing else 0.0
+    return {"layers": layers, "recompute": recompute, "per_layer": per_layer, "head_inputs": head_inputs,
+            "head_peak": head_peak, "logits": logits}
 
 
 def estimate(shape: Shape, s: Setup, strategy: str, checkpointing: bool | None = None, batch_size: int | None = None,
@@ -380,6 +405,8 @@ def estimate(shape: Shape, s: Setup, strategy: str, checkpointing: bool | None =
         "after lm_head backward": static + act_like + a["logits"] + max(accum_grads, head_grad),
         "end of backward": static + grads + fsdp_grad_transient,
     }
+    if ckpt:  # the top block recomputed, with the embedding gradient already allocated
+        moments["block recompute"] = static + act_like + a["recompute"] + max(accum_grads, head_grad)
     peak_moment = max(moments, key=moments.get)
     tensors = moments[peak_moment]
     if s.device == "cpu":
@@ -392,7 +419,7 @@ def estimate(shape: Shape, s: Setup, strategy: str, checkpointing: bool | None =
         "parameters": weights + working,
         "gradients": grads + buckets + fsdp_grad_transient,
         "optimizer": optim,
-        "activations": acts + a["head_peak"],
+        "activations": acts + max(a["head_peak"], a["recompute"]),
         "quantization": quant,
         "overhead": overhead,
     }
@@ -622,7 +649,7 @@ def detect_hardware() -> dict:
             info.update(device="cuda", num_devices=torch.cuda.device_count(), device_memory=float(props.total_memory),
                         gpu_name=props.name)
             return info
-    except Exception:  # a broken CUDA install still leaves the CPU plan useful
+    except RuntimeError:  # a broken CUDA driver/runtime still leaves the CPU plan useful
         pass
     info.update(device="cpu", num_devices=1, device_memory=info["cpu_ram"], gpu_name="")
     return info
@@ -730,11 +757,8 @@ def setup_from_args(args) -> tuple[Shape, Setup, float | None]:
     elif not args.no_flops_benchmark:
         from toolkit.flops import measure_cpu_peak_flops
 
-        import torch
-
         # Each of N processes gets cores/N threads; together they share the measured peak.
         peak = measure_cpu_peak_flops() / num
-        del torch
     return shape, s, peak
 
 
