@@ -15,8 +15,8 @@ import torch
 
 from conftest import REPO
 
-FAST_TRAIN = ["--max_steps", "12", "--learning_rate", "1e-2", "--per_device_train_batch_size", "8",
-              "--max_length", "64", "--max_eval_samples", "16", "--lora_r", "4", "--lora_alpha", "8",
+FAST_TRAIN = ["--max_steps", "8", "--learning_rate", "1e-2", "--per_device_train_batch_size", "8",
+              "--max_length", "64", "--max_eval_samples", "8", "--lora_r", "4", "--lora_alpha", "8",
               "--lora_dropout", "0.0", "--logging_steps", "4", "--sample_max_new_tokens", "8", "--seed", "0"]
 
 
@@ -84,7 +84,7 @@ def test_lora_recipe_lowers_loss_and_saves_adapter(tmp_path, tiny_model_dir, sma
     assert "trainable params: 8,192 (" in printed  # 2 layers x r=4 x (64+192 + 64+64 + 64+256 + 256+64)
 
     # the loss really went down on held-out data
-    assert metrics["eval_loss_after"] < metrics["eval_loss_before"] - 0.05, metrics
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"] - 0.03, metrics
     assert metrics["eval_perplexity_after"] < metrics["eval_perplexity_before"]
 
     # the adapter folder: adapter, tokenizer, card with the numbers and the command, metrics
@@ -110,7 +110,7 @@ def test_qlora_recipe_lowers_loss(tmp_path, tiny_model_dir, small_text_file, cap
     out = tmp_path / "qlora"
     argv = ["--model_name_or_path", str(tiny_model_dir), "--data", str(small_text_file), "--output_dir", str(out), *FAST_TRAIN]
     metrics = run_recipe("qlora", argv)
-    assert metrics["eval_loss_after"] < metrics["eval_loss_before"] - 0.05, metrics
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"] - 0.03, metrics
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tiny_model_dir)
     assert config["fan_in_fan_out"] is False  # bitsandbytes layers are Linear, not Conv1D
