@@ -34,7 +34,10 @@ PLAN_STRATEGY = {"1 process": ("single", 1), "DDP x2": ("ddp", 2), "FSDP2 x2": (
 
 def command(launch: str, model: list[str], tokenizer: list[str], batch: int, block: int, steps: int, log_every: int, out: Path):
     cmd = [*LAUNCHES[launch], str(harness.PRETRAIN), *model, *tokenizer, "--block_size", str(block),
-           "--per_device_train_batch_size", str(batch), "--max_steps", str(steps), "--logging_steps", str(log_every),
+           "--per_device_train_batch_size", str(batch),
+           # eval batch = train batch: with pretrain.py's dataloader_drop_last=True a 32-block eval batch x 2 ranks can
+           # exceed the validation blocks, leaving no eval batch at all (then pretrain.py fails on metrics["eval_loss"])
+           "--per_device_eval_batch_size", str(batch), "--max_steps", str(steps), "--logging_steps", str(log_every),
            "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--sample_max_new_tokens", "1",
            "--output_dir", str(out)]
     return cmd + (["--use_cpu", "true"] if launch != "1 process" else [])

@@ -47,7 +47,8 @@ class Run:
 
     def check(self) -> "Run":
         if self.returncode != 0:
-            tail = "\n".join(line for _, line in self.lines[-40:])
+            errors = [line for _, line in self.lines[:-40] if "Error" in line or "error:" in line]  # a rank's own error
+            tail = "\n".join(errors[-10:] + [line for _, line in self.lines[-40:]])
             raise RuntimeError(f"command failed ({self.returncode}): {shlex.join(self.cmd)}\n{tail}")
         return self
 
@@ -237,6 +238,14 @@ def write_section(name: str, title: str, body: str, command: list[str] | None = 
     text = doc.read_text() if doc.exists() else DOC_HEADER
     pattern = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->\n?", re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    # keep the sections in the order (their titles start with the item number), whatever order they ran in;
+    # hand-written notes belong above the first section (text between or after sections is not kept)
+    every = re.compile(r"<!-- BEGIN (\S+) -->\n## (.*?)\n.*?<!-- END \1 -->\n?", re.S)
+    found = list(every.finditer(text))
+    if found:
+        head = text[: found[0].start()]
+        blocks = sorted((m.group(0).rstrip("\n") + "\n" for m in found), key=lambda b: b.split("\n## ", 1)[1])
+        text = head + "\n".join(blocks)
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
 

@@ -66,7 +66,8 @@ def probe_step_seconds(cfg: dict, vocab: int) -> float:
 
     from toolkit.presets import pad_vocab
 
-    model = GPT2LMHeadModel(GPT2Config(**model_shape(cfg), vocab_size=pad_vocab(vocab, 64), resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+    model = GPT2LMHeadModel(GPT2Config(**model_shape(cfg), vocab_size=pad_vocab(vocab, 64), resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
+                                       bos_token_id=0, eos_token_id=0))  # ids inside the vocabulary (only timing matters)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randint(0, vocab, (cfg["batch"], cfg["block"]))
     times = []

@@ -113,7 +113,7 @@ def test_distributed_quick(tmp_path):
     results, rows, doc, data = run_quick("distributed_cpu", tmp_path, "--launches", "1 process", "FSDP2 x2")
     by = {r["launch"]: r for r in results}
     assert len(by["1 process"]["rank_peak_rss"]) == 1 and len(by["FSDP2 x2"]["rank_peak_rss"]) == 2  # one per rank
-    assert "FSDP" in by["FSDP2 x2"]["distributed"]
+    assert "accelerate_configs/fsdp_cpu.yaml" in by["FSDP2 x2"]["command"] and by["FSDP2 x2"]["world"] == 2
     assert [r["launch"] for r in rows] == ["1 process", "FSDP2 x2"] and rows[0]["vs 1 process"] == "1.00"
     # the planner's FSDP2 rank holds half the optimizer state of the single process (its parameter and gradient
     # terms add the all-gathered blocks in flight, so they are not simply halved)
