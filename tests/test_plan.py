@@ -194,3 +194,45 @@ def test_lora_target_presets_match_the_recipe():
         expanded = resolve_target_modules([name])
         # every module kind the planner counts is one peft would match, and vice versa
         assert set(kinds) == {m for m in plan.LORA_MODULES if any(m == t or m.endswith("." + t) for t in expanded)}
+
+
+@pytest.mark.parametrize("task,activation,attn,dropout", [
+    ("pretrain", "gelu_new", "sdpa", 0.0),
+    ("pretrain", "gelu_pytorch_tanh", "eager", 0.0),
+    ("full", "gelu_new", "sdpa", 0.1),  # a Hub checkpoint's dropout: masks, and sdpa's math fallback on CPU
+    ("lora", "gelu_new", "sdpa", 0.1),  # frozen Conv1Ds keep nothing; LoRA branches and lora_dropout do
+])
+def test_activation_formula_matches_what_autograd_saves(task, activation, attn, dropout):
+    """The per-block formula is the byte count of the tensors autograd keeps for backward (tiny GPT-2, fp32 CPU)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    L, d, a, V, b, T = 2, 64, 2, 512, 4, 64
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=L, n_embd=d, n_head=a, vocab_size=V, n_positions=T, activation_function=activation,
+                                       resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, attn_implementation=attn))
+    if task == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["c_attn", "c_proj", "c_fc"],
+                                                 fan_in_fan_out=True, task_type="CAUSAL_LM"))
+    model.train()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            saved.setdefault(ptr, t.untyped_storage().nbytes())
+        return t
+
+    ids = torch.randint(0, V, (b, T))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids, use_cache=False)
+
+    sh = plan.Shape(n_layer=L, n_embd=d, n_head=a, vocab_size=V, n_positions=T, activation_function=activation,
+                    resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    terms = plan.activation_terms(sh, setup(task=task, device="cpu", precision="fp32", attn=attn, batch_size=b, seq_len=T), b, False)
+    u = b * T * d
+    head = 4 * u + (4 * u if task != "lora" else 0) + 4 * b * T * V  # ln_f input, lm_head input, log-softmax output
+    assert terms["layers"] + head == pytest.approx(sum(saved.values()), rel=0.05)
