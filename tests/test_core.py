@@ -257,3 +257,18 @@ def test_flops_per_token_follows_6n_plus_attention():
     assert gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert gpu_peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
     assert gpu_peak_flops("Some Unknown Card") is None
+
+
+def test_evaluation_sees_every_validation_block_despite_drop_last(tmp_path):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+
+    from toolkit.trainer import PretrainTrainer
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=32))
+    blocks = [{"input_ids": torch.randint(0, 64, (16,)), "labels": torch.randint(0, 64, (16,))} for _ in range(7)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4, dataloader_drop_last=True,
+                             report_to="none", use_cpu=True)
+    trainer = PretrainTrainer(model=model, args=args, eval_dataset=blocks, flops_per_token=1.0, peak_flops=None, tokens_per_step=1)
+    assert sum(len(batch["input_ids"]) for batch in trainer.get_eval_dataloader()) == 7
+    assert trainer.args.dataloader_drop_last is True  # training batches keep their fixed shape

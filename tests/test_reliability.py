@@ -227,3 +227,15 @@ def test_loading_is_safe_in_our_code():
             assert "weights_only=True" in call, f"{path.name}: {call}"
         assert not re.search(r"trust_remote_code\s*=\s*True", text), f"{path.name} turns on remote code"
         assert "safe_serialization=False" not in text, f"{path.name} writes pickled weights"
+
+
+def test_push_problems_are_caught_before_training(bad_inputs, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored login either
+    base = ["--preset", "gpt2-nano", "--report_to", "none", "--train_file", str(bad_inputs / "ok.txt"),
+            "--output_dir", str(tmp_path / "out"), "--push_to_hub", "true"]
+    code, err = run_recipe_in_process(base + ["--hub_model_id", "someone/not a repo!"], capsys)
+    assert code == 2 and "is not a Hub repo id" in err
+    code, err = run_recipe_in_process(base + ["--hub_model_id", "someone/gpt2-test"], capsys)
+    assert code == 2 and "no Hub token found" in err
+    assert not (tmp_path / "out").exists()  # refused before any work

@@ -104,3 +104,22 @@ def main(argv: list[str] | None = None) -> int:
     push_folder(args.folder, args.repo_id, private=args.private, commit_message=args.commit_message,
                 token=args.token, revision=args.revision)
     return 0
+
+
+def check_push_ready(repo_id: str | None, token: str | None = None) -> None:
+    """Before training: a valid user/name repo id and a token (HF_TOKEN or `hf auth login`), or a one-line error.
+
+    Only checks that a token exists; it is never printed. Whether it may write is learnt at push time.
+    """
+    from huggingface_hub import get_token
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not repo_id or "/" not in repo_id:
+        raise UserError("--push_to_hub needs --hub_model_id user/name (the repo to create or update)")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise UserError(f"--hub_model_id '{repo_id}' is not a Hub repo id; use user/name (letters, digits, - _ .)") from None
+    if not (token or get_token()):
+        raise UserError("--push_to_hub but no Hub token found; run `hf auth login` or set HF_TOKEN, then start again")

@@ -97,6 +97,9 @@ def build_gpt2_config(
 
     fields: dict[str, object] = preset_fields(preset)
     fields.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    # GPT-2's tanh-approximated GELU, computed by one fused kernel instead of transformers' 8-op "gelu_new"
+    # (same function to 5e-7); benchmarks/mfu_cpu.py measured 48% -> 70% MFU at the 124M shape on CPU.
+    fields["activation_function"] = "gelu_pytorch_tanh"
     for key, value in (overrides or {}).items():
         if value is None:
             continue

@@ -51,6 +51,15 @@ class PretrainTrainer(Trainer):
     def _start_window(self) -> None:
         self._window_start, self._window_step, self._eval_seconds = time.perf_counter(), self.state.global_step, 0.0
 
+    def get_eval_dataloader(self, eval_dataset=None):
+        # dataloader_drop_last keeps training batches a fixed shape; evaluation must still see every
+        # validation block (with drop_last, 47 blocks at batch 32 were evaluated as 32, or as none under DDP).
+        drop_last, self.args.dataloader_drop_last = self.args.dataloader_drop_last, False
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.args.dataloader_drop_last = drop_last
+
     def evaluate(self, *args, **kwargs):
         start = time.perf_counter()
         try:
