@@ -146,5 +146,23 @@ def test_recipe_refuses_push_without_a_repo_id(tmp_path, tiny_model_dir, small_t
     assert not (tmp_path / "o").exists()  # refused before any work
 
 
+def test_push_needs_a_token_before_training(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    from toolkit.hub import check_push_ready
+    from toolkit.errors import UserError
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))  # no stored login
+    with pytest.raises(UserError, match="no Hub token found"):
+        check_push_ready("someone/x")
+    with pytest.raises(UserError, match="not a Hub repo id"):
+        check_push_ready("some one/x", token=TOKEN)
+    check_push_ready("someone/x", token=TOKEN)  # an explicit --hub_token is enough
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    check_push_ready("someone/x")  # so is HF_TOKEN
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

@@ -113,18 +113,13 @@ def check_output_dir(args: FinetuneConfig) -> None:
 
 
 def check_push_args(args: FinetuneConfig) -> bool:
-    """Validate --push_to_hub before training; turn off the Trainer's own push (we push the finished folder once)."""
+    """Validate --push_to_hub before training (repo id, a token); turn off the Trainer's own push (we push
+    the finished folder once, with our card)."""
+    from toolkit.hub import check_push_ready
+
     push = bool(args.push_to_hub)
     if push:
-        from huggingface_hub.errors import HFValidationError
-        from huggingface_hub.utils import validate_repo_id
-
-        if not args.hub_model_id or "/" not in args.hub_model_id:
-            raise UserError("--push_to_hub needs --hub_model_id user/name (the repo to create or update)")
-        try:
-            validate_repo_id(args.hub_model_id)
-        except HFValidationError:
-            raise UserError(f"--hub_model_id '{args.hub_model_id}' is not a Hub repo id; use user/name") from None
+        check_push_ready(args.hub_model_id, args.hub_token)
     args.push_to_hub = False
     return push
 

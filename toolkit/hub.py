@@ -41,21 +41,27 @@ def fix_card_base_model(folder: str) -> str | None:
     return f"README.md: removed base_model {', '.join(map(str, dropped))} (not a Hub model id; the Hub rejects it)"
 
 
-def push_folder(folder: str, repo_id: str, private: bool = False, commit_message: str = "Upload with gpt2-toolkit",
-                token: str | None = None, revision: str | None = None) -> str:
-    """Create `repo_id` if needed and upload `folder` to it in one commit; return the repo URL."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+def _check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    if not os.path.isdir(folder) or not os.listdir(folder):
-        raise UserError(f"'{folder}' is not a folder with files to push; pass the output_dir of a recipe or a model folder")
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
         raise UserError(f"'{repo_id}' is not a Hub repo id; use the form user/name (letters, digits, - _ .)") from None
     if "/" not in repo_id:
         raise UserError(f"'{repo_id}' has no namespace; pass --hub_model_id user/{repo_id} (or org/{repo_id})")
+
+
+def push_folder(folder: str, repo_id: str, private: bool = False, commit_message: str = "Upload with gpt2-toolkit",
+                token: str | None = None, revision: str | None = None) -> str:
+    """Create `repo_id` if needed and upload `folder` to it in one commit; return the repo URL."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if not os.path.isdir(folder) or not os.listdir(folder):
+        raise UserError(f"'{folder}' is not a folder with files to push; pass the output_dir of a recipe or a model folder")
+    _check_repo_id(repo_id)
     note = fix_card_base_model(folder)
     if note:
         print(note)
