@@ -57,8 +57,9 @@ GPU_CONTEXT = 0.6 * GiB
 GPU_ALLOCATOR_SLACK = 0.05  # fraction of tensor memory the caching allocator reserves beyond live tensors
 
 # Model FLOPs utilisation assumed for the throughput estimate (it is an estimate, labelled so everywhere).
-# CPU: what recipes/pretrain.py logs on the 2-core reference machine for gpt2-mini (docs/training_strategies.md).
-# GPU: a typical eager-mode HF Trainer figure for GPT-2 sizes in bf16.
+# CPU: on the 2-core reference machine pretrain.py's fp32 step reached 44-48% at 124M (docs/benchmarks.md section 2,
+# docs/training_strategies.md), far less for tiny models whose steps are per-op overhead; 35% is the conservative
+# middle. GPU: an assumption for eager-mode bf16 HF training of GPT-2 sizes, not measured in this project.
 ASSUMED_MFU = {"cpu": 0.35, "cuda": 0.35}
 
 # Memory of well-known cards (GiB), so `--gpu A100-40GB` works without --device_memory.
@@ -164,9 +165,12 @@ def load_shape(model: str, task: str, overrides: dict | None = None, vocab_size:
         # Pretraining pads the vocabulary like recipes/pretrain.py; a pretrained Hub GPT-2 has exactly 50257 rows.
         vocab = vocab_size or GPT2_VOCAB_SIZE
         vocab = pad_vocab(vocab, pad_vocab_to_multiple_of) if task == "pretrain" else vocab
-        drop = 0.0 if task == "pretrain" else 0.1  # pretrain.py's default vs the Hub checkpoint's config
+        # A new model (presets.build_gpt2_config): dropout 0 and the fused tanh-GELU; the Hub checkpoints of the
+        # same names: dropout 0.1 and transformers' 8-op "gelu_new".
+        new = task == "pretrain"
+        drop = 0.0 if new else 0.1
         shape = Shape(vocab_size=vocab, source=f"preset {model}", resid_pdrop=drop, embd_pdrop=drop, attn_pdrop=drop,
-                      **fields)
+                      activation_function="gelu_pytorch_tanh" if new else "gelu_new", **fields)
     else:
         shape = _shape_from_config(_read_config(model), model)
         if vocab_size:
