@@ -37,7 +37,6 @@ from toolkit.errors import exit_on_user_error
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     from transformers import set_seed
-    from trl import SFTTrainer
 
     from toolkit import finetune
     from toolkit import lora
@@ -68,14 +67,15 @@ def main(argv: list[str] | None = None) -> dict:
     peft_config = lora.build_lora_config(lora_args, model, quantized=True)
 
     # 4. trainer (trl: tokenizes, adds EOS, masks prompts, packs; peft: wraps the model)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
-                         processing_class=tokenizer, peft_config=peft_config)
+    trainer = finetune.make_trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+                                    processing_class=tokenizer, peft_config=peft_config)
     finetune.match_adapter_dtype(trainer.model, dtype)
     print(lora.trainable_parameters_line(trainer.model))
 
     # 5. eval before, train, eval after, a sample
     metrics = finetune.evaluate(trainer, "before")
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)  # SIGTERM: save, stop
+    finetune.exit_if_stopped(trainer, args)
     metrics.update(finetune.evaluate(trainer, "after"), train_loss=result.training_loss,
                    train_runtime_s=result.metrics["train_runtime"], train_steps=result.global_step, **finetune.peak_memory())
     prompt = args.sample_prompt or sample_prompt(evaluation[0], fmt, tokenizer, args.dataset_text_field)

@@ -239,3 +239,29 @@ def test_push_problems_are_caught_before_training(bad_inputs, tmp_path, capsys, 
     code, err = run_recipe_in_process(base + ["--hub_model_id", "someone/gpt2-test"], capsys)
     assert code == 2 and "no Hub token found" in err
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+@pytest.mark.slow
+def test_lora_sigterm_then_resume_gives_the_same_losses(tiny_model_dir, small_text_file, tmp_path):
+    args = ["recipes/lora.py", "--model_name_or_path", str(tiny_model_dir), "--train_file", str(small_text_file),
+            "--max_steps", "24", "--learning_rate", "1e-2", "--per_device_train_batch_size", "8", "--max_length", "64",
+            "--max_eval_samples", "8", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.0", "--logging_steps", "1",
+            "--sample_max_new_tokens", "4", "--seed", "0", "--report_to", "none", "--save_strategy", "steps", "--save_steps", "24"]
+    reference = tmp_path / "reference"
+    result = run_script([*args, "--output_dir", str(reference)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "interrupted"
+    proc, lines = start([*args, "--output_dir", str(out)])
+    wait_for_steps(lines, 6, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    assert "Traceback" not in proc.stderr.read()
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "adapter_model.safetensors").exists()
+    assert not (out / "adapter_config.json").exists()  # not a finished run, so resuming is allowed
+    stopped = int(checkpoints[0].name.split("-")[1])
+    result = run_script([*args, "--output_dir", str(out), "--resume_from_checkpoint", "auto"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    want, got = losses(reference / "checkpoint-24"), losses(out / "checkpoint-24")  # the final checkpoints' histories
+    for step in range(stopped + 1, 25):
+        assert got[step] == pytest.approx(want[step], abs=1e-5), step

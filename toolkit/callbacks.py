@@ -86,6 +86,13 @@ class GracefulStopCallback(TrainerCallback):
             control.should_training_stop = True
         return control
 
+    def on_train_end(self, args, state, control, **kwargs):
+        import signal
+
+        for sig, handler in self._previous.items():  # give Ctrl-C back to the caller once training is over
+            if sig != signal.SIGINT or self.signal_name is None:
+                signal.signal(sig, handler)
+
     @property
     def exit_code(self) -> int:
         import signal

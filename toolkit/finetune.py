@@ -104,12 +104,43 @@ def check_args(model_args: ModelArguments, args: FinetuneConfig) -> str | None:
 
 
 def check_output_dir(args: FinetuneConfig) -> None:
-    """Refuse to overwrite a finished run (its adapter) unless --overwrite_output_dir."""
+    """Refuse to overwrite a finished run (its adapter) unless --overwrite_output_dir; resolve
+    `--resume_from_checkpoint auto` to the newest complete checkpoint (or a fresh start)."""
+    from toolkit.run_dir import prepare_output_dir
+
     if os.path.isfile(os.path.join(args.output_dir, "adapter_config.json")) and not args.overwrite_output_dir:
         raise UserError(
             f"output_dir '{args.output_dir}' already holds a finished adapter; pass --overwrite_output_dir to replace it "
             f"or choose another --output_dir"
         )
+    args.resume_from_checkpoint = prepare_output_dir(args.output_dir, args.overwrite_output_dir,
+                                                     args.resume_from_checkpoint, args.process_index == 0)
+
+
+def make_trainer(**kwargs):
+    """trl's SFTTrainer with crash-safe checkpoints and save-and-stop on SIGINT/SIGTERM (as in pretrain.py)."""
+    from trl import SFTTrainer
+
+    from toolkit.callbacks import GracefulStopCallback
+    from toolkit.trainer import CrashSafeCheckpoints
+
+    class FinetuneTrainer(CrashSafeCheckpoints, SFTTrainer):
+        pass
+
+    trainer = FinetuneTrainer(**kwargs)
+    trainer.graceful_stop = GracefulStopCallback(trainer.accelerator)
+    trainer.add_callback(trainer.graceful_stop)
+    return trainer
+
+
+def exit_if_stopped(trainer, args) -> None:
+    """After train(): if a signal stopped it, say how to resume and exit 128 + signal."""
+    stop = trainer.graceful_stop
+    if stop.signal_name:
+        if args.process_index == 0:
+            print(f"\nStopped by {stop.signal_name} at step {stop.stopped_at_step}; checkpoint saved in {args.output_dir}. "
+                  f"Resume with the same command plus --resume_from_checkpoint auto", flush=True)
+        sys.exit(stop.exit_code)
 
 
 def check_push_args(args: FinetuneConfig) -> bool:

@@ -36,7 +36,40 @@ def mark_causal_lm_loss(model) -> None:
         model.loss_type = "ForCausalLM"
 
 
-class PretrainTrainer(Trainer):
+class CrashSafeCheckpoints:
+    """Trainer mixin: checkpoint-N appears only when complete; a full disk is a one-line error.
+
+    Used by PretrainTrainer and by the fine-tuning recipes' SFTTrainer (toolkit.finetune.FinetuneTrainer).
+    """
+
+    def _save_checkpoint(self, model, trial) -> None:
+        final_root = self._get_output_dir(trial=trial)
+        staging_root = os.path.join(final_root, STAGING_DIR)
+        name = f"checkpoint-{self.state.global_step}"
+        # Trainer._save_checkpoint builds its target from _get_output_dir(); point it at the staging area.
+        self._get_output_dir = lambda trial=None: staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                shutil.rmtree(os.path.join(staging_root, name), ignore_errors=True)
+                raise UserError(f"disk full while saving {name} to {final_root}; earlier checkpoints are intact: free "
+                                "space (or lower --save_total_limit) and rerun with --resume_from_checkpoint auto") from None
+            raise
+        finally:
+            del self._get_output_dir  # back to the class method
+        self.accelerator.wait_for_everyone()  # every rank has written its part (FSDP shards, RNG state)
+        if self.args.should_save:
+            target = os.path.join(final_root, name)
+            if os.path.exists(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(staging_root, name), target)  # atomic on one filesystem
+            rotate_checkpoints(output_dir=final_root, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+
+class PretrainTrainer(CrashSafeCheckpoints, Trainer):
     def __init__(self, *args, flops_per_token: float, peak_flops: float | None, tokens_per_step: int, **kwargs):
         model = kwargs.get("model") if "model" in kwargs else (args[0] if args else None)
         mark_causal_lm_loss(model)
@@ -83,29 +116,3 @@ class PretrainTrainer(Trainer):
                     logs["mfu"] = round(tokens_per_s * self.flops_per_token / self.peak_flops, 4)
             self._start_window()
         super().log(logs, start_time)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        final_root = self._get_output_dir(trial=trial)
-        staging_root = os.path.join(final_root, STAGING_DIR)
-        name = f"checkpoint-{self.state.global_step}"
-        # Trainer._save_checkpoint builds its target from _get_output_dir(); point it at the staging area.
-        self._get_output_dir = lambda trial=None: staging_root
-        try:
-            super()._save_checkpoint(model, trial)
-        except OSError as err:
-            if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                shutil.rmtree(os.path.join(staging_root, name), ignore_errors=True)
-                raise UserError(f"disk full while saving {name} to {final_root}; earlier checkpoints are intact: free "
-                                "space (or lower --save_total_limit) and rerun with --resume_from_checkpoint auto") from None
-            raise
-        finally:
-            del self._get_output_dir  # back to the class method
-        self.accelerator.wait_for_everyone()  # every rank has written its part (FSDP shards, RNG state)
-        if self.args.should_save:
-            target = os.path.join(final_root, name)
-            if os.path.exists(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(staging_root, name), target)  # atomic on one filesystem
-            rotate_checkpoints(output_dir=final_root, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
-        self.accelerator.wait_for_everyone()
