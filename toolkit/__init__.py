@@ -6,7 +6,18 @@ Each module owns one concern:
   tokenizer  - load a tokenizer, or train a byte-level BPE on the training text
   data       - raw text -> tokenized, EOS-separated, packed blocks (cached)
   flops      - FLOPs per token, peak FLOP rates, MFU
-  callbacks  - Trainer callbacks: throughput/MFU logging, loss-curve plot
+  config     - pretraining argument dataclasses and the YAML + CLI parser
+  run_dir    - output-folder safety (never overwrite a run), resume resolution, safe model loading
+  trainer    - PretrainTrainer (tokens/s + MFU logging), crash-safe checkpoints, GPT-2 loss counting fix
+  callbacks  - Trainer callbacks: loss-curve plot, save-and-stop on SIGINT/SIGTERM
+  distributed- real FSDP2 on CPU ranks, launch checks, setup report, full-model export
+  finetune   - SFTConfig defaults and the steps shared by recipes/lora.py and qlora.py
+  lora       - LoRA targets/config for GPT-2's Conv1D layers, 4-bit/8-bit loading
+  sft_data   - fine-tuning data formats (text, prompt/completion, chat) and GPT-2's chat template
+  model_card - the adapter's README.md
+  merge      - `toolkit merge`: adapter + full-precision base -> model folder
+  hub        - `toolkit push` and the pre-training push checks
+  plan       - `toolkit plan`: memory per device, recipe and command
   cli        - the `toolkit` console command and its subcommands
 """
 
