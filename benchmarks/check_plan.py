@@ -237,22 +237,6 @@ def make_base_model(path: Path, shape: str = "gpt2") -> Path:
     return path
 
 
-def predict(c: dict, config: dict, ram: float, task: str) -> dict:
-    """The planner's estimate for the model the recipe really built (its config as recorded by the child)."""
-    from toolkit import plan
-
-    shape = plan._shape_from_config(config, "recorded config")
-    s = plan.Setup(task=task, device="cpu", num_devices=c["procs"], device_memory=ram, batch_size=c["batch"],
-                   seq_len=c["seq"], precision="fp32", gradient_checkpointing=bool(c.get("ckpt")),
-                   attn=c.get("attn", "sdpa"), **c.get("plan_kwargs", {}))
-    strategy = {None: "single", "ddp": "ddp", "fsdp": "fsdp"}[c.get("launch")]
-    est = plan.estimate(shape, s, strategy)
-    from toolkit.flops import flops_per_token
-
-    return {"total": est.total, "components": est.components, "overhead": est.components["overhead"], "peak_moment": est.peak_moment, "n_params": shape.n_params,
-            "flops_per_token": flops_per_token(shape.n_layer, shape.n_embd, shape.vocab_size, c["seq"])}
-
-
 def measure(name: str, c: dict, work: Path, base_model: Path | None, default_malloc: bool) -> dict:
     cmd, out = recipe_command(name, c, work, base_model)
     out.mkdir(parents=True, exist_ok=True)
@@ -302,48 +286,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc", default=str(DOC), help="markdown file to write the table into ('' = don't)")
     p.add_argument("--work_dir", default=None, help="where run outputs go (default: a temporary folder)")
     p.add_argument("--default_malloc", action="store_true", help="measure with glibc's default allocator settings")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--json", default=None, help="also write the measurements and predictions to this JSON file")
+    p.add_argument("--replan", default=None, metavar="JSON",
+                   help="no runs: recompute the predictions for the measurements saved by --json (after a formula change)")
     args = p.parse_args(argv)
 
-    import psutil
-
-    from toolkit.flops import measure_cpu_peak_flops
-    from toolkit.plan import ASSUMED_MFU
-
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="check_plan_"))
-    configs = configurations(work, args.quick)
-    if args.only:
-        unknown = set(args.only.split(",")) - set(configs)
-        if unknown:
-            print(f"error: unknown configuration(s) {', '.join(sorted(unknown))}; choose from {', '.join(configs)}", file=sys.stderr)
+    if args.replan:
+        saved = json.loads(Path(args.replan).read_text())
+        meta, rows = saved["meta"], saved["rows"]
+        meta["replanned"] = datetime.date.today().isoformat()
+    else:
+        meta, rows = run_all(args)
+        if meta is None:
             return 2
-        configs = {k: v for k, v in configs.items() if k in args.only.split(",")}
-    ram = float(psutil.virtual_memory().total)
-    peak_flops = measure_cpu_peak_flops()
-    rows = []
-    for name, c in configs.items():
-        base_model = None
-        if c["model"] is None:  # fine-tuning: a saved random-init base of the preset, like a Hub checkpoint
-            preset = c.get("base", "gpt2")
-            base_model = make_base_model(work / f"base-{preset}", preset)
-        m = measure(name, c, work, base_model, args.default_malloc)
-        pred = predict(c, m["config"], ram, c["task"])
-        est_tps = peak_flops * ASSUMED_MFU["cpu"] / pred["flops_per_token"]
-        if c["task"] in ("lora", "qlora"):
-            est_tps *= 6 / 4
-        if c.get("ckpt"):
-            est_tps *= 6 / 8
-        row = {"name": name, "calibration": bool(c.get("calibration")), "task": c["task"], "procs": c["procs"], "launch": c.get("launch") or "single",
-               "batch": c["batch"], "seq": c["seq"], "n_params": pred["n_params"], "predicted": pred["total"],
-               "overhead": pred["overhead"],
-               "peak_moment": pred["peak_moment"], "measured": m["peaks"], "ratio": [pred["total"] / x for x in m["peaks"]],
-               "tokens_per_s": m["tokens_per_s"], "est_tokens_per_s": est_tps, "wall_s": m["wall_s"],
-               "command": shlex.join(["python" if a == sys.executable else os.path.relpath(a, REPO) if a.startswith(str(REPO)) else a
-                                      for a in m["cmd"]])}
-        rows.append(row)
-        print(f"{name:<18} predicted {pred['total'] / MiB:7.0f} MiB  measured "
-              f"{', '.join(f'{x / MiB:.0f}' for x in m['peaks'])} MiB  ratio "
-              f"{', '.join(f'{r:.3f}' for r in row['ratio'])}  ({pred['peak_moment']}; {m['wall_s']:.0f} s)", flush=True)
+    for row in rows:
+        replan(row, meta)
+        print(f"{row['name']:<18} predicted {row['predicted'] / MiB:7.0f} MiB  measured "
+              f"{', '.join(f'{x / MiB:.0f}' for x in row['measured'])} MiB  ratio "
+              f"{', '.join(f'{r:.3f}' for r in row['ratio'])}  ({row['peak_moment']})", flush=True)
     checks = [row for row in rows if not row["calibration"]] or rows
     worst = max(abs(r - 1) for row in checks for r in row["ratio"])
     print(f"worst |prediction/measured - 1| over the checks (not the calibration runs) = {worst:.1%} (target <= 15%)")
@@ -352,21 +312,73 @@ def main(argv: list[str] | None = None) -> int:
             print(f"calibration {row['name']}: runtime term implied = measured - predicted tensors = "
                   f"{(max(row['measured']) - row['predicted'] + row['overhead']) / MiB:.0f} MiB per process")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     if args.doc:
-        write_doc(Path(args.doc), rows, peak_flops, args)
+        write_doc(Path(args.doc), rows, meta)
     return 0 if worst <= 0.15 else 1
 
 
-def write_doc(path: Path, rows: list[dict], peak_flops: float, args) -> None:
-    date = datetime.date.today().isoformat()
-    cmd = "python benchmarks/check_plan.py" + (f" --only {args.only}" if args.only else "") + (" --default_malloc" if args.default_malloc else "")
+def run_all(args) -> tuple[dict | None, list[dict]]:
+    """Run every selected configuration; rows hold what was measured and what is needed to predict it."""
+    import psutil
+
+    from toolkit.flops import measure_cpu_peak_flops
+
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="check_plan_"))
+    configs = configurations(work, args.quick)
+    if args.only:
+        unknown = set(args.only.split(",")) - set(configs)
+        if unknown:
+            print(f"error: unknown configuration(s) {', '.join(sorted(unknown))}; choose from {', '.join(configs)}", file=sys.stderr)
+            return None, []
+        configs = {k: v for k, v in configs.items() if k in args.only.split(",")}
+    cmd = "python benchmarks/check_plan.py" + (f" --only {args.only}" if args.only else "") + \
+        (" --default_malloc" if args.default_malloc else "")
+    meta = {"date": datetime.date.today().isoformat(), "machine": machine(), "ram": float(psutil.virtual_memory().total),
+            "peak_flops": measure_cpu_peak_flops(), "default_malloc": args.default_malloc, "command": cmd}
+    rows = []
+    for name, c in configs.items():
+        base_model = None
+        if c["model"] is None:  # fine-tuning: a saved random-init base of the preset, like a Hub checkpoint
+            preset = c.get("base", "gpt2")
+            base_model = make_base_model(work / f"base-{preset}", preset)
+        m = measure(name, c, work, base_model, args.default_malloc)
+        rows.append({"name": name, "calibration": bool(c.get("calibration")), "task": c["task"], "procs": c["procs"],
+                     "launch": c.get("launch") or "single", "batch": c["batch"], "seq": c["seq"], "ckpt": bool(c.get("ckpt")),
+                     "attn": c.get("attn", "sdpa"), "config": m["config"], "measured": m["peaks"],
+                     "cuda_measured": m["cuda_peaks"], "tokens_per_s": m["tokens_per_s"], "wall_s": m["wall_s"],
+                     "command": shlex.join(["python" if a == sys.executable else os.path.relpath(a, REPO)
+                                            if a.startswith(str(REPO)) else a for a in m["cmd"]])})
+        print(f"{name}: measured {', '.join(f'{x / MiB:.0f}' for x in m['peaks'])} MiB ({m['wall_s']:.0f} s)", flush=True)
+    meta["loadavg"] = os.getloadavg()[0]
+    return meta, rows
+
+
+def replan(row: dict, meta: dict) -> None:
+    """toolkit.plan's prediction (and throughput estimate) for one measured row, with the current formulas."""
+    from toolkit import plan
+    from toolkit.flops import flops_per_token
+
+    shape = plan._shape_from_config(row["config"], "recorded config")
+    s = plan.Setup(task=row["task"], device="cpu", num_devices=row["procs"], device_memory=meta["ram"],
+                   batch_size=row["batch"], seq_len=row["seq"], precision="fp32", gradient_checkpointing=row["ckpt"],
+                   attn=row["attn"])
+    est = plan.estimate(shape, s, {"single": "single", "ddp": "ddp", "fsdp": "fsdp"}[row["launch"]])
+    fpt = flops_per_token(shape.n_layer, shape.n_embd, shape.vocab_size, row["seq"])
+    tps = meta["peak_flops"] * plan.ASSUMED_MFU["cpu"] / fpt
+    tps *= (6 / 4 if row["task"] in ("lora", "qlora") else 1) * (6 / 8 if row["ckpt"] else 1)
+    row.update(n_params=shape.n_params, predicted=est.total, overhead=est.components["overhead"], peak_moment=est.peak_moment,
+               ratio=[est.total / x for x in row["measured"]], est_tokens_per_s=tps)
+
+
+def write_doc(path: Path, rows: list[dict], meta: dict) -> None:
+    replanned = f" Predictions recomputed {meta['replanned']} with the current toolkit/plan.py (`--replan`)." if meta.get("replanned") else ""
     lines = [BEGIN, "",
-             f"Measured {date} on a {machine()}; fp32; peak RSS per rank over training steps 2-4 "
-             f"(MALLOC_MMAP_THRESHOLD_=131072{', default glibc' if args.default_malloc else ''}). "
-             f"Generated by `{cmd}`. Measured CPU fp32 matmul peak at run time: {peak_flops / 1e9:.0f} GFLOP/s; "
-             f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other jobs share the machine: "
-             f"tokens/s are what these runs got, memory is unaffected).", "",
+             f"Measured {meta['date']} on a {meta['machine']}; fp32; peak RSS per rank over training steps 2-4 "
+             f"({'glibc defaults' if meta['default_malloc'] else 'MALLOC_MMAP_THRESHOLD_=131072'}). "
+             f"Generated by `{meta['command']}`.{replanned} CPU fp32 matmul peak measured at the start: "
+             f"{meta['peak_flops'] / 1e9:.0f} GFLOP/s; load average at the end {meta['loadavg']:.1f} on {os.cpu_count()} cores "
+             f"(other jobs share the machine: tokens/s are what these runs got; memory is unaffected).", "",
              "| configuration | task | launch | params | micro-batch x seq | predicted (MiB) | measured per rank (MiB) | predicted / measured | tensors only: predicted / measured | tokens/s measured | tokens/s estimate |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -375,7 +387,7 @@ def write_doc(path: Path, rows: list[dict], peak_flops: float, args) -> None:
                      f"{r['batch']} x {r['seq']} | {r['predicted'] / MiB:.0f} | {' / '.join(f'{x / MiB:.0f}' for x in r['measured'])} | "
                      f"{' / '.join(f'{x:.3f}' for x in r['ratio'])} | "
                      f"{' / '.join(f'{x:.3f}' for x in tensor_ratios)} | "
-                     f"{r['tokens_per_s']:.0f} | {r['est_tokens_per_s']:.0f} |")
+                     f"{r['tokens_per_s'] or float('nan'):.0f} | {r['est_tokens_per_s']:.0f} |")
     lines += ["", "'tensors only' leaves out the runtime term (`CPU_OVERHEAD`, calibrated on the nano rows) on both sides. "
               "tokens/s: training steps 2-4 of each run; the estimate is the measured matmul peak x the assumed MFU / "
               "FLOPs per token (toolkit.plan.throughput), for the whole machine.",

@@ -180,7 +180,7 @@ def test_check_plan_smoke(tmp_path):
     r = subprocess.run([sys.executable, "benchmarks/check_plan.py", "--quick", "--doc", "", "--work_dir", str(tmp_path),
                         "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=plan.__file__.rsplit("/toolkit/", 1)[0])
     assert out.exists(), r.stdout + r.stderr
-    (row,) = json.loads(out.read_text())
+    (row,) = json.loads(out.read_text())["rows"]
     assert row["measured"][0] > 200 * 1024**2  # a real process: torch + transformers alone are hundreds of MiB
     assert 0.75 < row["ratio"][0] < 1.25, row
 

@@ -407,7 +407,9 @@ def estimate(shape: Shape, s: Setup, strategy: str, checkpointing: bool | None =
     moments = {
         "backward start": static + act_like + a["head_peak"] + accum_grads,
         "after lm_head backward": static + act_like + a["logits"] + max(accum_grads, head_grad),
-        "end of backward": static + grads + fsdp_grad_transient,
+        # the tied embedding's gradient arrives twice (lm_head first, the embedding last): summing them briefly
+        # holds a new V x d gradient and the sum next to the others (measured on CPU)
+        "end of backward": static + grads + fsdp_grad_transient + (2 * head_grad if not fsdp else 0),
     }
     if ckpt:  # the top block recomputed, with the embedding gradient already allocated
         moments["block recompute"] = static + act_like + a["recompute"] + max(accum_grads, head_grad)
