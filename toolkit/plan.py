@@ -49,7 +49,7 @@ LORA_TARGET_PRESETS = {"all": ["c_attn", "c_proj", "c_fc"], "attention": ["c_att
 # LoRA recipes) + the Trainer's runtime: peak RSS minus predicted tensors of the gpt2-nano calibration runs of
 # benchmarks/check_plan.py (2-core AVX2 CPU, torch 2.13, 2026-11-25; docs/training_strategies.md). A 2-rank
 # gloo launch measured the same per rank (569 vs 570 MiB), so distribution adds nothing here.
-CPU_OVERHEAD = {"pretrain": 570 * MiB, "full": 570 * MiB, "lora": 610 * MiB, "qlora": 640 * MiB}
+CPU_OVERHEAD = {"pretrain": 570 * MiB, "full": 570 * MiB, "lora": 605 * MiB, "qlora": 605 * MiB}
 CPU_DISTRIBUTED_OVERHEAD = 0
 # GPU: the CUDA context, cuBLAS workspaces and kernels loaded by torch (~0.5 GiB on recent cards, not counted by
 # torch.cuda.max_memory_allocated) plus caching-allocator slack. An estimate; not yet measured here.
@@ -557,6 +557,10 @@ def make_plan(shape: Shape, s: Setup, strategy: str = "auto", peak_flops: float 
                                f"{gib(estimate(shape, s, 'ddp', choice.gradient_checkpointing, choice.batch_size, choice.grad_accum).total)}")
             if pct > 90:
                 reasons.append("tight: above 90% of the memory; fragmentation may push it over, consider a smaller micro-batch")
+            if s.device == "cpu":
+                # benchmarks/check_plan.py --default_malloc: +4% (pretrain.py) and +23% (lora.py) at 124M
+                reasons.append("CPU: with glibc's default allocator settings the resident set ran up to 23% above this "
+                               "(freed blocks stay in the heap); run with MALLOC_MMAP_THRESHOLD_=131072 to avoid it")
         else:
             reasons.append("nothing fits, even at micro-batch 1 with gradient checkpointing" +
                            ("; use --task qlora (4-bit base weights) or a smaller model" if s.task in ("full", "lora") else
