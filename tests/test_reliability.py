@@ -22,6 +22,9 @@ TINY = ["--preset", "gpt2-nano", "--vocab_size", "512", "--block_size", "32", "-
         "--logging_steps", "1", "--eval_strategy", "no"]
 
 
+STEPS = 80
+
+
 def losses(output_dir: Path) -> dict[int, float]:
     state = json.loads((output_dir / "trainer_state.json").read_text())
     return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
@@ -47,7 +50,8 @@ def wait_for_steps(lines: list[str], n: int, proc: subprocess.Popen, timeout: fl
 @pytest.fixture(scope="module")
 def common(tmp_path_factory, small_text_file):
     root = tmp_path_factory.mktemp("reliability")
-    args = [*TINY, "--train_file", str(small_text_file), "--data_cache_dir", str(root / "cache"), "--max_steps", "30"]
+    # long enough that a signal sent after step 8 lands well before the end, even on a fast machine
+    args = [*TINY, "--train_file", str(small_text_file), "--data_cache_dir", str(root / "cache"), "--max_steps", str(STEPS)]
     reference = root / "reference"
     result = run_script(["recipes/pretrain.py", *args, "--output_dir", str(reference), "--save_strategy", "no"])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -67,7 +71,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_gives_the_same_losses(common):
     checkpoints = sorted(out.glob("checkpoint-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "optimizer.pt").exists()
     stopped = int(checkpoints[0].name.split("-")[1])
-    assert 8 <= stopped < 30
+    assert 8 <= stopped < STEPS
     first = losses(checkpoints[0])
     for step in range(1, stopped + 1):  # determinism: same seed and config, same losses in another process
         assert first[step] == pytest.approx(reference[step], abs=1e-6)
@@ -75,7 +79,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_gives_the_same_losses(common):
     result = run_script(["recipes/pretrain.py", *args, "--output_dir", str(out), "--resume_from_checkpoint", "auto"])
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = losses(out)
-    for step in range(stopped + 1, 31):
+    for step in range(stopped + 1, STEPS + 1):
         assert resumed[step] == pytest.approx(reference[step], abs=1e-5), step
 
 
@@ -94,7 +98,8 @@ def test_kill_9_leaves_the_newest_complete_checkpoint_usable(common):
     result = run_script(["recipes/pretrain.py", *args, "--output_dir", str(out), "--resume_from_checkpoint", "auto"])
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = losses(out)
-    for step in range(int(last.rsplit("-", 1)[1]) + 1, 31):
+    assert int(last.rsplit("-", 1)[1]) < STEPS
+    for step in range(int(last.rsplit("-", 1)[1]) + 1, STEPS + 1):
         assert resumed[step] == pytest.approx(reference[step], abs=1e-5), step
 
 
@@ -244,9 +249,9 @@ def test_push_problems_are_caught_before_training(bad_inputs, tmp_path, capsys, 
 @pytest.mark.slow
 def test_lora_sigterm_then_resume_gives_the_same_losses(tiny_model_dir, small_text_file, tmp_path):
     args = ["recipes/lora.py", "--model_name_or_path", str(tiny_model_dir), "--train_file", str(small_text_file),
-            "--max_steps", "24", "--learning_rate", "1e-2", "--per_device_train_batch_size", "8", "--max_length", "64",
+            "--max_steps", "60", "--learning_rate", "1e-2", "--per_device_train_batch_size", "8", "--max_length", "64",
             "--max_eval_samples", "8", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.0", "--logging_steps", "1",
-            "--sample_max_new_tokens", "4", "--seed", "0", "--report_to", "none", "--save_strategy", "steps", "--save_steps", "24"]
+            "--sample_max_new_tokens", "4", "--seed", "0", "--report_to", "none", "--save_strategy", "steps", "--save_steps", "60"]
     reference = tmp_path / "reference"
     result = run_script([*args, "--output_dir", str(reference)])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -262,6 +267,7 @@ def test_lora_sigterm_then_resume_gives_the_same_losses(tiny_model_dir, small_te
     stopped = int(checkpoints[0].name.split("-")[1])
     result = run_script([*args, "--output_dir", str(out), "--resume_from_checkpoint", "auto"])
     assert result.returncode == 0, result.stderr[-3000:]
-    want, got = losses(reference / "checkpoint-24"), losses(out / "checkpoint-24")  # the final checkpoints' histories
-    for step in range(stopped + 1, 25):
+    assert stopped < 60
+    want, got = losses(reference / "checkpoint-60"), losses(out / "checkpoint-60")  # the final checkpoints' histories
+    for step in range(stopped + 1, 61):
         assert got[step] == pytest.approx(want[step], abs=1e-5), step
