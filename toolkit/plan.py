@@ -30,7 +30,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 from toolkit.errors import UserError, exit_on_user_error
-from toolkit.presets import GPT2_VOCAB_SIZE, PRESETS, count_parameters, pad_vocab, parse_config_overrides
+from toolkit.presets import GPT2_VOCAB_SIZE, NEW_MODEL_ACTIVATION, PRESETS, count_parameters, pad_vocab, parse_config_overrides
 
 GiB = 1024**3
 MiB = 1024**2
@@ -170,7 +170,7 @@ def load_shape(model: str, task: str, overrides: dict | None = None, vocab_size:
         new = task == "pretrain"
         drop = 0.0 if new else 0.1
         shape = Shape(vocab_size=vocab, source=f"preset {model}", resid_pdrop=drop, embd_pdrop=drop, attn_pdrop=drop,
-                      activation_function="gelu_pytorch_tanh" if new else "gelu_new", **fields)
+                      activation_function=NEW_MODEL_ACTIVATION if new else "gelu_new", **fields)
     else:
         shape = _shape_from_config(_read_config(model), model)
         if vocab_size:

@@ -28,6 +28,9 @@ PRESETS: dict[str, dict[str, int]] = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, n_positions=1024),  # 1.5B
 }
 GPT2_VOCAB_SIZE = 50257
+# GPT-2's tanh-approximated GELU as one fused kernel (transformers' "gelu_new" is the same function in 8 ops);
+# toolkit/plan.py uses this constant to plan activation memory for new models.
+NEW_MODEL_ACTIVATION = "gelu_pytorch_tanh"
 
 
 def pad_vocab(vocab_size: int, multiple: int) -> int:
@@ -99,7 +102,7 @@ def build_gpt2_config(
     fields.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     # GPT-2's tanh-approximated GELU, computed by one fused kernel instead of transformers' 8-op "gelu_new"
     # (same function to 5e-7); benchmarks/mfu_cpu.py measured 48% -> 70% MFU at the 124M shape on CPU.
-    fields["activation_function"] = "gelu_pytorch_tanh"
+    fields["activation_function"] = NEW_MODEL_ACTIVATION
     for key, value in (overrides or {}).items():
         if value is None:
             continue
