@@ -158,8 +158,9 @@ class PackedData:
         return f"{n:,} train blocks and {len(self.validation):,} validation blocks of {b} tokens ({n * b:,} training tokens)"
 
 
-def packed_blocks(train_docs, val_docs, tokenizer, data_args, is_main_process: bool = True) -> PackedData:
-    """Tokenize + pack (or load from cache). Under several processes the main one builds the cache first."""
+def packed_blocks(train_docs, val_docs, tokenizer, data_args) -> PackedData:
+    """Tokenize + pack (or load from cache). Under several processes, call it inside
+    `training_args.main_process_first()` so the main process builds the cache and the others read it."""
     block_size = data_args.block_size
     root = data_args.data_cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "gpt2-toolkit", "packed")
     key = _fingerprint(train_docs, tokenizer, block_size, data_args.validation_split_percentage,

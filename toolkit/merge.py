@@ -46,11 +46,11 @@ def merge_adapter(adapter: str, output_dir: str, base_model: str | None = None, 
         raise UserError(f"'{adapter}' is a {config.get('peft_type')} adapter; toolkit merge merges LoRA adapters only")
     base = base_model or config.get("base_model_name_or_path")
     if not base:
-        raise UserError(f"the adapter does not record its base model; pass --base_model_name_or_path")
+        raise UserError("the adapter does not record its base model; pass --base_model_name_or_path")
     model = load_base_model(base, dtype=getattr(torch, dtype))
     try:
         model = PeftModel.from_pretrained(model, adapter, token=token)
-    except RuntimeError as err:  # load_state_dict: size mismatch
+    except RuntimeError:  # load_state_dict: size mismatch
         raise UserError(
             f"adapter '{adapter}' does not fit base '{base}' (tensor shapes differ: it was trained on another base); "
             f"pass --base_model_name_or_path with the model it was trained on"
