@@ -122,11 +122,14 @@ def make_trainer(**kwargs):
     from trl import SFTTrainer
 
     from toolkit.callbacks import GracefulStopCallback
-    from toolkit.trainer import CrashSafeCheckpoints
+    from toolkit.trainer import CrashSafeCheckpoints, mark_causal_lm_loss
 
     class FinetuneTrainer(CrashSafeCheckpoints, SFTTrainer):
         pass
 
+    # The same label count fix as pretraining: without it the Trainer divides the summed token losses by
+    # every label, position 0 of each row included, and the training loss comes out (T-1)/T too low.
+    mark_causal_lm_loss(kwargs["model"])
     trainer = FinetuneTrainer(**kwargs)
     trainer.graceful_stop = GracefulStopCallback(trainer.accelerator)
     trainer.add_callback(trainer.graceful_stop)
