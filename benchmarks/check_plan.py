@@ -60,8 +60,8 @@ def _reset_peak() -> None:
 
 
 def _pin_mmap_threshold() -> None:
-    """Re-apply MALLOC_MMAP_THRESHOLD_ for the training steps: a recipe may have changed it while loading
-    (toolkit/lora.py's 4-bit loader sets glibc's threshold to 128 KiB and then to 32 MiB)."""
+    """Re-apply MALLOC_MMAP_THRESHOLD_ for the training steps, in case anything changed it while loading
+    (toolkit/lora.py's 4-bit loader tunes glibc's threshold, but only when the environment does not set it)."""
     value = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     if value and sys.platform.startswith("linux"):
         import ctypes

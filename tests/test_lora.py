@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -222,6 +223,36 @@ def _sft_trainer(tiny_model_dir, data_file, **config):
     return trainer, tokenizer, fmt
 
 
+def test_training_loss_is_the_mean_over_predicted_tokens(tmp_path, tiny_model_dir, small_text_file):
+    """The loss the fine-tuning trainer optimizes and logs is the mean over the tokens it predicts (every label
+    but each row's first), the same number as the model's own loss, not (T-1)/T of it."""
+    import torch
+    import torch.nn.functional as F
+
+    from toolkit import finetune, lora
+    from toolkit.sft_data import DataArguments, load_sft_datasets
+    from toolkit.tokenizer import load_tokenizer
+
+    args = finetune.FinetuneConfig(output_dir=str(tmp_path / "out"), report_to="none", per_device_train_batch_size=4,
+                                   max_length=32, packing=False)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    train, evaluation, fmt = load_sft_datasets(DataArguments(train_file=str(small_text_file)), seed=0)
+    model = lora.load_base_model(str(tiny_model_dir))
+    finetune.prepare_for_data(args, fmt, tokenizer, model.config)
+    trainer = finetune.make_trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+                                    processing_class=tokenizer,
+                                    peft_config=lora.build_lora_config(lora.LoraArguments(lora_r=2), model, quantized=False))
+    batches, num_items = trainer.get_batch_samples(iter(trainer.get_train_dataloader()), 1, torch.device("cpu"))
+    batch = batches[0]
+    trained = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items)
+
+    with torch.no_grad():
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    reference = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+    assert int(num_items) == int((batch["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(trained.detach(), reference, rtol=1e-5, atol=1e-6)
+
+
 def _jsonl(path, rows):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
@@ -282,3 +313,26 @@ def test_bad_input_gives_one_line_errors(tmp_path, tiny_model_dir, small_text_fi
                                           "--base_model_name_or_path", str(tiny_model_dir)])
     assert "does not fit base" in err and "--base_model_name_or_path" in err
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
+def test_4bit_loading_leaves_a_user_chosen_mmap_threshold_alone(monkeypatch):
+    from toolkit import lora
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, option, value):
+            calls.append((option, value))
+
+    monkeypatch.setattr(lora.ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    with lora._large_blocks_from_mmap():
+        pass
+    assert [v for _, v in calls] == [128 * 1024, 32 * 1024 * 1024]  # low while loading, then glibc's ceiling
+
+    calls.clear()
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    with lora._large_blocks_from_mmap():
+        pass
+    assert calls == []

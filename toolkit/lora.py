@@ -322,9 +322,10 @@ def _will_be_quantized(key: str, shape) -> bool:
 def _large_blocks_from_mmap():
     """glibc only: serve allocations >= 128 KiB with mmap while loading (fixed threshold; by default glibc
     raises it after the first large free, so freed buffers stay in the heap), then settle at 32 MiB
-    (the ceiling its own adjustment reaches) so training allocations are served as usual."""
+    (the ceiling its own adjustment reaches) so training allocations are served as usual.
+    A threshold the user chose (MALLOC_MMAP_THRESHOLD_ in the environment) is left as it is."""
     libc = None
-    if sys.platform.startswith("linux"):
+    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         try:
             libc = ctypes.CDLL("libc.so.6")
             libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
