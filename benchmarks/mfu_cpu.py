@@ -26,12 +26,12 @@ import time
 import harness
 
 VARIANTS = {
-    "base": "pretrain.py's step: sdpa, fused AdamW, clip 1.0",
+    "base": "pretrain.py's step: sdpa, fused GELU (gelu_pytorch_tanh), fused AdamW, clip 1.0",
     "eager": "eager attention (HF's matmul+softmax) instead of sdpa",
     "noclip": "no gradient clipping",
     "foreach": "AdamW foreach (not fused)",
     "threads1": "torch.set_num_threads(1)",
-    "fastgelu": "GELU as one fused kernel (gelu_pytorch_tanh) instead of HF gelu_new's 8 elementwise ops",
+    "gelu_new": "transformers' GPT-2 default GELU (gelu_new, 8 elementwise ops) instead of the fused kernel",
     "compile": "torch.compile(model) (default inductor backend)",
 }
 
@@ -70,10 +70,12 @@ class Setup:
 
     def _set_gelu(self, fused: bool) -> None:
         """Same function (GELU, tanh approximation): transformers' "gelu_new" writes it as 8 tensor ops,
-        "gelu_pytorch_tanh" is torch's single fused kernel."""
+        "gelu_pytorch_tanh" (what pretrain.py gives new models) is torch's single fused kernel."""
         from transformers.activations import ACT2FN
 
-        act = ACT2FN["gelu_pytorch_tanh" if fused else self.config.activation_function]
+        from toolkit.presets import NEW_MODEL_ACTIVATION
+
+        act = ACT2FN[NEW_MODEL_ACTIVATION if fused else "gelu_new"]
         for block in self.model.transformer.h:
             block.mlp.act = act
 
@@ -81,7 +83,7 @@ class Setup:
         import torch
 
         self.model.set_attn_implementation("eager" if variant == "eager" else "sdpa")
-        self._set_gelu(fused=variant == "fastgelu")
+        self._set_gelu(fused=variant != "gelu_new")
         model = self.model
         if variant == "compile":
             if self.compiled is None:
