@@ -10,6 +10,7 @@ process start-up, data preparation and the first (warm-up) logging window do not
     python benchmarks/recipe_overhead.py --shapes tiny --repeats 3
     python benchmarks/recipe_overhead.py --variant "no_tb=--report_to none" --variant "no_clip=--max_grad_norm 0"
     python benchmarks/recipe_overhead.py --quick --doc ''     # smoke version (the test suite runs this)
+    python benchmarks/recipe_overhead.py --model_step         # the model code alone, in one process (section 1b)
 
 A --variant adds a pretrain.py run with extra flags to every round (to find which default costs time);
 flags listed in --both go to both recipes (e.g. --both "--max_grad_norm 0" compares loops without clipping).
@@ -21,6 +22,7 @@ import argparse
 import shlex
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import harness
@@ -106,6 +108,77 @@ def profile(shape, args) -> list[dict]:
     return rows
 
 
+def model_step(args) -> list[dict]:
+    """The two recipes' model code alone, in one process: transformers' GPT2LMHeadModel (what pretrain.py trains) vs
+    onefile_train.py's GPT, forward + loss + backward at the tiny shape, interleaved step by step, at several blocks.
+
+    Why several blocks: glibc serves every allocation of 32 MiB or more with a fresh mmap, faulted in page by page
+    and unmapped when freed, on every step; smaller blocks are reused from the heap. At batch 16 x block 128 with a
+    4096 vocabulary the logits (and their gradient) are exactly 32 MiB in transformers (all 128 positions) and
+    31.75 MiB in onefile (which skips the last position, which has no target), so only one of the two pays."""
+    import importlib.util
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from toolkit.presets import NEW_MODEL_ACTIVATION
+    from toolkit.trainer import mark_causal_lm_loss
+
+    spec = importlib.util.spec_from_file_location("onefile_train", harness.ONEFILE)
+    onefile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(onefile)
+    n_layer, n_head, n_embd, vocab, batch = (2, 2, 32, 512, 4) if args.quick else (2, 2, 64, 4096, 16)
+    rounds = 3 if args.quick else args.rounds
+    rows = []
+    for block in ([16] if args.quick else args.blocks):
+        torch.manual_seed(0)
+        hf = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=max(block, 256),
+                                        vocab_size=vocab, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                        activation_function=NEW_MODEL_ACTIVATION, bos_token_id=0, eos_token_id=0))
+        mark_causal_lm_loss(hf)
+        mine = onefile.GPT(dict(vocab_size=vocab, n_positions=max(block, 256), n_embd=n_embd, n_layer=n_layer,
+                                n_head=n_head, layer_norm_epsilon=1e-5, dropout=0.0))
+        x = torch.randint(0, vocab, (batch, block))
+
+        def step_hf():
+            hf(input_ids=x, labels=x).loss.backward()
+            hf.zero_grad(set_to_none=True)
+
+        def step_onefile():
+            mine(x, x)[1].backward()
+            mine.zero_grad(set_to_none=True)
+
+        times = {"transformers": [], "onefile": []}
+        for _ in range(2):  # warm-up
+            step_hf(), step_onefile()
+        for _ in range(rounds):
+            for name, fn in (("transformers", step_hf), ("onefile", step_onefile)):
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+        med = {k: harness.median(v) for k, v in times.items()}
+        row = {"block": block, "transformers_ms": 1e3 * med["transformers"], "onefile_ms": 1e3 * med["onefile"],
+               "ratio": med["onefile"] / med["transformers"],
+               "logits_mib_transformers": batch * block * vocab * 4 / 2**20,
+               "logits_mib_onefile": batch * (block - 1) * vocab * 4 / 2**20}
+        rows.append(row)
+        print(f"block {block}: transformers {row['transformers_ms']:.1f} ms, onefile {row['onefile_ms']:.1f} ms, "
+              f"ratio {row['ratio']:.3f}", flush=True)
+    headers = ["block", "logits MiB (transformers / onefile)", "transformers step ms", "onefile step ms",
+               "speed of transformers vs onefile"]
+    out = harness.table(headers, [[r["block"], f"{r['logits_mib_transformers']:.2f} / {r['logits_mib_onefile']:.2f}",
+                                   f"{r['transformers_ms']:.1f}", f"{r['onefile_ms']:.1f}", f"{r['ratio']:.3f}"] for r in rows])
+    print(out)
+    body = (f"{out}\n\nForward + loss + backward of the model code alone (no optimizer, no data, no Trainer), fp32, "
+            f"{n_layer} layers x {n_embd} wide, vocab {vocab}, batch {batch}; {rounds} interleaved steps per model, medians. "
+            "glibc maps every block of 32 MiB or more afresh on every step; a row whose logits are >= 32 MiB in one "
+            "model and < 32 MiB in the other measures that, not the model code.")
+    harness.write_section("model_step", "1b. Model code alone: transformers' GPT2LMHeadModel vs onefile's GPT", body,
+                          doc=args.doc or None)
+    harness.save_json(args.json, {"model_step": rows})
+    return rows
+
+
 def default_tokenizer(workdir: Path) -> str:
     """The recipes' own default: a 4096-token BPE trained on the embedded corpus (trained once here, so both recipes
     get the identical tokenizer). With GPT-2's 50k vocabulary the LM head and the loss dominate a small model's
@@ -130,7 +203,13 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--steps", type=int, help="override the shapes' step counts (log every steps/6, evaluate at steps/2)")
     p.add_argument("--profile", action="store_true", help="instead: run pretrain.py once under cProfile at the first shape "
                                                           "and print where its time goes")
+    p.add_argument("--model_step", action="store_true", help="instead: time the two recipes' model code alone (tiny shape, "
+                                                             "one process, interleaved) at each --blocks")
+    p.add_argument("--blocks", type=int, nargs="+", default=[120, 128, 129], help="block sizes for --model_step")
+    p.add_argument("--rounds", type=int, default=30, help="interleaved steps per model for --model_step")
     args = p.parse_args(argv)
+    if args.model_step:
+        return model_step(args)
     if args.profile:
         return profile(SHAPES[args.shapes[0]] if not args.quick else QUICK["tiny"], args)
     load = harness.load_average()

@@ -119,3 +119,11 @@ def test_distributed_quick(tmp_path):
     # terms add the all-gathered blocks in flight, so they are not simply halved)
     plan = {k: v["components"] for k, v in data["plan"].items()}
     assert plan["FSDP2 x2"]["optimizer"] == pytest.approx(plan["1 process"]["optimizer"] / 2, rel=0.01)
+
+
+def test_model_step_quick(tmp_path):
+    rows, table, doc, data = run_quick("recipe_overhead", tmp_path, "--model_step")
+    assert [int(r["block"]) for r in table] == [16] and "1b. Model code alone" in doc
+    r = data["model_step"][0]
+    assert r["transformers_ms"] > 0 and r["onefile_ms"] > 0
+    assert r["ratio"] == pytest.approx(r["onefile_ms"] / r["transformers_ms"])
