@@ -79,7 +79,7 @@ def parse_args(argv=None):
     a("--per_device_eval_batch_size", dest="eval_batch_size", type=int, default=32)
     a("--gradient_accumulation_steps", type=int, default=1)
     a("--max_steps", type=int, default=600, help="optimizer updates")
-    a("--learning_rate", type=float, default=1e-3)
+    a("--learning_rate", type=float, default=3e-3)
     a("--warmup_steps", type=float, default=50, help="linear warmup updates (a value below 1: fraction of max_steps)")
     a("--min_lr_rate", type=float, default=0.1, help="the cosine ends at learning_rate * min_lr_rate")
     a("--weight_decay", type=float, default=0.1)
