@@ -5,7 +5,7 @@ Data: Tiny Shakespeare cut into a training file (all but the last 10%) and a val
 recipe packs the text as one document into blocks of --block tokens (lora/qlora: --text_sample_by document,
 trl's wrapped packing) and evaluates on the validation file. Reported per method: trainable parameters, adapter
 file size, model memory (get_memory_footprint of the base as the recipe loads it), peak process memory (RSS,
-sampled every 0.1 s), s/step (train_runtime / steps) and eval loss after N steps.
+sampled every 0.1 s, with and without file-backed pages), s/step (train_runtime / steps) and eval loss after N steps.
 
     python benchmarks/finetune.py                         # 124M and 350M shapes, updates docs/benchmarks.md
     python benchmarks/finetune.py --shapes 124M --steps 10 --base_steps 20
@@ -85,6 +85,7 @@ def finetune(method: str, base: Path, train: str, val: str, out: Path, steps: in
     script = Path(cmd[1]).name
     return {"method": method, "trainable": trainable, "saved_bytes": adapter, "eval_loss": eval_loss,
             "s_per_step": train_runtime / steps, "peak_rss": max(r.rank_peaks(script) or [0]), "recipe_peak_rss_mb": recipe_peak,
+            "peak_anon": max(r.rank_anon_peaks(script) or [0]),
             "command": "python " + " ".join(cmd[1:])}
 
 
@@ -144,24 +145,28 @@ def main(argv=None) -> list[dict]:
                 r.update(shape=shape, model_memory=mem["4bit"] if method == "qlora" else mem["fp32"])
                 results.append(r)
                 harness.save_json(args.json, {"load": load, "partial": True, "results": results})  # survives an interrupted run
-                print(f"    eval loss {r['eval_loss']:.4f}, {r['s_per_step']:.2f} s/step, peak RSS {r['peak_rss'] / 2**20:,.0f} MiB", flush=True)
+                print(f"    eval loss {r['eval_loss']:.4f}, {r['s_per_step']:.2f} s/step, peak RSS {r['peak_rss'] / 2**20:,.0f} MiB "
+                      f"(anonymous {r['peak_anon'] / 2**20:,.0f} MiB)", flush=True)
 
     rows = []
     for r in results:
         ref = next((x for x in results if x["shape"] == r["shape"] and x["method"] == "lora"), None)
         rows.append([r["shape"], r["method"], f"{r['trainable']:,}", f"{r['saved_bytes'] / 2**20:,.2f}", f"{r['model_memory'] / 2**20:,.0f}",
                      f"{r['peak_rss'] / 2**20:,.0f}", f"{r['peak_rss'] / ref['peak_rss']:.2f}" if ref else "",
+                     f"{r['peak_anon'] / 2**20:,.0f}", f"{r['peak_anon'] / ref['peak_anon']:.2f}" if ref and ref["peak_anon"] else "",
                      f"{r['s_per_step']:.2f}", f"{r['eval_loss']:.4f}",
                      f"{100 * (r['eval_loss'] / ref['eval_loss'] - 1):+.2f}%" if ref else ""])
     headers = ["shape", "method", "trainable params", "saved MiB (adapter / full model)", "model memory MiB", "peak RSS MiB",
-               "peak RSS vs LoRA", "s/step", f"eval loss after {args.steps} steps", "eval loss vs LoRA"]
+               "peak RSS vs LoRA", "peak anonymous MiB", "anonymous vs LoRA", "s/step", f"eval loss after {args.steps} steps", "eval loss vs LoRA"]
     out = harness.table(headers, rows)
     print(out)
     body = (f"{out}\n\nBase: pretrained by `recipes/pretrain.py` for {args.base_steps} steps (batch 8 x {args.block}, lr 1e-3, GPT-2 "
             f"tokenizer) on the training file; fine-tuning: {args.steps} steps, batch {args.batch} x {args.block} tokens, LoRA/QLoRA lr "
             f"{args.lr} (recipe defaults otherwise: r 16, alpha 32, NF4 + double quantization, fp32 compute), full fine-tuning "
             f"lr {args.full_lr} linear decay. Peak RSS = highest resident memory of the recipe's process, sampled every 0.1 s "
-            "(the LoRA/QLoRA recipes' own ru_maxrss figures are in the JSON). Model memory = `get_memory_footprint()` of the base "
+            "(the LoRA/QLoRA recipes' own ru_maxrss figures are in the JSON); peak anonymous = the same without file-backed "
+            "pages (Linux RssAnon): RSS also counts the pages of the memory-mapped checkpoint that loading touched, which the "
+            "kernel drops under memory pressure (they are page cache, not the process's own memory). Model memory = `get_memory_footprint()` of the base "
             "as the recipe loads it.\n\nCommands (in `$TMP`):\n" + "\n".join(f"- `{r['command']}`".replace(tmp, "$TMP") for r in results))
     harness.write_section("finetune", "4. Fine-tuning: LoRA vs QLoRA vs full", body, load=load, doc=args.doc or None)
     harness.save_json(args.json, {"load": load, "results": results})

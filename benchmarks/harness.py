@@ -40,6 +40,9 @@ class Run:
     wall_s: float
     lines: list[tuple[float, str]]  # (seconds since start, line) of stdout+stderr
     peak_rss: dict[int, tuple[str, int]] = field(default_factory=dict)  # pid -> (command line, peak RSS bytes)
+    # pid -> peak anonymous RSS bytes (Linux RssAnon): RSS without file-backed pages, e.g. a memory-mapped
+    # safetensors checkpoint, which the kernel can drop under memory pressure instead of running out of memory
+    peak_anon: dict[int, int] = field(default_factory=dict)
 
     @property
     def text(self) -> str:
@@ -55,6 +58,23 @@ class Run:
     def rank_peaks(self, marker: str) -> list[int]:
         """Peak RSS of each process whose command line contains `marker` (the recipe: one per rank)."""
         return sorted((rss for cmdline, rss in self.peak_rss.values() if marker in cmdline), reverse=True)
+
+    def rank_anon_peaks(self, marker: str) -> list[int]:
+        """Peak anonymous RSS (RssAnon) of each process whose command line contains `marker`."""
+        return sorted((self.peak_anon.get(pid, 0) for pid, (cmdline, _) in self.peak_rss.items() if marker in cmdline),
+                      reverse=True)
+
+
+def anon_rss(pid: int) -> int | None:
+    """RssAnon of a process in bytes (Linux /proc), None elsewhere or when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def env_for_runs(threads: int | None = None) -> dict[str, str]:
@@ -75,6 +95,7 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = 1800, cwd: Pat
     proc = subprocess.Popen(cmd, cwd=cwd, env=env or env_for_runs(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, bufsize=1)  # text mode: tqdm's \r also ends a line
     peaks: dict[int, tuple[str, int]] = {}
+    anon_peaks: dict[int, int] = {}
     done = threading.Event()
 
     def sample():
@@ -90,6 +111,9 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = 1800, cwd: Pat
                     if p.pid not in peaks or rss > peaks[p.pid][1]:
                         cmdline = peaks[p.pid][0] if p.pid in peaks else " ".join(p.cmdline())
                         peaks[p.pid] = (cmdline, rss)
+                    anon = anon_rss(p.pid)
+                    if anon is not None and anon > anon_peaks.get(p.pid, 0):
+                        anon_peaks[p.pid] = anon
                 except psutil.Error:
                     pass
             done.wait(0.1)
@@ -111,7 +135,7 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = 1800, cwd: Pat
         done.set()
     if sample_memory:
         sampler.join()
-    return Run(cmd, proc.returncode, time.perf_counter() - start, lines, peaks)
+    return Run(cmd, proc.returncode, time.perf_counter() - start, lines, peaks, anon_peaks)
 
 
 # ---------------------------------------------------------------------------------------------------------
