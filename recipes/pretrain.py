@@ -191,8 +191,10 @@ def generate_sample(model_dir: str, prompt: str, max_new_tokens: int, seed: int)
     ids = tokenizer(prompt, return_tensors="pt").input_ids if prompt else torch.tensor([[tokenizer.eos_token_id]])
     torch.manual_seed(seed)
     with torch.no_grad():
+        # min_new_tokens: the full length even when the model would end the document at once (the default corpus
+        # has short ones; a sample of "\n" then EOS shows nothing): EOS is not sampled before that length.
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=True, top_k=50, pad_token_id=tokenizer.eos_token_id)
+                             min_new_tokens=max_new_tokens, do_sample=True, top_k=50, pad_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 

@@ -102,3 +102,31 @@ def test_help_explains_the_options():
     assert result.returncode == 0
     for flag in ("--preset", "--train_file", "--tokenizer_name", "--block_size", "--resume_from_checkpoint", "--overwrite_output_dir"):
         assert flag in result.stdout
+
+
+def test_sample_has_the_requested_length_even_when_the_model_favours_eos(tmp_path, tiny_model_dir):
+    """The sample printed at the end shows text: a model that would end the document at once (a small corpus of
+    short documents makes one) still writes --sample_max_new_tokens tokens."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("recipe_pretrain", REPO / "recipes" / "pretrain.py")
+    pretrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pretrain)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = GPT2LMHeadModel.from_pretrained(tiny_model_dir)
+    with torch.no_grad():  # the final LayerNorm's output leans along one axis, and the (tied) EOS row points along it
+        model.transformer.ln_f.bias[0] = 10.0
+        model.transformer.wte.weight[tokenizer.eos_token_id] = 0.0
+        model.transformer.wte.weight[tokenizer.eos_token_id, 0] = 10.0
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    first = model(torch.tensor([[tokenizer.eos_token_id]])).logits[0, -1]
+    assert first.argmax().item() == tokenizer.eos_token_id  # the model alone would stop at once
+
+    sample = pretrain.generate_sample(str(tmp_path), "", max_new_tokens=12, seed=0)
+    assert len(tokenizer(sample).input_ids) >= 6  # 12 sampled tokens (re-tokenizing may merge some)
