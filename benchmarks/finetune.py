@@ -58,8 +58,9 @@ def random_base(out: Path) -> None:
 
 
 def finetune(method: str, base: Path, train: str, val: str, out: Path, steps: int, batch: int, block: int, lr: float,
-             echo: bool) -> dict:
+             echo: bool, checkpointing: bool = False) -> dict:
     common = ["--model_name_or_path", str(base), "--train_file", train, "--validation_file", val, "--max_steps", str(steps),
+              *(["--gradient_checkpointing", "true"] if checkpointing else []),
               "--per_device_train_batch_size", str(batch), "--per_device_eval_batch_size", str(batch),
               "--logging_steps", "1", "--report_to", "none", "--output_dir", str(out), "--learning_rate", str(lr)]
     if method == "full":
@@ -118,6 +119,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-4, help="LoRA/QLoRA learning rate (the recipes' default)")
     p.add_argument("--full_lr", type=float, default=5e-5, help="full fine-tuning learning rate")
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="every method with gradient checkpointing (as QLoRA is usually run); writes section 4b")
     args = p.parse_args(argv)
     if not harness.SHAKESPEARE.exists() or not harness.GPT2_TOKENIZER.exists():
         sys.exit(f"error: needs {harness.SHAKESPEARE} and {harness.GPT2_TOKENIZER} (../shared/data beside the checkout)")
@@ -139,7 +142,8 @@ def main(argv=None) -> list[dict]:
             for method in args.methods:
                 print(f"[{shape}] {method} ...", flush=True)
                 lr = args.full_lr if method == "full" else args.lr
-                r = finetune(method, base, train, val, workdir / f"{method}-{shape}", args.steps, args.batch, args.block, lr, args.echo)
+                r = finetune(method, base, train, val, workdir / f"{method}-{shape}", args.steps, args.batch, args.block, lr, args.echo,
+                             args.gradient_checkpointing)
                 if method == "full":
                     r["trainable"] = mem["params"]
                 r.update(shape=shape, model_memory=mem["4bit"] if method == "qlora" else mem["fp32"])
@@ -168,7 +172,11 @@ def main(argv=None) -> list[dict]:
             "pages (Linux RssAnon): RSS also counts the pages of the memory-mapped checkpoint that loading touched, which the "
             "kernel drops under memory pressure (they are page cache, not the process's own memory). Model memory = `get_memory_footprint()` of the base "
             "as the recipe loads it.\n\nCommands (in `$TMP`):\n" + "\n".join(f"- `{r['command']}`".replace(tmp, "$TMP") for r in results))
-    harness.write_section("finetune", "4. Fine-tuning: LoRA vs QLoRA vs full", body, load=load, doc=args.doc or None)
+    if args.gradient_checkpointing:
+        harness.write_section("finetune_checkpointing", "4b. Fine-tuning with gradient checkpointing", body, load=load,
+                              doc=args.doc or None)
+    else:
+        harness.write_section("finetune", "4. Fine-tuning: LoRA vs QLoRA vs full", body, load=load, doc=args.doc or None)
     harness.save_json(args.json, {"load": load, "results": results})
     return results
 
