@@ -164,7 +164,8 @@ def main(argv=None) -> list[dict]:
                "peak RSS vs LoRA", "peak anonymous MiB", "anonymous vs LoRA", "s/step", f"eval loss after {args.steps} steps", "eval loss vs LoRA"]
     out = harness.table(headers, rows)
     print(out)
-    body = (f"{out}\n\nBase: pretrained by `recipes/pretrain.py` for {args.base_steps} steps (batch 8 x {args.block}, lr 1e-3, GPT-2 "
+    body = (f"{out}\n\n" + ("Every method with `--gradient_checkpointing true`. " if args.gradient_checkpointing else "") +
+            f"Base: pretrained by `recipes/pretrain.py` for {args.base_steps} steps (batch 8 x {args.block}, lr 1e-3, GPT-2 "
             f"tokenizer) on the training file; fine-tuning: {args.steps} steps, batch {args.batch} x {args.block} tokens, LoRA/QLoRA lr "
             f"{args.lr} (recipe defaults otherwise: r 16, alpha 32, NF4 + double quantization, fp32 compute), full fine-tuning "
             f"lr {args.full_lr} linear decay. Peak RSS = highest resident memory of the recipe's process, sampled every 0.1 s "

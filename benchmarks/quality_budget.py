@@ -3,8 +3,8 @@ pretrain.py, and compare validation loss per token and in bits per byte (compara
 fixed wall-clock budget and after a fixed token budget.
 
 Every run is the real recipes/pretrain.py. Wall-clock budget: the Trainer needs max_steps up front (the cosine
-schedule decays to it), so each model shape's fp32 step time is probed in this process first (3 steps of the
-same GPT2LMHeadModel, /0.95 for the Trainer's overhead) and max_steps = budget / step time; the table reports the
+schedule decays to it), so each model shape's fp32 step time is probed in this process first (median of 4 steps of the
+same GPT2LMHeadModel after 2 warm-up steps, /0.95 for the Trainer's overhead) and max_steps = budget / step time; the table reports the
 training time each run really took. Token budget: max_steps = tokens / (batch x block).
 
 Bits per byte = eval_loss (nats per predicted token) x predicted tokens / (ln 2 x UTF-8 bytes of those tokens), over

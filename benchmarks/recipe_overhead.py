@@ -150,7 +150,8 @@ def model_step(args) -> list[dict]:
 
         times = {"transformers": [], "onefile": []}
         for _ in range(2):  # warm-up
-            step_hf(), step_onefile()
+            step_hf()
+            step_onefile()
         for _ in range(rounds):
             for name, fn in (("transformers", step_hf), ("onefile", step_onefile)):
                 t = time.perf_counter()

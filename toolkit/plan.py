@@ -57,9 +57,9 @@ GPU_CONTEXT = 0.6 * GiB
 GPU_ALLOCATOR_SLACK = 0.05  # fraction of tensor memory the caching allocator reserves beyond live tensors
 
 # Model FLOPs utilisation assumed for the throughput estimate (it is an estimate, labelled so everywhere).
-# CPU: on the 2-core reference machine pretrain.py's fp32 step reached 44-48% at 124M (docs/benchmarks.md section 2,
-# docs/training_strategies.md), far less for tiny models whose steps are per-op overhead; 35% is the conservative
-# middle. GPU: an assumption for eager-mode bf16 HF training of GPT-2 sizes, not measured in this project.
+# CPU: on the idle 2-core reference machine pretrain.py's fp32 step reached 93% (4x256) and 84% (1x1024) at 124M
+# (docs/benchmarks.md section 2), 40-48% while other jobs shared it, and far less for tiny models whose steps are
+# per-op overhead; 35% stays the conservative figure. GPU: an assumption for eager-mode bf16 HF training of GPT-2 sizes, not measured in this project.
 ASSUMED_MFU = {"cpu": 0.35, "cuda": 0.35}
 
 # Memory of well-known cards (GiB), so `--gpu A100-40GB` works without --device_memory.
