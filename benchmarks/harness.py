@@ -65,16 +65,21 @@ class Run:
                       reverse=True)
 
 
-def anon_rss(pid: int) -> int | None:
-    """RssAnon of a process in bytes (Linux /proc), None elsewhere or when it is gone."""
+def proc_status(pid: int, key: str) -> int | None:
+    """A memory line of /proc/PID/status in bytes (Linux), e.g. RssAnon or VmHWM; None elsewhere or when it is gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("RssAnon:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def anon_rss(pid: int) -> int | None:
+    """RssAnon of a process in bytes (Linux /proc), None elsewhere or when it is gone."""
+    return proc_status(pid, "RssAnon")
 
 
 def env_for_runs(threads: int | None = None) -> dict[str, str]:
@@ -107,7 +112,8 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = 1800, cwd: Pat
                 break
             for p in procs:
                 try:
-                    rss = p.memory_info().rss
+                    # VmHWM: the kernel's own high-water mark, so a peak between two samples is not missed
+                    rss = max(p.memory_info().rss, proc_status(p.pid, "VmHWM") or 0)
                     if p.pid not in peaks or rss > peaks[p.pid][1]:
                         cmdline = peaks[p.pid][0] if p.pid in peaks else " ".join(p.cmdline())
                         peaks[p.pid] = (cmdline, rss)

@@ -11,9 +11,14 @@ process start-up, data preparation and the first (warm-up) logging window do not
     python benchmarks/recipe_overhead.py --variant "no_tb=--report_to none" --variant "no_clip=--max_grad_norm 0"
     python benchmarks/recipe_overhead.py --quick --doc ''     # smoke version (the test suite runs this)
     python benchmarks/recipe_overhead.py --model_step         # the model code alone, in one process (section 1b)
+    python benchmarks/recipe_overhead.py --allocator          # also both recipes under the other glibc setting (section 1)
 
 A --variant adds a pretrain.py run with extra flags to every round (to find which default costs time);
 flags listed in --both go to both recipes (e.g. --both "--max_grad_norm 0" compares loops without clipping).
+
+--allocator adds two runs per round, so that each recipe is also compared under the same glibc malloc setting:
+onefile_train.py with glibc told to keep freed memory (what pretrain.py does on CPU, toolkit/cpu_allocator.py; set
+here through GLIBC_TUNABLES) and pretrain.py with --cpu_keep_freed_memory false (glibc's defaults, as onefile).
 """
 
 from __future__ import annotations
@@ -48,9 +53,13 @@ def commands(shape, tokenizer: str, workdir: Path, tag: str, both: list[str], ex
     return onefile, pretrain
 
 
-def measure(kind: str, cmd: list[str], shape, echo: bool) -> dict:
+# glibc's malloc told to keep freed memory (no mmap for large blocks, no trimming): what toolkit/cpu_allocator.py does
+KEEP_FREED_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1000000000000000000"
+
+
+def measure(kind: str, cmd: list[str], shape, echo: bool, env: dict | None = None) -> dict:
     model, batch, block, steps, log_every, eval_every = shape
-    r = harness.run(cmd, echo=echo, sample_memory=False).check()
+    r = harness.run(cmd, env={**harness.env_for_runs(), **(env or {})}, echo=echo).check()
     if kind == "onefile":
         logs = harness.onefile_logs(r)
     else:
@@ -58,8 +67,9 @@ def measure(kind: str, cmd: list[str], shape, echo: bool) -> dict:
     loop = harness.loop_throughput(logs, log_every, batch * block)
     # The recipe's own figure (training steps only, evaluation excluded), for comparison.
     own = harness.median([d["tokens_per_s"] for _, d in logs[1:] if isinstance(d.get("tokens_per_s"), float)])
+    peak = max((rss for _, rss in r.peak_rss.values()), default=0) / 2**20
     return {"loop_tokens_per_s": loop, "recipe_tokens_per_s": own, "process_wall_s": r.wall_s,
-            "final_loss": logs[-1][1]["loss"]}
+            "final_loss": logs[-1][1]["loss"], "peak_rss_mib": peak}
 
 
 PROFILE_GROUPS = {  # cumulative time of these functions = one cost of the Trainer's loop (groups may nest)
@@ -201,6 +211,8 @@ def main(argv=None) -> list[dict]:
                                              "e.g. ../shared/data/gpt2-tokenizer for the real GPT-2 vocabulary")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS", help="extra pretrain.py run with these flags")
     p.add_argument("--both", default="", help="flags passed to both recipes")
+    p.add_argument("--allocator", action="store_true", help="also run onefile with glibc keeping freed memory and pretrain.py "
+                                                            "without (--cpu_keep_freed_memory false): same-allocator ratios")
     p.add_argument("--steps", type=int, help="override the shapes' step counts (log every steps/6, evaluate at steps/2)")
     p.add_argument("--profile", action="store_true", help="instead: run pretrain.py once under cProfile at the first shape "
                                                           "and print where its time goes")
@@ -218,7 +230,14 @@ def main(argv=None) -> list[dict]:
     if args.steps:
         shapes = {k: (*s[:3], args.steps, max(1, args.steps // 6), max(1, args.steps // 2)) for k, s in shapes.items()}
     repeats = args.repeats if len(args.repeats) > 1 else args.repeats * len(shapes)
-    variants = [("pretrain", [])] + [(v.split("=", 1)[0], shlex.split(v.split("=", 1)[1])) for v in args.variant]
+    # name -> (recipe, extra pretrain.py flags, extra environment, the onefile run it is compared with like for like)
+    variants = {"pretrain": ("pretrain", [], {}, "onefile")}
+    for v in args.variant:
+        variants[v.split("=", 1)[0]] = ("pretrain", shlex.split(v.split("=", 1)[1]), {}, "onefile")
+    if args.allocator:
+        variants["onefile_keep_freed"] = ("onefile", [], {"GLIBC_TUNABLES": KEEP_FREED_TUNABLES}, "onefile_keep_freed")
+        variants["pretrain"] = ("pretrain", [], {}, "onefile_keep_freed")
+        variants["pretrain_glibc_default"] = ("pretrain", ["--cpu_keep_freed_memory", "false"], {}, "onefile")
     both = shlex.split(args.both)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
@@ -227,26 +246,37 @@ def main(argv=None) -> list[dict]:
         for (name, shape), reps in zip(shapes.items(), repeats if not args.quick else [1]):
             val_pct = 1 if name == "124M" else 5  # evaluation at 124M costs as much as several steps: keep it small
             for rep in range(reps):
-                for vname, extra in [("onefile", None)] + variants:
-                    onefile, pretrain = commands(shape, tokenizer, workdir, f"{name}-{vname}-{rep}", both, extra or [], val_pct)
-                    cmd = onefile if vname == "onefile" else pretrain
+                for vname, (recipe, extra, env, _) in [("onefile", ("onefile", [], {}, "onefile"))] + list(variants.items()):
+                    onefile, pretrain = commands(shape, tokenizer, workdir, f"{name}-{vname}-{rep}", both, extra, val_pct)
+                    cmd = onefile if recipe == "onefile" else pretrain
                     print(f"[{name} round {rep + 1}/{reps}] {vname} ...", flush=True)
-                    m = measure("onefile" if vname == "onefile" else "pretrain", cmd, shape, args.echo)
-                    print(f"    loop {m['loop_tokens_per_s']:,.0f} tok/s (recipe's own: {m['recipe_tokens_per_s']:,.0f})", flush=True)
-                    results.append({"shape": name, "round": rep, "recipe": vname, **m,
+                    m = measure(recipe, cmd, shape, args.echo, env)
+                    print(f"    loop {m['loop_tokens_per_s']:,.0f} tok/s (recipe's own: {m['recipe_tokens_per_s']:,.0f}), "
+                          f"peak RSS {m['peak_rss_mib']:,.0f} MiB", flush=True)
+                    results.append({"shape": name, "round": rep, "recipe": vname, **m, "env": env,
                                     "command": shlex.join(cmd[1:]).replace(str(workdir), "$TMP")})
 
     rows = []
     for name in shapes:
-        base = [r for r in results if r["shape"] == name and r["recipe"] == "onefile"]
-        for vname in ["onefile"] + [v for v, _ in variants]:
-            mine = [r for r in results if r["shape"] == name and r["recipe"] == vname]
+        def runs_of(vname):
+            return [r for r in results if r["shape"] == name and r["recipe"] == vname]
+
+        base = runs_of("onefile")
+        for vname in ["onefile", *variants]:
+            mine = runs_of(vname)
             # Ratio per round (each against the onefile run of the same round), then the median over rounds.
             ratios = [m["loop_tokens_per_s"] / b["loop_tokens_per_s"] for m, b in zip(mine, base)]
-            rows.append([name, vname, len(mine), harness.median([m["loop_tokens_per_s"] for m in mine]),
-                         harness.median([m["recipe_tokens_per_s"] for m in mine]), harness.median(ratios),
-                         " ".join(f"{x:.2f}" for x in ratios)])
+            like = variants[vname][3] if vname in variants else "onefile"
+            same = [m["loop_tokens_per_s"] / b["loop_tokens_per_s"] for m, b in zip(mine, runs_of(like))]
+            row = [name, vname, len(mine), harness.median([m["loop_tokens_per_s"] for m in mine]),
+                   harness.median([m["recipe_tokens_per_s"] for m in mine]), harness.median(ratios),
+                   " ".join(f"{x:.2f}" for x in ratios)]
+            if args.allocator:
+                row += [f"{harness.median(same):.3f} (vs {like})", round(harness.median([m["peak_rss_mib"] for m in mine]))]
+            rows.append(row)
     headers = ["shape", "recipe", "runs", "loop tok/s (median)", "recipe's own tok/s", "ratio vs onefile (median)", "ratio per round"]
+    if args.allocator:
+        headers += ["ratio under the same allocator", "peak RSS MiB"]
     out = harness.table(headers, rows)
     print(out)
     shape_lines = "\n".join(
@@ -254,7 +284,8 @@ def main(argv=None) -> list[dict]:
         for n, s in shapes.items())
     body = (f"{out}\n\nShapes (both recipes, same tokenizer `{Path(tokenizer).name}`, embedded corpus, fp32, no checkpoints):\n"
             f"{shape_lines}\n\nExtra flags to both: `{args.both or '(none)'}`. Variants: "
-            + (", ".join(f"{v} = `{shlex.join(f)}`" for v, f in variants[1:]) or "none") +
+            + (", ".join(f"{v} = {recipe} `{shlex.join(f)}`" + (f" with {' '.join(f'{k}={x}' for k, x in e.items())}" if e else "")
+                         for v, (recipe, f, e, _) in variants.items() if v != "pretrain") or "none") +
             "\n\n'loop tok/s' = tokens trained between the first and the last training log line / wall-clock seconds "
             "between them (evaluation and logging included); 'recipe's own' = the tokens/s the recipe logs (steps only).")
     harness.write_section("recipe_overhead", "1. Recipe overhead: pretrain.py (HF Trainer) vs onefile_train.py", body,

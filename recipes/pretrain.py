@@ -36,6 +36,12 @@ def main() -> None:
     distributed.enable_cpu_fsdp2()
     model_args, data_args, args = parse_args([ModelArguments, DataArguments, PretrainArguments])
     distributed.check_distributed_launch(args)
+    if args.cpu_keep_freed_memory and args.device.type == "cpu":
+        from toolkit.cpu_allocator import keep_freed_memory
+
+        note = keep_freed_memory()  # large tensors reused between steps, not faulted in afresh (toolkit/cpu_allocator.py)
+        if args.process_index == 0:
+            print(f"CPU memory: {note}")
 
     # Heavy imports after parsing, so --help and config errors come back fast.
     import torch

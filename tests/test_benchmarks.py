@@ -52,12 +52,19 @@ def test_log_parsers_read_both_recipes_formats():
 
 @pytest.mark.slow
 def test_recipe_overhead_quick(tmp_path, tiny_tokenizer_dir):
-    results, rows, doc, data = run_quick("recipe_overhead", tmp_path, "--tokenizer_name", str(tiny_tokenizer_dir))
-    assert [(r["shape"], r["recipe"]) for r in rows] == [("tiny", "onefile"), ("tiny", "pretrain")]
+    results, rows, doc, data = run_quick("recipe_overhead", tmp_path, "--tokenizer_name", str(tiny_tokenizer_dir), "--allocator")
+    assert [(r["shape"], r["recipe"]) for r in rows] == [("tiny", "onefile"), ("tiny", "pretrain"), ("tiny", "onefile_keep_freed"),
+                                                          ("tiny", "pretrain_glibc_default")]
     assert float(rows[0]["ratio vs onefile (median)"]) == 1.0
     ratio = float(rows[1]["ratio vs onefile (median)"])
     by = {r["recipe"]: r for r in results}
     assert ratio == pytest.approx(by["pretrain"]["loop_tokens_per_s"] / by["onefile"]["loop_tokens_per_s"], rel=1e-2)
+    # like for like: pretrain.py (keeps freed memory) against onefile told the same through GLIBC_TUNABLES
+    same = by["pretrain"]["loop_tokens_per_s"] / by["onefile_keep_freed"]["loop_tokens_per_s"]
+    assert rows[1]["ratio under the same allocator"] == f"{same:.3f} (vs onefile_keep_freed)"
+    assert by["onefile_keep_freed"]["env"]["GLIBC_TUNABLES"].startswith("glibc.malloc.mmap_max=0")
+    assert "--cpu_keep_freed_memory false" in by["pretrain_glibc_default"]["command"]
+    assert all(100 < float(r["peak RSS MiB"]) < 4000 for r in rows)
     # both trained the same tiny model on the same data: the losses after 6 steps are close
     assert by["pretrain"]["final_loss"] == pytest.approx(by["onefile"]["final_loss"], rel=0.05)
     assert "recipes/onefile_train.py" in by["onefile"]["command"] and "recipes/pretrain.py" in by["pretrain"]["command"]

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
+
+from toolkit.cpu_allocator import user_allocator_setting
 
 from conftest import GPT2_TOKENIZER, SHAKESPEARE, needs_shared, run_script
 
@@ -45,6 +48,8 @@ def test_loss_goes_down_and_output_loads_with_from_pretrained(finished_run):
     assert evals[0] > math.log(512) - 0.5  # a fresh model: close to uniform over the vocabulary
     assert evals[max(evals)] < evals[0] - 0.5, evals  # validation loss really went down
     assert "Model saved to" in result.stdout and "perplexity" in result.stdout and "Sample:" in result.stdout
+    if sys.platform.startswith("linux") and user_allocator_setting() is None:  # toolkit/cpu_allocator.py applied on CPU
+        assert "CPU memory: glibc keeps freed memory for reuse" in result.stdout
     assert (out / "loss_curve.png").stat().st_size > 1000
     assert (out / "model.safetensors").exists() and (out / "generation_config.json").exists()
 
