@@ -558,9 +558,10 @@ def make_plan(shape: Shape, s: Setup, strategy: str = "auto", peak_flops: float 
             if pct > 90:
                 reasons.append("tight: above 90% of the memory; fragmentation may push it over, consider a smaller micro-batch")
             if s.device == "cpu":
-                # benchmarks/check_plan.py --default_malloc: +4% (pretrain.py) and +23% (lora.py) at 124M
-                reasons.append("CPU: with glibc's default allocator settings the resident set ran up to 23% above this "
-                               "(freed blocks stay in the heap); run with MALLOC_MMAP_THRESHOLD_=131072 to avoid it")
+                # benchmarks/check_plan.py --default_malloc at 124M: pretrain.py +19% (it tells glibc to keep freed memory,
+                # toolkit/cpu_allocator.py; +4% before it did), lora.py +23% (glibc's defaults keep some freed blocks too)
+                reasons.append("CPU: with the recipes' allocator defaults the resident set ran up to 23% above this "
+                               "(freed blocks stay in the heap for speed); MALLOC_MMAP_THRESHOLD_=131072 gives this figure")
         else:
             reasons.append("nothing fits, even at micro-batch 1 with gradient checkpointing" +
                            ("; use --task qlora (4-bit base weights) or a smaller model" if s.task in ("full", "lora") else
