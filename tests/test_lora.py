@@ -95,6 +95,7 @@ def test_lora_recipe_lowers_loss_and_saves_adapter(tmp_path, tiny_model_dir, sma
     assert config["base_model_name_or_path"] == str(tiny_model_dir) and config["fan_in_fan_out"] is True
     card = (out / "README.md").read_text()
     assert "library_name: peft" in card and "base_model:" not in card  # a local base is no Hub id (transformers#33922)
+    assert "| gradient_checkpointing | False |" in card  # LoRA on CPU: speed first
     assert f"{metrics['eval_loss_after']:.4g}" in card and "python recipes/lora.py --model_name_or_path" in card
     assert json.loads((out / "all_results.json").read_text())["eval_loss_after"] == metrics["eval_loss_after"]
     # a tiny fraction of the base (r=4 on a 64-wide model; ~2% at r=16 on the 124M shape, see docs)
@@ -117,6 +118,7 @@ def test_qlora_recipe_lowers_loss(tmp_path, tiny_model_dir, small_text_file, cap
     assert config["fan_in_fan_out"] is False  # bitsandbytes layers are Linear, not Conv1D
     card = (out / "README.md").read_text()
     assert "bitsandbytes 4-bit nf4" in card and "python recipes/qlora.py" in card
+    assert "| gradient_checkpointing | True |" in card  # QLoRA checkpoints by default, on CPU too: memory first
     # adapters are fp32 with fp32 compute on CPU (trl would leave them bf16)
     from safetensors.torch import load_file
 
