@@ -3,13 +3,18 @@ memory per rank, against toolkit/plan.py's per-rank prediction.
 
 Launches are the documented ones (accelerate_configs/*_cpu.yaml); each rank gets the same per-device batch,
 so DDP/FSDP2 train twice the tokens per step. Rounds are interleaved (1proc, ddp, fsdp2, 1proc, ...).
-Memory per rank = peak RSS of each rank's process, sampled every 0.1 s. FSDP2 shards parameters, gradients
+Memory per rank = peak RSS of each rank's process (the kernel's VmHWM, read every 0.1 s). FSDP2 shards parameters, gradients
 and AdamW state, so its rank should hold (1 - 1/2) x (params + grads + optimizer) less than a DDP rank: the
 table sets that measured saving beside the one the planner predicts, and each rank's peak beside the plan.
 
     python benchmarks/distributed_cpu.py                   # gpt2-mini shape, GPT-2 tokenizer, updates docs/benchmarks.md
     python benchmarks/distributed_cpu.py --preset gpt2 --steps 6 --repeats 1
     python benchmarks/distributed_cpu.py --quick --doc ''  # smoke version
+    python benchmarks/distributed_cpu.py --extra "--cpu_keep_freed_memory false"   # one allocator setting for all
+
+pretrain.py keeps freed memory on CPU (faster steps, toolkit/cpu_allocator.py) except under FSDP, so by default the
+1-process and DDP rows run with that setting and FSDP2 with glibc's; --extra "--cpu_keep_freed_memory false" puts
+every launch on glibc's defaults, which isolates what sharding saves.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import contextlib
 import io
 import json
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -78,6 +84,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--logging_steps", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--launches", nargs="+", default=list(LAUNCHES), choices=list(LAUNCHES))
+    p.add_argument("--extra", default="", help="flags added to every launch's pretrain.py command")
     args = p.parse_args(argv)
     load = harness.load_average()
     model = ["--preset", args.preset]
@@ -92,7 +99,7 @@ def main(argv=None) -> list[dict]:
         for rep in range(args.repeats):
             for launch in args.launches:
                 out = Path(tmp) / f"{launch.split()[0]}-{rep}"
-                cmd = command(launch, model, tokenizer, args.batch, args.block, args.steps, args.logging_steps, out)
+                cmd = command(launch, model, tokenizer, args.batch, args.block, args.steps, args.logging_steps, out) + shlex.split(args.extra)
                 print(f"[round {rep + 1}/{args.repeats}] {launch} ...", flush=True)
                 r = harness.run(cmd, echo=args.echo).check()
                 world = 1 if launch == "1 process" else 2

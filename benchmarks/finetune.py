@@ -5,7 +5,7 @@ Data: Tiny Shakespeare cut into a training file (all but the last 10%) and a val
 recipe packs the text as one document into blocks of --block tokens (lora/qlora: --text_sample_by document,
 trl's wrapped packing) and evaluates on the validation file. Reported per method: trainable parameters, adapter
 file size, model memory (get_memory_footprint of the base as the recipe loads it), peak process memory (RSS,
-sampled every 0.1 s, with and without file-backed pages), s/step (train_runtime / steps) and eval loss after N steps.
+the kernel's high-water mark, and anonymous memory sampled every 0.1 s), s/step (train_runtime / steps) and eval loss after N steps.
 
     python benchmarks/finetune.py                         # 124M and 350M shapes, updates docs/benchmarks.md
     python benchmarks/finetune.py --shapes 124M --steps 10 --base_steps 20
@@ -167,8 +167,8 @@ def main(argv=None) -> list[dict]:
     body = (f"{out}\n\n" + ("Every method with `--gradient_checkpointing true`. " if args.gradient_checkpointing else "") +
             f"Base: pretrained by `recipes/pretrain.py` for {args.base_steps} steps (batch 8 x {args.block}, lr 1e-3, GPT-2 "
             f"tokenizer) on the training file; fine-tuning: {args.steps} steps, batch {args.batch} x {args.block} tokens, LoRA/QLoRA lr "
-            f"{args.lr} (recipe defaults otherwise: r 16, alpha 32, NF4 + double quantization, fp32 compute), full fine-tuning "
-            f"lr {args.full_lr} linear decay. Peak RSS = highest resident memory of the recipe's process, sampled every 0.1 s "
+            f"{args.lr} (recipe defaults otherwise: r 16, alpha 32, NF4 + double quantization, fp32 compute; qlora.py checkpoints activations by default, lora.py on CPU does not), full fine-tuning "
+            f"lr {args.full_lr} linear decay. Peak RSS = highest resident memory of the recipe's process (the kernel's VmHWM, read every 0.1 s) "
             "(the LoRA/QLoRA recipes' own ru_maxrss figures are in the JSON); peak anonymous = the same without file-backed "
             "pages (Linux RssAnon): RSS also counts the pages of the memory-mapped checkpoint that loading touched, which the "
             "kernel drops under memory pressure (they are page cache, not the process's own memory). Model memory = `get_memory_footprint()` of the base "

@@ -236,3 +236,12 @@ def test_activation_formula_matches_what_autograd_saves(task, activation, attn, 
     u = b * T * d
     head = 4 * u + (4 * u if task != "lora" else 0) + 4 * b * T * V  # ln_f input, lm_head input, log-softmax output
     assert terms["layers"] + head == pytest.approx(sum(saved.values()), rel=0.05)
+
+
+def test_cpu_commands_say_when_the_recipe_default_checkpointing_is_not_wanted():
+    # qlora.py checkpoints activations by default on CPU too; lora.py does not: an unneeded flag is left out
+    big = dict(device="cpu", precision="fp32", device_memory=64 * GiB, batch_size=2, seq_len=128)
+    q = plan.make_plan(shape("gpt2", "qlora"), setup(task="qlora", **big))
+    assert not q.choice.gradient_checkpointing and "--gradient_checkpointing false" in q.command
+    lo = plan.make_plan(shape("gpt2", "lora"), setup(task="lora", **big))
+    assert not lo.choice.gradient_checkpointing and "--gradient_checkpointing" not in lo.command

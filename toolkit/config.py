@@ -130,7 +130,7 @@ class PretrainArguments(TrainingArguments):
         default=True,
         metadata={"help": "On CPU: tell glibc to keep freed memory for the next step instead of unmapping it and faulting it in "
                           "again (20-30%% faster steps for small models, up to ~20%% more peak RSS; docs/benchmarks.md section 1). "
-                          "Ignored on GPU and when MALLOC_* or GLIBC_TUNABLES is set."},
+                          "Ignored on GPU, under FSDP and when MALLOC_* or GLIBC_TUNABLES is set."},
     )
     sample_prompt: str = field(default="", metadata={"help": "Prompt for the sample generated at the end (empty: start of a document)."})
     sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of the generated sample printed at the end."})

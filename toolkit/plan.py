@@ -622,8 +622,8 @@ def command_for(shape: Shape, s: Setup, est: Estimate) -> tuple[str, str]:
             args.append(f"--lora_dropout {s.lora_dropout:g}")
         if not s.double_quant and s.task == "qlora":
             args.append("--no_use_bnb_nested_quant")
-        if not cpu and not est.gradient_checkpointing:
-            args.append("--gradient_checkpointing false")  # the LoRA recipes checkpoint by default on CUDA
+        if (not cpu or s.task == "qlora") and not est.gradient_checkpointing:
+            args.append("--gradient_checkpointing false")  # the LoRA recipes checkpoint by default on CUDA, qlora.py on CPU too
     if s.attn != "sdpa":
         args.append(f"--attn_implementation {s.attn}")
     if cpu and est.strategy != "single":
