@@ -5,7 +5,7 @@ allocator like CUDA's), and neither torch, accelerate nor transformers exposes g
 serves each block of 32 MiB or more (the logits and their gradient, large activations) with a fresh mmap and
 unmaps it when freed, and gives the top of its heap back to the OS once more than its trim threshold is free. A
 training step frees and reallocates the same large blocks every time, so each step faults its biggest tensors in
-again, 4 KiB page by page, and the kernel zeroes every page (measured, docs/benchmarks.md section 1: 4.2 million
+again, 4 KiB page by page, and the kernel zeroes every page (measured, docs/benchmarks.md findings: 4.2 million
 page faults in 150 steps of the default job, and 20-30% of its time).
 
 `keep_freed_memory()` turns off mmap for large blocks (M_MMAP_MAX = 0) and heap trimming (M_TRIM_THRESHOLD = -1;
