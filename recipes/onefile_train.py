@@ -59,6 +59,9 @@ def die(message: str) -> None:
 # -----------------------------------------------------------------------------------------------------
 # Configuration. Flag names are recipes/pretrain.py's (run_clm.py's) so one command line fits both, and
 # the defaults are its defaults: the gpt2-micro model on the embedded corpus.
+# Peak learning rate by model width when --learning_rate is not given, as in toolkit/presets.py: 3e-3 for the small
+# CPU models (best for gpt2-micro at a fixed CPU budget), 1e-3 up to 512 wide, then GPT-3's values for GPT-2's widths.
+LEARNING_RATE_BY_WIDTH = ((256, 3e-3), (512, 1e-3), (768, 6e-4), (1024, 3e-4), (1280, 2.5e-4), (10**9, 2e-4))
 PRESETS = {  # (n_layer, n_head, n_embd, n_positions), as in toolkit/presets.py
     "gpt2-nano": (2, 2, 64, 256), "gpt2-micro": (4, 4, 128, 256), "gpt2-mini": (6, 6, 384, 256), "gpt2": (12, 12, 768, 1024),
     "gpt2-medium": (24, 16, 1024, 1024), "gpt2-large": (36, 20, 1280, 1024), "gpt2-xl": (48, 25, 1600, 1024),
@@ -84,7 +87,7 @@ def parse_args(argv=None):
     a("--per_device_eval_batch_size", dest="eval_batch_size", type=int, default=32)
     a("--gradient_accumulation_steps", type=int, default=1)
     a("--max_steps", type=int, default=600, help="optimizer updates")
-    a("--learning_rate", type=float, default=3e-3)
+    a("--learning_rate", type=float, help="peak learning rate; default by model width, as in pretrain.py (LEARNING_RATE_BY_WIDTH)")
     a("--warmup_steps", type=float, default=50, help="linear warmup updates (a value below 1: fraction of max_steps)")
     a("--min_lr_rate", type=float, default=0.1, help="the cosine ends at learning_rate * min_lr_rate")
     a("--weight_decay", type=float, default=0.1)
@@ -514,6 +517,8 @@ def main(argv=None):
     # block) only; biases and LayerNorm weights are not decayed. p.dim() >= 2 picks exactly the set that
     # transformers' get_decay_parameter_names picks by name. fused=True: one kernel for all parameters.
     params = [p for p in raw_model.parameters() if p.requires_grad]  # the tied head appears once
+    if args.learning_rate is None:  # wider models need a smaller step (see LEARNING_RATE_BY_WIDTH)
+        args.learning_rate = next(lr for width, lr in LEARNING_RATE_BY_WIDTH if cfg["n_embd"] <= width)
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
@@ -534,7 +539,7 @@ def main(argv=None):
     peak, peak_src = peak_flops(device)
     n_params = sum(p.numel() for p in params)
     log(f"model: {cfg['n_layer']} layers, {cfg['n_head']} heads, width {cfg['n_embd']}, vocab {cfg['vocab_size']}: "
-        f"{n_params:,} parameters | data: {n_train} train / {len(val_blocks)} val blocks of {T} tokens | "
+        f"{n_params:,} parameters | peak lr {args.learning_rate:g} | data: {n_train} train / {len(val_blocks)} val blocks of {T} tokens | "
         f"{world} process(es) on {device.type}{' (bf16 autocast)' if bf16 else ''} | peak {peak or 0:.3g} FLOP/s ({peak_src})")
     if master:
         os.makedirs(args.output_dir, exist_ok=True)

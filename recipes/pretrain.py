@@ -103,6 +103,8 @@ def main() -> None:
         config = presets.build_gpt2_config(model_args.preset, len(tokenizer), overrides, model_args.pad_vocab_to_multiple_of,
                                            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     presets.validate_config(config, data_args.block_size, len(tokenizer))
+    if args.learning_rate is None:  # by width: 3e-3 suits gpt2-micro, GPT-2 124M wants 6e-4
+        args.learning_rate = presets.default_learning_rate(config.n_embd)
     if resume_from:
         check_resume_compatible(resume_from, config)
 
@@ -149,7 +151,7 @@ def main() -> None:
     )
     if args.process_index == 0:
         print(f"Model: {n_params:,} parameters (n_layer={config.n_layer}, n_head={config.n_head}, n_embd={config.n_embd}, "
-              f"vocab={config.vocab_size}); {'bf16 mixed precision' if args.bf16 else 'fp32'}; "
+              f"vocab={config.vocab_size}); {'bf16 mixed precision' if args.bf16 else 'fp32'}; peak lr {args.learning_rate:g}; "
               f"{tokens_per_step:,} tokens/step; MFU against {peak_source}")
 
     # 8. Train (resuming restores model, optimizer, scheduler, RNG and the position in the data order).

@@ -321,3 +321,21 @@ def test_keep_freed_memory_leaves_a_users_allocator_choice(monkeypatch):
     monkeypatch.delenv("GLIBC_TUNABLES")
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
     assert "MALLOC_MMAP_THRESHOLD_" in cpu_allocator.keep_freed_memory()
+
+
+def test_default_learning_rate_shrinks_with_width_and_onefile_agrees():
+    import importlib.util
+
+    from conftest import REPO
+    from toolkit.presets import PRESETS, default_learning_rate
+
+    lrs = {name: default_learning_rate(shape["n_embd"]) for name, shape in PRESETS.items()}
+    assert (lrs["gpt2-micro"], lrs["gpt2"], lrs["gpt2-medium"], lrs["gpt2-xl"]) == (3e-3, 6e-4, 3e-4, 2e-4)
+    assert list(lrs.values()) == sorted(lrs.values(), reverse=True)  # presets are listed from small to large
+    _, _, train = _parse(["--preset", "gpt2", "--output_dir", "unused"])
+    assert train.learning_rate is None  # resolved by pretrain.py once the model's width is known
+    spec = importlib.util.spec_from_file_location("onefile_train", REPO / "recipes" / "onefile_train.py")
+    onefile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(onefile)
+    for width in (64, 128, 256, 384, 512, 768, 1024, 1280, 1600, 2048):
+        assert next(lr for w, lr in onefile.LEARNING_RATE_BY_WIDTH if width <= w) == default_learning_rate(width)

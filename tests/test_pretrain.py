@@ -15,7 +15,7 @@ from conftest import GPT2_TOKENIZER, SHAKESPEARE, needs_shared, run_script
 pytestmark = pytest.mark.slow
 
 TINY = ["--preset", "gpt2-nano", "--vocab_size", "512", "--block_size", "32", "--per_device_train_batch_size", "8",
-        "--learning_rate", "3e-3", "--warmup_steps", "5", "--report_to", "none", "--sample_max_new_tokens", "8"]
+        "--warmup_steps", "5", "--report_to", "none", "--sample_max_new_tokens", "8"]
 
 
 def train_losses(output_dir) -> dict[int, float]:
@@ -48,6 +48,7 @@ def test_loss_goes_down_and_output_loads_with_from_pretrained(finished_run):
     assert evals[0] > math.log(512) - 0.5  # a fresh model: close to uniform over the vocabulary
     assert evals[max(evals)] < evals[0] - 0.5, evals  # validation loss really went down
     assert "Model saved to" in result.stdout and "perplexity" in result.stdout and "Sample:" in result.stdout
+    assert "peak lr 0.003;" in result.stdout  # no --learning_rate: the default for a 64-wide model
     if sys.platform.startswith("linux") and user_allocator_setting() is None:  # toolkit/cpu_allocator.py applied on CPU
         assert "CPU memory: glibc keeps freed memory for reuse" in result.stdout
     assert (out / "loss_curve.png").stat().st_size > 1000

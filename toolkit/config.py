@@ -90,9 +90,10 @@ class PretrainArguments(TrainingArguments):
     max_steps: int = field(default=600, metadata={"help": "Optimizer steps to train (overrides num_train_epochs when > 0)."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Sequences per device per micro-batch."})
     per_device_eval_batch_size: int = field(default=32, metadata={"help": "Sequences per device per eval batch."})
-    learning_rate: float = field(
-        default=3e-3, metadata={"help": "Peak learning rate (after warmup). 3e-3 gave the best CPU result for the default gpt2-micro "
-                                        "(docs/benchmarks.md, section 3); larger models want less (gpt2: 6e-4)."}
+    learning_rate: Optional[float] = field(
+        default=None, metadata={"help": "Peak learning rate (after warmup). Default by model width: 3e-3 up to 256 wide (best for the "
+                                        "default gpt2-micro on CPU, docs/benchmarks.md section 3), 1e-3 up to 512, then GPT-3's "
+                                        "values: 6e-4 for gpt2 (768), 3e-4 for 1024, 2.5e-4 for 1280, 2e-4 for 1600."}
     )
     warmup_steps: float = field(default=50, metadata={"help": "Linear warmup steps (or a ratio in [0, 1))."})
     lr_scheduler_type: str = field(default="cosine_with_min_lr", metadata={"help": "Decay after warmup (cosine down to 10%% by default)."})

@@ -86,6 +86,19 @@ def validate_config(config, block_size: int | None = None, tokenizer_size: int |
         )
 
 
+# Peak learning rate by model width when the user gives none. Small widths: 3e-3 was the best gpt2-micro (128
+# wide) result at a fixed CPU budget (docs/benchmarks.md section 3), 1e-3 is nanoGPT's for its 384-wide "baby GPT";
+# GPT-2 sizes: GPT-3 paper table 2.1 values for the same widths (6e-4 at 768 ... 2e-4 at 1600). One value for all
+# widths would be too high for the large models or too low for the small ones.
+LEARNING_RATE_BY_WIDTH = ((256, 3e-3), (512, 1e-3), (768, 6e-4), (1024, 3e-4), (1280, 2.5e-4))
+LARGEST_WIDTH_LEARNING_RATE = 2e-4
+
+
+def default_learning_rate(n_embd: int) -> float:
+    """Peak AdamW learning rate for a GPT-2 of this width (see LEARNING_RATE_BY_WIDTH)."""
+    return next((lr for width, lr in LEARNING_RATE_BY_WIDTH if n_embd <= width), LARGEST_WIDTH_LEARNING_RATE)
+
+
 def build_gpt2_config(
     preset: str,
     vocab_size: int,
