@@ -288,17 +288,17 @@ torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Embedding(8192, 64), torch.nn.Linear(64, 8192))
 tokens = torch.randint(0, 8192, (16, 128))
 
-def faults_per_step():  # logits 16 x 128 x 8192 fp32 = 64 MiB, and their gradient: a small LM's training step
+def faults_in_10_steps():  # logits 16 x 128 x 8192 fp32 = 64 MiB, and their gradient: a small LM's training step
     counts = []
-    for step in range(8):
+    for step in range(16):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         loss = torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
         loss.backward()
         model.zero_grad(set_to_none=True)
         counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    return sorted(counts[3:])[2]  # median after warm-up
+    return sum(counts[6:])  # after the heap has grown to its working size (the first few steps)
 
-print(faults_per_step(), keep_freed_memory(), faults_per_step(), sep="\n")
+print(faults_in_10_steps(), keep_freed_memory(), faults_in_10_steps(), sep="\n")
 """
 
 
@@ -308,9 +308,10 @@ def test_keep_freed_memory_stops_refaulting_large_blocks():
     out = subprocess.run([sys.executable, "-c", TRAINING_STEP_FAULTS], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     before, note, after = out.stdout.strip().splitlines()
-    assert int(before) > 30000  # glibc's default: the 64 MiB logits and their gradient mapped and faulted in every step
+    assert int(before) > 300_000  # glibc's default: the 64 MiB logits and their gradient faulted in afresh, every step
     assert "keeps freed memory" in note
-    assert int(after) < int(before) / 20, (before, after)  # reused from the heap
+    # reused from the heap; now and then the heap still grows by one block (16,384 pages) instead of reusing a hole
+    assert int(after) < int(before) / 8, (before, after)
 
 
 def test_keep_freed_memory_leaves_a_users_allocator_choice(monkeypatch):

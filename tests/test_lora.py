@@ -319,7 +319,7 @@ def test_bad_input_gives_one_line_errors(tmp_path, tiny_model_dir, small_text_fi
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
 def test_4bit_loading_leaves_a_user_chosen_mmap_threshold_alone(monkeypatch):
-    from toolkit import lora
+    from toolkit import cpu_allocator
 
     calls = []
 
@@ -327,14 +327,14 @@ def test_4bit_loading_leaves_a_user_chosen_mmap_threshold_alone(monkeypatch):
         def mallopt(self, option, value):
             calls.append((option, value))
 
-    monkeypatch.setattr(lora.ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr(cpu_allocator.ctypes, "CDLL", lambda name: FakeLibc())
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    with lora._large_blocks_from_mmap():
+    with cpu_allocator.large_blocks_from_mmap():  # what the 4-bit loader (toolkit/lora.py) loads under
         pass
     assert [v for _, v in calls] == [128 * 1024, 32 * 1024 * 1024]  # low while loading, then glibc's ceiling
 
     calls.clear()
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
-    with lora._large_blocks_from_mmap():
+    with cpu_allocator.large_blocks_from_mmap():
         pass
     assert calls == []

@@ -1,4 +1,5 @@
-"""glibc malloc settings for training on CPU: keep freed memory for the next step instead of handing it back.
+"""glibc malloc settings on CPU: keep freed memory for the next training step (pretrain.py), or hand it back at
+once while a 4-bit model loads (the QLoRA loader, toolkit/lora.py).
 
 Why by hand: on CPU, PyTorch allocates every tensor with plain malloc and frees it with free (there is no caching
 allocator like CUDA's), and neither torch, accelerate nor transformers exposes glibc's knobs. By default glibc
@@ -22,12 +23,14 @@ or another malloc through LD_PRELOAD) keeps their choice.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
 
 # glibc malloc.h
 M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
 
 _ENV_CHOICES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX")
@@ -60,3 +63,32 @@ def keep_freed_memory() -> str:
     if not ok:
         return "allocator left as is (no glibc mallopt)"
     return "glibc keeps freed memory for reuse (--cpu_keep_freed_memory false to hand it back to the OS)"
+
+
+@contextlib.contextmanager
+def large_blocks_from_mmap():
+    """glibc only: serve allocations >= 128 KiB with mmap while loading (fixed threshold; by default glibc
+    raises it after the first large free, so freed buffers stay in the heap), then settle at 32 MiB
+    (the ceiling its own adjustment reaches) so training allocations are served as usual.
+    A threshold the user chose (MALLOC_MMAP_THRESHOLD_ in the environment) is left as it is."""
+    libc = None
+    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+        except (OSError, AttributeError):
+            libc = None
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS now (glibc keeps it otherwise), e.g. after loading a model."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass

@@ -14,14 +14,13 @@ they stay one matrix; the adapter file then holds a full copy of it.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import gc
 import json
 import os
 import sys
 from dataclasses import dataclass, field
 
+from toolkit.cpu_allocator import large_blocks_from_mmap, release_freed_memory
 from toolkit.errors import UserError
 
 # Named target sets for GPT-2 (module name suffixes, as peft matches them).
@@ -295,7 +294,7 @@ def load_quantized_base_model(name_or_path: str, quantization_config, dtype, dev
             handles += [mapped, read]
             for key in mapped.keys():
                 state_dict[key] = (read if _will_be_quantized(key, mapped.get_slice(key).get_shape()) else mapped).get_slice(key)
-        with _large_blocks_from_mmap():
+        with large_blocks_from_mmap():
             model = model_class.from_pretrained(None, config=config, state_dict=state_dict, **common)
         del state_dict
     finally:
@@ -309,36 +308,13 @@ def load_quantized_base_model(name_or_path: str, quantization_config, dtype, dev
     except OSError:
         pass  # no generation_config.json: keep the one derived from config.json
     gc.collect()
-    _release_freed_memory()
+    release_freed_memory()
     return model
 
 
 def _will_be_quantized(key: str, shape) -> bool:
     """bitsandbytes quantizes the 2-D weights of the linear layers, not embeddings or the head."""
     return len(shape) == 2 and key.endswith(".weight") and not any(k in key for k in ("wte", "wpe", "embed", "lm_head"))
-
-
-@contextlib.contextmanager
-def _large_blocks_from_mmap():
-    """glibc only: serve allocations >= 128 KiB with mmap while loading (fixed threshold; by default glibc
-    raises it after the first large free, so freed buffers stay in the heap), then settle at 32 MiB
-    (the ceiling its own adjustment reaches) so training allocations are served as usual.
-    A threshold the user chose (MALLOC_MMAP_THRESHOLD_ in the environment) is left as it is."""
-    libc = None
-    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
-        except (OSError, AttributeError):
-            libc = None
-    try:
-        yield
-    finally:
-        if libc is not None:
-            libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
-
-
-_M_MMAP_THRESHOLD = -3  # glibc malloc.h
 
 
 def keep_training_layout(model) -> None:
@@ -352,15 +328,6 @@ def keep_training_layout(model) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-
-
-def _release_freed_memory() -> None:
-    """Hand the heap that held the full-precision tensors back to the OS (glibc keeps it otherwise)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
 
 
 def device_map_for_this_rank():
