@@ -77,11 +77,6 @@ def proc_status(pid: int, key: str) -> int | None:
     return None
 
 
-def anon_rss(pid: int) -> int | None:
-    """RssAnon of a process in bytes (Linux /proc), None elsewhere or when it is gone."""
-    return proc_status(pid, "RssAnon")
-
-
 def env_for_runs(threads: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
@@ -117,7 +112,7 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = 1800, cwd: Pat
                     if p.pid not in peaks or rss > peaks[p.pid][1]:
                         cmdline = peaks[p.pid][0] if p.pid in peaks else " ".join(p.cmdline())
                         peaks[p.pid] = (cmdline, rss)
-                    anon = anon_rss(p.pid)
+                    anon = proc_status(p.pid, "RssAnon")
                     if anon is not None and anon > anon_peaks.get(p.pid, 0):
                         anon_peaks[p.pid] = anon
                 except psutil.Error:

@@ -53,8 +53,6 @@ def commands(shape, tokenizer: str, workdir: Path, tag: str, both: list[str], ex
     return onefile, pretrain
 
 
-# glibc's malloc told to keep freed memory (no mmap for large blocks, no trimming): what toolkit/cpu_allocator.py does
-KEEP_FREED_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1000000000000000000"
 
 
 def measure(kind: str, cmd: list[str], shape, echo: bool, env: dict | None = None) -> dict:
@@ -235,6 +233,8 @@ def main(argv=None) -> list[dict]:
     for v in args.variant:
         variants[v.split("=", 1)[0]] = ("pretrain", shlex.split(v.split("=", 1)[1]), {}, "onefile")
     if args.allocator:
+        from toolkit.cpu_allocator import KEEP_FREED_TUNABLES
+
         variants["onefile_keep_freed"] = ("onefile", [], {"GLIBC_TUNABLES": KEEP_FREED_TUNABLES}, "onefile_keep_freed")
         variants["pretrain"] = ("pretrain", [], {}, "onefile_keep_freed")
         variants["pretrain_glibc_default"] = ("pretrain", ["--cpu_keep_freed_memory", "false"], {}, "onefile")

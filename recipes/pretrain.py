@@ -41,8 +41,7 @@ def main() -> None:
 
         # Large tensors reused between steps, not faulted in afresh (toolkit/cpu_allocator.py). Not under FSDP: its
         # per-step all-gather buffers would leave holes in the heap and cost more than sharding saves.
-        fsdp = distributed.fsdp_requested() or bool(args.fsdp)
-        note = keep_freed_memory() if not fsdp else "glibc defaults kept under FSDP (memory first)"
+        note = keep_freed_memory() if not distributed.fsdp_requested(args) else "glibc defaults kept under FSDP (memory first)"
         if args.process_index == 0:
             print(f"CPU memory: {note}")
 

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import set_seed
 
     from toolkit import finetune
-    from toolkit import lora
+    from toolkit import distributed, lora
     from toolkit.sft_data import DataArguments, load_sft_datasets, sample_prompt
     from toolkit.tokenizer import load_tokenizer
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 3. model: the frozen base quantized while it loads (NF4 + double quantization), LoRA on its projections
     dtype = lora.compute_dtype(quant_args.bnb_4bit_compute_dtype)
     model = lora.load_quantized_base_model(
-        model_args.model_name_or_path, lora.bnb_config(quant_args, dtype, fsdp=lora.fsdp_enabled(args)), dtype,
+        model_args.model_name_or_path, lora.bnb_config(quant_args, dtype, fsdp=distributed.fsdp_requested(args)), dtype,
         device_map=lora.device_map_for_this_rank(), revision=model_args.model_revision,
         trust_remote_code=args.trust_remote_code, attn_implementation=model_args.attn_implementation)
     model = lora.prepare_quantized_model(model, args)

@@ -43,9 +43,10 @@ def _env_int(*names: str) -> int | None:
     return None
 
 
-def fsdp_requested() -> bool:
-    """True when the launcher asked for FSDP (`accelerate launch` with `distributed_type: FSDP` sets this)."""
-    return _env_flag("ACCELERATE_USE_FSDP")
+def fsdp_requested(training_args=None) -> bool:
+    """True when the launcher asked for FSDP (`accelerate launch` with `distributed_type: FSDP` sets
+    ACCELERATE_USE_FSDP) or the training arguments do (--fsdp)."""
+    return _env_flag("ACCELERATE_USE_FSDP") or bool(getattr(training_args, "fsdp", None))
 
 
 # --------------------------------------------------------------------------------------------------------------

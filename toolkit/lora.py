@@ -17,10 +17,10 @@ from __future__ import annotations
 import gc
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 
 from toolkit.cpu_allocator import large_blocks_from_mmap, release_freed_memory
+from toolkit.distributed import fsdp_requested
 from toolkit.errors import UserError
 
 # Named target sets for GPT-2 (module name suffixes, as peft matches them).
@@ -339,18 +339,13 @@ def device_map_for_this_rank():
     return {"": "cpu"}
 
 
-def fsdp_enabled(training_args) -> bool:
-    """FSDP from an accelerate config (ACCELERATE_USE_FSDP) or from --fsdp."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true") or bool(getattr(training_args, "fsdp", None))
-
-
 def prepare_quantized_model(model, training_args):
     """peft's prepare_model_for_kbit_training: freeze the base, upcast the non-quantized layers (LayerNorms,
     embeddings) to fp32 for stable training, and turn on non-reentrant activation checkpointing if asked.
     Skipped under FSDP, which needs every parameter in the one dtype the 4-bit storage uses."""
     from peft import prepare_model_for_kbit_training
 
-    if fsdp_enabled(training_args):
+    if fsdp_requested(training_args):
         return model
     return prepare_model_for_kbit_training(
         model,
