@@ -110,7 +110,7 @@ def main(argv=None) -> list[dict]:
                 peaks = rank_peaks(r)
                 results.append({"launch": launch, "round": rep, "world": world, "loop_tokens_per_s": loop,
                                 "rank_peak_rss": peaks, "distributed": describe, "final_loss": logs[-1][1]["loss"],
-                                "command": " ".join(cmd[1:]).replace(tmp, "$TMP")})
+                                "command": harness.shown(cmd[1:], tmp)})
                 print(f"    {loop:,.0f} tok/s, rank peaks {[round(x / 2**20) for x in peaks]} MiB; {describe}", flush=True)
     try:
         plans = planned(model, vocab, args.batch, args.block)

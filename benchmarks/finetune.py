@@ -87,7 +87,7 @@ def finetune(method: str, base: Path, train: str, val: str, out: Path, steps: in
     return {"method": method, "trainable": trainable, "saved_bytes": adapter, "eval_loss": eval_loss,
             "s_per_step": train_runtime / steps, "peak_rss": max(r.rank_peaks(script) or [0]), "recipe_peak_rss_mb": recipe_peak,
             "peak_anon": max(r.rank_anon_peaks(script) or [0]),
-            "command": "python " + " ".join(cmd[1:])}
+            "command": harness.shown(cmd)}
 
 
 def model_memory(base: Path) -> dict[str, int]:
@@ -95,11 +95,12 @@ def model_memory(base: Path) -> dict[str, int]:
     import torch
 
     from toolkit import lora
+    from toolkit.args.finetune import QuantizationArguments
 
     full = lora.load_base_model(str(base))
     out = {"fp32": full.get_memory_footprint(), "params": full.num_parameters()}
     del full
-    q = lora.QuantizationArguments()
+    q = QuantizationArguments()
     dtype = lora.compute_dtype(q.bnb_4bit_compute_dtype)
     model = lora.load_quantized_base_model(str(base), lora.bnb_config(q, dtype), dtype, device_map={"": "cpu"})
     out["4bit"] = model.get_memory_footprint()
@@ -172,7 +173,7 @@ def main(argv=None) -> list[dict]:
             "(the LoRA/QLoRA recipes' own ru_maxrss figures are in the JSON); peak anonymous = the same without file-backed "
             "pages (Linux RssAnon): RSS also counts the pages of the memory-mapped checkpoint that loading touched, which the "
             "kernel drops under memory pressure (they are page cache, not the process's own memory). Model memory = `get_memory_footprint()` of the base "
-            "as the recipe loads it.\n\nCommands (in `$TMP`):\n" + "\n".join(f"- `{r['command']}`".replace(tmp, "$TMP") for r in results))
+            "as the recipe loads it.\n\nCommands (in `$TMP`):\n" + "\n".join(f"- `{r['command'].replace(tmp, '$TMP')}`" for r in results))
     if args.gradient_checkpointing:
         harness.write_section("finetune_checkpointing", "4b. Fine-tuning with gradient checkpointing", body, load=load,
                               doc=args.doc or None)

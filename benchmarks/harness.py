@@ -15,6 +15,7 @@ import os
 import platform
 import re
 import shlex
+import tempfile
 import subprocess
 import sys
 import threading
@@ -244,9 +245,21 @@ re-running a script replaces its section. These machines are shared and noisy: t
 **ratios against a baseline measured in the same run**, interleaved (A B A B), not absolute numbers across runs.
 Every section records the date, the machine, the load average when it started and the exact command.
 
-GPU: no GPU was lent to the session that wrote these benchmarks (the device tool was not drawn for it), so
-every number here is from the CPU; the GPU section of the issue (item 6) is not measured.
+GPU: the CPU sections were measured without a GPU. GPU figures come from the GPU acceptance kit
+(`benchmarks/gpu_acceptance.py`, docs/gpu_acceptance.md) and are recorded in their own section.
 """
+
+
+def shown(cmd: list[str], tmp: str | Path | None = None) -> str:
+    """A command line as the docs print it: paths relative to the repository, ../shared/data, $TMP for temporary
+    folders, `python` for the interpreter; never a path of the machine that ran it."""
+    text = shlex.join(["python" if word == sys.executable else str(word) for word in cmd])
+    replacements = [(str(tmp), "$TMP")] if tmp else []
+    replacements += [(str(SHARED_DATA), "../shared/data"), (str(REPO) + os.sep, ""), (str(REPO), "."),
+                     (tempfile.gettempdir().rstrip(os.sep) + os.sep, "$TMP/")]
+    for old, new in replacements:
+        text = text.replace(old, new)
+    return text
 
 
 def write_section(name: str, title: str, body: str, command: list[str] | None = None, load: str | None = None,
@@ -255,15 +268,15 @@ def write_section(name: str, title: str, body: str, command: list[str] | None = 
     if doc is None:
         return
     doc = Path(doc)
-    command = command or [os.path.relpath(os.path.abspath(sys.argv[0]), REPO), *sys.argv[1:]]
-    cmd = "python " + shlex.join(command)
+    command = command or ["python", os.path.relpath(os.path.abspath(sys.argv[0]), REPO), *sys.argv[1:]]
+    cmd = shown(command)
     stamp = (f"{datetime.date.today().isoformat()}, {machine()}, load average at start {load or load_average()} "
              f"(1/5/15 min)\n\n    {cmd}\n")
     section = f"<!-- BEGIN {name} -->\n## {title}\n\n{stamp}\n{body.strip()}\n<!-- END {name} -->\n"
     text = doc.read_text() if doc.exists() else DOC_HEADER
     pattern = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->\n?", re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    # keep the sections in the issue's order (their titles start with the item number), whatever order they ran in;
+    # keep the sections in numbered order (their titles start with the section number), whatever order they ran in;
     # hand-written notes belong above the first section (text between or after sections is not kept)
     every = re.compile(r"<!-- BEGIN (\S+) -->\n## (.*?)\n.*?<!-- END \1 -->\n?", re.S)
     found = list(every.finditer(text))

@@ -122,7 +122,7 @@ def trainer_run(shape_name: str, model_flags: list[str], batch: int, block: int,
     logs = [d for _, d in harness.trainer_logs(r) if "loss" in d and isinstance(d.get("tokens_per_s"), float)]
     rates = [d["tokens_per_s"] for d in logs[1:]] or [d["tokens_per_s"] for d in logs]
     return {"tokens_per_s": harness.median(rates), "steps_timed": len(rates),
-            "command": "python " + " ".join(cmd[1:]).replace(tmp, "$TMP")}
+            "command": harness.shown(cmd, tmp)}
 
 
 def main(argv=None) -> dict:

@@ -120,7 +120,7 @@ def pretrain(cfg: dict, steps: int, train_file: str, workdir: Path, echo: bool) 
     curve = [(t - t0, d["loss"] * to_bpb) for t, d in logs if "loss" in d]
     return {"config": cfg["name"], "steps": steps, "tokens": steps * cfg["batch"] * cfg["block"], "train_runtime_s": runtime,
             "eval_loss": eval_loss, "bpb": eval_loss * to_bpb, "tokens_per_byte": n_tok / n_bytes,
-            "command": "python " + " ".join(cmd[1:]).replace(str(workdir), "$TMP"), "train_curve": curve}
+            "command": harness.shown(cmd, workdir), "train_curve": curve}
 
 
 def main(argv=None) -> list[dict]:

@@ -254,7 +254,7 @@ def main(argv=None) -> list[dict]:
                     print(f"    loop {m['loop_tokens_per_s']:,.0f} tok/s (recipe's own: {m['recipe_tokens_per_s']:,.0f}), "
                           f"peak RSS {m['peak_rss_mib']:,.0f} MiB", flush=True)
                     results.append({"shape": name, "round": rep, "recipe": vname, **m, "env": env,
-                                    "command": shlex.join(cmd[1:]).replace(str(workdir), "$TMP")})
+                                    "command": harness.shown(cmd[1:], workdir)})
 
     rows = []
     for name in shapes:

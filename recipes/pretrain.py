@@ -21,28 +21,32 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 
 from toolkit.errors import UserError, exit_on_user_error
 
 
 @exit_on_user_error
 def main() -> None:
+    from toolkit import args as arguments
     from toolkit import distributed
-    from toolkit.config import DataArguments, ModelArguments, PretrainArguments, parse_args
+    from toolkit.args.pretrain import DataArguments, ModelArguments, PretrainArguments
 
-    # 1. Parse: YAML (--config) + command-line overrides. (On CPU ranks an FSDP accelerate config must be
+    # 1. Parse: YAML (--config) + command-line overrides over this machine's defaults (bf16 on GPUs that have it,
+    #    one gloo group for CPU ranks), every option's range checked. (On CPU ranks an FSDP accelerate config must be
     #    turned into real FSDP2 before TrainingArguments sets up accelerate; a no-op everywhere else.)
     distributed.enable_cpu_fsdp2()
-    model_args, data_args, args = parse_args([ModelArguments, DataArguments, PretrainArguments])
-    distributed.check_distributed_launch(args)
-    if args.cpu_keep_freed_memory and args.device.type == "cpu":
+    model_args, data_args, training_args = arguments.parse([ModelArguments, DataArguments, PretrainArguments],
+                                                           defaults=arguments.resolve_defaults("pretrain"))
+    arguments.derive_settings(training_args)  # accumulation from --global_batch_size; the cosine's 10% floor
+    distributed.check_distributed_launch(training_args)
+    if training_args.cpu_keep_freed_memory and training_args.device.type == "cpu":
         from toolkit.cpu_allocator import keep_freed_memory
 
         # Large tensors reused between steps, not faulted in afresh (toolkit/cpu_allocator.py). Not under FSDP: its
         # per-step all-gather buffers would leave holes in the heap and cost more than sharding saves.
-        note = keep_freed_memory() if not distributed.fsdp_requested(args) else "glibc defaults kept under FSDP (memory first)"
-        if args.process_index == 0:
+        fsdp = distributed.fsdp_requested(training_args)
+        note = keep_freed_memory() if not fsdp else "glibc defaults kept under FSDP (memory first)"
+        if training_args.process_index == 0:
             print(f"CPU memory: {note}")
 
     # Heavy imports after parsing, so --help and config errors come back fast.
@@ -55,38 +59,38 @@ def main() -> None:
     from toolkit.tokenizer import load_tokenizer, train_bpe_tokenizer
     from toolkit.trainer import PretrainTrainer
 
-    resume_from = prepare_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint, args.process_index == 0)
-    push_to_hub, args.push_to_hub = args.push_to_hub, False  # we push the final folder ourselves, once, at the end
+    resume_from = prepare_output_dir(training_args.output_dir, training_args.overwrite_output_dir, training_args.resume_from_checkpoint, training_args.process_index == 0)
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False  # we push the final folder ourselves, once, at the end
     if push_to_hub:
         from toolkit.hub import check_push_ready
 
-        check_push_ready(args.hub_model_id, args.hub_token)  # fail now, not after hours of training
+        check_push_ready(training_args.hub_model_id, training_args.hub_token)  # fail now, not after hours of training
 
     # 2. Seed: initial weights and data order depend only on --seed.
-    set_seed(args.seed)
+    set_seed(training_args.seed)
 
     # 3. Tokenizer: given, the model's own, the one this run trained earlier, or a new BPE on the training text.
     streaming = data_args.streaming
     if streaming and not data_args.dataset_name:
         raise UserError("--streaming needs --dataset_name (a Hub dataset); local files are read directly")
-    if streaming and args.max_steps <= 0:
+    if streaming and training_args.max_steps <= 0:
         raise UserError("--streaming needs --max_steps (a stream has no length to count epochs in)")
     train_docs = val_docs = None
     if not streaming:
         train_docs = data.load_documents(data_args, "train")
         val_docs = data.load_documents(data_args, "validation")
     tokenizer_source = model_args.tokenizer_name or model_args.model_name_or_path
-    saved_tokenizer = os.path.join(args.output_dir, "tokenizer.json")
+    saved_tokenizer = os.path.join(training_args.output_dir, "tokenizer.json")
     if tokenizer_source is None and resume_from and os.path.exists(saved_tokenizer):
-        tokenizer_source = args.output_dir
+        tokenizer_source = training_args.output_dir
     if tokenizer_source is None:
         if streaming:
             raise UserError("--streaming needs --tokenizer_name (a BPE is trained on a full dataset, not a stream)")
-        with args.main_process_first(desc="train tokenizer"):
-            if args.process_index == 0:
+        with training_args.main_process_first(desc="train tokenizer"):
+            if training_args.process_index == 0:
                 tokenizer = train_bpe_tokenizer(train_docs["text"], model_args.vocab_size)
-                tokenizer.save_pretrained(args.output_dir)
-            tokenizer_source = args.output_dir
+                tokenizer.save_pretrained(training_args.output_dir)
+            tokenizer_source = training_args.output_dir
     tokenizer = load_tokenizer(tokenizer_source, model_args.trust_remote_code)
 
     # 4. Model config: a preset (+ overrides) or config.json to train from scratch, or a pretrained model.
@@ -102,8 +106,8 @@ def main() -> None:
         config = presets.build_gpt2_config(model_args.preset, len(tokenizer), overrides, model_args.pad_vocab_to_multiple_of,
                                            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     presets.validate_config(config, data_args.block_size, len(tokenizer))
-    if args.learning_rate is None:  # by width: 3e-3 suits gpt2-micro, GPT-2 124M wants 6e-4
-        args.learning_rate = presets.default_learning_rate(config.n_embd)
+    if training_args.learning_rate is None:  # by width: 3e-3 suits gpt2-micro, GPT-2 124M wants 6e-4
+        training_args.learning_rate = presets.default_learning_rate(config.n_embd)
     if resume_from:
         check_resume_compatible(resume_from, config)
 
@@ -123,34 +127,34 @@ def main() -> None:
         train_dataset, eval_dataset = data.streaming_datasets(data_args, tokenizer)
         print(f"Data: streaming {data_args.dataset_name}, blocks of {data_args.block_size} tokens")
     else:
-        with args.main_process_first(desc="tokenize and pack"):
+        with training_args.main_process_first(desc="tokenize and pack"):
             packed = data.packed_blocks(train_docs, val_docs, tokenizer, data_args)
-        global_batch = args.per_device_train_batch_size * args.world_size
+        global_batch = training_args.per_device_train_batch_size * training_args.world_size
         if len(packed.train) < global_batch:
             raise UserError(f"the training data has {len(packed.train)} blocks of {data_args.block_size} tokens, fewer than one "
                             f"batch ({global_batch}); add data, or lower --block_size or --per_device_train_batch_size")
         train_dataset, eval_dataset = data.BlockDataset(packed.train), data.BlockDataset(packed.validation)
-        if args.process_index == 0:
+        if training_args.process_index == 0:
             print(f"Data: {packed.describe()} (cache: {packed.cache_dir})")
 
     # 7. Trainer: HF Trainer + tokens/s and MFU logging + loss-curve plot.
-    tokens_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size * data_args.block_size
+    tokens_per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size * data_args.block_size
     peak, peak_source = flops.peak_flops()
     trainer = PretrainTrainer(
         model=model,
-        args=args,
+        args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=default_data_collator,
         processing_class=tokenizer,
         callbacks=[LossCurveCallback(), distributed.DistributedSetupCallback()],  # logs type, world size, sharding
         flops_per_token=flops.flops_per_token_for(config, data_args.block_size),
-        peak_flops=peak * args.world_size if peak else None,
+        peak_flops=peak * training_args.world_size if peak else None,
         tokens_per_step=tokens_per_step,
     )
-    if args.process_index == 0:
+    if training_args.process_index == 0:
         print(f"Model: {n_params:,} parameters (n_layer={config.n_layer}, n_head={config.n_head}, n_embd={config.n_embd}, "
-              f"vocab={config.vocab_size}); {'bf16 mixed precision' if args.bf16 else 'fp32'}; peak lr {args.learning_rate:g}; "
+              f"vocab={config.vocab_size}); {'bf16 mixed precision' if training_args.bf16 else 'fp32'}; peak lr {training_args.learning_rate:g}; "
               f"{tokens_per_step:,} tokens/step; MFU against {peak_source}")
 
     # 8. Train (resuming restores model, optimizer, scheduler, RNG and the position in the data order).
@@ -160,15 +164,11 @@ def main() -> None:
     try:
         trainer.train(resume_from_checkpoint=resume_from)
     except Exception as err:
-        if args.world_size > 1 and distributed.is_peer_failure(err):  # one line instead of a collective's traceback
+        if training_args.world_size > 1 and distributed.is_peer_failure(err):  # one line instead of a collective's traceback
             raise UserError(f"lost contact with another rank at step {trainer.state.global_step} ({str(err).splitlines()[0][:160]}); "
                             "check the other ranks' logs, then rerun the same command with --resume_from_checkpoint auto") from None
         raise
-    if stop.signal_name:
-        if args.process_index == 0:
-            print(f"\nStopped by {stop.signal_name} at step {stop.stopped_at_step}; checkpoint saved in {args.output_dir}. "
-                  f"Resume with the same command plus --resume_from_checkpoint auto", flush=True)
-        sys.exit(stop.exit_code)
+    stop.exit_if_stopped(training_args)
 
     # 9. Evaluate, save a from_pretrained-ready folder, show a sample.
     metrics = trainer.evaluate()
@@ -176,18 +176,18 @@ def main() -> None:
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
     trainer.save_state()
-    distributed.export_full_model(trainer, args.output_dir, tokenizer)
-    if args.process_index == 0:
-        sample = generate_sample(args.output_dir, args.sample_prompt, args.sample_max_new_tokens, args.seed)
-        print(f"\nModel saved to {os.path.abspath(args.output_dir)}")
+    distributed.export_full_model(trainer, training_args.output_dir, tokenizer)
+    if training_args.process_index == 0:
+        sample = generate_sample(training_args.output_dir, training_args.sample_prompt, training_args.sample_max_new_tokens, training_args.seed)
+        print(f"\nModel saved to {os.path.abspath(training_args.output_dir)}")
         print(f"Eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}")
         print(f"Sample: {sample!r}")
 
     # 10. Push the final folder (model, tokenizer, config, loss curve) to the Hub.
-    if push_to_hub and args.process_index == 0:
+    if push_to_hub and training_args.process_index == 0:
         from toolkit.hub import push_folder
 
-        url = push_folder(args.output_dir, args.hub_model_id, private=bool(args.hub_private_repo), token=args.hub_token)
+        url = push_folder(training_args.output_dir, training_args.hub_model_id, private=bool(training_args.hub_private_repo), token=training_args.hub_token)
         print(f"Pushed to {url}")
 
 

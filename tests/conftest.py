@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-import pytest
+# Before anything imports huggingface_hub (it reads these once, at import): no test reaches the real Hub, and a
+# machine's stored login (HF_HOME/token) or token variables cannot make a test push anywhere. Tests that talk to a
+# Hub start a local server and pass its address and a test token to a fresh process (tests/test_hub.py).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="gpt2-toolkit-tests-hf-home-")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
+for _var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_TOKEN"):
+    os.environ.pop(_var, None)
+
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -15,9 +15,13 @@ from toolkit.errors import UserError
 # ---------- config parsing ----------
 
 def _parse(argv):
-    from toolkit.config import DataArguments, ModelArguments, PretrainArguments, parse_args
+    from toolkit import args
+    from toolkit.args.pretrain import DataArguments, ModelArguments, PretrainArguments
 
-    return parse_args([ModelArguments, DataArguments, PretrainArguments], argv)
+    model_args, data_args, training_args = args.parse([ModelArguments, DataArguments, PretrainArguments], argv,
+                                                      defaults=args.resolve_defaults("pretrain"))
+    args.derive_settings(training_args)
+    return model_args, data_args, training_args
 
 
 def test_yaml_config_then_command_line_override(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -28,9 +29,10 @@ def _tiny_adapter(tiny_model_dir, folder):
     from peft import get_peft_model
 
     from toolkit import lora
+    from toolkit.args.finetune import LoraArguments
 
     base = lora.load_base_model(str(tiny_model_dir))
-    model = get_peft_model(base, lora.build_lora_config(lora.LoraArguments(lora_r=4), base, quantized=False))
+    model = get_peft_model(base, lora.build_lora_config(LoraArguments(lora_r=4), base, quantized=False))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for param in model.parameters():
@@ -166,3 +168,13 @@ def test_push_needs_a_token_before_training(tmp_path, monkeypatch, capsys):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_the_suite_cannot_reach_the_hub_or_a_stored_login():
+    """conftest.py sets these before huggingface_hub is imported: offline, an empty HF_HOME, no token variables."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    assert constants.HF_HUB_OFFLINE
+    assert huggingface_hub.get_token() is None
+    assert constants.HF_HOME.startswith(tempfile.gettempdir())

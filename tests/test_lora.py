@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO
+from toolkit.args.finetune import DataArguments, FinetuneConfig, LoraArguments, QuantizationArguments
 
 FAST_TRAIN = ["--max_steps", "8", "--learning_rate", "1e-2", "--per_device_train_batch_size", "8",
               "--max_length", "64", "--max_eval_samples", "8", "--lora_r", "4", "--lora_alpha", "8",
@@ -64,11 +65,11 @@ def _lora_model(base_dir, quantized: bool, train_embeddings: bool = False, targe
     from toolkit import lora
 
     if quantized:
-        q = lora.QuantizationArguments()
+        q = QuantizationArguments()
         base = lora.load_quantized_base_model(str(base_dir), lora.bnb_config(q, torch.float32), torch.float32, {"": "cpu"})
     else:
         base = lora.load_base_model(str(base_dir))
-    args = lora.LoraArguments(lora_r=4, lora_alpha=8, lora_target_modules=list(targets), lora_train_embeddings=train_embeddings)
+    args = LoraArguments(lora_r=4, lora_alpha=8, lora_target_modules=list(targets), lora_train_embeddings=train_embeddings)
     model = get_peft_model(base, lora.build_lora_config(args, base, quantized=quantized))
     _randomize_adapter(model)
     return model
@@ -145,7 +146,7 @@ def test_adapter_reloads_with_same_logits(tmp_path, tiny_model_dir, quantized, t
     model.save_pretrained(tmp_path / "adapter")
 
     if quantized:
-        q = lora.QuantizationArguments()
+        q = QuantizationArguments()
         base = lora.load_quantized_base_model(str(tiny_model_dir), lora.bnb_config(q, torch.float32), torch.float32, {"": "cpu"})
     else:
         base = lora.load_base_model(str(tiny_model_dir))
@@ -161,7 +162,7 @@ def test_4bit_linear_weights_take_one_eighth_of_fp32(tiny_model_dir):
     from toolkit import lora
 
     fp32 = lora.load_base_model(str(tiny_model_dir))
-    q = lora.bnb_config(lora.QuantizationArguments(), torch.float32)
+    q = lora.bnb_config(QuantizationArguments(), torch.float32)
     ours = lora.load_quantized_base_model(str(tiny_model_dir), q, torch.float32, {"": "cpu"})
     layers = {n: m for n, m in ours.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert len(layers) == 4 * fp32.config.n_layer  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block
@@ -211,15 +212,15 @@ def _sft_trainer(tiny_model_dir, data_file, **config):
     from trl import SFTTrainer
 
     from toolkit import finetune, lora
-    from toolkit.sft_data import DataArguments, load_sft_datasets
+    from toolkit.sft_data import load_sft_datasets
     from toolkit.tokenizer import load_tokenizer
 
-    args = finetune.FinetuneConfig(output_dir=str(data_file.parent / "out"), report_to="none", **config)
+    args = FinetuneConfig(output_dir=str(data_file.parent / "out"), report_to="none", **config)
     tokenizer = load_tokenizer(str(tiny_model_dir))
     train, evaluation, fmt = load_sft_datasets(DataArguments(train_file=str(data_file)), seed=0)
     model = lora.load_base_model(str(tiny_model_dir))
     finetune.prepare_for_data(args, fmt, tokenizer, model.config)
-    peft_config = lora.build_lora_config(lora.LoraArguments(lora_r=2), model, quantized=False)
+    peft_config = lora.build_lora_config(LoraArguments(lora_r=2), model, quantized=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                          processing_class=tokenizer, peft_config=peft_config)
     return trainer, tokenizer, fmt
@@ -232,10 +233,10 @@ def test_training_loss_is_the_mean_over_predicted_tokens(tmp_path, tiny_model_di
     import torch.nn.functional as F
 
     from toolkit import finetune, lora
-    from toolkit.sft_data import DataArguments, load_sft_datasets
+    from toolkit.sft_data import load_sft_datasets
     from toolkit.tokenizer import load_tokenizer
 
-    args = finetune.FinetuneConfig(output_dir=str(tmp_path / "out"), report_to="none", per_device_train_batch_size=4,
+    args = FinetuneConfig(output_dir=str(tmp_path / "out"), report_to="none", per_device_train_batch_size=4,
                                    max_length=32, packing=False)
     tokenizer = load_tokenizer(str(tiny_model_dir))
     train, evaluation, fmt = load_sft_datasets(DataArguments(train_file=str(small_text_file)), seed=0)
@@ -243,7 +244,7 @@ def test_training_loss_is_the_mean_over_predicted_tokens(tmp_path, tiny_model_di
     finetune.prepare_for_data(args, fmt, tokenizer, model.config)
     trainer = finetune.make_trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                                     processing_class=tokenizer,
-                                    peft_config=lora.build_lora_config(lora.LoraArguments(lora_r=2), model, quantized=False))
+                                    peft_config=lora.build_lora_config(LoraArguments(lora_r=2), model, quantized=False))
     batches, num_items = trainer.get_batch_samples(iter(trainer.get_train_dataloader()), 1, torch.device("cpu"))
     batch = batches[0]
     trained = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items)
@@ -309,7 +310,7 @@ def test_bad_input_gives_one_line_errors(tmp_path, tiny_model_dir, small_text_fi
 
     # an adapter trained on another base (other width) does not merge into this one
     other = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=512))
-    other_adapter = get_peft_model(other, lora.build_lora_config(lora.LoraArguments(lora_r=2), other, quantized=False))
+    other_adapter = get_peft_model(other, lora.build_lora_config(LoraArguments(lora_r=2), other, quantized=False))
     other_adapter.save_pretrained(tmp_path / "other-adapter")
     err = user_error(capsys, merge.main, ["--adapter", str(tmp_path / "other-adapter"), "--output_dir", str(tmp_path / "m"),
                                           "--base_model_name_or_path", str(tiny_model_dir)])
@@ -338,3 +339,27 @@ def test_4bit_loading_leaves_a_user_chosen_mmap_threshold_alone(monkeypatch):
     with cpu_allocator.large_blocks_from_mmap():
         pass
     assert calls == []
+
+
+# ------------------------------------------------------------------------------ no arguments: the defaults
+
+
+@pytest.mark.slow
+def test_no_arguments_fine_tunes_the_main_jobs_model_on_the_embedded_corpus(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """`python recipes/qlora.py` after `python recipes/pretrain.py`: base out/pretrain, data the embedded corpus
+    (only the run length is given here, to keep the test short); offline without out/pretrain: one line with the
+    commands to run."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    err = user_error(capsys, run_recipe, "qlora", [])
+    assert "run `python recipes/pretrain.py`" in err and "--model_name_or_path" in err and "\n" not in err
+
+    shutil.copytree(tiny_model_dir, tmp_path / "out" / "pretrain")
+    metrics = run_recipe("qlora", ["--max_steps", "2", "--max_length", "64", "--per_device_train_batch_size", "2",
+                                   "--max_train_samples", "16", "--max_eval_samples", "4", "--sample_max_new_tokens", "2"])
+    printed = capsys.readouterr().out
+    assert "fine-tuning out/pretrain" in printed and "the embedded Python documentation corpus" in printed
+    assert metrics["train_steps"] == 2 and (tmp_path / "out" / "qlora" / "adapter_config.json").is_file()
+    config = json.loads((tmp_path / "out" / "qlora" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "out/pretrain"

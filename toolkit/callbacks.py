@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from transformers import TrainerCallback
 
@@ -98,3 +99,12 @@ class GracefulStopCallback(TrainerCallback):
         import signal
 
         return 128 + int(getattr(signal, self.signal_name or "SIGTERM"))
+
+    def exit_if_stopped(self, args) -> None:
+        """After train(): if a signal stopped it, say how to resume and exit with 128 + the signal's number."""
+        if not self.signal_name:
+            return
+        if args.process_index == 0:
+            print(f"\nStopped by {self.signal_name} at step {self.stopped_at_step}; checkpoint saved in {args.output_dir}. "
+                  f"Resume with the same command plus --resume_from_checkpoint auto", flush=True)
+        sys.exit(self.exit_code)

@@ -1,14 +1,10 @@
-"""The steps recipes/lora.py and recipes/qlora.py share: arguments, output folder, eval, sample, save, push.
+"""The steps of recipes/lora.py (and so of recipes/qlora.py, which is lora.py with a 4-bit base): checks before any
+work, the trainer, eval, sample, save, push.
 
-The recipes differ only in how the base is loaded (full precision vs bitsandbytes 4/8-bit); every
-other step is a function here, so both read as the same short list of steps.
-
-Defaults differ from trl's SFTConfig where a CPU or GPT-2 needs it: bf16 is on only with a CUDA GPU
-(bf16 matmuls are ~20x slower on this CPU), activation checkpointing only with a CUDA GPU or a
-quantized base (QLoRA's point is memory; LoRA on CPU favours speed), plain text is
-packed into max_length blocks ("wrapped": concatenate, cut; GPT-2 has no padding-free attention
-path for trl's "bfd"), max_length is capped at the model's n_positions, and the learning rate is
-LoRA's usual 2e-4.
+Where the defaults differ from trl's SFTConfig (toolkit/args/finetune.py, toolkit/args/defaults.py): bf16 only with
+a GPU that has it, activation checkpointing only with CUDA or a quantized base, plain text packed into max_length
+blocks ("wrapped": concatenate, cut; GPT-2 has no padding-free attention path for trl's "bfd"), max_length capped
+at the model's n_positions here, and LoRA's usual learning rate 2e-4.
 """
 
 from __future__ import annotations
@@ -17,98 +13,23 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass, field
-from typing import ClassVar
-
-from trl import SFTConfig, TrlParser
 
 from toolkit.errors import UserError
 
 
-@dataclass
-class ModelArguments:
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Base GPT-2: Hub name (gpt2, gpt2-medium) or save_pretrained folder (pretrain.py output)."}
-    )
-    model_revision: str = field(default="main", metadata={"help": "Hub revision of the base."})
-    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer (default: the base model's)."})
-    attn_implementation: str | None = field(default=None, metadata={"help": "eager / sdpa (default: transformers' choice)."})
-    base_model_hub_id: str | None = field(
-        default=None, metadata={"help": "Hub id of the base when --model_name_or_path is a local folder (for the model card)."}
-    )
+def check_args(model_args, args) -> str | None:
+    """Fail before any work: no/missing base, finished output_dir, bad push target. Returns the repo to push to.
+    With no --model_name_or_path, picks the default base (toolkit.lora.default_base_model) and says which."""
+    from toolkit.lora import check_base_model, default_base_model
 
-
-@dataclass
-class FinetuneConfig(SFTConfig):
-    """trl's SFTConfig with CPU-aware defaults and the recipe's own output options."""
-
-    output_dir: str | None = field(default=None, metadata={"help": "Where the adapter, tokenizer, card and metrics go."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a finished run in output_dir."})
-    learning_rate: float = field(default=2e-4, metadata={"help": "AdamW learning rate (LoRA usually wants 1e-4..3e-4)."})
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: on with a bf16 GPU, off on CPU)."})
-    gradient_checkpointing: bool | None = field(
-        default=None, metadata={"help": "Alias of --activation_checkpointing (default: on with CUDA and for qlora.py; lora.py on CPU: "
-                                        "off, ~30%% faster steps)."}
-    )
-    packing: bool | None = field(default=None, metadata={"help": "Pack examples into max_length blocks (default: on for plain text)."})
-    packing_strategy: str = field(default="wrapped", metadata={"help": "trl packing strategy.", "choices": ["wrapped", "bfd", "bfd_split"]})
-    optim: str = field(default="auto", metadata={"help": "Optimizer (default: paged_adamw_32bit for QLoRA on CUDA, else adamw_torch)."})
-    save_strategy: str = field(default="no", metadata={"help": "Checkpoints during training: no / steps / epoch."})
-    sample_prompt: str | None = field(default=None, metadata={"help": "Prompt for the generated sample (default: from the eval data)."})
-    sample_max_new_tokens: int = field(default=40, metadata={"help": "Length of the generated sample."})
-
-    quantized_base: ClassVar[bool] = False
-
-    def __post_init__(self):
-        import torch
-
-        cuda = torch.cuda.is_available()
-        if self.bf16 is None:
-            self.bf16 = bool(cuda and torch.cuda.is_bf16_supported()) and not self.fp16
-        if self.activation_checkpointing is None:
-            # QLoRA exists to save memory, so it checkpoints everywhere (peft's prepare_model_for_kbit_training and
-            # the QLoRA paper do too); on CPU that costs ~30% time per step. LoRA on CPU favours speed.
-            default = cuda or self.quantized_base
-            self.activation_checkpointing = default if self.gradient_checkpointing is None else self.gradient_checkpointing
-        self.gradient_checkpointing = self.activation_checkpointing
-        if self.activation_checkpointing and not (self.activation_checkpointing_kwargs or self.gradient_checkpointing_kwargs):
-            self.activation_checkpointing_kwargs = {"use_reentrant": False}  # reentrant breaks with frozen inputs (peft)
-        if self.optim == "auto":
-            # Paged AdamW for a quantized base on CUDA (optimizer state pages to CPU under memory spikes, as in
-            # the QLoRA paper); paging means nothing on a CPU.
-            self.optim = "paged_adamw_32bit" if (self.quantized_base and cuda) else "adamw_torch"
-        if self.output_dir is None:
-            self.output_dir = "out/finetune"
-        super().__post_init__()
-
-
-@dataclass
-class QLoraConfig(FinetuneConfig):
-    """FinetuneConfig for a quantized base (recipes/qlora.py): paged AdamW by default on CUDA."""
-
-    quantized_base: ClassVar[bool] = True
-
-
-def parse_args(argv: list[str] | None, dataclasses: list, defaults: dict | None = None):
-    """TrlParser: --config YAML, then --key value overrides (run `--help` for every flag)."""
-    parser = TrlParser(dataclasses)
-    parser.set_defaults_with_config(report_to="none", **(defaults or {}))
-    try:
-        return parser.parse_args_and_config(args=argv)
-    except ValueError as err:  # bad YAML keys and values
-        raise UserError(f"{err}; fix the config file or flag") from None
-
-
-def check_args(model_args: ModelArguments, args: FinetuneConfig) -> str | None:
-    """Fail before any work: no/missing base, finished output_dir, bad push target. Returns the repo to push to."""
-    from toolkit.lora import check_base_model
-
+    if not model_args.model_name_or_path:
+        model_args.model_name_or_path = default_base_model()
     check_base_model(model_args.model_name_or_path)
     check_output_dir(args)
     return args.hub_model_id if check_push_args(args) else None
 
 
-def check_output_dir(args: FinetuneConfig) -> None:
+def check_output_dir(args) -> None:
     """Refuse to overwrite a finished run (its adapter) unless --overwrite_output_dir; resolve
     `--resume_from_checkpoint auto` to the newest complete checkpoint (or a fresh start)."""
     from toolkit.run_dir import prepare_output_dir
@@ -141,17 +62,7 @@ def make_trainer(**kwargs):
     return trainer
 
 
-def exit_if_stopped(trainer, args) -> None:
-    """After train(): if a signal stopped it, say how to resume and exit 128 + signal."""
-    stop = trainer.graceful_stop
-    if stop.signal_name:
-        if args.process_index == 0:
-            print(f"\nStopped by {stop.signal_name} at step {stop.stopped_at_step}; checkpoint saved in {args.output_dir}. "
-                  f"Resume with the same command plus --resume_from_checkpoint auto", flush=True)
-        sys.exit(stop.exit_code)
-
-
-def check_push_args(args: FinetuneConfig) -> bool:
+def check_push_args(args) -> bool:
     """Validate --push_to_hub before training (repo id, a token); turn off the Trainer's own push (we push
     the finished folder once, with our card)."""
     from toolkit.hub import check_push_ready
@@ -163,7 +74,7 @@ def check_push_args(args: FinetuneConfig) -> bool:
     return push
 
 
-def prepare_for_data(args: FinetuneConfig, fmt: str, tokenizer, model_config) -> None:
+def prepare_for_data(args, fmt: str, tokenizer, model_config) -> None:
     """Packing by format, max_length within the model's context, a chat template for chat data."""
     from toolkit.sft_data import ensure_chat_template
 
@@ -228,7 +139,7 @@ def peak_memory() -> dict:
     return out
 
 
-def save_run(trainer, *, script: str, argv: list[str] | None, method: str, model_args: ModelArguments,
+def save_run(trainer, *, script: str, argv: list[str] | None, method: str, model_args,
              lora_args, data_args, data_format: str, metrics: dict, sample: dict | None, extra_hparams: dict | None = None) -> None:
     """Adapter + tokenizer (trainer.save_model), metrics JSON, model card."""
     from toolkit.model_card import reproduce_command, write_model_card

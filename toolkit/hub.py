@@ -41,16 +41,19 @@ def fix_card_base_model(folder: str) -> str | None:
     return f"README.md: removed base_model {', '.join(map(str, dropped))} (not a Hub model id; the Hub rejects it)"
 
 
-def _check_repo_id(repo_id: str) -> None:
+def _check_repo_id(repo_id: str | None, option: str = "the repo id") -> None:
+    """A user/name (or org/name) repo id, or a one-line error naming the option it came from."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
+    if not repo_id:
+        raise UserError("--push_to_hub needs --hub_model_id user/name (the repo to create or update)")
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
-        raise UserError(f"'{repo_id}' is not a Hub repo id; use the form user/name (letters, digits, - _ .)") from None
+        raise UserError(f"{option} '{repo_id}' is not a Hub repo id; use the form user/name (letters, digits, - _ .)") from None
     if "/" not in repo_id:
-        raise UserError(f"'{repo_id}' has no namespace; pass --hub_model_id user/{repo_id} (or org/{repo_id})")
+        raise UserError(f"{option} '{repo_id}' has no namespace; pass user/{repo_id} (or org/{repo_id})")
 
 
 def push_folder(folder: str, repo_id: str, private: bool = False, commit_message: str = "Upload with gpt2-toolkit",
@@ -118,14 +121,7 @@ def check_push_ready(repo_id: str | None, token: str | None = None) -> None:
     Only checks that a token exists; it is never printed. Whether it may write is learnt at push time.
     """
     from huggingface_hub import get_token
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
 
-    if not repo_id or "/" not in repo_id:
-        raise UserError("--push_to_hub needs --hub_model_id user/name (the repo to create or update)")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError:
-        raise UserError(f"--hub_model_id '{repo_id}' is not a Hub repo id; use user/name (letters, digits, - _ .)") from None
+    _check_repo_id(repo_id, "--hub_model_id")
     if not (token or get_token()):
         raise UserError("--push_to_hub but no Hub token found; run `hf auth login` or set HF_TOKEN, then start again")

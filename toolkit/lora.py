@@ -17,11 +17,16 @@ from __future__ import annotations
 import gc
 import json
 import os
-from dataclasses import dataclass, field
+import sys
+from typing import TYPE_CHECKING
 
 from toolkit.cpu_allocator import large_blocks_from_mmap, release_freed_memory
 from toolkit.distributed import fsdp_requested
 from toolkit.errors import UserError
+from toolkit.sources import is_local_path
+
+if TYPE_CHECKING:
+    from toolkit.args.finetune import LoraArguments, QuantizationArguments
 
 # Named target sets for GPT-2 (module name suffixes, as peft matches them).
 TARGET_PRESETS: dict[str, list[str]] = {
@@ -31,48 +36,6 @@ TARGET_PRESETS: dict[str, list[str]] = {
     "mlp": ["c_fc", "mlp.c_proj"],
 }
 GPT2_PROJECTIONS = ("c_attn", "c_proj", "c_fc")
-
-
-@dataclass
-class LoraArguments:
-    """LoRA hyperparameters (names as in trl's ModelConfig)."""
-
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank r."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch input."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["all"],
-        metadata={
-            "help": "Modules to adapt: a preset (all = c_attn c_proj c_fc; attention = c_attn attn.c_proj; "
-            "attention-qv = c_attn; mlp = c_fc mlp.c_proj) or module names, e.g. c_attn attn.c_proj."
-        },
-    )
-    lora_train_embeddings: bool = field(
-        default=False,
-        metadata={"help": "Also train the token embedding and the (tied) LM head in full (peft modules_to_save)."},
-    )
-    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilized LoRA: scale by alpha / sqrt(r)."})
-
-
-@dataclass
-class QuantizationArguments:
-    """bitsandbytes settings for QLoRA (names as in trl's ModelConfig / transformers' BitsAndBytesConfig)."""
-
-    load_in_8bit: bool = field(default=False, metadata={"help": "Load the base in 8-bit (LLM.int8) instead of 4-bit."})
-    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit data type.", "choices": ["nf4", "fp4"]})
-    use_bnb_nested_quant: bool = field(
-        default=True, metadata={"help": "Double quantization: quantize the per-block scales too (~0.37 bit/param saved)."}
-    )
-    bnb_4bit_compute_dtype: str = field(
-        default="auto",
-        metadata={"help": "dtype of the dequantized matmuls: auto = bfloat16 on GPUs that support it, else float32.",
-                  "choices": ["auto", "bfloat16", "float16", "float32"]},
-    )
-    bnb_4bit_quant_storage: str | None = field(
-        default=None,
-        metadata={"help": "dtype the packed 4-bit weights are stored in (default uint8; under FSDP it must equal "
-                  "the model dtype and is set automatically)."},
-    )
 
 
 def resolve_target_modules(names: list[str] | str) -> list[str]:
@@ -149,8 +112,24 @@ def _human(n: int) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-def is_local_path(name_or_path: str) -> bool:
-    return os.path.isdir(name_or_path) or os.path.sep in name_or_path or name_or_path.startswith(".")
+def default_base_model() -> str:
+    """The base when none is given: the main job's output (`python recipes/pretrain.py` writes out/pretrain) if it
+    exists, else the Hub's gpt2; offline without either, a one-line error with the commands to run."""
+    from toolkit.args.pretrain import DEFAULT_OUTPUT_DIR
+
+    if os.path.isfile(os.path.join(DEFAULT_OUTPUT_DIR, "config.json")):
+        print(f"base: no --model_name_or_path given: fine-tuning {DEFAULT_OUTPUT_DIR} (written by recipes/pretrain.py)")
+        return DEFAULT_OUTPUT_DIR
+    from transformers.utils import cached_file
+
+    try:
+        cached_file("gpt2", "config.json")
+    except OSError:
+        raise UserError(f"no base model: pass --model_name_or_path, or run `python recipes/pretrain.py` (it writes "
+                        f"{DEFAULT_OUTPUT_DIR}) and then `python {os.path.relpath(sys.argv[0])}` again; the other "
+                        "default, the Hub's gpt2, cannot be reached from here") from None
+    print(f"base: no --model_name_or_path given and no {DEFAULT_OUTPUT_DIR}: fine-tuning the Hub's gpt2")
+    return "gpt2"
 
 
 def check_base_model(name_or_path: str | None) -> str:

@@ -25,6 +25,7 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint:
     - `--resume_from_checkpoint PATH`: that folder, which must hold a Trainer checkpoint.
     - otherwise output_dir must not hold a previous run, unless --overwrite_output_dir (then old checkpoints go).
     """
+    check_writable_dir(output_dir)
     if resume_from_checkpoint == "auto":
         last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
         if last is None and holds_a_run(output_dir) and not overwrite:
@@ -45,6 +46,20 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint:
                 if name.startswith("checkpoint-"):
                     shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
     return None
+
+
+def check_writable_dir(path: str, option: str = "--output_dir") -> None:
+    """The folder exists or could be made, and files could be written in it; else one line naming the problem.
+    Nothing is created: a run refused later for another reason leaves no trace."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{option} '{path}' is an existing file, not a folder; choose a folder path")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"cannot create {option} '{path}': '{existing}' is a file; choose a folder path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{option} '{path}' is not writable ('{existing}' is read-only for you); choose another folder")
 
 
 def check_resume_compatible(checkpoint: str, config) -> None:
@@ -68,8 +83,9 @@ def load_pretrained_model(name_or_path: str, **kwargs):
     """AutoModelForCausalLM.from_pretrained with one-line errors for a missing or corrupt checkpoint."""
     from transformers import AutoModelForCausalLM
 
-    local = os.path.sep in name_or_path or name_or_path.startswith(".")
-    if local and not os.path.isdir(name_or_path):
+    from toolkit.sources import is_local_path
+
+    if is_local_path(name_or_path) and not os.path.isdir(name_or_path):
         raise UserError(f"model folder '{name_or_path}' does not exist; pass a save_pretrained folder or a Hub model name")
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)

@@ -16,9 +16,8 @@ ends every assistant turn with EOS. Without it a chat-tuned GPT-2 never learns t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-
 from toolkit.errors import UserError
+from toolkit.sources import FILE_BUILDERS
 
 # GPT-2 ships no chat template. This one is plain text ("User: ...\nAssistant: ...") so the base
 # model's knowledge of English carries over, and EOS closes each assistant turn so generation stops
@@ -38,49 +37,30 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 FORMATS = ("text", "prompt-completion", "messages")
-_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-@dataclass
-class DataArguments:
-    """Where the fine-tuning data comes from (trl ScriptArguments names plus run_clm.py's --train_file)."""
-
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset name or local dataset folder (datasets.load_dataset)."})
-    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on, when the dataset has it."})
-    train_file: str | None = field(default=None, metadata={"help": "A .txt / .json / .jsonl / .csv / .parquet file."})
-    data: str | None = field(default=None, metadata={"help": "Alias of --train_file (the seed guide's name)."})
-    validation_file: str | None = field(default=None, metadata={"help": "Held-out file; default: split off the training data."})
-    validation_split_percentage: float = field(
-        default=5, metadata={"help": "Percent of the training examples held out for eval when there is no validation set."}
-    )
-    text_sample_by: str = field(
-        default="paragraph",
-        metadata={"help": "How a .txt file is cut into examples (each ends with EOS).", "choices": ["paragraph", "line", "document"]},
-    )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training examples."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on only the first N held-out examples."})
+EMBEDDED_CORPUS = "the embedded Python documentation corpus"
 
 
-def data_source(args: DataArguments) -> str:
+def data_source(args) -> str:
     """A short description for logs and the model card."""
     if args.dataset_name:
-        return args.dataset_name + (f" ({args.dataset_config})" if args.dataset_config else "")
-    return os.path.basename(args.train_file or args.data or "")
+        return args.dataset_name + (f" ({args.dataset_config_name})" if args.dataset_config_name else "")
+    return os.path.basename(args.train_file) if args.train_file else EMBEDDED_CORPUS
 
 
-def _load(args: DataArguments):
-    from datasets import DatasetDict, load_dataset
+def _load(args):
+    from datasets import Dataset, DatasetDict, load_dataset
 
-    if args.data:
-        if args.train_file and args.train_file != args.data:
-            raise UserError("--data is an alias of --train_file and both were given with different files; pass one")
-        args.train_file = args.data
     if args.dataset_name and args.train_file:
         raise UserError("both --dataset_name and --train_file were given; pass one data source")
     if not args.dataset_name and not args.train_file:
-        raise UserError("no data; pass --train_file FILE (.txt/.jsonl/.json/.csv/.parquet) or --dataset_name NAME")
+        from toolkit.data import embedded_documents
+
+        if args.validation_file:
+            raise UserError("--validation_file goes with --train_file; pass the training data too")
+        print(f"data: no --train_file or --dataset_name given: fine-tuning on {EMBEDDED_CORPUS} (plain text)")
+        return DatasetDict({"train": Dataset.from_dict({"text": embedded_documents()})})
     if args.train_file:
         files = {"train": args.train_file}
         if args.validation_file:
@@ -90,7 +70,7 @@ def _load(args: DataArguments):
             if not os.path.isfile(path):
                 raise UserError(f"--{'train' if split == 'train' else 'validation'}_file '{path}' does not exist; pass an existing file")
             exts.add(os.path.splitext(path)[1].lower())
-        builders = {_BUILDERS.get(ext) for ext in exts}
+        builders = {FILE_BUILDERS.get(ext) for ext in exts}
         if None in builders or len(builders) != 1:
             raise UserError(
                 f"cannot read {' and '.join(sorted(exts))} files; use .txt (plain text), .jsonl/.json, .csv or .parquet, "
@@ -103,7 +83,7 @@ def _load(args: DataArguments):
         except Exception as err:  # datasets raises many types for unreadable files
             raise UserError(f"could not read {args.train_file} as {builder} ({type(err).__name__}: {err}); check the file format") from None
     try:
-        data = load_dataset(args.dataset_name, args.dataset_config)
+        data = load_dataset(args.dataset_name, args.dataset_config_name)
     except (OSError, ValueError, ConnectionError) as err:
         raise UserError(
             f"could not load dataset '{args.dataset_name}' ({type(err).__name__}); pass a local dataset folder, "
@@ -133,7 +113,7 @@ def detect_format(columns: list[str], text_field: str = "text") -> str:
     )
 
 
-def load_sft_datasets(args: DataArguments, seed: int, text_field: str = "text"):
+def load_sft_datasets(args, seed: int, text_field: str = "text"):
     """(train, eval, format): eval is the validation file / test split, else a seeded hold-out of train."""
     data = _load(args)
     train = data["train"]

@@ -12,6 +12,7 @@ import os
 from typing import Iterable
 
 from toolkit.errors import UserError
+from toolkit.sources import is_local_path
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -46,8 +47,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """AutoTokenizer from a Hub name or a local folder, with a pad token (GPT-2 has none: use EOS)."""
     from transformers import AutoTokenizer
 
-    local = os.path.sep in name_or_path or name_or_path.startswith(".")
-    if local and not os.path.isdir(name_or_path):
+    if is_local_path(name_or_path) and not os.path.isdir(name_or_path):
         raise UserError(f"tokenizer folder '{name_or_path}' does not exist; pass a folder with tokenizer files or a Hub name")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)

@@ -1,21 +1,18 @@
-"""Configuration dataclasses for recipes/pretrain.py and the parser that reads them.
+"""The options of recipes/pretrain.py (and of recipes/onefile_train.py, which mirrors them).
 
-Flag names follow transformers' run_clm.py where one exists. `--config file.yaml` supplies values and
-`--key value` on the command line overrides them (trl's TrlParser does both). Unknown keys, in the
-YAML or on the command line, are errors.
+Flag names follow transformers' run_clm.py where one exists. Defaults that depend on the machine (bf16 on GPUs)
+come from `toolkit.args.resolve_defaults`, settings derived from other options from `derive_settings`: the
+recipe calls both where a reader sees them.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
 from transformers import TrainingArguments
 
-from toolkit.errors import UserError
-
+DEFAULT_OUTPUT_DIR = "out/pretrain"  # the main job's output; lora.py / qlora.py fine-tune it when given no base
 
 @dataclass
 class ModelArguments:
@@ -83,7 +80,7 @@ class DataArguments:
 class PretrainArguments(TrainingArguments):
     """transformers.TrainingArguments with defaults for GPT-2 pretraining and a few additions."""
 
-    output_dir: Optional[str] = field(default="out/pretrain", metadata={"help": "Where the model, checkpoints and logs go."})
+    output_dir: Optional[str] = field(default=DEFAULT_OUTPUT_DIR, metadata={"help": "Where the model, checkpoints and logs go."})
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing into an output_dir that already holds a run (otherwise refused)."}
     )
@@ -102,15 +99,16 @@ class PretrainArguments(TrainingArguments):
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     optim: str = field(default="adamw_torch_fused", metadata={"help": "Optimizer (transformers OptimizerNames)."})
     logging_steps: float = field(default=10, metadata={"help": "Log loss, lr, tokens/s and MFU every N steps."})
-    eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate: no, steps, epoch."})
+    eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate.", "choices": ["no", "steps", "epoch"]})
     eval_steps: Optional[float] = field(default=200, metadata={"help": "Evaluate every N steps."})
-    save_strategy: str = field(default="steps", metadata={"help": "When to checkpoint: no, steps, epoch."})
+    save_strategy: str = field(default="steps", metadata={"help": "When to checkpoint.", "choices": ["no", "steps", "epoch", "best"]})
     save_steps: float = field(default=200, metadata={"help": "Checkpoint every N steps."})
     save_total_limit: Optional[int] = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
     dataloader_drop_last: bool = field(default=True, metadata={"help": "Drop the last partial batch of an epoch (fixed shapes)."})
     report_to: Optional[str] = field(default="tensorboard", metadata={"help": "Loggers: tensorboard, none, wandb, ..."})
-    bf16: Optional[bool] = field(
-        default=None, metadata={"help": "bf16 mixed precision. Default: on for GPUs that support it, off (fp32) on CPU."}
+    bf16: bool = field(
+        default=False, metadata={"help": "bf16 mixed precision. Default: on for GPUs that support it, off (fp32) on CPU "
+                                        "(toolkit.args.resolve_defaults)."}
     )
     seed: int = field(default=42, metadata={"help": "Seed for initialisation and data order."})
     resume_from_checkpoint: Optional[str] = field(
@@ -135,58 +133,3 @@ class PretrainArguments(TrainingArguments):
     )
     sample_prompt: str = field(default="", metadata={"help": "Prompt for the sample generated at the end (empty: start of a document)."})
     sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of the generated sample printed at the end."})
-
-    def __post_init__(self):
-        import torch
-
-        if self.bf16 is None:
-            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-        elif self.bf16 and not torch.cuda.is_available():
-            from toolkit.flops import cpu_bf16_speedup
-
-            speedup = cpu_bf16_speedup()
-            if speedup < 1.0:
-                raise UserError(f"--bf16 on a CPU without fast bf16 (bf16 matmul measured {1 / speedup:.0f}x slower than fp32 "
-                                "here); drop --bf16: CPU runs use fp32")
-        elif self.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-            raise UserError("--bf16 on a GPU without bf16 support; drop --bf16 or use --fp16 on this GPU")
-        if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 and "--use_cpu" not in sys.argv:
-            self.use_cpu = True  # several ranks on a machine without GPUs: join one gloo group instead of N copies
-        if not torch.cuda.is_available():
-            self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
-        if self.lr_scheduler_type == "cosine_with_min_lr" and not self.lr_scheduler_kwargs:
-            self.lr_scheduler_kwargs = {"min_lr_rate": 0.1}
-        super().__post_init__()
-        if self.global_batch_size is not None:
-            per_step = self.per_device_train_batch_size * self.world_size
-            if self.global_batch_size % per_step:
-                raise UserError(f"--global_batch_size {self.global_batch_size} is not divisible by per-device batch "
-                                f"{self.per_device_train_batch_size} x {self.world_size} processes; pick a multiple of {per_step}")
-            self.gradient_accumulation_steps = self.global_batch_size // per_step
-
-
-def parse_args(dataclass_types, argv: list[str] | None = None):
-    """Parse `--config file.yaml` + CLI overrides into the given dataclasses; errors are one line."""
-    from trl import TrlParser
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = TrlParser(dataclass_types)
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise UserError("--config needs a YAML file path, e.g. --config recipes/configs/pretrain_gpt2-micro.yaml")
-        try:
-            open(argv[i + 1]).close()
-        except OSError as err:
-            raise UserError(f"cannot read config file '{argv[i + 1]}' ({err.strerror}); check the path") from None
-    try:
-        return parser.parse_args_and_config(argv)
-    except ValueError as err:
-        message = str(err).splitlines()[0]
-        if "Unknown arguments from config file" in message:
-            unknown = message.split(":", 1)[1].split(". Please")[0].strip()
-            raise UserError(f"unknown key(s) in the YAML config: {unknown}; remove them or fix the spelling (see --help)") from None
-        if "not used by the HfArgumentParser" in message:
-            unknown = message.split(":", 1)[1].strip()
-            raise UserError(f"unknown command-line option(s): {unknown}; fix the spelling (see --help)") from None
-        raise UserError(f"invalid configuration: {message}") from None

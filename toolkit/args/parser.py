@@ -1,0 +1,234 @@
+"""One parser for every recipe: `--config file.yaml`, then `--key value` overrides, then range checks.
+
+Order of precedence, lowest first: the dataclass field defaults, the recipe's `defaults` (what
+`toolkit.args.resolve_defaults` picked for this machine), the YAML file, the command line. Unknown keys, in
+the YAML or on the command line, are errors, and so is any numeric option outside its valid range
+(`RANGES`): every such mistake is one line naming the option, the value and the fix, before any data or
+model work starts.
+
+Also accepted, for people arriving with other tools' commands: dash forms (`--n-layer 48` = `--n_layer 48`),
+`--steps` (= `--max_steps`), `--data` (= `--train_file`), `--model` (a preset name for pretraining, else
+`--model_name_or_path`), `--gradient_checkpointing` (transformers' older name of `--activation_checkpointing`)
+and `--dataset_config` (trl's name of `--dataset_config_name`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+from toolkit.errors import UserError
+
+# Other names of options: key -> canonical name. "model" depends on the value (see _canonical_name).
+ALIASES = {
+    "steps": "max_steps",
+    "data": "train_file",
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+    "dataset_config": "dataset_config_name",
+    "out_dir": "output_dir",
+}
+
+
+@dataclass(frozen=True)
+class Range:
+    """A closed or half-open interval for a numeric option, with the unit a user reads in the error."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    also: tuple = ()  # values allowed outside the interval (e.g. -1 = "not set" for max_steps)
+
+    def holds(self, value) -> bool:
+        if value in self.also:
+            return True
+        if isinstance(value, float) and math.isnan(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            return False
+        return True
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            text = f"{'above' if self.low_open else 'at least'} {self.low:g}"
+        else:
+            text = f"{'below' if self.high_open else 'at most'} {self.high:g}"
+        return text + "".join(f" (or {v})" for v in self.also)
+
+
+AT_LEAST_1 = Range(1)  # sizes and counts
+AT_LEAST_0 = Range(0)
+POSITIVE = Range(0, low_open=True)
+FRACTION = Range(0, 1, high_open=True)  # dropout and friends
+BETA = Range(0, 1, high_open=True)
+PERCENT = Range(0, 100, low_open=True, high_open=True)
+
+# Every numeric option of every recipe and toolkit command, with its valid range. One table, so an option shared
+# by several recipes is checked the same way in all of them.
+RANGES: dict[str, Range] = {
+    # training loop (transformers.TrainingArguments and our additions)
+    "per_device_train_batch_size": AT_LEAST_1, "per_device_eval_batch_size": AT_LEAST_1,
+    "gradient_accumulation_steps": AT_LEAST_1, "global_batch_size": AT_LEAST_1,
+    "max_steps": Range(1, also=(-1,)), "num_train_epochs": POSITIVE,
+    "learning_rate": POSITIVE, "warmup_steps": AT_LEAST_0, "warmup_ratio": FRACTION, "weight_decay": AT_LEAST_0,
+    "adam_beta1": BETA, "adam_beta2": BETA, "adam_epsilon": POSITIVE, "max_grad_norm": AT_LEAST_0,
+    "logging_steps": POSITIVE, "eval_steps": POSITIVE, "save_steps": POSITIVE, "save_total_limit": AT_LEAST_1,
+    "seed": AT_LEAST_0, "ddp_timeout": AT_LEAST_1, "dataloader_num_workers": AT_LEAST_0,
+    "eval_accumulation_steps": AT_LEAST_1, "sample_max_new_tokens": AT_LEAST_0,
+    # model shape
+    "n_layer": AT_LEAST_1, "n_head": AT_LEAST_1, "n_embd": AT_LEAST_1, "n_positions": AT_LEAST_1,
+    "dropout": FRACTION, "vocab_size": Range(257), "pad_vocab_to_multiple_of": AT_LEAST_1,
+    # data
+    "block_size": Range(2), "validation_split_percentage": PERCENT, "streaming_eval_blocks": AT_LEAST_1,
+    "preprocessing_num_workers": AT_LEAST_1, "max_length": Range(2), "max_train_samples": AT_LEAST_1,
+    "max_eval_samples": AT_LEAST_1,
+    # LoRA
+    "lora_r": AT_LEAST_1, "lora_alpha": POSITIVE, "lora_dropout": FRACTION,
+}
+
+
+def check_ranges(values: dict, ranges: dict[str, Range] | None = None) -> None:
+    """Raise a one-line UserError for the first option outside its range (None means "not set" and passes)."""
+    for name, allowed in (ranges or RANGES).items():
+        value = values.get(name)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not allowed.holds(value):
+            raise UserError(f"--{name} {value:g} is out of range: it must be {allowed.describe()}; pass a value in range "
+                            f"(see --help)")
+
+
+def _canonical_name(name: str, value: str | None, fields: set[str]) -> str:
+    name = name.replace("-", "_")
+    if name == "model" and "model" not in fields:
+        from toolkit.presets import PRESETS
+
+        return "preset" if "preset" in fields and value in PRESETS else "model_name_or_path"
+    return ALIASES.get(name, name)
+
+
+def normalize_argv(argv: list[str], fields: set[str]) -> list[str]:
+    """Dash forms and aliases -> the canonical `--snake_case` names; values are left alone."""
+    out: list[str] = []
+    for i, token in enumerate(argv):
+        if token.startswith("--") and len(token) > 2 and (i == 0 or not _takes_dash_value(argv[i - 1])):
+            name, eq, value = token[2:].partition("=")
+            following = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+            token = f"--{_canonical_name(name, following, fields)}{eq}{value}"
+        out.append(token)
+    return out
+
+
+def _takes_dash_value(previous: str) -> bool:
+    # a value that starts with "--" only follows options that take free text (a prompt); keep it as typed
+    return previous in ("--sample_prompt", "--prompt")
+
+
+class _Parser:
+    """transformers' HfArgumentParser (dataclass fields -> argparse) with errors turned into one line."""
+
+    def __init__(self, dataclass_types):
+        from transformers import HfArgumentParser
+
+        class OneLineErrors(HfArgumentParser):
+            def error(self, message):  # argparse's default prints the whole usage block and exits
+                raise UserError(f"{message}; see --help")
+
+        self.types = list(dataclass_types)
+        self.hf = OneLineErrors(self.types)
+        self.fields = {f.name for t in self.types for f in dataclasses.fields(t) if f.init}
+
+    def set_defaults(self, values: dict, source: str) -> None:
+        unknown = []
+        for key, value in values.items():
+            name = _canonical_name(str(key), value if isinstance(value, str) else None, self.fields)
+            if name not in self.fields:
+                unknown.append(str(key))
+                continue
+            for action in self.hf._actions:
+                if action.dest == name:
+                    action.default, action.required = value, False
+        if unknown:
+            raise UserError(f"unknown key(s) in {source}: {', '.join(unknown)}; remove them or fix the spelling (see --help)")
+
+
+def load_yaml_config(path: str) -> dict:
+    """A YAML mapping; broken syntax is one line with the file, line and column."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+    except OSError as err:
+        raise UserError(f"cannot read config file '{path}' ({err.strerror}); check the path") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"config file '{path}' is not valid YAML{where} ({problem}); fix the syntax there") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise UserError(f"config file '{path}' must hold a mapping of option: value lines, not a {type(config).__name__}")
+    env = config.pop("env", {})  # trl's convention: environment variables for the run
+    if not isinstance(env, dict):
+        raise UserError(f"'env' in config file '{path}' must be a mapping of NAME: value")
+    for key, value in env.items():
+        os.environ[str(key)] = str(value)
+    return config
+
+
+def parse(dataclass_types, argv: list[str] | None = None, defaults: dict | None = None) -> tuple:
+    """Parse `--config file.yaml` + command-line overrides into instances of `dataclass_types`, in that order."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _Parser(dataclass_types)
+    if defaults:
+        parser.set_defaults(defaults, "the recipe's defaults")
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise UserError("--config needs a YAML file path, e.g. --config recipes/configs/pretrain_gpt2-micro.yaml")
+        path = argv[i + 1]
+        argv = argv[:i] + argv[i + 2:]
+        parser.set_defaults(load_yaml_config(path), f"the YAML config '{path}'")
+    namespace, unknown = parser.hf.parse_known_args(normalize_argv(argv, parser.fields))
+    if unknown:
+        raise UserError(f"unknown command-line option(s): {' '.join(unknown)}; fix the spelling (see --help)")
+    values = vars(namespace)
+    check_ranges(values)
+    check_precision(values)
+    outputs = []
+    for dtype in parser.types:
+        keys = {f.name for f in dataclasses.fields(dtype) if f.init}
+        try:
+            outputs.append(dtype(**{k: v for k, v in values.items() if k in keys}))
+        except ValueError as err:  # transformers' and trl's own checks of option combinations
+            raise UserError(f"invalid configuration: {str(err).strip().splitlines()[0]}") from None
+    return tuple(outputs)
+
+
+def check_precision(values: dict) -> None:
+    """--bf16 where it cannot run well: a GPU without bf16, or a CPU whose bf16 matmuls are slower than fp32."""
+    if not values.get("bf16"):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        if not torch.cuda.is_bf16_supported():
+            raise UserError("--bf16 on a GPU without bf16 support; drop --bf16 or use --fp16 on this GPU")
+        return
+    from toolkit.flops import cpu_bf16_speedup
+
+    speedup = cpu_bf16_speedup()
+    if speedup < 1.0:
+        raise UserError(f"--bf16 on a CPU without fast bf16 (bf16 matmul measured {1 / speedup:.0f}x slower than fp32 "
+                        "here); drop --bf16: CPU runs use fp32")
+    values["use_cpu"] = True  # transformers refuses bf16 without a GPU unless told the run is on the CPU
