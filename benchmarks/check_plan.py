@@ -360,7 +360,7 @@ def replan(row: dict, meta: dict) -> None:
     from toolkit import plan
     from toolkit.flops import flops_per_token
 
-    shape = plan._shape_from_config(row["config"], "recorded config")
+    shape = plan.shape_from_config(row["config"], "recorded config")
     s = plan.Setup(task=row["task"], device="cpu", num_devices=row["procs"], device_memory=meta["ram"],
                    batch_size=row["batch"], seq_len=row["seq"], precision="fp32", gradient_checkpointing=row["ckpt"],
                    attn=row["attn"])

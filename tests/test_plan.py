@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from toolkit import plan
+from toolkit.presets import count_parameters
 
 GiB = plan.GiB
 
@@ -38,7 +39,7 @@ def test_local_config_json_is_read(tmp_path):
         {"model_type": "gpt2", "n_layer": 3, "n_embd": 96, "n_head": 4, "vocab_size": 1000, "n_positions": 64}))
     sh = plan.load_shape(str(tmp_path), "lora")
     assert (sh.n_layer, sh.n_embd, sh.vocab_size) == (3, 96, 1000)
-    assert sh.n_params == plan.count_parameters(3, 96, 1000, 64)
+    assert sh.n_params == count_parameters(3, 96, 1000, 64)
 
 
 def test_fsdp2_sharded_state_shrinks_as_one_over_n():
