@@ -52,7 +52,9 @@ class Plan:
 
 
 def make_plan(shape: Shape, s: Setup, strategy: str = "auto", peak_flops: float | None = None) -> Plan:
-    gib = lambda x: f"{x / GiB:.2f} GiB"  # noqa: E731
+    def gib(x: float) -> str:
+        return f"{x / GiB:.2f} GiB"
+
     where = "GPU" if s.device == "cuda" else "process"
     table_strategies = _table_strategies(s)
     estimates = [estimate(shape, s, st) for st in table_strategies]
@@ -73,7 +75,8 @@ def make_plan(shape: Shape, s: Setup, strategy: str = "auto", peak_flops: float 
         while batches[-1] > 1:
             batches.append(batches[-1] // 2)
         cands = candidates(s)
-        ordered = [(c, b) for offload in (False, True) for b in batches for c in cands if (c[0] == "fsdp_offload") == offload]
+        ordered = [(c, b) for offload in (False, True) for b in batches for c in cands
+                   if (c[0] == "fsdp_offload") == offload]
         for (st, ck), b in ordered:
             ga = s.grad_accum * max(1, s.batch_size // b)
             est = estimate(shape, s, st, ck, batch_size=b, grad_accum=ga)
@@ -92,26 +95,31 @@ def make_plan(shape: Shape, s: Setup, strategy: str = "auto", peak_flops: float 
             if choice.batch_size != s.batch_size:
                 reasons.append(f"micro-batch {s.batch_size} does not fit"
                                f"{'' if choice.strategy == 'fsdp_offload' else ' without CPU offload'}; micro-batch "
-                               f"{choice.batch_size} with gradient accumulation {choice.grad_accum} keeps the global batch")
+                               f"{choice.batch_size} with gradient accumulation {choice.grad_accum} keeps the "
+                               f"global batch")
                 at = f" at micro-batch {choice.batch_size}"
-            reasons.append(f"{choice.name}{at}: {gib(choice.total)}/{where} fits in {gib(choice.capacity)} ({pct:.0f}%)")
+            reasons.append(f"{choice.name}{at}: {gib(choice.total)}/{where} fits in {gib(choice.capacity)} "
+                           f"({pct:.0f}%)")
             if choice.strategy in ("single", "ddp") and s.task in ("pretrain", "full") and s.num_devices > 1:
-                reasons.append("FSDP2 not needed: every device holds the whole model and optimizer, no parameter all-gathers")
+                reasons.append("FSDP2 not needed: every device holds the whole model and optimizer, "
+                               "no parameter all-gathers")
             if choice.strategy == "fsdp":
+                ddp = estimate(shape, s, "ddp", choice.gradient_checkpointing, choice.batch_size, choice.grad_accum)
                 reasons.append(f"FSDP2 shards parameters, gradients and AdamW state over {s.num_devices} devices "
-                               f"(1/{s.num_devices} each); DDP would need "
-                               f"{gib(estimate(shape, s, 'ddp', choice.gradient_checkpointing, choice.batch_size, choice.grad_accum).total)}")
+                               f"(1/{s.num_devices} each); DDP would need {gib(ddp.total)}")
             if pct > 90:
-                reasons.append("tight: above 90% of the memory; fragmentation may push it over, consider a smaller micro-batch")
+                reasons.append("tight: above 90% of the memory; fragmentation may push it over, "
+                               "consider a smaller micro-batch")
             if s.device == "cpu":
                 # measured by benchmarks/check_plan.py --default_malloc (calibration.json: cpu_default_malloc_margin)
                 reasons.append(f"CPU: with the recipes' allocator defaults the resident set ran up to "
                                f"{CPU_DEFAULT_MALLOC_MARGIN:.0%} above this "
-                               "(freed blocks stay in the heap for speed); MALLOC_MMAP_THRESHOLD_=131072 gives this figure")
+                               "(freed blocks stay in the heap for speed); "
+                               "MALLOC_MMAP_THRESHOLD_=131072 gives this figure")
         else:
-            reasons.append("nothing fits, even at micro-batch 1 with gradient checkpointing" +
-                           ("; use --task qlora (4-bit base weights) or a smaller model" if s.task in ("full", "lora") else
-                            "; use a smaller model or more devices" if s.task != "qlora" else "; use a smaller model"))
+            fix = ("; use --task qlora (4-bit base weights) or a smaller model" if s.task in ("full", "lora") else
+                   "; use a smaller model or more devices" if s.task != "qlora" else "; use a smaller model")
+            reasons.append("nothing fits, even at micro-batch 1 with gradient checkpointing" + fix)
     plan = Plan(shape, s, estimates, choice, reasons)
     if choice is not None:
         plan.accelerate_config, plan.command = command_for(shape, s, choice)
@@ -169,7 +177,8 @@ def command_for(shape: Shape, s: Setup, est: Estimate) -> tuple[str, str]:
         if not s.double_quant and s.task == "qlora":
             args.append("--no_use_bnb_nested_quant")
         if (not cpu or s.task == "qlora") and not est.gradient_checkpointing:
-            args.append("--gradient_checkpointing false")  # the LoRA recipes checkpoint by default on CUDA, qlora.py on CPU too
+            # the LoRA recipes checkpoint by default on CUDA, qlora.py on CPU too
+            args.append("--gradient_checkpointing false")
     if s.attn != "sdpa":
         args.append(f"--attn_implementation {s.attn}")
     if cpu and est.strategy != "single":

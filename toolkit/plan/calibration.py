@@ -19,12 +19,14 @@ CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 def read(path: str | Path = CALIBRATION_FILE) -> dict:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-        if not isinstance(data.get("sections"), dict):
-            raise ValueError("no 'sections'")
-    except (OSError, ValueError, AttributeError) as err:
-        raise RuntimeError(f"cannot read the planner's calibration file {path} ({err}); reinstall gpt2-toolkit or "
-                           f"restore toolkit/plan/calibration.json from git") from None
-    return data
+    except (OSError, ValueError) as err:
+        problem = str(err)
+    else:
+        if isinstance(data, dict) and isinstance(data.get("sections"), dict):
+            return data
+        problem = "no 'sections' object"
+    raise RuntimeError(f"cannot read the planner's calibration file {path} ({problem}); reinstall gpt2-toolkit or "
+                       f"restore toolkit/plan/calibration.json from git")
 
 
 def constants(data: dict) -> dict:

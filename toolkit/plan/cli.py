@@ -61,36 +61,46 @@ def build_parser() -> argparse.ArgumentParser:
                     "GPT-2 training, the recipe and accelerate config that fit, and the command to run.",
     )
     m = p.add_argument_group("model")
-    m.add_argument("--model", default="gpt2", help=f"preset ({', '.join(PRESETS)}), a folder/config.json, or a Hub name")
+    m.add_argument("--model", default="gpt2",
+                   help=f"preset ({', '.join(PRESETS)}), a folder/config.json, or a Hub name")
     m.add_argument("--config_overrides", default=None, help="e.g. 'n_layer=24,n_embd=1024'")
     for key in ("n_layer", "n_head", "n_embd", "n_positions"):
         m.add_argument(f"--{key}", type=int, default=None)
-    m.add_argument("--vocab_size", type=int, default=None, help="tokenizer size (default: GPT-2's 50257; pretraining pads it to 64)")
+    m.add_argument("--vocab_size", type=int, default=None,
+                   help="tokenizer size (default: GPT-2's 50257; pretraining pads it to 64)")
     m.add_argument("--pad_vocab_to_multiple_of", type=int, default=64)
     t = p.add_argument_group("training")
-    t.add_argument("--task", default="pretrain", choices=TASKS, help="pretrain (from scratch), full (fine-tune all weights), lora, qlora")
+    t.add_argument("--task", default="pretrain", choices=TASKS,
+                   help="pretrain (from scratch), full (fine-tune all weights), lora, qlora")
     t.add_argument("--batch_size", type=int, default=None, help="micro-batch per device (default 8 on GPU, 4 on CPU)")
-    t.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default: n_positions on GPU, 256 on CPU)")
+    t.add_argument("--seq_len", type=int, default=None,
+                   help="tokens per sequence (default: n_positions on GPU, 256 on CPU)")
     t.add_argument("--grad_accum", type=int, default=1, help="gradient accumulation steps")
-    t.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="auto: bf16 on GPU, fp32 on CPU")
-    t.add_argument("--gradient_checkpointing", action="store_true", help="force checkpointing (auto-considered when needed)")
+    t.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="auto: bf16 on GPU, fp32 on CPU")
+    t.add_argument("--gradient_checkpointing", action="store_true",
+                   help="force checkpointing (auto-considered when needed)")
     t.add_argument("--optimizer", default="adamw", choices=tuple(OPTIMIZERS))
     t.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"))
     t.add_argument("--lora_r", type=int, default=16)
-    t.add_argument("--lora_targets", default="all", help="recipes/lora.py preset (all, attention, attention-qv, mlp) or "
-                   "module names, comma-separated (c_attn,c_proj,c_fc; default all)")
+    t.add_argument("--lora_targets", default="all",
+                   help="recipes/lora.py preset (all, attention, attention-qv, mlp) or "
+                        "module names, comma-separated (c_attn,c_proj,c_fc; default all)")
     t.add_argument("--lora_dropout", type=float, default=0.05)
     t.add_argument("--no_double_quant", action="store_true", help="QLoRA without double quantisation of the absmax")
     h = p.add_argument_group("hardware (default: detect)")
     h.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     h.add_argument("--num_devices", type=int, default=None, help="GPUs (or CPU processes)")
-    h.add_argument("--device_memory", default=None, help="memory per GPU (e.g. 8GB) or, on CPU, the RAM all processes share")
+    h.add_argument("--device_memory", default=None,
+                   help="memory per GPU (e.g. 8GB) or, on CPU, the RAM all processes share")
     h.add_argument("--gpu", default=None, help=f"card name for memory and peak FLOP/s: {', '.join(GPU_MEMORY_GIB)}")
     o = p.add_argument_group("output")
-    o.add_argument("--strategy", default="auto", choices=("auto",) + STRATEGIES, help="force one strategy instead of choosing")
+    o.add_argument("--strategy", default="auto", choices=("auto", *STRATEGIES),
+                   help="force one strategy instead of choosing")
     o.add_argument("--json", action="store_true", help="print the plan as JSON")
     o.add_argument("--plot", default=None, help="write a stacked bar chart of the memory per strategy to this PNG")
-    o.add_argument("--no_flops_benchmark", action="store_true", help="CPU: skip the 0.5 s matmul benchmark (no tokens/s estimate)")
+    o.add_argument("--no_flops_benchmark", action="store_true",
+                   help="CPU: skip the 0.5 s matmul benchmark (no tokens/s estimate)")
     return p
 
 
@@ -135,11 +145,13 @@ def setup_from_args(args) -> tuple[Shape, Setup, float | None]:
     precision = args.precision if args.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
     seq_len = args.seq_len or (shape.n_positions if device == "cuda" else min(256, shape.n_positions))
     if seq_len > shape.n_positions:
-        raise UserError(f"--seq_len {seq_len} is longer than the model's n_positions={shape.n_positions}; lower --seq_len")
+        raise UserError(f"--seq_len {seq_len} is longer than the model's n_positions={shape.n_positions}; "
+                        f"lower --seq_len")
     cpu_ram = (hw or {}).get("cpu_ram") or 0.0
     s = Setup(task=args.task, device=device, num_devices=num, device_memory=memory,
               gpu_name=args.gpu or (hw or {}).get("gpu_name", ""),
-              batch_size=args.batch_size or (8 if device == "cuda" else 4), seq_len=seq_len, grad_accum=args.grad_accum,
+              batch_size=args.batch_size or (8 if device == "cuda" else 4), seq_len=seq_len,
+              grad_accum=args.grad_accum,
               precision=precision, gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
               attn=args.attn, lora_r=args.lora_r, lora_targets=targets, lora_dropout=args.lora_dropout,
               double_quant=not args.no_double_quant, cpu_ram=cpu_ram if device == "cuda" else 0.0)
@@ -168,7 +180,8 @@ def _match_gpu(name: str, table: dict | None = None, required: bool = True) -> s
         if all(part in norm.split() or part in norm for part in key.upper().replace("-", " ").split()):
             return key
     if required:
-        raise UserError(f"unknown GPU '{name}'; pass --device_memory (e.g. 24GB) or one of: {', '.join(GPU_MEMORY_GIB)}")
+        raise UserError(f"unknown GPU '{name}'; pass --device_memory (e.g. 24GB) or one of: "
+                        f"{', '.join(GPU_MEMORY_GIB)}")
     return None
 
 
@@ -181,11 +194,12 @@ def render(plan: Plan) -> str:
     sh, s = plan.shape, plan.setup
     dev = (f"{s.num_devices} x {s.gpu_name or 'GPU'} ({s.device_memory / GiB:.0f} GiB each)" if s.device == "cuda"
            else f"CPU, {s.num_devices} process(es) sharing {s.device_memory / GiB:.1f} GiB RAM")
+    lora = f", LoRA r={s.lora_r} on {','.join(s.lora_targets)}" if s.task in ("lora", "qlora") else ""
     lines = [
-        f"Model: {sh.source}: {sh.n_params:,} parameters (n_layer={sh.n_layer}, n_embd={sh.n_embd}, n_head={sh.n_head}, "
-        f"vocab={sh.vocab_size})",
-        f"Task: {s.task}; micro-batch {s.batch_size} x {s.seq_len} tokens, grad accum {s.grad_accum}, {s.precision}, "
-        f"{s.optimizer}, {s.attn} attention" + (f", LoRA r={s.lora_r} on {','.join(s.lora_targets)}" if s.task in ("lora", "qlora") else ""),
+        (f"Model: {sh.source}: {sh.n_params:,} parameters (n_layer={sh.n_layer}, n_embd={sh.n_embd}, "
+         f"n_head={sh.n_head}, vocab={sh.vocab_size})"),
+        (f"Task: {s.task}; micro-batch {s.batch_size} x {s.seq_len} tokens, grad accum {s.grad_accum}, "
+         f"{s.precision}, {s.optimizer}, {s.attn} attention" + lora),
         f"Hardware: {dev}",
         "",
         "Memory per device (GiB)" + (" - per process on CPU" if s.device == "cpu" else ""),
@@ -218,7 +232,10 @@ def render(plan: Plan) -> str:
 def _columns(plan: Plan) -> list[Estimate]:
     """The table's strategies at the requested settings, plus the recommendation when it differs from all of them."""
     ests = list(plan.estimates)
-    key = lambda e: (e.strategy, e.gradient_checkpointing, e.batch_size)  # noqa: E731
+
+    def key(e: Estimate) -> tuple:
+        return e.strategy, e.gradient_checkpointing, e.batch_size
+
     if plan.choice is not None and key(plan.choice) not in {key(e) for e in ests}:
         ests.append(plan.choice)
     return ests

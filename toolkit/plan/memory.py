@@ -89,8 +89,8 @@ def resolve_lora_targets(text: str) -> tuple[str, ...]:
         for name in LORA_TARGET_PRESETS.get(item, [item]):
             kinds = [m for m in LORA_MODULES if m == name or m.endswith("." + name)]
             if not kinds:
-                raise UserError(f"unknown --lora_targets '{item}'; use a preset ({', '.join(LORA_TARGET_PRESETS)}) or GPT-2 "
-                                f"module names (c_attn, c_proj, attn.c_proj, c_fc, mlp.c_proj)")
+                raise UserError(f"unknown --lora_targets '{item}'; use a preset ({', '.join(LORA_TARGET_PRESETS)}) "
+                                f"or GPT-2 module names (c_attn, c_proj, attn.c_proj, c_fc, mlp.c_proj)")
             out += kinds
     if not out:
         raise UserError("--lora_targets is empty; use e.g. all, attention or c_attn,c_proj")
@@ -214,9 +214,11 @@ def estimate(shape: Shape, s: Setup, strategy: str, checkpointing: bool | None =
             # absmax per 64-weight block: fp32 (4/64 bytes per weight), or with double quantisation an 8-bit absmax
             # (1/64) plus an fp32 constant per 256 blocks.
             quant = linear * ((1 / 64 + 4 / (64 * 256)) if s.double_quant else 4 / 64)
+            dtype = "bf16" if mixed else "fp32"
             details["parameters"] = (f"{linear / 1e6:.1f}M NF4 linear weights + {(N - linear) / 1e6:.1f}M "
-                                     f"{'bf16' if mixed else 'fp32'} + {trainable / 1e6:.2f}M LoRA {'bf16' if mixed else 'fp32'}")
-            details["quantization"] = "absmax per 64 weights" + (" (double-quantised)" if s.double_quant else " (fp32)")
+                                     f"{dtype} + {trainable / 1e6:.2f}M LoRA {dtype}")
+            details["quantization"] = "absmax per 64 weights" + (
+                " (double-quantised)" if s.double_quant else " (fp32)")
     working = 0.0  # weights materialised only while computing
     if mixed and s.task in ("pretrain", "full") and strategy in ("single", "ddp"):
         # autocast caches a bf16 copy of every matmul weight (the tied head too); backward keeps them.
@@ -235,7 +237,8 @@ def estimate(shape: Shape, s: Setup, strategy: str, checkpointing: bool | None =
     optim = OPTIMIZERS[s.optimizer] * trainable / shard
     buckets = 0.0
     if strategy == "ddp" and n > 1:
-        buckets = 4.0 * trainable  # DDP all-reduce buckets: a second copy of the gradients (gradient_as_bucket_view=False)
+        # DDP all-reduce buckets: a second copy of the gradients (gradient_as_bucket_view=False)
+        buckets = 4.0 * trainable
     fsdp_grad_transient = 0.0
     if strategy in ("fsdp", "fsdp_offload"):
         rbytes = 2 if mixed else 4
@@ -292,7 +295,8 @@ def estimate(shape: Shape, s: Setup, strategy: str, checkpointing: bool | None =
         details["gradients"] = f"fp32 / {shard} ranks + unsharded root/block grads in flight"
     details["optimizer"] = f"{s.optimizer} ({OPTIMIZERS[s.optimizer]:g} bytes per trainable parameter)"
     details["activations"] = (f"micro-batch {b} x {s.seq_len} tokens, {s.attn}, "
-                              f"{'checkpointed' if ckpt else 'no checkpointing'}, {'bf16 autocast' if mixed else 'fp32'}")
+                              f"{'checkpointed' if ckpt else 'no checkpointing'}, "
+                              f"{'bf16 autocast' if mixed else 'fp32'}")
     capacity = s.device_memory / (n if s.device == "cpu" else 1)  # CPU processes share the machine's RAM
     fits = total <= capacity and (not host or not s.cpu_ram or host * n <= s.cpu_ram)
     return Estimate(strategy, ckpt, b, ga, components, details, total, capacity, fits, host, peak_moment)

@@ -36,7 +36,8 @@ class Shape:
     @property
     def block_params(self) -> int:
         d, f = self.n_embd, self.inner
-        return (3 * d * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d) + 4 * d  # c_attn, c_proj, c_fc, c_proj, 2 LN
+        # c_attn, attn.c_proj, c_fc, mlp.c_proj, two LayerNorms
+        return (3 * d * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d) + 4 * d
 
     @property
     def block_linear_weights(self) -> int:
@@ -46,7 +47,8 @@ class Shape:
     @property
     def n_params(self) -> int:
         if self.n_inner in (None, 4 * self.n_embd):
-            return count_parameters(self.n_layer, self.n_embd, self.vocab_size, self.n_positions, self.tie_word_embeddings)
+            return count_parameters(self.n_layer, self.n_embd, self.vocab_size, self.n_positions,
+                                    self.tie_word_embeddings)
         embed = self.vocab_size * self.n_embd + self.n_positions * self.n_embd
         head = 0 if self.tie_word_embeddings else self.vocab_size * self.n_embd
         return embed + self.n_layer * self.block_params + 2 * self.n_embd + head
@@ -72,13 +74,14 @@ def load_shape(model: str, task: str, overrides: dict | None = None, vocab_size:
         shape = shape_from_config(_read_config(model), model)
         if vocab_size:
             shape.vocab_size = vocab_size
-    known = {"n_layer", "n_embd", "n_head", "vocab_size", "n_positions", "n_inner", "activation_function", "tie_word_embeddings",
-             "resid_pdrop", "embd_pdrop", "attn_pdrop"}
+    known = {"n_layer", "n_embd", "n_head", "vocab_size", "n_positions", "n_inner", "activation_function",
+             "tie_word_embeddings", "resid_pdrop", "embd_pdrop", "attn_pdrop"}
     for key, value in overrides.items():
         if key in known and value is not None:
             setattr(shape, key, value)
     if shape.n_embd % shape.n_head:
-        raise UserError(f"n_embd={shape.n_embd} is not divisible by n_head={shape.n_head}; pick n_head dividing n_embd")
+        raise UserError(f"n_embd={shape.n_embd} is not divisible by n_head={shape.n_head}; "
+                        f"pick n_head dividing n_embd")
     return shape
 
 
@@ -91,16 +94,18 @@ def _read_config(model: str) -> dict:
             with open(path, encoding="utf-8") as f:
                 return json.load(f)
         except (OSError, ValueError) as err:
-            raise UserError(f"cannot read '{path}' as a config.json ({err}); pass a save_pretrained folder or a preset") from None
+            raise UserError(f"cannot read '{path}' as a config.json ({err}); pass a save_pretrained folder "
+                            f"or a preset") from None
     if os.path.sep in model or model.startswith("."):
-        raise UserError(f"model '{model}' is neither a preset ({', '.join(PRESETS)}) nor an existing folder/config.json; check the path")
+        raise UserError(f"model '{model}' is neither a preset ({', '.join(PRESETS)}) nor an existing "
+                        f"folder/config.json; check the path")
     from huggingface_hub import hf_hub_download
 
     for local_only in (True, False):  # the local Hub cache first: works offline and costs no request
         try:
             with open(hf_hub_download(model, "config.json", local_files_only=local_only), encoding="utf-8") as f:
                 return json.load(f)
-        except Exception as err:  # offline, unknown repo, gated: all mean "cannot get the config here"
+        except Exception as err:  # noqa: BLE001 - offline, unknown repo, gated: all mean "cannot get the config here"
             error = err
     raise UserError(f"cannot fetch config.json of '{model}' from the Hub ({type(error).__name__}); pass a preset "
                     f"({', '.join(PRESETS)}) or a local folder with config.json") from None
@@ -108,7 +113,8 @@ def _read_config(model: str) -> dict:
 
 def shape_from_config(cfg: dict, source: str) -> Shape:
     if cfg.get("model_type", "gpt2") != "gpt2":
-        raise UserError(f"'{source}' is a {cfg.get('model_type')} model; the planner's formulas are for GPT-2 (model_type gpt2)")
+        raise UserError(f"'{source}' is a {cfg.get('model_type')} model; the planner's formulas are for GPT-2 "
+                        f"(model_type gpt2)")
     try:
         return Shape(n_layer=int(cfg["n_layer"]), n_embd=int(cfg["n_embd"]), n_head=int(cfg["n_head"]),
                      vocab_size=int(cfg["vocab_size"]), n_positions=int(cfg.get("n_positions", 1024)),
