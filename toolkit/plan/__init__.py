@@ -1,0 +1,94 @@
+"""`toolkit plan`: how much memory a GPT-2 training run needs per device, and which recipe to run.
+
+    toolkit plan --model gpt2 --task pretrain --num_devices 4 --device_memory 8GB --batch_size 8 --seq_len 1024
+    toolkit plan --model gpt2-medium --task qlora --device cuda --device_memory 8GB --json
+    python -m toolkit.plan --help
+
+Why hand-written: accelerate's `estimate-memory` counts weights only (batch 1, no activations, accelerate#2512)
+and no framework models the HF GPT-2 implementation's activations, DDP buckets or FSDP2's working set.
+
+One concern per module:
+  shapes       the model's shape from a preset, a config.json (local or Hub) and overrides
+  memory       the memory formulas per device and strategy (Setup -> Estimate)
+  calibration  the fitted constants, read from calibration.json (date, machine and command of each)
+  speed        the throughput estimate
+  advice       the decision between strategies, the reasons, the exact command
+  cli          options, hardware detection, text/JSON/PNG output
+"""
+
+from toolkit.plan.advice import Plan, candidates, command_for, make_plan
+from toolkit.plan.calibration import (
+    ASSUMED_MFU,
+    CPU_DEFAULT_MALLOC_MARGIN,
+    CPU_DISTRIBUTED_OVERHEAD,
+    CPU_OVERHEAD,
+    GPU_ALLOCATOR_SLACK,
+    GPU_CONTEXT,
+    GiB,
+    MiB,
+)
+from toolkit.plan.cli import (
+    GPU_MEMORY_GIB,
+    build_parser,
+    detect_hardware,
+    main,
+    parse_memory,
+    plot,
+    render,
+    setup_from_args,
+    to_json,
+)
+from toolkit.plan.memory import (
+    LORA_MODULES,
+    LORA_TARGET_PRESETS,
+    OPTIMIZERS,
+    STRATEGIES,
+    TASKS,
+    Estimate,
+    Setup,
+    activation_terms,
+    estimate,
+    lora_trainable,
+    resolve_lora_targets,
+)
+from toolkit.plan.shapes import Shape, load_shape, shape_from_config
+from toolkit.plan.speed import throughput
+
+__all__ = [
+    "ASSUMED_MFU",
+    "CPU_DEFAULT_MALLOC_MARGIN",
+    "CPU_DISTRIBUTED_OVERHEAD",
+    "CPU_OVERHEAD",
+    "GPU_ALLOCATOR_SLACK",
+    "GPU_CONTEXT",
+    "GPU_MEMORY_GIB",
+    "LORA_MODULES",
+    "LORA_TARGET_PRESETS",
+    "OPTIMIZERS",
+    "STRATEGIES",
+    "TASKS",
+    "Estimate",
+    "GiB",
+    "MiB",
+    "Plan",
+    "Setup",
+    "Shape",
+    "activation_terms",
+    "build_parser",
+    "candidates",
+    "command_for",
+    "detect_hardware",
+    "estimate",
+    "load_shape",
+    "lora_trainable",
+    "main",
+    "make_plan",
+    "parse_memory",
+    "plot",
+    "render",
+    "resolve_lora_targets",
+    "setup_from_args",
+    "shape_from_config",
+    "throughput",
+    "to_json",
+]
