@@ -1,5 +1,5 @@
 """Distributed on CPU: recipes/pretrain.py in 1 process vs DDP vs FSDP2 at 2 processes (gloo): tokens/s and
-memory per rank, against toolkit/plan.py's per-rank prediction.
+memory per rank, against toolkit plan's per-rank prediction.
 
 Launches are the documented ones (accelerate_configs/*_cpu.yaml); each rank gets the same per-device batch,
 so DDP/FSDP2 train twice the tokens per step. Rounds are interleaved (1proc, ddp, fsdp2, 1proc, ...).
@@ -56,7 +56,7 @@ def rank_peaks(r: harness.Run) -> list[int]:
 
 
 def planned(preset_args: list[str], vocab: int, batch: int, block: int) -> dict:
-    """toolkit/plan.py's CPU fp32 estimate per rank for 1 device, DDP and FSDP2 (its JSON output)."""
+    """toolkit plan's CPU fp32 estimate per rank for 1 device, DDP and FSDP2 (its JSON output)."""
     from toolkit import plan
 
     out = {}
@@ -114,7 +114,7 @@ def main(argv=None) -> list[dict]:
                 print(f"    {loop:,.0f} tok/s, rank peaks {[round(x / 2**20) for x in peaks]} MiB; {describe}", flush=True)
     try:
         plans = planned(model, vocab, args.batch, args.block)
-    except Exception as err:  # toolkit/plan.py is another engineer's and may change: report, don't fail
+    except Exception as err:  # the planner may change: report, do not fail
         print(f"planner unavailable: {type(err).__name__}: {err}")
         plans = {}
 

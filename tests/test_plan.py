@@ -165,7 +165,8 @@ def test_plot_writes_png(tmp_path):
 @pytest.mark.parametrize("argv,fragment", [
     (["--model", "./no/such/folder"], "neither a preset"),
     (["--device", "cuda", "--num_devices", "2", "--device_memory", "lots"], "cannot read memory size"),
-    (["--device", "cpu", "--batch_size", "0"], "--batch_size must be a positive"),
+    (["--device", "cpu", "--batch_size", "0"], "--batch_size 0 is out of range: it must be at least 1"),
+    (["--device", "cpu", "--lora_dropout", "-1"], "--lora_dropout -1 is out of range"),
     (["--model", "gpt2-nano", "--device", "cpu", "--seq_len", "4096"], "longer than the model's n_positions"),
     (["--task", "lora", "--lora_targets", "q_proj", "--device", "cpu"], "unknown --lora_targets"),
     (["--device", "cuda", "--gpu", "Z80"], "unknown GPU"),

@@ -45,13 +45,22 @@ def check_output_dir(args) -> None:
 
 def make_trainer(**kwargs):
     """trl's SFTTrainer with crash-safe checkpoints and save-and-stop on SIGINT/SIGTERM (as in pretrain.py)."""
+    from transformers import Trainer
     from trl import SFTTrainer
 
     from toolkit.callbacks import GracefulStopCallback
-    from toolkit.trainer import CrashSafeCheckpoints, mark_causal_lm_loss
+    from toolkit.trainer import CausalLMLoss, CrashSafeCheckpoints, mark_causal_lm_loss
 
-    class FinetuneTrainer(CrashSafeCheckpoints, SFTTrainer):
-        pass
+    class FinetuneTrainer(CausalLMLoss, CrashSafeCheckpoints, SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.args.token_metrics:  # trl's fused head: entropy and top-1 accuracy in the logs, at a cost
+                return SFTTrainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            if self.args.token_metrics:
+                return SFTTrainer.prediction_step(self, model, inputs, prediction_loss_only, ignore_keys)
+            return Trainer.prediction_step(self, model, inputs, prediction_loss_only, ignore_keys)
 
     # The same label count fix as pretraining: without it the Trainer divides the summed token losses by
     # every label, position 0 of each row included, and the training loss comes out (T-1)/T too low.

@@ -29,7 +29,7 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 GPT2_VOCAB_SIZE = 50257
 # GPT-2's tanh-approximated GELU as one fused kernel (transformers' "gelu_new" is the same function in 8 ops);
-# toolkit/plan.py uses this constant to plan activation memory for new models.
+# toolkit/plan/ uses this constant to plan activation memory for new models.
 NEW_MODEL_ACTIVATION = "gelu_pytorch_tanh"
 
 

@@ -70,7 +70,29 @@ class CrashSafeCheckpoints:
         self.accelerator.wait_for_everyone()
 
 
-class PretrainTrainer(CrashSafeCheckpoints, Trainer):
+class CausalLMLoss:
+    """Trainer mixin: the model's own causal-LM loss, with the LM head run on the first T-1 positions only.
+
+    The last position of a block has no next token, so its logits are never used: project only the first T-1
+    positions onto the vocabulary and give the loss the already-shifted targets (transformers' own `logits_to_keep`
+    and `shift_labels`). Saves 1/T of the LM head and of the loss, and keeps the default pretraining shape's logits
+    (16 x 127 x 4096 fp32) below 32 MiB, where glibc stops reusing freed memory and maps and faults in fresh pages on
+    every step (benchmarks section 1b). Same loss: the mean over the targets that are not -100.
+
+    Used by PretrainTrainer and by the fine-tuning recipes' trainer, where it replaces trl's fused LM head unless
+    --token_metrics asks for that head's entropy and top-1 accuracy (docs/benchmarks.md, fine-tuning step cost).
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.get("labels")
+        if labels is not None and labels.dim() == 2 and "shift_labels" not in inputs:
+            inputs = {**inputs, "shift_labels": labels[:, 1:].contiguous(),
+                      "logits_to_keep": torch.arange(labels.shape[1] - 1, device=labels.device)}
+        return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+
+class PretrainTrainer(CausalLMLoss, CrashSafeCheckpoints, Trainer):
     def __init__(self, *args, flops_per_token: float, peak_flops: float | None, tokens_per_step: int, **kwargs):
         model = kwargs.get("model") if "model" in kwargs else (args[0] if args else None)
         mark_causal_lm_loss(model)
@@ -84,18 +106,6 @@ class PretrainTrainer(CrashSafeCheckpoints, Trainer):
 
     def _start_window(self) -> None:
         self._window_start, self._window_step, self._eval_seconds = time.perf_counter(), self.state.global_step, 0.0
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # The last position of a block has no next token, so its logits are never used: project only the first T-1
-        # positions onto the vocabulary and give the loss the already-shifted targets (transformers' own
-        # `logits_to_keep` and `shift_labels`). Saves 1/T of the LM head and of the loss, and keeps the default
-        # shape's logits (16 x 127 x 4096 fp32) below 32 MiB, where glibc stops reusing freed memory and maps and
-        # faults in fresh pages on every step (benchmarks section 1b). Same loss: the mean over B x (T-1) targets.
-        labels = inputs.get("labels")
-        if labels is not None and labels.dim() == 2 and "shift_labels" not in inputs:
-            inputs = {**inputs, "shift_labels": labels[:, 1:].contiguous(),
-                      "logits_to_keep": torch.arange(labels.shape[1] - 1, device=labels.device)}
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def get_eval_dataloader(self, eval_dataset=None):
         # dataloader_drop_last keeps training batches a fixed shape; evaluation must still see every

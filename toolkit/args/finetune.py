@@ -115,5 +115,9 @@ class FinetuneConfig(SFTConfig):
     optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (default: paged_adamw_32bit for QLoRA on CUDA, else adamw_torch)."})
     save_strategy: str = field(default="no", metadata={"help": "Checkpoints during training: no / steps / epoch."})
     report_to: str | None = field(default="none", metadata={"help": "Loggers: none, tensorboard, wandb, ..."})
+    token_metrics: bool = field(
+        default=False, metadata={"help": "Also log per-token entropy and top-1 accuracy (trl's fused LM head, which "
+                                         "computes the head again in the backward pass: slower steps; off by default)."}
+    )
     sample_prompt: str | None = field(default=None, metadata={"help": "Prompt for the generated sample (default: from the eval data)."})
     sample_max_new_tokens: int = field(default=40, metadata={"help": "Length of the generated sample."})

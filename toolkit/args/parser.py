@@ -14,6 +14,7 @@ and `--dataset_config` (trl's name of `--dataset_config_name`).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
@@ -93,6 +94,13 @@ RANGES: dict[str, Range] = {
     # LoRA
     "lora_r": AT_LEAST_1, "lora_alpha": POSITIVE, "lora_dropout": FRACTION,
 }
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the `toolkit` subcommands: a bad value or unknown option is one line (exit 2), not a usage block."""
+
+    def error(self, message):
+        raise UserError(f"{message}; see --help")
 
 
 def check_ranges(values: dict, ranges: dict[str, Range] | None = None) -> None:

@@ -14,6 +14,7 @@ import os
 import re
 from dataclasses import asdict
 
+from toolkit.args.parser import AT_LEAST_1, FRACTION, ArgumentParser, check_ranges
 from toolkit.errors import UserError, exit_on_user_error
 from toolkit.plan.advice import Plan, make_plan
 from toolkit.plan.calibration import GiB, MiB
@@ -55,7 +56,7 @@ def detect_hardware() -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="toolkit plan",
         description="Memory per device (parameters, gradients, optimizer, activations, quantization, overhead) for "
                     "GPT-2 training, the recipe and accelerate config that fit, and the command to run.",
@@ -130,12 +131,6 @@ def setup_from_args(args) -> tuple[Shape, Setup, float | None]:
             memory = hw["device_memory"] if device == hw["device"] else hw["cpu_ram"]
         if num is None:
             num = hw["num_devices"] if device == hw["device"] else 1
-    for name in ("batch_size", "seq_len", "grad_accum", "lora_r"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name} must be a positive integer, got {value}")
-    if num < 1:
-        raise UserError(f"--num_devices must be at least 1, got {num}")
     if memory <= 0:
         raise UserError(f"--device_memory must be positive, got {args.device_memory}")
     overrides = parse_config_overrides(args.config_overrides)
@@ -296,9 +291,17 @@ def plot(plan: Plan, path: str) -> None:
         plt.close(fig)
 
 
+# Numeric options of `toolkit plan` and their valid ranges (toolkit.args.check_ranges words the error).
+RANGES = {"n_layer": AT_LEAST_1, "n_head": AT_LEAST_1, "n_embd": AT_LEAST_1, "n_positions": AT_LEAST_1,
+          "vocab_size": AT_LEAST_1, "pad_vocab_to_multiple_of": AT_LEAST_1, "batch_size": AT_LEAST_1,
+          "seq_len": AT_LEAST_1, "grad_accum": AT_LEAST_1, "lora_r": AT_LEAST_1, "lora_dropout": FRACTION,
+          "num_devices": AT_LEAST_1}
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_ranges(vars(args), RANGES)
     shape, setup, peak = setup_from_args(args)
     plan = make_plan(shape, setup, args.strategy, peak)
     if args.plot:
