@@ -566,12 +566,15 @@ def summary(results: dict) -> str:
     for t in finals.values():
         counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
     out.append("tests: " + (", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "none ran"))
+    skips: dict[str, int] = {}
     for t in finals.values():
-        if t["outcome"] != "passed":
-            message = (t.get("message") or "").strip().splitlines()
-            out.append(
-                f"  {t['outcome'].upper()} {t['test'].split('tests/gpu/')[-1]}: {message[-1][:200] if message else ''}"
-            )
+        message = (t.get("message") or "").strip().splitlines()
+        last = message[-1][:200] if message else ""
+        if t["outcome"] == "skipped":
+            skips[last] = skips.get(last, 0) + 1
+        elif t["outcome"] != "passed":
+            out.append(f"  {t['outcome'].upper()} {t['test'].split('tests/gpu/')[-1]}: {last}")
+    out += [f"  {n} skipped: {reason}" for reason, n in skips.items()]
     mfu = results.get("bench_mfu") or {}
     if mfu.get("runs"):
         out.append(
@@ -830,7 +833,7 @@ def child_mfu(args) -> int:
             str(batch),
             "--json",
             str(work / f"mfu-{batch}.json"),
-        ]
+        ] + (["--smoke"] if args.smoke else [])
         procs[batch] = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
@@ -889,14 +892,19 @@ def child_mfu_shape(args) -> int:
 
     from toolkit import flops, presets
 
-    batch, T, timed = args.batch, 1024, 20
+    # --smoke: the same code on a CPU at a tiny shape, without inductor (tests the harness, measures nothing)
+    device, preset, T, timed = ("cpu", "gpt2-nano", 64, 2) if args.smoke else ("cuda", "gpt2", 1024, 20)
+    batch = args.batch
     torch.manual_seed(0)
-    config = presets.build_gpt2_config("gpt2", 50257)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").cuda().train()
+    config = presets.build_gpt2_config(preset, 50257)
+    model = (
+        AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").to(device).train()
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    data = [torch.randint(0, 50257, (batch, T), device="cuda", generator=gen) for _ in range(4)]
-    keep = torch.arange(T - 1, device="cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    data = [torch.randint(0, 50257, (batch, T), device=device, generator=gen) for _ in range(4)]
+    keep = torch.arange(T - 1, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     fpt = flops.flops_per_token_for(config, T)
     peak, peak_source = flops.peak_flops()
     result = {
@@ -913,7 +921,7 @@ def child_mfu_shape(args) -> int:
 
     def step(m, i):
         x = data[i % len(data)]
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             loss = m(input_ids=x, labels=x, shift_labels=x[:, 1:].contiguous(), logits_to_keep=keep).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -924,13 +932,14 @@ def child_mfu_shape(args) -> int:
         start = time.perf_counter()
         for i in range(warmup):
             step(m, i)
-        torch.cuda.synchronize()
+        sync()
         warm_s = time.perf_counter() - start
-        torch.cuda.reset_peak_memory_stats()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         for i in range(timed):
             step(m, i)
-        torch.cuda.synchronize()
+        sync()
         seconds = (time.perf_counter() - start) / timed
         tps = batch * T / seconds
         result["runs"][name] = {
@@ -938,17 +947,17 @@ def child_mfu_shape(args) -> int:
             "tokens_per_s": tps,
             "ms_per_step": 1000 * seconds,
             "mfu": tps * fpt / peak if peak else None,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0,
             "warmup_s": warm_s,
             "timed_steps": timed,
         }
         return result["runs"][name]
 
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, backend="eager" if args.smoke else "inductor")
     start = time.perf_counter()
     for i in range(2):  # compile forward and backward while the other batch size's process compiles too
         step(compiled, i)
-    torch.cuda.synchronize()
+    sync()
     compile_s = time.perf_counter() - start
     print("READY", flush=True)
     if sys.stdin.readline().strip() != "GO":
@@ -1042,6 +1051,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=16, help=argparse.SUPPRESS)
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.budget_s < 60:
         p.error(f"--budget_s {args.budget_s} is too short to run anything; give at least 60 (default 480)")

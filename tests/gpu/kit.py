@@ -151,6 +151,17 @@ def run_jobs(jobs: list[Job], max_parallel: int = 4) -> dict[str, Job]:
     holds the done-marker from an earlier pytest process of this kit run is reused (rc 0, not run again)."""
     by_name = {j.name: j for j in jobs}
     pending, running = list(jobs), {}
+    try:
+        _schedule(by_name, pending, running, max_parallel)
+    except BaseException:  # a test timeout (pytest-timeout) or Ctrl-C: leave no training process behind
+        for proc, log, _ in running.values():
+            kill_tree(proc)
+            log.close()
+        raise
+    return by_name
+
+
+def _schedule(by_name: dict[str, Job], pending: list[Job], running: dict, max_parallel: int) -> None:
     while pending or running:
         for job in list(pending):
             if any(by_name[a].rc not in (None, 0) for a in job.after):
@@ -181,10 +192,9 @@ def run_jobs(jobs: list[Job], max_parallel: int = 4) -> dict[str, Job]:
             job.seconds = time.perf_counter() - start
             log.close()
             del running[name]
-            if job.ok and job.folder is not None:
+            if job.ok and job.folder is not None and job.folder.is_dir():
                 (job.folder / DONE).write_text("")
         time.sleep(0.2)
-    return by_name
 
 
 def kill_tree(proc: subprocess.Popen) -> None:

@@ -66,7 +66,12 @@ def describe(trainer, model, optimizer) -> dict:
     inner = getattr(optimizer, "optimizer", optimizer)
     state = AcceleratorState()
     plugin = getattr(state, "fsdp_plugin", None)
-    four_bit = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    # bitsandbytes' own layers (peft's LoRA wrapper around each is also called Linear4bit)
+    four_bit = [
+        m
+        for m in model.modules()
+        if type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")
+    ]
     quant = {}
     if four_bit:
         qs = four_bit[0].weight.quant_state
