@@ -24,7 +24,7 @@ def acceptance():
 def test_dry_run_lists_every_step_with_its_command_and_the_device_call(acceptance, capsys):
     assert acceptance.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
-    for step in ("install", "env", "tests_core", "tests_plan", "tests_pretrain", "bench_mfu"):
+    for step in ("install", "env", "tests_core", "tests_pretrain", "tests_plan", "bench_mfu"):
         assert f"\n{step}  (limit " in out, step
     for test_file in (
         "test_fsdp_gpu.py",
