@@ -18,9 +18,9 @@ Steps (each with its own time limit inside an overall budget; a failing or timed
   tests_plan      pytest tests/gpu: planner vs measured GPU memory, LoRA vs QLoRA step time and memory (item 5)
   bench_mfu       124M training step tokens/s and MFU, eager and compiled, at 16x1024 and 4x1024, and where the
                   time goes (kernel classes from torch.profiler)
-Writes DIR/results.json (every step, test outcome, record and target) and DIR/gpu_acceptance.log (all output),
-rewritten after each step, and prints a summary table at the end. Models and checkpoints go to a work folder
-(--work, emptied at the start), never to DIR.
+Writes DIR/results.json (every step, test outcome, record and target), DIR/gpu_acceptance.log (all output) and
+DIR/work_logs.tar.gz (each recipe run's log and probe JSON), rewritten after each step, and prints a summary table
+at the end. Models and checkpoints go to a work folder (--work, emptied at the start), never to DIR.
 
 Why hand-written: no tool runs a test suite plus benchmarks against a wall-clock budget on a machine without a
 package registry, installs wheels carried beside the code, and returns one JSON of everything.
@@ -559,7 +559,20 @@ def write_results(out: Path, meta: dict, steps: list[Step], work: Path) -> dict:
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=1, default=str))
     tmp.replace(out / "results.json")
+    archive_logs(work, out / "work_logs.tar.gz")
     return results
+
+
+def archive_logs(work: Path, target: Path, max_file_bytes: int = 4 * 2**20) -> None:
+    """Every run's log and probe/measurement JSON (not models): the work folder stays on the GPU machine."""
+    import tarfile
+
+    tmp = target.with_suffix(".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for path in sorted(work.rglob("*")):
+            if path.is_file() and path.suffix in (".log", ".json", ".jsonl") and path.stat().st_size <= max_file_bytes:
+                tar.add(path, arcname=str(path.relative_to(work)))
+    tmp.replace(target)
 
 
 def table(headers: list[str], rows: list[list]) -> str:
