@@ -86,6 +86,8 @@ def describe(trainer, model, optimizer) -> dict:
     config = getattr(getattr(model, "base_model", model), "config", None) or getattr(model, "config", None)
     return {
         "param_dtypes": count([str(p.dtype) for p in params]),
+        # per name, so a reload can reproduce the layout (trl casts some modules of a 4-bit model to bf16)
+        "dtype_by_name": {name: str(p.dtype) for name, p in model.named_parameters()},
         "param_devices": count([t.device.type for t in local]),
         "trainable_dtypes": count([str(p.dtype) for p in trainable]),
         "n_params": len(list(params)),

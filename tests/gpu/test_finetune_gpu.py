@@ -30,6 +30,17 @@ def _logits(model):
         return model(input_ids=kit.fixed_ids(model.config.vocab_size, "cuda")).logits.float().cpu()
 
 
+def _as_trained(model, setup: dict):
+    """Give every floating parameter the dtype it had in the recipe's process (names match: same adapter name)."""
+    import torch
+
+    for name, param in model.named_parameters():
+        want = setup["dtype_by_name"].get(name)
+        if want and param.is_floating_point() and str(param.dtype) != want:
+            param.data = param.data.to(getattr(torch, want.removeprefix("torch.")))
+    return model
+
+
 def _results(out) -> dict:
     return json.loads((out / "all_results.json").read_text())
 
@@ -52,7 +63,7 @@ def test_lora_trains_on_gpu_and_the_adapter_reloads_with_the_same_logits(core_ru
 
     base = lora.load_base_model(str(work / "eager")).cuda()
     before = _logits(base)
-    reloaded = PeftModel.from_pretrained(base, out, autocast_adapter_dtype=False)
+    reloaded = _as_trained(PeftModel.from_pretrained(base, out, autocast_adapter_dtype=False), setup)
     got, expected = _logits(reloaded), kit.probe_logits(out)
     # The in-memory logits come from the unwrapped forward: fp32 base + fp32 adapter, as reloaded here.
     scale = expected.abs().max().item()
@@ -93,15 +104,16 @@ def test_qlora_uses_cuda_nf4_and_paged_adamw_and_the_adapter_reloads(core_runs, 
     card = (out / "README.md").read_text()
     assert "bitsandbytes 4-bit nf4" in card and "paged_adamw_32bit" in card
 
-    # Reload as the recipe built the model: NF4 base on the GPU, prepare_model_for_kbit_training, then the adapter in
-    # the dtype it was trained in. Same modules, same dtypes, same kernels: the logits agree to a few bf16 roundings.
+    # Reload as the recipe built the model: NF4 base on the GPU, prepare_model_for_kbit_training, the adapter, and each
+    # parameter in the dtype it had in training (trl casts some of a 4-bit model's modules to bf16). Same modules,
+    # same dtypes, same kernels: the logits agree to a few bf16 roundings.
     q = lora.QuantizationArguments()
     base = lora.load_quantized_base_model(
         str(work / "eager"), lora.bnb_config(q, torch.bfloat16), torch.bfloat16, device_map={"": 0}
     )
     base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     before = _logits(base)
-    reloaded = PeftModel.from_pretrained(base, out, autocast_adapter_dtype=False)
+    reloaded = _as_trained(PeftModel.from_pretrained(base, out, autocast_adapter_dtype=False), setup)
     got, expected = _logits(reloaded), kit.probe_logits(out)
     scale = expected.abs().max().item()
     diff = (got - expected).abs().max().item()
