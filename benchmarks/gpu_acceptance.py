@@ -166,14 +166,14 @@ def folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
-def tracked_size() -> int:
+def tree_size() -> int:
+    """Bytes of what travels besides the carried folders: tracked files and untracked files git does not ignore."""
+    cmd = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
     try:
-        files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.split(
-            b"\0"
-        )
+        files = subprocess.run(cmd, cwd=REPO, capture_output=True, check=True).stdout.split(b"\0")
     except (OSError, subprocess.CalledProcessError):
         return folder_size(REPO / "toolkit") + folder_size(REPO / "recipes") + folder_size(REPO / "tests")
-    return sum((REPO / f.decode()).stat().st_size for f in files if f and (REPO / f.decode()).is_file())
+    return sum((REPO / f.decode()).stat().st_size for f in set(files) if f and (REPO / f.decode()).is_file())
 
 
 def wheel_requirements(path: Path) -> list[str]:
@@ -246,11 +246,11 @@ def prepare() -> int:
         shutil.copy2(SHARED_DATA / "tinyshakespeare" / "input.txt", KIT_DATA / "tinyshakespeare" / "input.txt")
         for path in KIT_DATA.rglob("*"):  # ../shared is read-only; the copies must be removable by the next --prepare
             path.chmod(0o755 if path.is_dir() else 0o644)
-    wheels, data, tree = folder_size(WHEEL_DIR), folder_size(KIT_DATA), tracked_size()
+    wheels, data, tree = folder_size(WHEEL_DIR), folder_size(KIT_DATA), tree_size()
     total = wheels + data + tree
     print(
         f"\ncarried: wheels {wheels / 2**20:.1f} MiB (.whl), data {data / 2**20:.1f} MiB (.gpu_kit), "
-        f"tracked files {tree / 2**20:.1f} MiB: {total / 2**20:.1f} MiB of the {CARRY_LIMIT / 2**20:.0f} MiB "
+        f"working tree {tree / 2**20:.1f} MiB: {total / 2**20:.1f} MiB of the {CARRY_LIMIT / 2**20:.0f} MiB "
         "a call carries"
     )
     for problem in problems:

@@ -170,3 +170,74 @@ def test_targets_and_summary_from_records(acceptance):
     assert "NVIDIA H200" in text and "1 failed, 1 skipped" in text and "planner off" in text
     assert "1 skipped: Skipped: needs a CUDA GPU" in text and "compiled-16" in text and "44.0%" in text
     assert "QLoRA / LoRA step time at 350M" in text and " NO" in text
+
+
+@pytest.mark.slow
+def test_probe_and_plan_runner_work_with_the_recipes_on_cpu(tmp_path, tiny_tokenizer_dir, small_text_file):
+    """The two harnesses the gpu tests depend on, on a tiny model: the probe records the setup, the first step and
+    the trained model's logits; the plan runner runs two configurations in one process and stops each after
+    training. (On CPU the memory figures are 0: they are torch.cuda's.)"""
+    import json
+
+    def args(out, batch):
+        return [
+            "--preset",
+            "gpt2-nano",
+            "--tokenizer_name",
+            str(tiny_tokenizer_dir),
+            "--train_file",
+            str(small_text_file),
+            "--block_size",
+            "32",
+            "--per_device_train_batch_size",
+            str(batch),
+            "--max_steps",
+            "3",
+            "--logging_steps",
+            "1",
+            "--report_to",
+            "none",
+            "--eval_strategy",
+            "no",
+            "--save_strategy",
+            "no",
+            "--sample_max_new_tokens",
+            "1",
+            "--data_cache_dir",
+            str(tmp_path / "cache"),
+            "--output_dir",
+            str(out),
+        ]
+
+    probe_dir = tmp_path / "probed"
+    r = run_script(
+        [str(kit.PROBE), "--probe_dir", str(probe_dir), "recipes/pretrain.py", *args(probe_dir, 4)],
+        timeout=300,
+        env={"PYTHONPATH": str(REPO)},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    probe = kit.probe(probe_dir)
+    assert probe["setup"]["n_params"] == 28 and probe["setup"]["optimizer"].endswith("AdamW")
+    assert probe["first_step"] == {"global_step": 0, "optimizer_state_steps": []}
+    assert len(probe["end"]["checksums"]) == 28 and kit.probe_logits(probe_dir).shape == (2, 128, 512)
+    assert (probe_dir / "model.safetensors").exists()  # the recipe went on to export as usual
+
+    specs = [{"name": f"b{b}", "recipe": "recipes/pretrain.py", "args": args(tmp_path / f"b{b}", b)} for b in (2, 4)]
+    (tmp_path / "specs.json").write_text(json.dumps(specs))
+    r = run_script(
+        [
+            str(kit.PROBE.with_name("plan_runner.py")),
+            "--specs",
+            str(tmp_path / "specs.json"),
+            "--out",
+            str(tmp_path / "measured.json"),
+        ],
+        timeout=300,
+        env={"PYTHONPATH": str(REPO)},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = json.loads((tmp_path / "measured.json").read_text())["runs"]
+    assert sorted(runs) == ["b2", "b4"]
+    for run in runs.values():
+        assert "error" not in run and [s["step"] for s in run["steps"]] == [1, 2, 3], run
+    assert not (tmp_path / "b2" / "model.safetensors").exists()  # stopped after training: no export
