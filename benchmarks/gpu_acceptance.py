@@ -32,6 +32,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -49,14 +50,8 @@ FALLBACK_DIR = WHEEL_DIR / "fallback"
 KIT_DATA = REPO / ".gpu_kit" / "data"
 SHARED_DATA = REPO.parent / "shared" / "data"
 CARRY_LIMIT = 64 * 2**20  # what one device-tool call carries: working tree + carried folders
-PLATFORMS = [
-    "manylinux_2_28_x86_64",
-    "manylinux_2_27_x86_64",
-    "manylinux_2_24_x86_64",
-    "manylinux_2_17_x86_64",
-    "manylinux2014_x86_64",
-    "manylinux1_x86_64",
-]
+PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
+             "manylinux2014_x86_64", "manylinux1_x86_64"]
 MFU_TARGET, QLORA_MEMORY_TARGET, QLORA_TIME_TARGET, PLAN_TOLERANCE = 0.45, 0.6, 1.2, 0.15
 
 # The command a session with the device tool runs (docs/gpu_acceptance.md): the tool's timeout_s leaves the kit's
@@ -196,19 +191,8 @@ def prepare() -> int:
             file=sys.stderr,
         )
         return 2
-    base = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--python-version",
-        "3.12",
-        "--implementation",
-        "cp",
-        *[a for p in PLATFORMS for a in ("--platform", p)],
-    ]
+    base = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
+            "--implementation", "cp", *[a for p in PLATFORMS for a in ("--platform", p)]]
     for folder, group in ((WHEEL_DIR, pins), (FALLBACK_DIR, fallbacks)):
         folder.mkdir(parents=True, exist_ok=True)
         missing = [p.spec for p in group if wheel_file(p, folder) is None]
@@ -227,16 +211,7 @@ def prepare() -> int:
         reqs = wheel_requirements(path)
         print(f"{path.name[:48]:<48} {path.stat().st_size / 2**20:5.1f}  {'; '.join(reqs) or '-'}")
         for req in reqs:
-            name = normalize(
-                req.split(";")[0]
-                .split("[")[0]
-                .split("<")[0]
-                .split(">")[0]
-                .split("=")[0]
-                .split("!")[0]
-                .split("~")[0]
-                .strip()
-            )
+            name = normalize(re.split(r"[;\[<>=!~ ]", req, maxsplit=1)[0])
             if name not in carried and name not in image:
                 problems.append(f"{pin.spec} requires {req}: neither carried nor in the image's list")
     if (SHARED_DATA / "gpt2-tokenizer").is_dir():
@@ -337,17 +312,8 @@ def build_steps(args) -> list[Step]:
         ),
         Step(
             "bench_mfu",
-            [
-                sys.executable,
-                me,
-                "--child",
-                "mfu",
-                "--json",
-                str(work / "mfu.json"),
-                "--go_file",
-                str(bench_go_file(args)),
-            ]
-            + (["--smoke"] if getattr(args, "smoke", False) else []),
+            [sys.executable, me, "--child", "mfu", "--json", str(work / "mfu.json"), "--go_file",
+             str(bench_go_file(args))] + (["--smoke"] if getattr(args, "smoke", False) else []),
             200,
             "124M step: tokens/s and MFU, eager vs compiled, 16x1024 and 4x1024; kernel time by class",
         ),
@@ -373,17 +339,9 @@ def step_env(args) -> dict:
     env = dict(os.environ)
     data = KIT_DATA if (KIT_DATA / "gpt2-tokenizer").is_dir() else SHARED_DATA
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), args.site, env.get("PYTHONPATH", "")) if p)
-    env.update(
-        GPU_KIT_WORK=args.work,
-        GPU_KIT_DATA=str(data),
-        GPU_KIT_RESULTS=str(Path(args.work) / "records.jsonl"),
-        PYTHONUNBUFFERED="1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        HF_HOME=str(Path(args.work) / "hf_home"),
-    )
+    env.update(GPU_KIT_WORK=args.work, GPU_KIT_DATA=str(data), GPU_KIT_RESULTS=str(Path(args.work) / "records.jsonl"),
+               PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", HF_HOME=str(Path(args.work) / "hf_home"))
     return env
 
 
@@ -436,16 +394,8 @@ def start_step(step: Step, env: dict, log, note: str = "") -> Running:
     log.write(f"\n===== {step.name}{note}: {shlex.join(step.cmd)}\n")
     log.flush()
     tail: list[str] = []
-    proc = subprocess.Popen(
-        step.cmd,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        start_new_session=True,
-    )
+    proc = subprocess.Popen(step.cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", start_new_session=True)
 
     def pump():
         for line in proc.stdout:
@@ -500,46 +450,25 @@ def read_records(path: Path) -> tuple[list[dict], dict[str, list[dict]]]:
 
 
 def evaluate_targets(records: dict[str, list[dict]], mfu: dict | None) -> list[dict]:
+    """The issue's targets against what was measured (the last record of each kind)."""
     rows = []
 
-    def add(what, value, target, met):
-        rows.append({"target": what, "value": value, "threshold": target, "met": met})
+    def add(what: str, value: float, op: str, threshold: float) -> None:
+        met = value >= threshold if op == ">=" else value <= threshold
+        rows.append({"target": what, "value": value, "threshold": f"{op} {threshold}", "met": met})
 
     for r in records.get("pretrain_compiled_124m", [])[-1:]:
-        v = r["mfu_median_after_compile"]
-        add("pretrain.py 124M bf16+compile 16x1024 MFU (its log)", v, f">= {MFU_TARGET}", v >= MFU_TARGET)
-    if mfu:
-        run = mfu.get("runs", {}).get("compiled-16")
-        if run and run.get("mfu") is not None:
-            add(
-                "124M training step bf16+compile 16x1024 MFU (bench)",
-                run["mfu"],
-                f">= {MFU_TARGET}",
-                run["mfu"] >= MFU_TARGET,
-            )
+        add("pretrain.py 124M bf16+compile 16x1024 MFU (its log)", r["mfu_median_after_compile"], ">=", MFU_TARGET)
+    run = ((mfu or {}).get("runs") or {}).get("compiled-16") or {}
+    if run.get("mfu") is not None:
+        add("124M training step bf16+compile 16x1024 MFU (bench)", run["mfu"], ">=", MFU_TARGET)
     for r in records.get("bench_lora_vs_qlora", [])[-1:]:
-        big = r.get("350m", {})
-        if big:
-            add(
-                "QLoRA / LoRA peak GPU memory at 350M",
-                big["peak_ratio"],
-                f"<= {QLORA_MEMORY_TARGET}",
-                big["peak_ratio"] <= QLORA_MEMORY_TARGET,
-            )
-            add(
-                "QLoRA / LoRA step time at 350M",
-                big["step_time_ratio"],
-                f"<= {QLORA_TIME_TARGET}",
-                big["step_time_ratio"] <= QLORA_TIME_TARGET,
-            )
+        if r.get("350m"):
+            add("QLoRA / LoRA peak GPU memory at 350M", r["350m"]["peak_ratio"], "<=", QLORA_MEMORY_TARGET)
+            add("QLoRA / LoRA step time at 350M", r["350m"]["step_time_ratio"], "<=", QLORA_TIME_TARGET)
     for r in records.get("plan_gpu_summary", [])[-1:]:
         if r.get("worst") is not None:
-            add(
-                "toolkit plan vs measured, worst |ratio - 1|",
-                r["worst"],
-                f"<= {PLAN_TOLERANCE}",
-                r["worst"] <= PLAN_TOLERANCE,
-            )
+            add("toolkit plan vs measured, worst |ratio - 1|", r["worst"], "<=", PLAN_TOLERANCE)
     return rows
 
 
@@ -583,27 +512,17 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 
 def summary(results: dict) -> str:
-    out = []
+    """The console's closing table: machine, steps, test outcomes, the MFU benchmark, the targets."""
     m = results.get("machine") or {}
-    out.append(
-        f"GPU: {m.get('gpu_name', '?')}, driver {m.get('driver', '?')}, "
-        f"torch {m.get('versions', {}).get('torch', '?')}, "
-        f"transformers {m.get('versions', {}).get('transformers', '?')}"
-    )
-    out.append(
-        table(
-            ["step", "status", "seconds", "limit"],
-            [
-                [s["name"], s.get("status", "not run"), s.get("seconds", ""), s.get("limit_s", "")]
-                for s in results["steps"]
-            ],
-        )
-    )
-    finals = {}
-    for t in results["tests"]:
-        if t["when"] == "call" or t["outcome"] != "passed":
-            finals[t["test"]] = t
-    counts = {}
+    versions = m.get("versions", {})
+    machine = (f"GPU: {m.get('gpu_name', '?')}, driver {m.get('driver', '?')}, torch {versions.get('torch', '?')}, "
+               f"transformers {versions.get('transformers', '?')}")
+    out = [machine]
+    rows = [[s["name"], s.get("status", "not run"), s.get("seconds", ""), s.get("limit_s", "")]
+            for s in results["steps"]]
+    out.append(table(["step", "status", "seconds", "limit"], rows))
+    finals = {t["test"]: t for t in results["tests"] if t["when"] == "call" or t["outcome"] != "passed"}
+    counts: dict[str, int] = {}
     for t in finals.values():
         counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
     out.append("tests: " + (", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "none ran"))
@@ -616,35 +535,16 @@ def summary(results: dict) -> str:
         elif t["outcome"] != "passed":
             out.append(f"  {t['outcome'].upper()} {t['test'].split('tests/gpu/')[-1]}: {last}")
     out += [f"  {n} skipped: {reason}" for reason, n in skips.items()]
-    mfu = results.get("bench_mfu") or {}
-    if mfu.get("runs"):
-        out.append(
-            table(
-                ["124M step", "tokens/s", "MFU", "ms/step", "peak GiB", "compile s"],
-                [
-                    [
-                        k,
-                        f"{r.get('tokens_per_s', 0):,.0f}",
-                        f"{r.get('mfu', 0):.1%}",
-                        f"{r.get('ms_per_step', 0):.1f}",
-                        f"{r.get('peak_gib', 0):.1f}",
-                        f"{r.get('compile_s', 0):.0f}" if r.get("compile_s") else "-",
-                    ]
-                    for k, r in sorted(mfu["runs"].items())
-                    if "tokens_per_s" in r
-                ],
-            )
-        )
-    if results["targets"]:
-        out.append(
-            table(
-                ["target", "measured", "threshold", "met"],
-                [
-                    [t["target"], f"{t['value']:.3f}", t["threshold"], "yes" if t["met"] else "NO"]
-                    for t in results["targets"]
-                ],
-            )
-        )
+    runs = (results.get("bench_mfu") or {}).get("runs") or {}
+    rows = [[k, f"{r['tokens_per_s']:,.0f}", f"{r.get('mfu') or 0:.1%}", f"{r['ms_per_step']:.1f}",
+             f"{r['peak_gib']:.1f}", f"{r['compile_s']:.0f}" if r.get("compile_s") else "-"]
+            for k, r in sorted(runs.items()) if "tokens_per_s" in r]
+    if rows:
+        out.append(table(["124M step", "tokens/s", "MFU", "ms/step", "peak GiB", "compile s"], rows))
+    rows = [[t["target"], f"{t['value']:.3f}", t["threshold"], "yes" if t["met"] else "NO"]
+            for t in results["targets"]]
+    if rows:
+        out.append(table(["target", "measured", "threshold", "met"], rows))
     return "\n".join(out)
 
 
@@ -680,7 +580,7 @@ def run_kit(args) -> int:
                     f"[{time.strftime('%H:%M:%S')}] {step.name}: {step.what} (limit {min(step.cap_s, left):.0f} s)",
                     flush=True,
                 )
-                if step is bench:
+                if step is bench and background is not None:
                     go = time.perf_counter()
                     bench_go_file(args).write_text("go")
                     step.result = wait_step(background, min(step.cap_s, left), log)
@@ -711,8 +611,8 @@ def dry_run(args) -> int:
     steps = build_steps(args)
     pins, fallbacks, _ = read_wheel_list()
     print(
-        f"GPU acceptance kit: {len(steps)} steps within a {args.budget_s} s budget; results in OUT/results.json and "
-        f"OUT/gpu_acceptance.log; work folder {args.work} (emptied first)\n"
+        f"GPU acceptance kit: {len(steps)} steps within a {args.budget_s} s budget; results in OUT/results.json, "
+        f"OUT/gpu_acceptance.log and OUT/work_logs.tar.gz; work folder {args.work} (emptied first)\n"
     )
     for step in steps:
         print(f"{step.name}  (limit {step.cap_s} s): {step.what}\n    {shlex.join(step.cmd)}")

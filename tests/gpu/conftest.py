@@ -72,113 +72,32 @@ def core_runs(work, init124):
     """
     common = ["--model_name_or_path", str(init124), "--logging_steps", "1", "--warmup_steps", "5"]
     eager, fsdp, resumed, offload = (work / name for name in ("eager", "fsdp", "resumed", "offload"))
+    onefile = kit.python("recipes/onefile_train.py", "--init_from", init124, "--tokenizer_name", kit.tokenizer_dir(),
+                         "--train_file", kit.shakespeare(), "--block_size", "1024", "--batch_size", "8",
+                         "--max_steps", "20", "--warmup_steps", "5", "--logging_steps", "1", "--seed", "0",
+                         "--eval_strategy", "no", "--save_strategy", "no", "--sample_tokens", "0",
+                         "--overwrite_output_dir", "--output_dir", work / "onefile")  # eager's settings
+    checkpoints = ["--save_strategy", "steps", "--save_steps", "5", "--save_total_limit", "3"]
+    fsdp_yaml, offload_yaml = kit.accelerate_launch("fsdp.yaml"), kit.accelerate_launch("fsdp_offload.yaml")
+    no_warmup = ["--model_name_or_path", str(init124), "--logging_steps", "1", "--warmup_steps", "0"]
+    resume = ["--resume_from_checkpoint", str(fsdp / "checkpoint-5")]
+    pretrain = "recipes/pretrain.py"
     jobs = [
-        kit.Job(
-            "eager", kit.probed(eager, "recipes/pretrain.py", kit.pretrain_args(eager, 8, 20, *common)), folder=eager
-        ),
-        kit.Job(
-            "fsdp",
-            kit.probed(
-                fsdp,
-                "recipes/pretrain.py",
-                kit.pretrain_args(
-                    fsdp, 8, 10, *common, "--save_strategy", "steps", "--save_steps", "5", "--save_total_limit", "3"
-                ),
-                launcher=kit.accelerate_launch("fsdp.yaml"),
-            ),
-            folder=fsdp,
-        ),
-        kit.Job(
-            "offload",
-            kit.probed(
-                offload,
-                "recipes/pretrain.py",
-                kit.pretrain_args(
-                    offload, 8, 2, "--model_name_or_path", str(init124), "--logging_steps", "1", "--warmup_steps", "0"
-                ),
-                launcher=kit.accelerate_launch("fsdp_offload.yaml"),
-            ),
-            folder=offload,
-        ),
-        kit.Job(
-            "onefile",
-            kit.python(
-                "recipes/onefile_train.py",
-                "--init_from",
-                init124,
-                "--tokenizer_name",
-                kit.tokenizer_dir(),
-                "--train_file",
-                kit.shakespeare(),
-                "--block_size",
-                "1024",
-                "--batch_size",
-                "8",
-                "--max_steps",
-                "20",
-                "--warmup_steps",
-                "5",
-                "--logging_steps",
-                "1",
-                "--seed",
-                "0",
-                "--eval_strategy",
-                "no",
-                "--save_strategy",
-                "no",
-                "--sample_tokens",
-                "0",
-                "--overwrite_output_dir",
-                "--output_dir",
-                work / "onefile",
-            ),
-            folder=work / "onefile",
-        ),
-        kit.Job(
-            "resumed",
-            kit.probed(
-                resumed,
-                "recipes/pretrain.py",
-                kit.pretrain_args(resumed, 8, 10, *common, "--resume_from_checkpoint", str(fsdp / "checkpoint-5")),
-                launcher=kit.accelerate_launch("fsdp.yaml"),
-            ),
-            after=("fsdp",),
-            folder=resumed,
-        ),
+        kit.Job("eager", kit.probed(eager, pretrain, kit.pretrain_args(eager, 8, 20, *common)), folder=eager),
+        kit.Job("fsdp", kit.probed(fsdp, pretrain, kit.pretrain_args(fsdp, 8, 10, *common, *checkpoints),
+                                   launcher=fsdp_yaml), folder=fsdp),
+        kit.Job("offload", kit.probed(offload, pretrain, kit.pretrain_args(offload, 8, 2, *no_warmup),
+                                      launcher=offload_yaml), folder=offload),
+        kit.Job("onefile", onefile, folder=work / "onefile"),
+        kit.Job("resumed", kit.probed(resumed, pretrain, kit.pretrain_args(resumed, 8, 10, *common, *resume),
+                                      launcher=kit.accelerate_launch("fsdp.yaml")), after=("fsdp",), folder=resumed),
     ]
     for method in ("lora", "qlora"):
         out = work / method
-        args = [
-            "--model_name_or_path",
-            str(eager),
-            "--train_file",
-            str(kit.shakespeare()),
-            "--max_length",
-            "1024",
-            "--per_device_train_batch_size",
-            "8",
-            "--per_device_eval_batch_size",
-            "8",
-            "--max_eval_samples",
-            "16",
-            "--max_steps",
-            "30",
-            "--learning_rate",
-            "1e-3",
-            "--logging_steps",
-            "5",
-            "--bf16",
-            "true",
-            "--seed",
-            "0",
-            "--report_to",
-            "none",
-            "--sample_max_new_tokens",
-            "8",
-            "--output_dir",
-            str(out),
-            "--overwrite_output_dir",
-            "true",
-        ]
+        args = ["--model_name_or_path", str(eager), "--train_file", str(kit.shakespeare()), "--max_length", "1024",
+                "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--max_eval_samples", "16",
+                "--max_steps", "30", "--learning_rate", "1e-3", "--logging_steps", "5", "--bf16", "true",
+                "--seed", "0", "--report_to", "none", "--sample_max_new_tokens", "8", "--output_dir", str(out),
+                "--overwrite_output_dir", "true"]
         jobs.append(kit.Job(method, kit.probed(out, f"recipes/{method}.py", args), after=("eager",), folder=out))
     return kit.run_jobs(jobs, max_parallel=4)

@@ -231,39 +231,12 @@ def accelerate_launch(config: str) -> list[str]:
 
 def pretrain_args(output_dir: Path, batch: int, steps: int, *extra: str) -> list[str]:
     """pretrain.py at the GPT-2 shape on Tiny Shakespeare with the GPT-2 tokenizer: bf16 autocast, sdpa, block 1024."""
-    return [
-        "--tokenizer_name",
-        str(tokenizer_dir()),
-        "--train_file",
-        str(shakespeare()),
-        "--block_size",
-        "1024",
-        "--per_device_train_batch_size",
-        str(batch),
-        "--max_steps",
-        str(steps),
-        "--bf16",
-        "true",
-        "--attn_implementation",
-        "sdpa",
-        "--seed",
-        "0",
-        "--report_to",
-        "none",
-        "--eval_strategy",
-        "no",
-        "--save_strategy",
-        "no",
-        "--sample_max_new_tokens",
-        "1",
-        "--data_cache_dir",
-        str(output_dir.parent / f"cache-{output_dir.name}"),
-        "--output_dir",
-        str(output_dir),
-        "--overwrite_output_dir",
-        "true",
-        *extra,
-    ]
+    cache = output_dir.parent / f"cache-{output_dir.name}"  # one per run: runs at the same time never share a cache
+    return ["--tokenizer_name", str(tokenizer_dir()), "--train_file", str(shakespeare()), "--block_size", "1024",
+            "--per_device_train_batch_size", str(batch), "--max_steps", str(steps), "--bf16", "true",
+            "--attn_implementation", "sdpa", "--seed", "0", "--report_to", "none", "--eval_strategy", "no",
+            "--save_strategy", "no", "--sample_max_new_tokens", "1", "--data_cache_dir", str(cache),
+            "--output_dir", str(output_dir), "--overwrite_output_dir", "true", *extra]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -51,34 +51,11 @@ def configurations(work) -> list[dict]:
     for size in ("124m", "350m"):
         for method in ("lora", "qlora"):
             folder = work / "plan" / f"{method}-{size}"
-            args = [
-                "--model_name_or_path",
-                str(bases[size]),
-                "--train_file",
-                str(kit.shakespeare()),
-                "--max_length",
-                "1024",
-                "--per_device_train_batch_size",
-                "8",
-                "--per_device_eval_batch_size",
-                "8",
-                "--max_eval_samples",
-                "8",
-                "--max_steps",
-                str(STEPS),
-                "--logging_steps",
-                "5",
-                "--bf16",
-                "true",
-                "--report_to",
-                "none",
-                "--sample_max_new_tokens",
-                "1",
-                "--output_dir",
-                str(folder),
-                "--overwrite_output_dir",
-                "true",
-            ]
+            args = ["--model_name_or_path", str(bases[size]), "--train_file", str(kit.shakespeare()),
+                    "--max_length", "1024", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
+                    "--max_eval_samples", "8", "--max_steps", str(STEPS), "--logging_steps", "5", "--bf16", "true",
+                    "--report_to", "none", "--sample_max_new_tokens", "1", "--output_dir", str(folder),
+                    "--overwrite_output_dir", "true"]  # the recipes' GPU defaults otherwise (checkpointing on)
             plan = ["--model", str(bases[size]), "--task", method, "--batch_size", "8", "--gradient_checkpointing"]
             out.append({"name": f"{method}-{size}", "recipe": f"recipes/{method}.py", "args": args, "plan": plan})
     return out
