@@ -11,8 +11,8 @@ def plot_loss_curve(log_history: list[dict], path: str, title: str = "GPT-2 trai
     """Train and eval loss against step, as a PNG. Returns the path, or None when nothing was logged.
 
     When the evaluations report eval_bits_per_byte, a right-hand axis reads the curves in bits per byte of the
-    validation text (a fixed scale: bits per byte = loss / (ln 2 x validation bytes per token)) and the last
-    evaluation is labelled with its value.
+    validation text (a fixed scale: bits per byte = loss / (ln 2 x validation bytes per token)) and the legend
+    gives the last evaluation's value.
     """
     train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
     evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h and "step" in h]
@@ -29,15 +29,14 @@ def plot_loss_curve(log_history: list[dict], path: str, title: str = "GPT-2 trai
     if train:
         ax.plot(*zip(*train), label="train loss")
     if evals:
-        ax.plot(*zip(*evals), "o-", label="validation loss")
+        last_bpb = f" (last: {bpb[-1][2]:.4f} bits/byte)" if bpb else ""
+        ax.plot(*zip(*evals), "o-", label=f"validation loss{last_bpb}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
     if bpb and bpb[-1][1] > 0:
-        step, loss, last = bpb[-1]
-        scale = last / loss  # bits per byte per nat per token, the same at every evaluation
+        scale = bpb[-1][2] / bpb[-1][1]  # bits per byte per nat per token, the same at every evaluation
         right = ax.secondary_yaxis("right", functions=(lambda x: x * scale, lambda y: y / scale))
         right.set_ylabel("bits per byte (validation text)")
-        ax.annotate(f"{last:.3f} bits/byte", (step, loss), textcoords="offset points", xytext=(-10, 8), ha="right")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -15,7 +15,7 @@ import re
 import shlex
 
 _MODEL_ID = re.compile(r"^(?:[A-Za-z0-9][\w.\-]*/)?[A-Za-z0-9][\w.\-]*$")
-_SECRET_FLAGS = ("token", "password", "secret")
+_SECRET_WORDS = ("token", "password", "secret")  # a flag is secret when one of its _-separated words is one of these
 
 
 def is_hub_model_id(value: object) -> bool:
@@ -32,7 +32,8 @@ def card_base_model(model_name_or_path: str, base_model_hub_id: str | None = Non
 
 
 def reproduce_command(script: str, argv: list[str]) -> str:
-    """The exact command line, with the value of any --*token* flag replaced (never write a token)."""
+    """The exact command line, with the value of any --token / --hub_token / --*_password flag replaced (never write a
+    token); --sample_max_new_tokens is no secret."""
     out, hide_next = [], False
     for arg in argv:
         if hide_next:
@@ -40,7 +41,7 @@ def reproduce_command(script: str, argv: list[str]) -> str:
             hide_next = False
             continue
         flag = arg.split("=", 1)[0]
-        if flag.startswith("--") and any(s in flag.lower() for s in _SECRET_FLAGS):
+        if flag.startswith("--") and any(word in _SECRET_WORDS for word in flag[2:].lower().replace("-", "_").split("_")):
             if "=" in arg:
                 out.append(f"{flag}=<redacted>")
             else:
@@ -89,7 +90,7 @@ def write_model_card(output_dir: str, *, title: str, base_model: str, base_model
         f"- format: {data_format}" + (" (loss on the completion only)" if data_format == "prompt-completion" else ""),
         "", "## Hyperparameters", "", "| name | value |", "| --- | --- |",
     ]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in hyperparameters.items()]
+    lines += [f"| {k} | {_fmt(getattr(v, 'value', v))} |" for k, v in hyperparameters.items()]  # enums by value
     lines += ["", "## Results", "", "Held-out eval loss and perplexity, before and after fine-tuning:", "",
               "| metric | value |", "| --- | --- |"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
@@ -157,7 +158,7 @@ def write_pretrained_model_card(output_dir: str, *, title: str, architecture: di
     lines = [
         "---", card.to_yaml(), "---", "",
         f"# {title}", "",
-        (f"A GPT-2 language model ({n_params / 1e6:.1f}M parameters; {shape}), {start} with `gpt2-toolkit` "
+        (f"A GPT-2 language model ({n_params:,} parameters; {shape}), {start} with `gpt2-toolkit` "
          "(transformers Trainer, recipes/pretrain.py)."),
         "", "## Tokenizer", "", tokenizer,
         "", "## Data", "",
