@@ -58,6 +58,12 @@ def main() -> None:
     from toolkit.tokenizer import load_tokenizer, train_bpe_tokenizer
     from toolkit.trainer import PretrainTrainer
 
+    resume_from = prepare_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint, args.process_index == 0)
+    push_to_hub, args.push_to_hub = args.push_to_hub, False  # we push the final folder ourselves, once, at the end
+    if push_to_hub:
+        from toolkit.hub import check_push_ready
+
+        check_push_ready(args.hub_model_id, args.hub_token)  # fail now, not after hours of training
     benchmark = None
     if args.eval_tasks:  # lm-eval on rank 0 at every evaluation; task names are checked now, not hours later
         if distributed.fsdp_requested(args):
@@ -67,13 +73,6 @@ def main() -> None:
 
         benchmark = BenchmarkDuringTraining(args.eval_tasks, args.eval_tasks_limit, args.eval_tasks_include_path,
                                             args.per_device_eval_batch_size, bool(args.bf16))
-
-    resume_from = prepare_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint, args.process_index == 0)
-    push_to_hub, args.push_to_hub = args.push_to_hub, False  # we push the final folder ourselves, once, at the end
-    if push_to_hub:
-        from toolkit.hub import check_push_ready
-
-        check_push_ready(args.hub_model_id, args.hub_token)  # fail now, not after hours of training
 
     # 2. Seed: initial weights and data order depend only on --seed.
     set_seed(args.seed)

@@ -12,7 +12,7 @@ import pytest
 from conftest import GPT2_TOKENIZER, REPO, embedded_texts, needs_shared, run_script
 
 ENGLISH = ("The quick brown fox jumps over the lazy dog. A stitch in time saves nine; the early bird catches the worm.\n"
-           "Ünïcödé bytes: café, naïve, 日本語, emoji \N{GRINNING FACE}.\n") * 40
+           "Ünïcödé bytes: café, naïve, 日本語, emoji \N{GRINNING FACE}.\n") * 12
 
 
 def run_main(module, argv, capsys):
@@ -156,9 +156,8 @@ def test_eval_loss_and_bits_per_byte_equal_a_hand_computation(tiny_model_dir, te
             continue
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([window])).logits[0].double(), dim=-1)
-        for pos in range(1, len(window)):
-            nll -= logp[pos - 1, window[pos]].item()
-            count += 1
+        nll -= sum(logp[pos - 1, window[pos]].item() for pos in range(1, len(window)))
+        count += len(window) - 1
         n_bytes += sum(len(token_bytes(tokenizer, t)) for t in window[1:])
     assert got["tokens"] == count and got["bytes"] == n_bytes
     assert got["loss"] == pytest.approx(nll / count, rel=1e-5)
@@ -409,11 +408,24 @@ def test_pretrain_logs_bits_per_byte_that_toolkit_eval_reproduces_and_writes_a_c
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
     assert card.data.eval_results and card.data.eval_results[0].dataset_type == "tiny_hellaswag"
-    for text in ("## Results", "eval_bits_per_byte", f"{final['eval_bits_per_byte']:.4g}", "![training and validation loss]"
-                 "(loss_curve.png)", "recipes/pretrain.py --preset gpt2-nano", "--sample_max_new_tokens 8", "from_pretrained",
-                 "tokens seen in training"):
+    for text in ("## Results", "eval_bits_per_byte", f"{final['eval_bits_per_byte']:.4g}",
+                 "![training and validation loss](loss_curve.png)", "recipes/pretrain.py --preset gpt2-nano",
+                 "--sample_max_new_tokens 8", "from_pretrained", "tokens seen in training"):
         assert text in card.text, text
     assert (out / "loss_curve.png").stat().st_size > 1000
+
+
+def test_eval_speed_benchmark_quick(tmp_path):
+    """benchmarks/eval_speed.py end to end at a tiny size (figures are not checked: this machine is shared)."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    raw = importlib.import_module("eval_speed").main(["--quick", "--doc", str(tmp_path / "b.md"), "--json", str(tmp_path / "r.json")])
+    assert [r["tokens"] for r in raw] == [2000, 4000, 8000]
+    assert all(r["eval_tokens_per_s"] > 0 and r["train_forward_tokens_per_s"] > 0 and r["peak_mb"] > 0 for r in raw)
+    assert all(r["scored"] >= r["tokens"] * 0.9 for r in raw)  # --max_tokens honoured, windows' first tokens unscored
+    assert "ratio (eval / forward)" in (tmp_path / "b.md").read_text()
 
 
 def test_help_of_the_new_commands():

@@ -17,15 +17,18 @@ import sys
 from toolkit.errors import UserError, exit_on_user_error
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Option defaults in --help, and the module docstring's examples kept as written."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="toolkit generate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="toolkit generate", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("model", nargs="?", default=None,
                    help="model folder (a recipe's output_dir, a merged model) or Hub name; may be left out with --adapter "
                         "(the adapter's recorded base is used)")
     p.add_argument("--adapter", default=None, help="LoRA/QLoRA adapter folder or Hub repo to apply on the model (unmerged)")
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--prompt", default=None, help="text to continue (default: empty, i.e. the start of a new document)")
+    source.add_argument("--prompt", default=None, help="text to continue; left out: the start of a new document")
     source.add_argument("--prompt_file", default=None, help="file whose whole content is the prompt (UTF-8)")
     p.add_argument("--max_new_tokens", type=int, default=100, help="tokens to generate per sample at most (EOS stops earlier)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (the most likely token)")
