@@ -20,6 +20,7 @@ Each module owns one concern:
   generate   - `toolkit generate`: streamed sampling from a model or adapter
   bits_per_byte - bits per byte (tokenizer-independent loss) and the byte counts behind it
   evaluation - `toolkit eval`: loss, perplexity, bits per byte over any text, in streamed windows
+  text_stream - text to evaluate as token id arrays: read in pieces, tokenized on a background thread
   lm_eval_tasks - lm-evaluation-harness benchmarks on a loaded model (toolkit eval --tasks, pretrain --eval_tasks)
   hub        - `toolkit push` and the pre-training push checks
   plan       - `toolkit plan`: memory per device, recipe and command
