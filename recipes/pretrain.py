@@ -14,13 +14,16 @@ The same file under DDP or FSDP2; only the accelerate config changes:
     torchrun --nproc_per_node 4 recipes/pretrain.py --preset gpt2
 
 Resume an interrupted run:   python recipes/pretrain.py ... --resume_from_checkpoint auto
+HellaSwag at every eval:     python recipes/pretrain.py ... --eval_tasks hellaswag --eval_tasks_limit 1000   (pip install -e ".[eval]")
 All options:                 python recipes/pretrain.py --help
+
+The output folder loads with from_pretrained and carries a model card (README.md) that --push_to_hub uploads.
 """
 
 from __future__ import annotations
 
-import math
 import os
+import sys
 
 from toolkit.errors import UserError, exit_on_user_error
 
@@ -54,7 +57,8 @@ def main() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, default_data_collator, set_seed
 
     from toolkit import data, flops, presets
-    from toolkit.callbacks import GracefulStopCallback, LossCurveCallback
+    from toolkit.bits_per_byte import eval_bytes_per_token as eval_bytes_per_token_of
+    from toolkit.callbacks import GracefulStopCallback, LossCurveCallback, plot_loss_curve
     from toolkit.run_dir import check_resume_compatible, load_pretrained_model, prepare_output_dir
     from toolkit.tokenizer import load_tokenizer, train_bpe_tokenizer
     from toolkit.trainer import PretrainTrainer
@@ -65,6 +69,15 @@ def main() -> None:
         from toolkit.hub import check_push_ready
 
         check_push_ready(training_args.hub_model_id, training_args.hub_token)  # fail now, not after hours of training
+    benchmark = None
+    if training_args.eval_tasks:  # lm-eval on rank 0 at every evaluation; task names are checked now, not hours later
+        if distributed.fsdp_requested(training_args):
+            raise UserError("--eval_tasks runs lm-eval on the main process alone, which an FSDP-sharded model cannot do; drop "
+                            "--eval_tasks and run `toolkit eval OUTPUT_DIR --tasks ...` on the saved model")
+        from toolkit.lm_eval_tasks import BenchmarkDuringTraining
+
+        benchmark = BenchmarkDuringTraining(training_args.eval_tasks, training_args.eval_tasks_limit, training_args.eval_tasks_include_path,
+                                            training_args.per_device_eval_batch_size, bool(training_args.bf16))
 
     # 2. Seed: initial weights and data order depend only on --seed.
     set_seed(training_args.seed)
@@ -137,8 +150,10 @@ def main() -> None:
         if training_args.process_index == 0:
             print(f"Data: {packed.describe()} (cache: {packed.cache_dir})")
 
-    # 7. Trainer: HF Trainer + tokens/s and MFU logging + loss-curve plot.
+    # 7. Trainer: HF Trainer + tokens/s and MFU logging + loss-curve plot + bits per byte (the bytes of the scored
+    #    validation tokens are counted once here: toolkit/bits_per_byte.py).
     tokens_per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size * data_args.block_size
+    eval_bytes_per_token, eval_tokens, eval_bytes = eval_bytes_per_token_of(eval_dataset, tokenizer)
     peak, peak_source = flops.peak_flops()
     trainer = PretrainTrainer(
         model=model,
@@ -151,11 +166,15 @@ def main() -> None:
         flops_per_token=flops.flops_per_token_for(config, data_args.block_size),
         peak_flops=peak * training_args.world_size if peak else None,
         tokens_per_step=tokens_per_step,
+        eval_bytes_per_token=eval_bytes_per_token,
+        benchmark=benchmark,
     )
     if training_args.process_index == 0:
         print(f"Model: {n_params:,} parameters (n_layer={config.n_layer}, n_head={config.n_head}, n_embd={config.n_embd}, "
               f"vocab={config.vocab_size}); {'bf16 mixed precision' if training_args.bf16 else 'fp32'}; peak lr {training_args.learning_rate:g}; "
               f"{tokens_per_step:,} tokens/step; MFU against {peak_source}")
+        print(f"Eval: {eval_tokens:,} scored validation tokens, {eval_bytes:,} bytes ({eval_bytes_per_token:.3f} bytes/token) "
+              "for bits per byte")
 
     # 8. Train (resuming restores model, optimizer, scheduler, RNG and the position in the data order).
     #    SIGINT/SIGTERM saves a checkpoint at the end of the current step and stops.
@@ -170,25 +189,67 @@ def main() -> None:
         raise
     stop.exit_if_stopped(training_args)
 
-    # 9. Evaluate, save a from_pretrained-ready folder, show a sample.
+    # 9. Evaluate (loss, perplexity, bits per byte, --eval_tasks), save a from_pretrained-ready folder with its model
+    #    card (README.md) and loss curve, show a sample.
     metrics = trainer.evaluate()
-    metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
     trainer.save_state()
     distributed.export_full_model(trainer, training_args.output_dir, tokenizer)
     if training_args.process_index == 0:
+        plot_loss_curve(trainer.state.log_history, os.path.join(training_args.output_dir, "loss_curve.png"))  # with the final eval
         sample = generate_sample(training_args.output_dir, training_args.sample_prompt, training_args.sample_max_new_tokens, training_args.seed)
-        print(f"\nModel saved to {os.path.abspath(training_args.output_dir)}")
-        print(f"Eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}")
+        write_card(training_args, model_args, data_args, config, tokenizer, n_params, trainer.state.global_step, tokens_per_step,
+                   metrics, benchmark, sample, push_to_hub)
+        print(f"\nModel saved to {os.path.abspath(training_args.output_dir)} (model card: README.md)")
+        print(f"Eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}, "
+              f"bits per byte {metrics.get('eval_bits_per_byte', float('nan')):.4f}")
         print(f"Sample: {sample!r}")
 
-    # 10. Push the final folder (model, tokenizer, config, loss curve) to the Hub.
+    # 10. Push the final folder (model, tokenizer, config, loss curve, model card) to the Hub.
     if push_to_hub and training_args.process_index == 0:
         from toolkit.hub import push_folder
 
         url = push_folder(training_args.output_dir, training_args.hub_model_id, private=bool(training_args.hub_private_repo), token=training_args.hub_token)
         print(f"Pushed to {url}")
+
+
+def write_card(args, model_args, data_args, config, tokenizer, n_params: int, steps: int, tokens_per_step: int, metrics: dict,
+               benchmark, sample: str, push_to_hub: bool) -> str:
+    """OUTPUT_DIR/README.md: the Hub model card (toolkit/model_card.py) from this run's facts."""
+    from toolkit.model_card import reproduce_command, write_pretrained_model_card
+
+    if model_args.tokenizer_name:
+        tokenizer_note = f"`{model_args.tokenizer_name}` ({len(tokenizer):,} tokens)."
+    elif model_args.model_name_or_path:
+        tokenizer_note = f"The tokenizer of `{model_args.model_name_or_path}` ({len(tokenizer):,} tokens)."
+    else:
+        tokenizer_note = (f"A byte-level BPE with {len(tokenizer):,} tokens (EOS `{tokenizer.eos_token}` ends every document), "
+                          "trained on the training text by this run; saved in this folder.")
+    if data_args.dataset_name:
+        source = f"{data_args.dataset_name}" + (f" ({data_args.dataset_config_name})" if data_args.dataset_config_name else "")
+        source += ", streamed" if data_args.streaming else ""
+    else:
+        source = data_args.train_file or "the embedded corpus (Python's documentation topics)"
+    validation = (data_args.validation_file or (f"the first {data_args.streaming_eval_blocks} blocks of the stream"
+                  if data_args.streaming else f"the last {data_args.validation_split_percentage}% of the training blocks"))
+    data = {"training data": source, "validation data": validation, "tokens seen in training": steps * tokens_per_step,
+            "sequence length (block_size)": data_args.block_size,
+            "packing": "documents joined with EOS between them, cut into blocks"}
+    hyperparameters = {
+        "optimizer steps": steps, "tokens per step": tokens_per_step, "processes": args.world_size,
+        "peak learning rate": args.learning_rate, "schedule": args.lr_scheduler_type, "warmup_steps": args.warmup_steps,
+        "weight_decay": args.weight_decay, "adam betas": (args.adam_beta1, args.adam_beta2), "max_grad_norm": args.max_grad_norm,
+        "precision": "bf16 mixed" if args.bf16 else "fp32", "dropout": config.resid_pdrop, "seed": args.seed,
+    }
+    keys = ("eval_loss", "eval_perplexity", "eval_bits_per_byte")
+    shape = {k: getattr(config, k) for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")}
+    return write_pretrained_model_card(
+        args.output_dir, title=os.path.basename(os.path.abspath(args.output_dir)) if not push_to_hub else args.hub_model_id,
+        architecture=shape, n_params=n_params, tokenizer=tokenizer_note, data=data, hyperparameters=hyperparameters,
+        metrics={k: metrics[k] for k in keys if k in metrics}, benchmarks=benchmark.last if benchmark else None,
+        command=reproduce_command("recipes/pretrain.py", sys.argv[1:]), base_model=model_args.model_name_or_path,
+        dataset_hub_id=data_args.dataset_name, sample=sample, repo_id=args.hub_model_id if push_to_hub else None)
 
 
 def generate_sample(model_dir: str, prompt: str, max_new_tokens: int, seed: int) -> str:

@@ -14,8 +14,14 @@ Each module owns one concern:
   finetune   - SFTConfig defaults and the steps shared by recipes/lora.py and qlora.py
   lora       - LoRA targets/config for GPT-2's Conv1D layers, 4-bit/8-bit loading
   sft_data   - fine-tuning data formats (text, prompt/completion, chat) and GPT-2's chat template
-  model_card - the adapter's README.md
+  model_card - the model cards (README.md) of adapters and of pretrained models
   merge      - `toolkit merge`: adapter + full-precision base -> model folder
+  inference  - load a model (+ adapter) to generate from or evaluate, bf16 on GPU, fp32 on CPU
+  generate   - `toolkit generate`: streamed sampling from a model or adapter
+  bits_per_byte - bits per byte (tokenizer-independent loss) and the byte counts behind it
+  evaluation - `toolkit eval`: loss, perplexity, bits per byte over any text, in streamed windows
+  text_stream - text to evaluate as token id arrays: read in pieces, tokenized on a background thread
+  lm_eval_tasks - lm-evaluation-harness benchmarks on a loaded model (toolkit eval --tasks, pretrain --eval_tasks)
   hub        - `toolkit push` and the pre-training push checks
   plan       - `toolkit plan`: memory per device, recipe and command
   cli        - the `toolkit` console command and its subcommands

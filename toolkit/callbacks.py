@@ -9,9 +9,16 @@ from transformers import TrainerCallback
 
 
 def plot_loss_curve(log_history: list[dict], path: str, title: str = "GPT-2 training") -> str | None:
-    """Train and eval loss against step, as a PNG. Returns the path, or None when nothing was logged."""
+    """Train and eval loss against step, as a PNG. Returns the path, or None when nothing was logged.
+
+    When the evaluations report eval_bits_per_byte, a right-hand axis reads the curves in bits per byte of the
+    validation text (a fixed scale: bits per byte = loss / (ln 2 x validation bytes per token)) and the legend
+    gives the last evaluation's value.
+    """
     train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
     evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h and "step" in h]
+    bpb = [(h["step"], h["eval_loss"], h["eval_bits_per_byte"]) for h in log_history
+           if "eval_loss" in h and h.get("eval_bits_per_byte") and "step" in h]
     if not train and not evals:
         return None
     import matplotlib
@@ -23,9 +30,14 @@ def plot_loss_curve(log_history: list[dict], path: str, title: str = "GPT-2 trai
     if train:
         ax.plot(*zip(*train), label="train loss")
     if evals:
-        ax.plot(*zip(*evals), "o-", label="validation loss")
+        last_bpb = f" (last: {bpb[-1][2]:.4f} bits/byte)" if bpb else ""
+        ax.plot(*zip(*evals), "o-", label=f"validation loss{last_bpb}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
+    if bpb and bpb[-1][1] > 0:
+        scale = bpb[-1][2] / bpb[-1][1]  # bits per byte per nat per token, the same at every evaluation
+        right = ax.secondary_yaxis("right", functions=(lambda x: x * scale, lambda y: y / scale))
+        right.set_ylabel("bits per byte (validation text)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -15,6 +15,8 @@ SUBCOMMANDS = {
     "plan": ("toolkit.plan", "memory/throughput planner: which recipe and accelerate config to use"),
     "merge": ("toolkit.merge", "merge a LoRA/QLoRA adapter into its base model (full precision)"),
     "push": ("toolkit.hub", "push an existing model or adapter folder to the Hugging Face Hub"),
+    "generate": ("toolkit.generate", "sample text from a model (optionally with a LoRA/QLoRA adapter), streamed"),
+    "eval": ("toolkit.evaluation", "loss, perplexity, bits per byte on text; lm-eval benchmarks (hellaswag, ...)"),
 }
 
 

@@ -1,4 +1,7 @@
-"""The adapter's model card (README.md): base, data, hyperparameters, metrics, sample, the command.
+"""Model cards (README.md) as the Hub expects them: YAML metadata, then what was trained, how, how well, and how to
+load it. `write_model_card` is the adapter's (recipes/lora.py, qlora.py); `write_pretrained_model_card` is
+recipes/pretrain.py's (architecture, tokenizer, data and tokens seen, hyperparameters, eval loss / perplexity /
+bits per byte, benchmark scores, the loss curve).
 
 The card's YAML metadata is what the Hub indexes. `base_model` must be a Hub model id: a local path
 there makes the Hub reject the upload (transformers#33922), so a base loaded from a folder is named
@@ -12,7 +15,7 @@ import re
 import shlex
 
 _MODEL_ID = re.compile(r"^(?:[A-Za-z0-9][\w.\-]*/)?[A-Za-z0-9][\w.\-]*$")
-_SECRET_FLAGS = ("token", "password", "secret")
+_SECRET_WORDS = ("token", "password", "secret")  # a flag is secret when one of its _-separated words is one of these
 
 
 def is_hub_model_id(value: object) -> bool:
@@ -29,7 +32,8 @@ def card_base_model(model_name_or_path: str, base_model_hub_id: str | None = Non
 
 
 def reproduce_command(script: str, argv: list[str]) -> str:
-    """The exact command line, with the value of any --*token* flag replaced (never write a token)."""
+    """The exact command line, with the value of any --token / --hub_token / --*_password flag replaced (never write a
+    token); --sample_max_new_tokens is no secret."""
     out, hide_next = [], False
     for arg in argv:
         if hide_next:
@@ -37,7 +41,7 @@ def reproduce_command(script: str, argv: list[str]) -> str:
             hide_next = False
             continue
         flag = arg.split("=", 1)[0]
-        if flag.startswith("--") and any(s in flag.lower() for s in _SECRET_FLAGS):
+        if flag.startswith("--") and any(word in _SECRET_WORDS for word in flag[2:].lower().replace("-", "_").split("_")):
             if "=" in arg:
                 out.append(f"{flag}=<redacted>")
             else:
@@ -86,7 +90,7 @@ def write_model_card(output_dir: str, *, title: str, base_model: str, base_model
         f"- format: {data_format}" + (" (loss on the completion only)" if data_format == "prompt-completion" else ""),
         "", "## Hyperparameters", "", "| name | value |", "| --- | --- |",
     ]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in hyperparameters.items()]
+    lines += [f"| {k} | {_fmt(getattr(v, 'value', v))} |" for k, v in hyperparameters.items()]  # enums by value
     lines += ["", "## Results", "", "Held-out eval loss and perplexity, before and after fine-tuning:", "",
               "| metric | value |", "| --- | --- |"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
@@ -105,6 +109,89 @@ def write_model_card(output_dir: str, *, title: str, base_model: str, base_model
         "```", "",
         "Merge it into the base (full precision, also for a QLoRA adapter): "
         "`toolkit merge --adapter path/to/this/adapter --output_dir merged`.",
+        "", "## Reproduce", "", "```bash", command, "```", "",
+    ]
+    path = os.path.join(output_dir, "README.md")
+    ModelCard("\n".join(lines)).save(path)
+    return path
+
+
+def _benchmark_results(model_name: str, benchmarks: dict[str, dict[str, float]]):
+    """model-index entries (the Hub's evaluation-results metadata) for lm-evaluation-harness scores."""
+    from huggingface_hub import EvalResult
+
+    results = []
+    for task, row in benchmarks.items():
+        for metric, value in row.items():
+            if not metric.endswith("_stderr"):
+                results.append(EvalResult(task_type="text-generation", dataset_type=task, dataset_name=task, metric_type=metric,
+                                          metric_value=round(float(value), 4), source_name="lm-evaluation-harness",
+                                          source_url="https://github.com/EleutherAI/lm-evaluation-harness"))
+    return results or None
+
+
+def write_pretrained_model_card(output_dir: str, *, title: str, architecture: dict, n_params: int, tokenizer: str,
+                                data: dict, hyperparameters: dict, metrics: dict, benchmarks: dict | None, command: str,
+                                base_model: str | None = None, dataset_hub_id: str | None = None, sample: str | None = None,
+                                repo_id: str | None = None, loss_curve: str | None = "loss_curve.png") -> str:
+    """Write OUTPUT_DIR/README.md for a model trained by recipes/pretrain.py and return its path.
+
+    `metrics`: final eval_loss / eval_perplexity / eval_bits_per_byte; `benchmarks`: {task: {metric: value}} from
+    lm-eval; `data`: rows for the data section (source, tokens seen, ...).
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    hub_base = card_base_model(base_model) if base_model else None
+    name = repo_id.split("/")[-1] if repo_id else os.path.basename(os.path.abspath(output_dir))
+    card = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["gpt2", "text-generation", "pretraining", "gpt2-toolkit"],
+        base_model=hub_base,
+        datasets=[dataset_hub_id] if dataset_hub_id and is_hub_model_id(dataset_hub_id) else None,
+        model_name=name if benchmarks else None,
+        eval_results=_benchmark_results(name, benchmarks or {}),
+    )
+    shape = ", ".join(f"{k}={v}" for k, v in architecture.items())
+    start = f"continued from [{hub_base}](https://huggingface.co/{hub_base})" if hub_base else (
+        f"continued from a local model (`{base_model}`)" if base_model else "trained from scratch")
+    lines = [
+        "---", card.to_yaml(), "---", "",
+        f"# {title}", "",
+        (f"A GPT-2 language model ({n_params:,} parameters; {shape}), {start} with `gpt2-toolkit` "
+         "(transformers Trainer, recipes/pretrain.py)."),
+        "", "## Tokenizer", "", tokenizer,
+        "", "## Data", "",
+    ]
+    lines += [f"- {k}: {_fmt(v) if not isinstance(v, int) else f'{v:,}'}" for k, v in data.items()]
+    lines += ["", "## Hyperparameters", "", "| name | value |", "| --- | --- |"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in hyperparameters.items()]
+    lines += ["", "## Results", "", ("Final evaluation on the held-out validation data (bits per byte = total loss / "
+                                     "(ln 2 x UTF-8 bytes of the scored text), comparable across tokenizers):"), "",
+              "| metric | value |", "| --- | --- |"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
+    if benchmarks:
+        lines += ["", ("Benchmarks (lm-evaluation-harness, run during training; `--eval_tasks_limit` may have limited them "
+                       "to part of each task):"), "", "| task | metric | value |", "| --- | --- | --- |"]
+        lines += [f"| {task} | {metric} | {value:.4f} |" for task, row in benchmarks.items() for metric, value in row.items()
+                  if not metric.endswith("_stderr")]
+    if loss_curve and os.path.isfile(os.path.join(output_dir, loss_curve)):
+        lines += ["", "## Loss curve", "", f"![training and validation loss]({loss_curve})"]
+    if sample:
+        lines += ["", "## Sample (top-k 50)", "", "```text", sample, "```"]
+    load_id = repo_id or "path/to/this/model"
+    lines += [
+        "", "## Use", "", "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f"model = AutoModelForCausalLM.from_pretrained({load_id!r})",
+        f"tokenizer = AutoTokenizer.from_pretrained({load_id!r})",
+        'ids = tokenizer("The", return_tensors="pt").input_ids',
+        "print(tokenizer.decode(model.generate(ids, max_new_tokens=40, do_sample=True, top_k=50)[0]))",
+        "```", "",
+        "With gpt2-toolkit: `toolkit generate " + load_id + " --prompt \"The\"`, "
+        "`toolkit eval " + load_id + " --text_file valid.txt` (loss, perplexity, bits per byte), "
+        "`toolkit eval " + load_id + " --tasks hellaswag` (benchmarks).",
         "", "## Reproduce", "", "```bash", command, "```", "",
     ]
     path = os.path.join(output_dir, "README.md")

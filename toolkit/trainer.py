@@ -7,6 +7,10 @@
   folder that `get_last_checkpoint` (and so `--resume_from_checkpoint auto`) would pick. We write it
   under `output_dir/.incomplete/` and rename it into place only when every rank has finished.
 - A full disk while saving becomes a one-line error that says the previous checkpoints are intact.
+- Evaluation reports perplexity and bits per byte next to eval_loss (nats per token depend on the tokenizer;
+  bits per byte do not: toolkit/bits_per_byte.py), and optionally lm-eval benchmark scores, in the same log
+  record, so they reach the console, tensorboard and trainer_state.json. (A TrainerCallback's on_evaluate runs
+  after that record is logged, so the additions are made here.)
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
+from toolkit.bits_per_byte import bits_per_byte_from_mean, perplexity
 from toolkit.errors import UserError
 
 STAGING_DIR = ".incomplete"
@@ -93,13 +98,20 @@ class CausalLMLoss:
 
 
 class PretrainTrainer(CausalLMLoss, CrashSafeCheckpoints, Trainer):
-    def __init__(self, *args, flops_per_token: float, peak_flops: float | None, tokens_per_step: int, **kwargs):
+    """`eval_bytes_per_token`: UTF-8 bytes per scored validation token (bits_per_byte.eval_bytes_per_token), to
+    report eval_bits_per_byte; `benchmark`: a callable (model, tokenizer) -> {name: score} run on the main process at every
+    evaluation (lm_eval_tasks.BenchmarkDuringTraining), its scores logged as eval_<name>."""
+
+    def __init__(self, *args, flops_per_token: float, peak_flops: float | None, tokens_per_step: int,
+                 eval_bytes_per_token: float | None = None, benchmark=None, **kwargs):
         model = kwargs.get("model") if "model" in kwargs else (args[0] if args else None)
         mark_causal_lm_loss(model)
         super().__init__(*args, **kwargs)
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops  # for all devices of the run together
         self.tokens_per_step = tokens_per_step  # global: micro-batch x accumulation x world x block
+        self.eval_bytes_per_token = eval_bytes_per_token
+        self.benchmark = benchmark
         self._window_start = None
         self._window_step = 0
         self._eval_seconds = 0.0
@@ -115,6 +127,19 @@ class PretrainTrainer(CausalLMLoss, CrashSafeCheckpoints, Trainer):
             return super().get_eval_dataloader(eval_dataset)
         finally:
             self.args.dataloader_drop_last = drop_last
+
+    def evaluation_loop(self, *args, **kwargs):
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        loss = output.metrics.get(f"{prefix}_loss")
+        if loss is not None:
+            output.metrics[f"{prefix}_perplexity"] = perplexity(loss)
+            if self.eval_bytes_per_token:
+                output.metrics[f"{prefix}_bits_per_byte"] = bits_per_byte_from_mean(loss, self.eval_bytes_per_token)
+        if self.benchmark is not None and self.is_world_process_zero():
+            scores = self.benchmark(self.accelerator.unwrap_model(self.model), self.processing_class)
+            output.metrics.update({f"{prefix}_{name}": value for name, value in scores.items()})
+        return output
 
     def evaluate(self, *args, **kwargs):
         start = time.perf_counter()

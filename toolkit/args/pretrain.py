@@ -133,3 +133,15 @@ class PretrainArguments(TrainingArguments):
     )
     sample_prompt: str = field(default="", metadata={"help": "Prompt for the sample generated at the end (empty: start of a document)."})
     sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of the generated sample printed at the end."})
+    eval_tasks: str | None = field(
+        default=None,
+        metadata={"help": "lm-evaluation-harness tasks run at every evaluation on the main process, e.g. hellaswag (comma-"
+                          "separated); scores are logged as eval_<task>_<metric>. Needs the [eval] extra; not under FSDP. "
+                          "Other ranks wait meanwhile: keep it short with --eval_tasks_limit."},
+    )
+    eval_tasks_limit: float | None = field(
+        default=None, metadata={"help": "Examples per --eval_tasks task (a fraction if < 1); default: the whole task."}
+    )
+    eval_tasks_include_path: str | None = field(
+        default=None, metadata={"help": "Folder with your own lm-eval task YAML files for --eval_tasks."}
+    )

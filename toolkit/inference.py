@@ -1,0 +1,134 @@
+"""Load a model (and optionally a LoRA/QLoRA adapter on it) to generate from or evaluate: `toolkit generate`, `toolkit eval`.
+
+The model is any `from_pretrained` folder or Hub name: pretrain.py, onefile_train.py and `toolkit merge` outputs.
+It runs in bf16 on a GPU that has it and in fp32 on a CPU (bf16 matmuls are many times slower on CPUs without
+AMX), like the recipes. An adapter goes on an unquantized base through peft, also a QLoRA adapter: its A and B
+matrices do not depend on how the base was stored (toolkit/lora.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+from toolkit.errors import UserError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class Loaded:
+    model: object
+    tokenizer: object
+    name: str  # what was loaded, for messages and --json
+    dtype: str
+    device: str
+
+
+def resolve_device(name: str = "auto") -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} but no CUDA GPU is visible; use --device cpu (or auto)")
+    return name
+
+
+def adapter_config(adapter: str, token: str | None = None) -> dict:
+    """adapter_config.json of a local adapter folder or Hub repo, with one-line errors."""
+    if os.path.isdir(adapter):
+        path = os.path.join(adapter, "adapter_config.json")
+        if not os.path.isfile(path):
+            raise UserError(f"'{adapter}' has no adapter_config.json; pass the output_dir of recipes/lora.py or recipes/qlora.py")
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    if os.path.sep in adapter or adapter.startswith("."):
+        raise UserError(f"adapter folder '{adapter}' does not exist; pass the output_dir of recipes/lora.py or recipes/qlora.py")
+    from peft import PeftConfig
+
+    try:
+        return PeftConfig.from_pretrained(adapter, token=token).to_dict()
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not load adapter '{adapter}' ({type(err).__name__}); pass a local adapter folder "
+                        "or a reachable Hub repo") from None
+
+
+def resolve_model(model: str | None, adapter: str | None, token: str | None = None) -> tuple[str, dict | None]:
+    """(base model to load, adapter config or None). MODEL may be left out when the adapter records its base."""
+    from toolkit.lora import check_base_model
+
+    config = adapter_config(adapter, token) if adapter else None
+    if config is not None and config.get("peft_type") not in (None, "LORA"):
+        raise UserError(f"'{adapter}' is a {config.get('peft_type')} adapter; only LoRA/QLoRA adapters are supported")
+    if not model:
+        if config is None:
+            raise UserError("no model given; pass MODEL (a save_pretrained folder such as a recipe's --output_dir, "
+                            "or a Hub name such as gpt2)")
+        model = config.get("base_model_name_or_path")
+        if not model:
+            raise UserError(f"adapter '{adapter}' does not record its base model; pass MODEL before the options")
+    check_base_model(model)
+    return model, config
+
+
+def model_context(model_name: str, token: str | None = None) -> int:
+    """The model's context length (n_positions), read from config.json before loading any weights."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_name, token=token)
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not load the config of model '{model_name}' ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:160]}); pass a save_pretrained folder or a reachable Hub name") from None
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    return 1024
+
+
+def _same_model(a: str | None, b: str | None) -> bool:
+    if not a or not b:
+        return True
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def load_for_inference(model_name: str, adapter: str | None = None, adapter_cfg: dict | None = None, dtype: str = "auto",
+                       device: str = "auto", token: str | None = None) -> Loaded:
+    """The model in eval mode on `device` (with the adapter applied, unmerged), and its tokenizer."""
+    import torch
+
+    from toolkit.lora import compute_dtype, load_base_model
+    from toolkit.tokenizer import load_tokenizer
+
+    device = resolve_device(device)
+    torch_dtype = compute_dtype("auto") if dtype == "auto" else getattr(torch, dtype)
+    if dtype == "auto" and device == "cpu":
+        torch_dtype = torch.float32
+    model = load_base_model(model_name, dtype=torch_dtype)
+    name = model_name
+    if adapter:
+        from peft import PeftModel
+
+        recorded = (adapter_cfg or {}).get("base_model_name_or_path")
+        fix = "pass as MODEL the base it was trained on (or leave MODEL out to use the one it records)"
+        try:
+            model = PeftModel.from_pretrained(model, adapter, token=token)
+        except RuntimeError:  # load_state_dict: size mismatch
+            raise UserError(f"adapter '{adapter}' does not fit model '{model_name}' (tensor shapes differ: it was trained on "
+                            f"another base); {fix}") from None
+        except ValueError as err:  # peft: target modules not found
+            raise UserError(f"adapter '{adapter}' does not fit model '{model_name}' ({str(err).splitlines()[0][:160]}); {fix}") from None
+        if not _same_model(recorded, model_name):
+            print(f"note: adapter '{adapter}' was trained on '{recorded}'; applied to '{model_name}'", file=sys.stderr)
+        name = f"{model_name} + {adapter}"
+    tokenizer = None
+    if adapter and os.path.isfile(os.path.join(adapter, "tokenizer_config.json")):
+        tokenizer = load_tokenizer(adapter)  # the adapter folder keeps the tokenizer it was trained with
+    tokenizer = tokenizer or load_tokenizer(model_name)
+    model.to(device).eval()
+    return Loaded(model, tokenizer, name, str(torch_dtype).replace("torch.", ""), device)
