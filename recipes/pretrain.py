@@ -23,7 +23,6 @@ The output folder loads with from_pretrained and carries a model card (README.md
 from __future__ import annotations
 
 import os
-import sys
 
 from toolkit.errors import UserError, exit_on_user_error
 
@@ -57,8 +56,9 @@ def main() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, default_data_collator, set_seed
 
     from toolkit import data, flops, presets
-    from toolkit.bits_per_byte import eval_bytes_per_token as eval_bytes_per_token_of
     from toolkit.callbacks import GracefulStopCallback, LossCurveCallback, plot_loss_curve
+    from toolkit.lm_metrics import eval_bytes_per_token as eval_bytes_per_token_of
+    from toolkit.model_card import write_pretrain_card
     from toolkit.run_dir import check_resume_compatible, load_pretrained_model, prepare_output_dir
     from toolkit.tokenizer import load_tokenizer, train_bpe_tokenizer
     from toolkit.trainer import PretrainTrainer
@@ -151,7 +151,7 @@ def main() -> None:
             print(f"Data: {packed.describe()} (cache: {packed.cache_dir})")
 
     # 7. Trainer: HF Trainer + tokens/s and MFU logging + loss-curve plot + bits per byte (the bytes of the scored
-    #    validation tokens are counted once here: toolkit/bits_per_byte.py).
+    #    validation tokens are counted once here: toolkit/lm_metrics.py).
     tokens_per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size * data_args.block_size
     eval_bytes_per_token, eval_tokens, eval_bytes = eval_bytes_per_token_of(eval_dataset, tokenizer)
     peak, peak_source = flops.peak_flops()
@@ -199,7 +199,7 @@ def main() -> None:
     if training_args.process_index == 0:
         plot_loss_curve(trainer.state.log_history, os.path.join(training_args.output_dir, "loss_curve.png"))  # with the final eval
         sample = generate_sample(training_args.output_dir, training_args.sample_prompt, training_args.sample_max_new_tokens, training_args.seed)
-        write_card(training_args, model_args, data_args, config, tokenizer, n_params, trainer.state.global_step, tokens_per_step,
+        write_pretrain_card(training_args, model_args, data_args, config, tokenizer, n_params, trainer.state.global_step, tokens_per_step,
                    metrics, benchmark, sample, push_to_hub)
         print(f"\nModel saved to {os.path.abspath(training_args.output_dir)} (model card: README.md)")
         print(f"Eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}, "
@@ -214,59 +214,16 @@ def main() -> None:
         print(f"Pushed to {url}")
 
 
-def write_card(args, model_args, data_args, config, tokenizer, n_params: int, steps: int, tokens_per_step: int, metrics: dict,
-               benchmark, sample: str, push_to_hub: bool) -> str:
-    """OUTPUT_DIR/README.md: the Hub model card (toolkit/model_card.py) from this run's facts."""
-    from toolkit.model_card import reproduce_command, write_pretrained_model_card
-
-    if model_args.tokenizer_name:
-        tokenizer_note = f"`{model_args.tokenizer_name}` ({len(tokenizer):,} tokens)."
-    elif model_args.model_name_or_path:
-        tokenizer_note = f"The tokenizer of `{model_args.model_name_or_path}` ({len(tokenizer):,} tokens)."
-    else:
-        tokenizer_note = (f"A byte-level BPE with {len(tokenizer):,} tokens (EOS `{tokenizer.eos_token}` ends every document), "
-                          "trained on the training text by this run; saved in this folder.")
-    if data_args.dataset_name:
-        source = f"{data_args.dataset_name}" + (f" ({data_args.dataset_config_name})" if data_args.dataset_config_name else "")
-        source += ", streamed" if data_args.streaming else ""
-    else:
-        source = data_args.train_file or "the embedded corpus (Python's documentation topics)"
-    validation = (data_args.validation_file or (f"the first {data_args.streaming_eval_blocks} blocks of the stream"
-                  if data_args.streaming else f"the last {data_args.validation_split_percentage}% of the training blocks"))
-    data = {"training data": source, "validation data": validation, "tokens seen in training": steps * tokens_per_step,
-            "sequence length (block_size)": data_args.block_size,
-            "packing": "documents joined with EOS between them, cut into blocks"}
-    hyperparameters = {
-        "optimizer steps": steps, "tokens per step": tokens_per_step, "processes": args.world_size,
-        "peak learning rate": args.learning_rate, "schedule": args.lr_scheduler_type, "warmup_steps": args.warmup_steps,
-        "weight_decay": args.weight_decay, "adam betas": (args.adam_beta1, args.adam_beta2), "max_grad_norm": args.max_grad_norm,
-        "precision": "bf16 mixed" if args.bf16 else "fp32", "dropout": config.resid_pdrop, "seed": args.seed,
-    }
-    keys = ("eval_loss", "eval_perplexity", "eval_bits_per_byte")
-    shape = {k: getattr(config, k) for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")}
-    return write_pretrained_model_card(
-        args.output_dir, title=os.path.basename(os.path.abspath(args.output_dir)) if not push_to_hub else args.hub_model_id,
-        architecture=shape, n_params=n_params, tokenizer=tokenizer_note, data=data, hyperparameters=hyperparameters,
-        metrics={k: metrics[k] for k in keys if k in metrics}, benchmarks=benchmark.last if benchmark else None,
-        command=reproduce_command("recipes/pretrain.py", sys.argv[1:]), base_model=model_args.model_name_or_path,
-        dataset_hub_id=data_args.dataset_name, sample=sample, repo_id=args.hub_model_id if push_to_hub else None)
-
-
 def generate_sample(model_dir: str, prompt: str, max_new_tokens: int, seed: int) -> str:
-    """Load the saved folder exactly as a user would and sample a continuation (top-k 50)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load the saved folder exactly as a user would (bf16 on a GPU, fp32 on CPU) and sample a continuation (top-k 50).
+    The full length even when the model would end the document at once (the default corpus has short documents; a
+    sample of "\n" then EOS would show nothing)."""
+    from toolkit.generate import continuation
+    from toolkit.inference import load_for_inference
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = tokenizer(prompt, return_tensors="pt").input_ids if prompt else torch.tensor([[tokenizer.eos_token_id]])
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        # min_new_tokens: the full length even when the model would end the document at once (the default corpus
-        # has short ones; a sample of "\n" then EOS shows nothing): EOS is not sampled before that length.
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             min_new_tokens=max_new_tokens, do_sample=True, top_k=50, pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0], skip_special_tokens=True)
+    loaded = load_for_inference(model_dir)
+    return prompt + continuation(loaded.model, loaded.tokenizer, prompt, max_new_tokens, temperature=1.0, top_k=50,
+                                 seed=seed, min_new_tokens=max_new_tokens)
 
 
 if __name__ == "__main__":

@@ -208,7 +208,7 @@ def test_sliding_windows_give_a_lower_perplexity_than_non_overlapping_ones():
 def test_byte_counts_are_the_utf8_bytes_of_the_text(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from toolkit.bits_per_byte import ByteCounter
+    from toolkit.lm_metrics import ByteCounter
 
     tokenizers = [AutoTokenizer.from_pretrained(tiny_tokenizer_dir)]
     if GPT2_TOKENIZER.exists():
@@ -439,7 +439,7 @@ def test_gpt2_tokenizer_byte_table_is_exact_on_shakespeare():
     from transformers import AutoTokenizer
 
     from conftest import SHAKESPEARE
-    from toolkit.bits_per_byte import ByteCounter
+    from toolkit.lm_metrics import ByteCounter
 
     tokenizer = AutoTokenizer.from_pretrained(GPT2_TOKENIZER)
     text = SHAKESPEARE.read_text(encoding="utf-8")[:200_000]

@@ -11,7 +11,7 @@ pretrain.py's evaluation, so each window's first token has no context and is not
 (< block size) the windows advance by S tokens and only the tokens no earlier window scored are scored,
 each seeing at least block_size - S tokens of context (transformers' perplexity guide): a lower, more
 faithful estimate at block_size / S times the compute. Bits per byte divide the scored tokens' total
-loss by ln 2 times the UTF-8 bytes those tokens encode (toolkit/bits_per_byte.py).
+loss by ln 2 times the UTF-8 bytes those tokens encode (toolkit/lm_metrics.py).
 
 Cost: time is linear in the tokens read (one batched forward per --batch_size windows, x block/stride with
 --stride); memory does not grow with the text (read and tokenized in pieces on a background thread by
@@ -144,7 +144,7 @@ def score_token_chunks(model, chunks: Iterable, byte_counter, block_size: int, s
     bar.close()
     if n_tokens == 0:
         raise UserError(f"{source} has fewer than 2 tokens: nothing to score; pass a longer text")
-    from toolkit.bits_per_byte import bits_per_byte, perplexity
+    from toolkit.lm_metrics import bits_per_byte, perplexity
 
     total = nll.item()
     mean = total / n_tokens
@@ -227,7 +227,7 @@ def _limit_tokens(chunks, max_tokens: int | None):
 
 
 def evaluate_text(loaded, args) -> TextScore:
-    from toolkit.bits_per_byte import ByteCounter
+    from toolkit.lm_metrics import ByteCounter
     from toolkit.text_stream import dataset_pieces, expand_paths, file_pieces, prefetch, tokenize_pieces
 
     if args.text_file:

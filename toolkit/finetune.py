@@ -10,7 +10,6 @@ at the model's n_positions here, and LoRA's usual learning rate 2e-4.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 
@@ -109,12 +108,10 @@ def match_adapter_dtype(model, dtype) -> None:
                 param.data = param.data.float()
 
 
-def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 50 else float("inf")
-
-
 def evaluate(trainer, label: str) -> dict:
     """Held-out loss and perplexity."""
+    from toolkit.lm_metrics import perplexity
+
     metrics = trainer.evaluate()
     loss = float(metrics["eval_loss"])
     out = {f"eval_loss_{label}": loss, f"eval_perplexity_{label}": perplexity(loss)}
@@ -124,14 +121,9 @@ def evaluate(trainer, label: str) -> dict:
 
 def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int) -> dict:
     """Greedy continuation; stops at EOS (generation_config.eos_token_id)."""
-    import torch
+    from toolkit.generate import continuation
 
-    model.eval()
-    inputs = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    completion = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=False)
+    completion = continuation(model, tokenizer, prompt, max_new_tokens, skip_special_tokens=False)
     print(f"sample: {prompt!r} -> {completion!r}")
     return {"prompt": prompt, "completion": completion}
 

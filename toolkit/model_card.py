@@ -197,3 +197,42 @@ def write_pretrained_model_card(output_dir: str, *, title: str, architecture: di
     path = os.path.join(output_dir, "README.md")
     ModelCard("\n".join(lines)).save(path)
     return path
+
+
+def write_pretrain_card(args, model_args, data_args, config, tokenizer, n_params: int, steps: int, tokens_per_step: int,
+                        metrics: dict, benchmark, sample: str, push_to_hub: bool) -> str:
+    """OUTPUT_DIR/README.md for a recipes/pretrain.py run: the facts of the run, as write_pretrained_model_card takes them."""
+    import sys
+
+
+    if model_args.tokenizer_name:
+        tokenizer_note = f"`{model_args.tokenizer_name}` ({len(tokenizer):,} tokens)."
+    elif model_args.model_name_or_path:
+        tokenizer_note = f"The tokenizer of `{model_args.model_name_or_path}` ({len(tokenizer):,} tokens)."
+    else:
+        tokenizer_note = (f"A byte-level BPE with {len(tokenizer):,} tokens (EOS `{tokenizer.eos_token}` ends every document), "
+                          "trained on the training text by this run; saved in this folder.")
+    if data_args.dataset_name:
+        source = f"{data_args.dataset_name}" + (f" ({data_args.dataset_config_name})" if data_args.dataset_config_name else "")
+        source += ", streamed" if data_args.streaming else ""
+    else:
+        source = data_args.train_file or "the embedded corpus (Python's documentation topics)"
+    validation = (data_args.validation_file or (f"the first {data_args.streaming_eval_blocks} blocks of the stream"
+                  if data_args.streaming else f"the last {data_args.validation_split_percentage}% of the training blocks"))
+    data = {"training data": source, "validation data": validation, "tokens seen in training": steps * tokens_per_step,
+            "sequence length (block_size)": data_args.block_size,
+            "packing": "documents joined with EOS between them, cut into blocks"}
+    hyperparameters = {
+        "optimizer steps": steps, "tokens per step": tokens_per_step, "processes": args.world_size,
+        "peak learning rate": args.learning_rate, "schedule": args.lr_scheduler_type, "warmup_steps": args.warmup_steps,
+        "weight_decay": args.weight_decay, "adam betas": (args.adam_beta1, args.adam_beta2), "max_grad_norm": args.max_grad_norm,
+        "precision": "bf16 mixed" if args.bf16 else "fp32", "dropout": config.resid_pdrop, "seed": args.seed,
+    }
+    keys = ("eval_loss", "eval_perplexity", "eval_bits_per_byte")
+    shape = {k: getattr(config, k) for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")}
+    return write_pretrained_model_card(
+        args.output_dir, title=os.path.basename(os.path.abspath(args.output_dir)) if not push_to_hub else args.hub_model_id,
+        architecture=shape, n_params=n_params, tokenizer=tokenizer_note, data=data, hyperparameters=hyperparameters,
+        metrics={k: metrics[k] for k in keys if k in metrics}, benchmarks=benchmark.last if benchmark else None,
+        command=reproduce_command("recipes/pretrain.py", sys.argv[1:]), base_model=model_args.model_name_or_path,
+        dataset_hub_id=data_args.dataset_name, sample=sample, repo_id=args.hub_model_id if push_to_hub else None)

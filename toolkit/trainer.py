@@ -8,7 +8,7 @@
   under `output_dir/.incomplete/` and rename it into place only when every rank has finished.
 - A full disk while saving becomes a one-line error that says the previous checkpoints are intact.
 - Evaluation reports perplexity and bits per byte next to eval_loss (nats per token depend on the tokenizer;
-  bits per byte do not: toolkit/bits_per_byte.py), and optionally lm-eval benchmark scores, in the same log
+  bits per byte do not: toolkit/lm_metrics.py), and optionally lm-eval benchmark scores, in the same log
   record, so they reach the console, tensorboard and trainer_state.json. (A TrainerCallback's on_evaluate runs
   after that record is logged, so the additions are made here.)
 """
@@ -24,7 +24,7 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
-from toolkit.bits_per_byte import bits_per_byte_from_mean, perplexity
+from toolkit.lm_metrics import bits_per_byte_from_mean, perplexity
 from toolkit.errors import UserError
 
 STAGING_DIR = ".incomplete"
@@ -98,7 +98,7 @@ class CausalLMLoss:
 
 
 class PretrainTrainer(CausalLMLoss, CrashSafeCheckpoints, Trainer):
-    """`eval_bytes_per_token`: UTF-8 bytes per scored validation token (bits_per_byte.eval_bytes_per_token), to
+    """`eval_bytes_per_token`: UTF-8 bytes per scored validation token (lm_metrics.eval_bytes_per_token), to
     report eval_bits_per_byte; `benchmark`: a callable (model, tokenizer) -> {name: score} run on the main process at every
     evaluation (lm_eval_tasks.BenchmarkDuringTraining), its scores logged as eval_<name>."""
 

@@ -93,6 +93,8 @@ RANGES: dict[str, Range] = {
     "max_eval_samples": AT_LEAST_1,
     # LoRA
     "lora_r": AT_LEAST_1, "lora_alpha": POSITIVE, "lora_dropout": FRACTION,
+    # evaluation during training
+    "eval_tasks_limit": POSITIVE,
 }
 
 

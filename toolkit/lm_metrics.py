@@ -1,4 +1,4 @@
-"""Bits per byte: a language-model score that does not depend on the tokenizer.
+"""Language-model scores from a mean loss: perplexity, and bits per byte, which does not depend on the tokenizer.
 
 Nats per token cannot be compared between runs with different tokenizers (a larger vocabulary puts more text
 in each token); bits per byte can. One definition, used by `toolkit eval` and by recipes/pretrain.py:
