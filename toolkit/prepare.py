@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shlex
 import sys
 import time
@@ -32,7 +31,7 @@ from toolkit import store_writer as sw
 from toolkit import token_store as ts
 from toolkit.corpus import Corpus
 from toolkit.errors import UserError, exit_on_user_error
-from toolkit.tokenize_pool import default_num_proc, encoded_batches
+from toolkit.tokenize_pool import default_num_proc, encoded_batches, peak_rss_kib
 
 DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_VALIDATION_FRACTION = 0.005
@@ -261,7 +260,7 @@ class _Progress:
     def summary(self, seconds: float, manifest: dict) -> str:
         splits = manifest["splits"]
         n_shards = sum(len(s["shards"]) for s in splits.values())
-        main = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        main = peak_rss_kib() / 1024
         worker = self.worker_peak_kib / 1024
         memory = f"peak memory {main:,.0f} MiB" + (f" (+ {worker:,.0f} MiB per worker)" if worker else "")
         return (

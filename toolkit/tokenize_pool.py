@@ -44,7 +44,17 @@ def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         out[pos + len(x)] = eos_id
         pos += len(x) + 1
     nbytes = np.fromiter((len(t.encode("utf-8", "surrogatepass")) for t in texts), dtype=np.int64, count=len(texts))
-    return out, lengths, nbytes, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return out, lengths, nbytes, peak_rss_kib()
+
+
+def peak_rss_kib() -> int:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: a spawned worker's ru_maxrss starts at its parent's
+    size (fork, then exec), which would count the parent again."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def encoded_batches(batches, backend_json: str, eos_id: int, dtype: str, num_proc: int):
