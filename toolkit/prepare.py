@@ -137,7 +137,7 @@ def build_store(
         1 if (corpus.source_bytes() or 0) < SMALL_SOURCE_BYTES and corpus.kind != "dataset" else default_num_proc()
     )
     meter = _Progress(corpus, progress, output_dir)
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     doc = resume["document"]
     skip = resume["token"]
     pending = None
@@ -180,7 +180,7 @@ def build_store(
     )
     sw.write_manifest_for(manifest, output_dir, train, val, complete=True)
     sw.remove_unlisted(output_dir, manifest)
-    manifest["_summary"] = meter.summary(time.time() - start, manifest)
+    manifest["_summary"] = meter.summary(time.time() - start, time.process_time() - cpu_start, manifest, num_proc)
     return manifest
 
 
@@ -257,17 +257,21 @@ class _Progress:
     def close(self) -> None:
         self.bar.close()
 
-    def summary(self, seconds: float, manifest: dict) -> str:
+    def summary(self, seconds: float, main_cpu: float, manifest: dict, num_proc: int) -> str:
         splits = manifest["splits"]
         n_shards = sum(len(s["shards"]) for s in splits.values())
-        main = peak_rss_kib() / 1024
-        worker = self.worker_peak_kib / 1024
-        memory = f"peak memory {main:,.0f} MiB" + (f" (+ {worker:,.0f} MiB per worker)" if worker else "")
+        memory = f"peak memory {peak_rss_kib() / 1024:,.0f} MiB"
+        if self.worker_peak_kib:
+            memory += f" (+ {self.worker_peak_kib / 1024:,.0f} MiB per worker)"
+        seconds = max(seconds, 1e-9)
+        # The main process reads, routes and writes for all workers: its share of a core says how many workers it can
+        # feed (num_proc / share) before it, not tokenization, sets the pace.
+        main = f"; main process {main_cpu / seconds:.0%} busy with {num_proc} worker(s)" if num_proc > 1 else ""
         return (
             f"{splits['train']['tokens']:,} training + {splits['validation']['tokens']:,} validation tokens "
             f"({splits['train']['documents'] + splits['validation']['documents']:,} documents), {n_shards} shard(s); "
-            f"{self.tokens:,} tokens tokenized in {seconds:.1f} s ({self.tokens / max(seconds, 1e-9):,.0f} tokens/s); "
-            f"{memory}"
+            f"{self.tokens:,} tokens tokenized in {seconds:.1f} s ({self.tokens / seconds:,.0f} tokens/s); "
+            f"{memory}{main}"
         )
 
 
