@@ -121,9 +121,10 @@ def tokens_per_char(tokenizer: str) -> float:
 
 
 def folder_bytes(path: Path) -> tuple[int, int]:
-    """(total bytes, largest file's bytes) under path."""
-    sizes = [p.stat().st_size for p in Path(path).rglob("*") if p.is_file()]
-    return sum(sizes), max(sizes, default=0)
+    """(total bytes, largest shard's bytes) under path. prepare writes nothing else but the manifest and the
+    tokenizer: its temporary files are the shard being written and the validation snapshot, each at most a shard."""
+    files = [p for p in Path(path).rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files), max((p.stat().st_size for p in files if p.suffix == ".bin"), default=0)
 
 
 def tree_peak(r: harness.Run) -> tuple[int, int]:
@@ -339,7 +340,7 @@ def report(results: list[dict], loader: dict, train: float, args) -> str:
             "prepare peak RSS MiB",
             "nanoGPT peak RSS MiB",
             "store MiB",
-            "largest store file MiB",
+            "largest shard MiB",
             "nanoGPT intermediate MiB",
         ],
         rows,

@@ -167,8 +167,8 @@ def _cached(docs, tok, tmp_path, **kw):
     path = tmp_path / "docs.jsonl"  # written once: the cache key follows the file's size and modification time
     if not path.exists():
         path.write_text("\n".join(json.dumps({"text": d}) for d in docs))
-    return data.cached_store(Corpus.from_files(str(path)), None, tok, _Args(data_cache_dir=str(tmp_path / "cache"), **kw),
-                             progress=False)
+    args = _Args(data_cache_dir=str(tmp_path / "cache"), **kw)
+    return data.cached_store(Corpus.from_files(str(path)), None, tok, args, progress=False)
 
 
 def test_packing_puts_eos_after_every_document_and_makes_full_blocks(tmp_path, tiny_tokenizer_dir):
@@ -180,13 +180,15 @@ def test_packing_puts_eos_after_every_document_and_makes_full_blocks(tmp_path, t
     store = _cached(docs, tok, tmp_path)  # 10%: documents 0, 10, 20 held out whole
     expected = {"train": [], "validation": []}
     for i, d in enumerate(docs):
-        expected["validation" if i % 10 == 0 else "train"] += tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        expected["validation" if i % 10 == 0 else "train"] += ids
     for split in ("train", "validation"):
         stream = getattr(store, split)
         assert stream.read(0, stream.n_tokens).tolist() == expected[split]  # order kept, EOS after each document
     train, _ = data.block_datasets(store, 8, 1)
     assert len(train) == len(expected["train"]) // 8
-    assert [t for i in range(len(train)) for t in train[i]["input_ids"].tolist()] == expected["train"][: len(train) * 8]
+    blocks = [t for i in range(len(train)) for t in train[i]["input_ids"].tolist()]
+    assert blocks == expected["train"][: len(train) * 8]
     item = train[0]
     assert item["input_ids"].dtype.is_floating_point is False and item["labels"].tolist() == item["input_ids"].tolist()
 

@@ -16,7 +16,7 @@ import pytest
 
 from toolkit.errors import UserError
 
-from conftest import REPO, embedded_texts, run_script
+from conftest import REPO, embedded_texts, needs_shared, run_script
 
 
 def make_documents(n: int, seed: int = 0) -> list[str]:
@@ -36,10 +36,11 @@ def write_fineweb_parquet(folder, docs: list[str], files: int = 2) -> None:
     per = -(-len(docs) // files)
     for f in range(files):
         part = docs[f * per:(f + 1) * per]
-        table = pa.table({"text": part, "id": [f"<urn:uuid:{f}-{i}>" for i in range(len(part))],
-                          "dump": ["CC-MAIN-2024-10"] * len(part), "url": [f"https://example.org/{i}" for i in range(len(part))],
-                          "language": ["en"] * len(part), "language_score": [0.95] * len(part),
-                          "token_count": [len(t) // 4 for t in part]})
+        n = len(part)
+        table = pa.table({"text": part, "id": [f"<urn:uuid:{f}-{i}>" for i in range(n)],
+                          "dump": ["CC-MAIN-2024-10"] * n, "url": [f"https://example.org/{f}/{i}" for i in range(n)],
+                          "language": ["en"] * n,
+                          "language_score": [0.95] * n, "token_count": [len(t) // 4 for t in part]})
         pq.write_table(table, folder / f"{f:03d}_00000.parquet", row_group_size=40)
 
 
@@ -112,9 +113,10 @@ def test_store_holds_every_document_and_cuts_shards_inside_documents(tmp_path, t
     assert split_tokens(tmp_path / "two", "train") == train and split_tokens(tmp_path / "two", "validation") == val
     shards = manifest["splits"]["train"]["shards"]
     assert [s["tokens"] for s in shards[:-1]] == [997] * (len(shards) - 1) and 0 < shards[-1]["tokens"] <= 997
-    stream = np.asarray(train)
-    assert any(stream[int(s["tokens"]) * (i + 1) - 1] != tok.eos_token_id for i, s in enumerate(shards[:-1]))  # mid-doc
-    assert manifest["dtype"] == "uint16" and manifest["complete"] and manifest["tokenizer"]["eos_id"] == tok.eos_token_id
+    ends = np.cumsum([s["tokens"] for s in shards[:-1]]) - 1
+    assert any(train[e] != tok.eos_token_id for e in ends)  # some shard ends inside a document
+    assert manifest["dtype"] == "uint16" and manifest["complete"]
+    assert manifest["tokenizer"]["eos_id"] == tok.eos_token_id
     split_docs = manifest["splits"]["train"]["documents"], manifest["splits"]["validation"]["documents"]
     assert split_docs == (285, 15)
     assert sum(s["utf8_bytes"] for part in manifest["splits"].values() for s in part["shards"]) == \
@@ -141,7 +143,8 @@ def test_validation_cap_and_the_one_document_corpus(tmp_path, tok):
     manifest = build_store(corpus, tok, str(tmp_path / "capped"), validation_fraction=0.1, validation_max_tokens=600,
                            progress=False)
     train, val = expected_streams(docs, tok, every=10, max_tokens=600)
-    assert split_tokens(tmp_path / "capped", "validation") == val and split_tokens(tmp_path / "capped", "train") == train
+    assert split_tokens(tmp_path / "capped", "validation") == val
+    assert split_tokens(tmp_path / "capped", "train") == train
     assert 600 <= len(val) < 600 + 1000 and manifest["splits"]["validation"]["documents"] < 20
 
     # One document (a single .txt, like tinyshakespeare): the last 5% of its tokens are validation.
@@ -248,7 +251,8 @@ def test_dataset_source_streams_into_the_same_store(tmp_path, tok):
                 shard_tokens=3000, progress=False)
     train, val = expected_streams(docs, tok, every=20)
     assert split_tokens(tmp_path / "s", "train") == train and split_tokens(tmp_path / "s", "validation") == val
-    assert [t for b in Corpus.from_dataset(str(tmp_path / "dataset")).batches(start_document=77) for t in b.texts] == docs[77:]
+    resumed = Corpus.from_dataset(str(tmp_path / "dataset")).batches(start_document=77)
+    assert [t for b in resumed for t in b.texts] == docs[77:]
 
 
 # ---------- pretrain.py from a store ----------
@@ -283,8 +287,9 @@ def test_pretrain_trains_from_a_store_and_its_tokenizer(parquet_store, tmp_path)
     out = tmp_path / "out"
     result = run_script(["recipes/pretrain.py", "--preset", "gpt2-nano", "--token_store", str(parquet_store),
                          "--block_size", "32", "--per_device_train_batch_size", "8", "--max_steps", "30",
-                         "--warmup_steps", "5", "--eval_on_start", "true", "--eval_steps", "30", "--save_strategy", "no",
-                         "--report_to", "none", "--sample_max_new_tokens", "4", "--output_dir", str(out)])
+                         "--warmup_steps", "5", "--eval_on_start", "true", "--eval_steps", "30",
+                         "--save_strategy", "no", "--report_to", "none", "--sample_max_new_tokens", "4",
+                         "--output_dir", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"from the token store {parquet_store}" in result.stdout
     evals = {h["step"]: h["eval_loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"]
@@ -309,7 +314,8 @@ def test_store_problems_are_one_line_errors(parquet_store, tmp_path, capsys, tin
         assert __import__("re").search(pattern, err), err
         assert not (tmp_path / "out" / "model.safetensors").exists()
 
-    one_line_error(["--token_store", str(parquet_store), "--tokenizer_name", str(other)], "made with another tokenizer")
+    one_line_error(["--token_store", str(parquet_store), "--tokenizer_name", str(other)],
+                   "made with another tokenizer")
     one_line_error(["--token_store", str(tmp_path / "nowhere")], "does not exist.*toolkit prepare")
     broken = tmp_path / "broken"
     shutil.copytree(parquet_store, broken)
@@ -325,7 +331,8 @@ def test_store_problems_are_one_line_errors(parquet_store, tmp_path, capsys, tin
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_ddp_ranks_read_disjoint_blocks_that_cover_the_epoch(parquet_store, tmp_path):
-    """2 real gloo ranks under torchrun: HF Trainer's train dataloader over the store gives each rank its own blocks."""
+    """2 real gloo ranks under torchrun: HF Trainer's train dataloader over the store gives each rank its own
+    blocks."""
     script = tmp_path / "read_blocks.py"
     script.write_text(f"""
 import json, os, sys
@@ -362,3 +369,25 @@ json.dump({{"world": torch.distributed.get_world_size(), "blocks": seen, "n": le
     stream = split_tokens(parquet_store, "train")
     for i, row in ranks[0]["blocks"][:50] + ranks[1]["blocks"][:50]:
         assert row == stream[i * 64:(i + 1) * 64]  # block i is tokens [64 i, 64 (i + 1)) of the training stream
+
+
+@pytest.mark.slow
+@needs_shared
+def test_data_scale_benchmark_quick(tmp_path):
+    """benchmarks/data_scale.py --quick end to end (tiny sizes; nothing here is timed): every method ran on the same
+    tokens and the report parses."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import data_scale
+    import harness
+
+    doc, out = tmp_path / "benchmarks.md", tmp_path / "out.json"
+    results = data_scale.main(["--quick", "--num_proc", "2", "--doc", str(doc), "--json", str(out)])
+    rows = harness.parse_table(doc.read_text()[doc.read_text().index("|"):])
+    assert len(results) == len(rows) == 3
+    assert results[0]["tokens"] < results[1]["tokens"] < results[2]["tokens"]
+    for r in results:
+        assert r["prepare_tokens_per_s"] > 0 and r["raw_tokens_per_s"] > 0 and r["nanogpt_tokens_per_s"] > 0
+        assert 0 < r["largest_file"] <= 50_000 * 2  # shards of 50,000 uint16 tokens
+    data = json.loads(out.read_text())
+    assert data["train_blocks_per_s"] > 0 and len(data["loader_blocks_per_s"]) == 2
+    assert "Projection for FineWeb-Edu" in doc.read_text()

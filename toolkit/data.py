@@ -154,7 +154,8 @@ def block_datasets(store: ts.TokenStore, block_size: int, min_train_blocks: int)
     if len(validation) == 0:
         raise UserError(
             f"the validation data ({store.validation.n_tokens:,} tokens) is shorter than one block of {block_size} "
-            "tokens; add data, raise --validation_split_percentage, or lower --block_size"
+            "tokens; hold out more (--validation_split_percentage, or `toolkit prepare --validation_fraction` / "
+            "--validation_file for a store) or lower --block_size"
         )
     return train, validation
 

@@ -20,6 +20,7 @@ command after a kill keeps the complete shards and continues; the result is byte
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shlex
 import sys
@@ -396,8 +397,12 @@ def main(argv: list[str] | None = None) -> int:
             command=command,
             progress=not args.no_progress,
         )
+    except KeyboardInterrupt:
+        print(f"\nInterrupted; complete shards are kept in {args.output_dir}. Rerun the same command to continue.",
+              file=sys.stderr)
+        return 130
     except OSError as err:
-        if err.errno == 28:
+        if err.errno == errno.ENOSPC:
             raise UserError(
                 f"disk full while writing '{args.output_dir}'; free space and rerun the same command "
                 "(complete shards are kept)"
