@@ -124,7 +124,8 @@ def folder_bytes(path: Path) -> tuple[int, int]:
     """(total bytes, largest shard's bytes) under path. prepare writes nothing else but the manifest and the
     tokenizer: its temporary files are the shard being written and the validation snapshot, each at most a shard."""
     files = [p for p in Path(path).rglob("*") if p.is_file()]
-    return sum(p.stat().st_size for p in files), max((p.stat().st_size for p in files if p.suffix == ".bin"), default=0)
+    shards = [p.stat().st_size for p in files if p.suffix == ".bin"]
+    return sum(p.stat().st_size for p in files), max(shards, default=0)
 
 
 def tree_peak(r: harness.Run) -> tuple[int, int]:
@@ -217,25 +218,10 @@ def main(argv=None) -> list[dict]:
             store = workdir / f"store-{size:.0e}"
             shutil.rmtree(store, ignore_errors=True)
             print(f"[{size:.0e} tokens] toolkit prepare ...", flush=True)
-            r = harness.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "toolkit",
-                    "prepare",
-                    str(corpus),
-                    "--output_dir",
-                    str(store),
-                    "--tokenizer_name",
-                    args.tokenizer_name,
-                    "--num_proc",
-                    str(args.num_proc),
-                    "--shard_tokens",
-                    str(args.shard_tokens),
-                    "--no_progress",
-                ],
-                echo=args.echo,
-            ).check()
+            command = [sys.executable, "-m", "toolkit", "prepare", str(corpus), "--output_dir", str(store),
+                       "--tokenizer_name", args.tokenizer_name, "--num_proc", str(args.num_proc),
+                       "--shard_tokens", str(args.shard_tokens), "--no_progress"]
+            r = harness.run(command, echo=args.echo).check()
             manifest = json.loads((store / "manifest.json").read_text())
             tokens = sum(s["tokens"] for s in manifest["splits"].values())
             summary = next(line for _, line in r.lines if "tokens tokenized" in line)
@@ -263,18 +249,8 @@ def main(argv=None) -> list[dict]:
             nano_dir.mkdir()
             env = harness.env_for_runs()
             env["HF_DATASETS_CACHE"] = str(nano_dir / "datasets-cache")
-            nano, nr = run_baseline(
-                "nanogpt",
-                "--corpus",
-                str(corpus),
-                "--tokenizer_name",
-                args.tokenizer_name,
-                "--num_proc",
-                str(args.num_proc),
-                "--out",
-                str(nano_dir),
-                env=env,
-            )
+            nano, nr = run_baseline("nanogpt", "--corpus", str(corpus), "--tokenizer_name", args.tokenizer_name,
+                                    "--num_proc", str(args.num_proc), "--out", str(nano_dir), env=env)
             row.update(
                 nanogpt_tokens_per_s=nano["tokens"] / nano["seconds"],
                 nanogpt_peak_rss=tree_peak(nr)[0],
