@@ -158,15 +158,17 @@ def loader_rate(store: str, block: int, batch: int, seconds: float) -> float:
 
 
 def training_rate(preset: str, block: int, vocab: int, steps: int) -> float:
-    """Blocks/s of one forward + backward + AdamW step of the preset model on this CPU (batch 1, fp32)."""
+    """Blocks/s of one forward + backward + AdamW step of the preset model on this CPU (batch 1, fp32); blocks of
+    `block` tokens, or of the model's context when that is shorter (small presets)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from toolkit import presets
 
-    model = AutoModelForCausalLM.from_config(presets.build_gpt2_config(preset, vocab, {}, 64))
+    config = presets.build_gpt2_config(preset, vocab, {}, 64)
+    model = AutoModelForCausalLM.from_config(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, vocab, (1, block))
+    ids = torch.randint(0, vocab, (1, min(block, config.n_positions)))
     times = []
     for _ in range(steps + 1):
         start = time.perf_counter()
