@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None):
     note = (f"\n\nToolkit eval end to end (reading, tokenizing, windows of {block}, batch {args.eval_batch_size}) against "
             f"the forward half of a training step (batch {args.train_batch_size} x {block}); peak memory is the {memory} "
             "during the scoring of each length. Target: ratio >= 1, memory flat in the text length.")
-    harness.write_section("eval_speed", "toolkit eval: speed and memory against the training forward pass", body + note,
+    harness.write_section("eval_speed", "8. toolkit eval: speed and memory against the training forward pass", body + note,
                           load=load, doc=Path(args.doc) if args.doc else None)
     harness.save_json(args.json, raw)
     return raw

@@ -3,6 +3,11 @@
 One process (CPU or one GPU), the embedded corpus and a BPE trained on it, a few minutes on 2 cores:
     python recipes/pretrain.py
 
+A corpus at scale: tokenize it once into a token store, then train from its memory-mapped shards
+(docs/pretraining_at_scale.md):
+    toolkit prepare corpus/ --output_dir data/store --tokenizer_name ../shared/data/gpt2-tokenizer
+    python recipes/pretrain.py --token_store data/store --preset gpt2 ...
+
 Your data, the real GPT-2 tokenizer, a YAML config with command-line overrides:
     python recipes/pretrain.py --config recipes/configs/pretrain_gpt2-mini.yaml \
         --train_file ../shared/data/tinyshakespeare/input.txt \
@@ -60,6 +65,7 @@ def main() -> None:
     from toolkit.lm_metrics import eval_bytes_per_token as eval_bytes_per_token_of
     from toolkit.model_card import write_pretrain_card
     from toolkit.run_dir import check_resume_compatible, load_pretrained_model, prepare_output_dir
+    from toolkit.token_store import TokenStore
     from toolkit.tokenizer import load_tokenizer, train_bpe_tokenizer
     from toolkit.trainer import PretrainTrainer
 
@@ -82,29 +88,37 @@ def main() -> None:
     # 2. Seed: initial weights and data order depend only on --seed.
     set_seed(training_args.seed)
 
-    # 3. Tokenizer: given, the model's own, the one this run trained earlier, or a new BPE on the training text.
+    # 3. Data source and tokenizer. A token store (`toolkit prepare`) brings its tokenizer and refuses another; otherwise
+    #    the tokenizer is given, the model's own, the one this run trained earlier, or a new BPE on the training text.
     streaming = data_args.streaming
     if streaming and not data_args.dataset_name:
         raise UserError("--streaming needs --dataset_name (a Hub dataset); local files are read directly")
     if streaming and training_args.max_steps <= 0:
         raise UserError("--streaming needs --max_steps (a stream has no length to count epochs in)")
-    train_docs = val_docs = None
-    if not streaming:
-        train_docs = data.load_documents(data_args, "train")
-        val_docs = data.load_documents(data_args, "validation")
+    store_dir = None if streaming else data.store_path(data_args)
+    store = TokenStore(store_dir) if store_dir else None
+    train_corpus = val_corpus = None
+    if not streaming and store is None:
+        train_corpus, val_corpus = data.training_corpus(data_args)
     tokenizer_source = model_args.tokenizer_name or model_args.model_name_or_path
     saved_tokenizer = os.path.join(training_args.output_dir, "tokenizer.json")
     if tokenizer_source is None and resume_from and os.path.exists(saved_tokenizer):
         tokenizer_source = training_args.output_dir
+    if tokenizer_source is None and store is not None:
+        tokenizer_source = store.tokenizer_dir()
+        if tokenizer_source is None:
+            raise UserError(f"token store '{store.dir}' has no tokenizer/ folder; pass the --tokenizer_name it was prepared with")
     if tokenizer_source is None:
         if streaming:
             raise UserError("--streaming needs --tokenizer_name (a BPE is trained on a full dataset, not a stream)")
         with training_args.main_process_first(desc="train tokenizer"):
             if training_args.process_index == 0:
-                tokenizer = train_bpe_tokenizer(train_docs["text"], model_args.vocab_size)
+                tokenizer = train_bpe_tokenizer(train_corpus.texts(), model_args.vocab_size)
                 tokenizer.save_pretrained(training_args.output_dir)
             tokenizer_source = training_args.output_dir
     tokenizer = load_tokenizer(tokenizer_source, model_args.trust_remote_code)
+    if store is not None:
+        store.check_tokenizer(tokenizer, tokenizer_source)
 
     # 4. Model config: a preset (+ overrides) or config.json to train from scratch, or a pretrained model.
     if model_args.model_name_or_path:
@@ -135,20 +149,20 @@ def main() -> None:
                                    bos_token_id=tokenizer.eos_token_id)
     n_params = model.num_parameters()
 
-    # 6. Data: EOS-separated documents packed into blocks (cached), or a stream packed on the fly.
+    # 6. Data: blocks of a token store (memory-mapped shards; --train_file and the default corpus are prepared into one
+    #    in the cache the first time), or a stream packed on the fly.
     if streaming:
         train_dataset, eval_dataset = data.streaming_datasets(data_args, tokenizer)
         print(f"Data: streaming {data_args.dataset_name}, blocks of {data_args.block_size} tokens")
     else:
-        with training_args.main_process_first(desc="tokenize and pack"):
-            packed = data.packed_blocks(train_docs, val_docs, tokenizer, data_args)
+        if store is None:
+            with training_args.main_process_first(desc="prepare token store"):
+                store = data.cached_store(train_corpus, val_corpus, tokenizer, data_args, progress=training_args.process_index == 0)
         global_batch = training_args.per_device_train_batch_size * training_args.world_size
-        if len(packed.train) < global_batch:
-            raise UserError(f"the training data has {len(packed.train)} blocks of {data_args.block_size} tokens, fewer than one "
-                            f"batch ({global_batch}); add data, or lower --block_size or --per_device_train_batch_size")
-        train_dataset, eval_dataset = data.BlockDataset(packed.train), data.BlockDataset(packed.validation)
+        train_dataset, eval_dataset = data.block_datasets(store, data_args.block_size, global_batch)
         if training_args.process_index == 0:
-            print(f"Data: {packed.describe()} (cache: {packed.cache_dir})")
+            print(f"Data: {len(train_dataset):,} train and {len(eval_dataset):,} validation blocks of {data_args.block_size} "
+                  f"tokens from the token store {store.dir} ({store.describe()})")
 
     # 7. Trainer: HF Trainer + tokens/s and MFU logging + loss-curve plot + bits per byte (the bytes of the scored
     #    validation tokens are counted once here: toolkit/lm_metrics.py).

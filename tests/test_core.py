@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -156,63 +157,70 @@ def test_missing_tokenizer_folder_is_a_user_error(tmp_path):
 
 class _Args:
     def __init__(self, **kw):
-        self.dataset_name = self.dataset_config_name = self.train_file = self.validation_file = None
+        self.dataset_name = self.dataset_config_name = self.train_file = self.validation_file = self.token_store = None
         self.text_column, self.validation_split_percentage, self.block_size = "text", 10, 8
         self.streaming, self.data_cache_dir, self.preprocessing_num_workers = False, None, None
+        self.validation_max_tokens = 5_000_000
         self.__dict__.update(kw)
 
 
-def test_packing_puts_eos_after_every_document_and_makes_full_blocks(tmp_path, tiny_tokenizer_dir):
-    import datasets
+def _cached(docs, tok, tmp_path, **kw):
+    from toolkit import data
+    from toolkit.corpus import Corpus
 
+    path = tmp_path / "docs.jsonl"  # written once: the cache key follows the file's size and modification time
+    if not path.exists():
+        path.write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    args = _Args(data_cache_dir=str(tmp_path / "cache"), **kw)
+    return data.cached_store(Corpus.from_files(str(path)), None, tok, args, progress=False)
+
+
+def test_packing_puts_eos_after_every_document_and_makes_full_blocks(tmp_path, tiny_tokenizer_dir):
     from toolkit import data
     from toolkit.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(tiny_tokenizer_dir))
-    docs = ["first document here", "second one", "and the third document, a bit longer than the others"]
-    ds = datasets.Dataset.from_dict({"text": docs})
-    packed = data.packed_blocks(ds, None, tok, _Args(data_cache_dir=str(tmp_path)))
-    expected = []
-    for d in docs:
-        expected += tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    blocks = np.concatenate([packed.train, packed.validation])
-    n = len(expected) // 8
-    assert blocks.shape == (n, 8)
-    assert blocks.reshape(-1).tolist() == expected[: n * 8]  # order kept, EOS after each document
-    assert len(packed.validation) == max(1, int(n * 10 / 100))  # validation = the last blocks
-    item = data.BlockDataset(packed.train)[0]
+    docs = [f"document number {i} with a few words" for i in range(25)]
+    store = _cached(docs, tok, tmp_path)  # 10%: documents 0, 10, 20 held out whole
+    expected = {"train": [], "validation": []}
+    for i, d in enumerate(docs):
+        ids = tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        expected["validation" if i % 10 == 0 else "train"] += ids
+    for split in ("train", "validation"):
+        stream = getattr(store, split)
+        assert stream.read(0, stream.n_tokens).tolist() == expected[split]  # order kept, EOS after each document
+    train, _ = data.block_datasets(store, 8, 1)
+    assert len(train) == len(expected["train"]) // 8
+    blocks = [t for i in range(len(train)) for t in train[i]["input_ids"].tolist()]
+    assert blocks == expected["train"][: len(train) * 8]
+    item = train[0]
     assert item["input_ids"].dtype.is_floating_point is False and item["labels"].tolist() == item["input_ids"].tolist()
 
 
-def test_packed_data_is_cached(tmp_path, tiny_tokenizer_dir, monkeypatch):
-    import datasets
-
-    from toolkit import data
+def test_prepared_data_is_cached(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    from toolkit import prepare
     from toolkit.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(tiny_tokenizer_dir))
-    ds = datasets.Dataset.from_dict({"text": ["some words to pack"] * 50})
-    args = _Args(data_cache_dir=str(tmp_path))
-    first = data.packed_blocks(ds, None, tok, args)
-    monkeypatch.setattr(data, "_tokenize_stream", lambda *a, **k: pytest.fail("tokenized again despite the cache"))
-    second = data.packed_blocks(ds, None, tok, args)
-    assert second.cache_dir == first.cache_dir
-    assert np.array_equal(first.train, second.train)
+    docs = ["some words to pack"] * 50
+    first = _cached(docs, tok, tmp_path)
+    monkeypatch.setattr(prepare, "build_store", lambda *a, **k: pytest.fail("tokenized again despite the cache"))
+    second = _cached(docs, tok, tmp_path)
+    assert second.dir == first.dir
+    assert np.array_equal(first.train.read(0, first.train.n_tokens), second.train.read(0, second.train.n_tokens))
     monkeypatch.undo()
-    other = data.packed_blocks(ds, None, tok, _Args(data_cache_dir=str(tmp_path), block_size=16))
-    assert other.cache_dir != first.cache_dir and other.train.shape[1] == 16  # new settings, new cache entry
+    other = _cached(docs, tok, tmp_path, validation_split_percentage=20)
+    assert other.dir != first.dir  # new settings, new cache entry
 
 
 def test_data_smaller_than_a_block_is_a_user_error(tmp_path, tiny_tokenizer_dir):
-    import datasets
-
     from toolkit import data
     from toolkit.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(tiny_tokenizer_dir))
-    ds = datasets.Dataset.from_dict({"text": ["hi"]})
+    store = _cached(["hi", "there"], tok, tmp_path, validation_split_percentage=50)
     with pytest.raises(UserError, match="shorter than one block"):
-        data.packed_blocks(ds, None, tok, _Args(data_cache_dir=str(tmp_path), block_size=64))
+        data.block_datasets(store, 64, 1)
 
 
 def test_bad_data_files_are_user_errors(tmp_path):
@@ -221,37 +229,36 @@ def test_bad_data_files_are_user_errors(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(UserError, match="does not exist"):
-        data.load_documents(_Args(train_file=str(tmp_path / "nope.txt")), "train")
+        data.training_corpus(_Args(train_file=str(tmp_path / "nope.txt")))
     with pytest.raises(UserError, match="is empty"):
-        data.load_documents(_Args(train_file=str(empty)), "train")
+        data.training_corpus(_Args(train_file=str(empty)))
     odd = tmp_path / "data.xyz"
     odd.write_text("text")
     with pytest.raises(UserError, match="unsupported data file type"):
-        data.load_documents(_Args(train_file=str(odd)), "train")
+        data.training_corpus(_Args(train_file=str(odd)))
 
 
 def test_local_file_formats(tmp_path):
-    import json
-
     from toolkit import data
 
     txt = tmp_path / "a.txt"
     txt.write_text("line one\nline two\n\nparagraph two\n")
-    docs = data.load_documents(_Args(train_file=str(txt)), "train")
-    assert docs["text"] == ["line one\nline two\n\nparagraph two\n"]  # a .txt file is one document
+    docs, _ = data.training_corpus(_Args(train_file=str(txt)))
+    assert list(docs.texts()) == ["line one\nline two\n\nparagraph two\n"]  # a .txt file is one document
     jl = tmp_path / "b.jsonl"
     jl.write_text("\n".join(json.dumps({"content": f"doc {i}"}) for i in range(3)))
-    docs = data.load_documents(_Args(train_file=str(jl), text_column="content"), "train")
-    assert docs["text"] == ["doc 0", "doc 1", "doc 2"]
-    with pytest.raises(UserError, match="no 'text' column"):
-        data.load_documents(_Args(train_file=str(jl)), "train")
+    docs, _ = data.training_corpus(_Args(train_file=str(jl), text_column="content"))
+    assert list(docs.texts()) == ["doc 0", "doc 1", "doc 2"]
+    with pytest.raises(UserError, match="no 'text' field"):
+        list(data.training_corpus(_Args(train_file=str(jl)))[0].texts())
 
 
 def test_embedded_corpus_is_the_default():
     from toolkit import data
 
-    docs = data.load_documents(_Args(), "train")
-    assert len(docs) > 50 and sum(len(t) for t in docs["text"]) > 400_000
+    docs, validation = data.training_corpus(_Args())
+    texts = list(docs.texts())
+    assert validation is None and len(texts) > 50 and sum(len(t) for t in texts) > 400_000
 
 
 # ---------- flops ----------

@@ -70,6 +70,7 @@ def test_resume_reproduces_the_uninterrupted_losses(finished_run, small_text_fil
                          "--resume_from_checkpoint", str(out / "checkpoint-20"), "--tokenizer_name", str(out),
                          "--data_cache_dir", str(out.parent / "cache")])
     assert result.returncode == 0, result.stderr[-3000:]
+    assert f"from the token store {out.parent / 'cache'}" in result.stdout  # the first run's store, memory-mapped again
     full, again = train_losses(out), train_losses(resumed)
     assert set(range(21, 41)) <= set(again)  # (steps 1-20 come from the checkpoint's history)
     for step in range(21, 41):

@@ -1,250 +1,215 @@
-"""Training data: raw documents -> tokens with EOS between documents -> packed blocks, cached.
+"""Training data for recipes/pretrain.py: a token store served as blocks, or a stream packed on the fly.
 
-Sources: a Hub dataset (`datasets.load_dataset`, optionally streaming), local files or folders
-(.txt = one document per file; .json/.jsonl/.parquet/.csv = one document per row), or the embedded
-default corpus (the Python documentation topics that ship with every Python, so the main job needs
-no download).
+One pipeline: a store made by `toolkit prepare` (--token_store), or, for --train_file / --dataset_name / the
+embedded default corpus, the same kind of store prepared once into a cache (~/.cache/gpt2-toolkit/stores/KEY,
+KEY = source + tokenizer + validation settings), so a second run does not tokenize again.
 
-Why packing is hand-written: run_clm.py's group_texts concatenates without an EOS between documents
-(transformers#23198) and drops a remainder per map batch; we append EOS after every document and
-pack the whole stream once. The packed blocks are a fixed-shape int array, so we cache them as .npy
-and memory-map them: a second run does not tokenize again, and random access costs nothing.
+Blocks: block i = tokens [i*B, (i+1)*B) of the training stream (EOS after every document, documents packed
+across block and shard boundaries; the remainder shorter than a block is unused). A map-style Dataset, so the
+HF Trainer's seeded sampler and accelerate give the same order and exact resume on 1 process, DDP, FSDP2 and
+several nodes. Why packing is hand-written: run_clm.py's group_texts concatenates without EOS between documents
+(transformers#23198) and drops a remainder per map batch.
 """
 
 from __future__ import annotations
 
-import glob
+import fcntl
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import shutil
 
 import numpy as np
 import torch
 
+from toolkit import token_store as ts
+from toolkit.corpus import Corpus, dataset_validation_split, embedded_documents  # noqa: F401 (re-exported)
 from toolkit.errors import UserError
 
-PACKING_VERSION = 1  # bump when the packing rules change, so old caches are not reused
-FILE_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+DEFAULT_CACHE = os.path.join("~", ".cache", "gpt2-toolkit", "stores")
 
 
-def embedded_documents() -> list[str]:
-    """The default corpus: one document per Python documentation topic, in sorted order (~465k chars)."""
-    import pydoc_data.topics
-
-    topics = pydoc_data.topics.topics
-    return [topics[key] for key in sorted(topics)]
-
-
-def _data_files(path: str) -> tuple[str, list[str]]:
-    """(datasets builder, files) for a file or folder; clear errors for the usual mistakes."""
-    if os.path.isdir(path):
-        files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True) if os.path.isfile(f))
-        files = [f for f in files if os.path.splitext(f)[1].lower() in FILE_BUILDERS]
-        if not files:
-            raise UserError(f"folder '{path}' has no data files; put .txt/.json/.jsonl/.parquet/.csv files in it")
-    elif os.path.isfile(path):
-        files = [path]
-    else:
-        raise UserError(f"data file '{path}' does not exist; check the path (relative paths are from the current directory)")
-    extensions = {os.path.splitext(f)[1].lower() for f in files}
-    builders = {FILE_BUILDERS.get(ext) for ext in extensions}
-    if None in builders:
-        raise UserError(f"unsupported data file type {sorted(extensions)} in '{path}'; use .txt, .json, .jsonl, .parquet or .csv")
-    if len(builders) > 1:
-        raise UserError(f"'{path}' mixes file types {sorted(extensions)}; use one type per --train_file/--validation_file")
-    for f in files:
-        if not os.access(f, os.R_OK):
-            raise UserError(f"data file '{f}' is not readable; fix its permissions")
-        if os.path.getsize(f) == 0:
-            raise UserError(f"data file '{f}' is empty; point --train_file at a file with text")
-    return builders.pop(), files
+def store_path(data_args) -> str | None:
+    """The store to train from: --token_store, or a --train_file that is a store folder."""
+    if data_args.token_store:
+        if data_args.train_file or data_args.dataset_name or data_args.validation_file:
+            raise UserError(
+                "--token_store already holds the training and validation data; drop --train_file, "
+                "--validation_file and --dataset_name (or drop --token_store)"
+            )
+        return data_args.token_store
+    if data_args.train_file and os.path.isdir(data_args.train_file) and ts.is_store(data_args.train_file):
+        if data_args.validation_file:
+            raise UserError(
+                f"'{data_args.train_file}' is a token store with its own validation split; drop --validation_file"
+            )
+        return data_args.train_file
+    return None
 
 
-def load_documents(data_args, split: str) -> "object | None":
-    """A datasets.Dataset (column 'text', one document per row) for 'train' or 'validation', or None."""
-    import datasets
-
+def training_corpus(data_args) -> tuple[Corpus, Corpus | None]:
+    """(training documents, separate validation documents or None) for the small-corpus path."""
     if data_args.dataset_name:
-        try:
-            dsets = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name)
-        except Exception as err:  # the Hub client raises many types; the user needs the name and the fix
-            raise UserError(f"could not load dataset '{data_args.dataset_name}' ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                            "check the name, or use --train_file for local data") from None
-        if split == "validation":
-            split = next((s for s in ("validation", "valid", "test") if s in dsets), None)
-            if split is None:
-                return None
-        if split not in dsets:
-            raise UserError(f"dataset '{data_args.dataset_name}' has no '{split}' split (it has {list(dsets)})")
-        ds = dsets[split]
-    else:
-        path = data_args.train_file if split == "train" else data_args.validation_file
-        if path is None:
-            if split == "train":
-                return datasets.Dataset.from_dict({"text": embedded_documents()})
-            return None
-        builder, files = _data_files(path)
-        kwargs = {"sample_by": "document"} if builder == "text" else {}
-        try:
-            ds = datasets.load_dataset(builder, data_files={split: files}, split=split, **kwargs)
-        except Exception as err:
-            raise UserError(f"could not read '{path}' as {builder} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); check the file's format") from None
-    if data_args.text_column not in ds.column_names:
-        raise UserError(f"the data has no '{data_args.text_column}' column (columns: {ds.column_names}); pass --text_column NAME")
-    if len(ds) == 0:
-        raise UserError("the data has no rows; point --train_file/--dataset_name at data with text")
-    return ds.select_columns([data_args.text_column]).rename_column(data_args.text_column, "text") if data_args.text_column != "text" else ds.select_columns(["text"])
+        train = Corpus.from_dataset(
+            data_args.dataset_name, data_args.dataset_config_name, "train", data_args.text_column, streaming=False
+        )
+        split = dataset_validation_split(data_args.dataset_name, data_args.dataset_config_name)
+        validation = (
+            Corpus.from_dataset(
+                data_args.dataset_name, data_args.dataset_config_name, split, data_args.text_column, streaming=False
+            )
+            if split
+            else None
+        )
+        return train, validation
+    train = (
+        Corpus.from_files(data_args.train_file, data_args.text_column) if data_args.train_file else Corpus.embedded()
+    )
+    validation = (
+        Corpus.from_files(data_args.validation_file, data_args.text_column) if data_args.validation_file else None
+    )
+    return train, validation
 
 
-def _tokenize_stream(docs, tokenizer, num_proc: int | None) -> np.ndarray:
-    """All documents' token ids in order, each followed by EOS, as one int32 array."""
-    eos = tokenizer.eos_token_id
+def cached_store(
+    train: Corpus, validation: Corpus | None, tokenizer, data_args, progress: bool = True
+) -> ts.TokenStore:
+    """The store for these documents and this tokenizer, prepared into the cache the first time.
 
-    def tokenize(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        return {"ids": [x + [eos] for x in ids]}
+    A lock makes one process prepare it while the others wait (several ranks or launchers on one machine); an
+    interrupted preparation is resumed by the next run."""
+    from toolkit.prepare import build_store
 
-    tokenized = docs.map(tokenize, batched=True, remove_columns=docs.column_names, num_proc=num_proc, desc="Tokenizing")
-    dtype = np.uint16 if len(tokenizer) < 2**16 else np.int32
-    return np.concatenate([np.asarray(x, dtype=dtype) for x in tokenized["ids"]]) if len(tokenized) else np.zeros(0, dtype)
-
-
-def pack(stream: np.ndarray, block_size: int) -> np.ndarray:
-    """Cut the token stream into [n_blocks, block_size] (the remainder shorter than a block is dropped)."""
-    n_blocks = len(stream) // block_size
-    return stream[: n_blocks * block_size].reshape(n_blocks, block_size)
-
-
-def split_validation(blocks: np.ndarray, percentage: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out the LAST blocks (contiguous, so no block in validation overlaps a training document's neighbour)."""
-    n_val = max(1, int(len(blocks) * percentage / 100))
-    if len(blocks) - n_val < 1:
-        raise UserError(f"only {len(blocks)} block(s) of data: too little to hold out validation; add data or lower --block_size")
-    return blocks[:-n_val], blocks[-n_val:]
-
-
-def _fingerprint(docs, tokenizer, *extra) -> str:
-    h = hashlib.sha256()
-    h.update(getattr(docs, "_fingerprint", "").encode())
-    if not getattr(docs, "_fingerprint", None) or docs._fingerprint.startswith("from_dict"):
-        for text in docs["text"]:
-            h.update(text.encode("utf-8", "surrogatepass"))
-    h.update(tokenizer.backend_tokenizer.to_str().encode() if hasattr(tokenizer, "backend_tokenizer") else str(tokenizer.get_vocab()).encode())
-    h.update(json.dumps([PACKING_VERSION, *extra]).encode())
-    return h.hexdigest()[:20]
-
-
-def _cached(path: str, build) -> np.ndarray:
-    """Load path (.npy, memory-mapped) or build it and write it atomically (no half-written cache)."""
-    if os.path.exists(path):
-        return np.load(path, mmap_mode="r")
-    array = build()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
-    return np.load(path, mmap_mode="r")
-
-
-@dataclass
-class PackedData:
-    train: np.ndarray  # [n_train_blocks, block_size]
-    validation: np.ndarray  # [n_val_blocks, block_size]
-    cache_dir: str
-
-    def describe(self) -> str:
-        n, b = self.train.shape
-        return f"{n:,} train blocks and {len(self.validation):,} validation blocks of {b} tokens ({n * b:,} training tokens)"
-
-
-def packed_blocks(train_docs, val_docs, tokenizer, data_args) -> PackedData:
-    """Tokenize + pack (or load from cache). Under several processes, call it inside
-    `training_args.main_process_first()` so the main process builds the cache and the others read it."""
-    block_size = data_args.block_size
-    root = data_args.data_cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "gpt2-toolkit", "packed")
-    key = _fingerprint(train_docs, tokenizer, block_size, data_args.validation_split_percentage,
-                       _fingerprint(val_docs, tokenizer) if val_docs is not None else None)
-    cache_dir = os.path.join(root, key)
-    num_proc = data_args.preprocessing_num_workers
-    train_path, val_path = os.path.join(cache_dir, "train.npy"), os.path.join(cache_dir, "validation.npy")
-    if val_docs is None:
-        def build_both():
-            blocks = pack(_tokenize_stream(train_docs, tokenizer, num_proc), block_size)
-            _check_enough(blocks, block_size, "training")
-            return split_validation(blocks, data_args.validation_split_percentage)
-
-        if not (os.path.exists(train_path) and os.path.exists(val_path)):
-            train, val = build_both()
-            _cached(val_path, lambda: np.ascontiguousarray(val))
-            _cached(train_path, lambda: np.ascontiguousarray(train))
-    else:
-        def build(docs, what):
-            blocks = pack(_tokenize_stream(docs, tokenizer, num_proc), block_size)
-            _check_enough(blocks, block_size, what)
-            return blocks
-
-        _cached(train_path, lambda: build(train_docs, "training"))
-        _cached(val_path, lambda: build(val_docs, "validation"))
-    return PackedData(np.load(train_path, mmap_mode="r"), np.load(val_path, mmap_mode="r"), cache_dir)
-
-
-def _check_enough(blocks: np.ndarray, block_size: int, what: str) -> None:
-    if len(blocks) == 0:
-        raise UserError(f"the {what} data is shorter than one block of {block_size} tokens; add data or lower --block_size")
+    fraction = data_args.validation_split_percentage / 100
+    key = hashlib.sha256(
+        json.dumps(
+            [
+                ts.FORMAT_VERSION,
+                train.fingerprint(),
+                validation.fingerprint() if validation else None,
+                ts.tokenizer_fingerprint(ts.backend_json(tokenizer)),
+                fraction,
+                data_args.validation_max_tokens,
+            ]
+        ).encode()
+    ).hexdigest()[:20]
+    root = os.path.expanduser(data_args.data_cache_dir or DEFAULT_CACHE)
+    path = os.path.join(root, key)
+    if not ts.is_store(path) or not ts.read_manifest(path).get("complete"):
+        os.makedirs(root, exist_ok=True)
+        with open(path + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (ts.is_store(path) and ts.read_manifest(path).get("complete")):
+                partial = path + ".partial"
+                if os.path.isdir(partial) and not ts.is_store(partial):
+                    shutil.rmtree(partial)  # stopped before its first manifest: nothing to keep
+                build_store(
+                    train,
+                    tokenizer,
+                    partial,
+                    validation_corpus=validation,
+                    validation_fraction=fraction,
+                    validation_max_tokens=data_args.validation_max_tokens,
+                    num_proc=data_args.preprocessing_num_workers,
+                    command=f"recipes/pretrain.py cache of {train.describe()}",
+                    progress=progress,
+                )
+                os.replace(partial, path)
+    return ts.TokenStore(path)
 
 
 class BlockDataset(torch.utils.data.Dataset):
-    """Packed blocks as {'input_ids', 'labels'} (labels = input_ids; the model shifts them)."""
+    """Blocks of a store's split as {'input_ids', 'labels'} (labels = input_ids; the model shifts them).
 
-    def __init__(self, blocks: np.ndarray):
-        self.blocks = blocks
+    Holds paths, not data: DataLoader workers and every rank map the shards themselves (shared page cache)."""
+
+    def __init__(self, stream: ts.TokenStream, block_size: int):
+        self.stream, self.block_size = stream, block_size
 
     def __len__(self) -> int:
-        return len(self.blocks)
+        return self.stream.n_tokens // self.block_size
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ids = torch.from_numpy(self.blocks[i].astype(np.int64))
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        ids = torch.from_numpy(self.stream.read(i * self.block_size, (i + 1) * self.block_size))
         return {"input_ids": ids, "labels": ids}
 
 
+def block_datasets(store: ts.TokenStore, block_size: int, min_train_blocks: int) -> tuple[BlockDataset, BlockDataset]:
+    """(train, validation) datasets, with clear errors when either is shorter than needed."""
+    train, validation = BlockDataset(store.train, block_size), BlockDataset(store.validation, block_size)
+    if len(train) == 0:
+        raise UserError(
+            f"the training data ({store.train.n_tokens:,} tokens) is shorter than one block of {block_size} tokens; "
+            "add data or lower --block_size"
+        )
+    if len(train) < min_train_blocks:
+        raise UserError(
+            f"the training data has {len(train)} blocks of {block_size} tokens, fewer than one batch "
+            f"({min_train_blocks}); add data, or lower --block_size or --per_device_train_batch_size"
+        )
+    if len(validation) == 0:
+        raise UserError(
+            f"the validation data ({store.validation.n_tokens:,} tokens) is shorter than one block of {block_size} "
+            "tokens; hold out more (--validation_split_percentage, or `toolkit prepare --validation_fraction` / "
+            "--validation_file for a store) or lower --block_size"
+        )
+    return train, validation
+
+
 class StreamingBlocks(torch.utils.data.IterableDataset):
-    """Blocks packed on the fly from a streaming Hub dataset; `skip`/`take` count blocks.
+    """Blocks packed on the fly from a streaming dataset, one tokenizer call per batch of rows; skip/take count blocks.
 
-    datasets' IterableDataset.map cannot pack across rows with EOS between documents, so this small
-    generator does it; accelerate shards it across ranks like any IterableDataset.
-    """
+    datasets' IterableDataset.map cannot pack across rows with EOS between documents, so this small generator
+    does it; accelerate shards it across ranks like any IterableDataset."""
 
-    def __init__(self, stream, tokenizer, block_size: int, text_column: str = "text", skip: int = 0, take: int | None = None):
+    def __init__(
+        self,
+        stream,
+        tokenizer,
+        block_size: int,
+        text_column: str = "text",
+        skip: int = 0,
+        take: int | None = None,
+        rows_per_batch: int = 256,
+    ):
         self.stream, self.tokenizer, self.block_size = stream, tokenizer, block_size
-        self.text_column, self.skip, self.take = text_column, skip, take
+        self.text_column, self.skip, self.take, self.rows_per_batch = text_column, skip, take, rows_per_batch
 
     def __iter__(self):
-        buffer: list[int] = []
-        index = produced = 0
         eos = self.tokenizer.eos_token_id
-        for row in self.stream:
-            buffer.extend(self.tokenizer(row[self.text_column], add_special_tokens=False)["input_ids"] + [eos])
-            while len(buffer) >= self.block_size:
-                block, buffer = buffer[: self.block_size], buffer[self.block_size:]
+        buffer = np.zeros(0, dtype=np.int64)
+        index = produced = 0
+        for batch in self.stream.iter(batch_size=self.rows_per_batch):
+            ids = self.tokenizer(batch[self.text_column], add_special_tokens=False)["input_ids"]  # one Rust batch call
+            buffer = np.concatenate([buffer, *(np.asarray(x + [eos], dtype=np.int64) for x in ids)])
+            n = len(buffer) // self.block_size
+            for block in buffer[: n * self.block_size].reshape(n, self.block_size):
                 index += 1
                 if index <= self.skip:
                     continue
-                ids = torch.tensor(block, dtype=torch.long)
-                yield {"input_ids": ids, "labels": ids}
+                tensor = torch.from_numpy(block.copy())
+                yield {"input_ids": tensor, "labels": tensor}
                 produced += 1
                 if self.take is not None and produced >= self.take:
                     return
+            buffer = buffer[n * self.block_size :]
 
 
 def streaming_datasets(data_args, tokenizer):
-    """(train, eval) IterableDatasets from a streaming Hub dataset; eval = the first blocks of the stream."""
+    """(train, eval) IterableDatasets from a streaming dataset; eval = the first blocks of the stream."""
     import datasets
 
     try:
-        stream = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, split="train", streaming=True)
-    except Exception as err:
-        raise UserError(f"could not stream dataset '{data_args.dataset_name}' ({type(err).__name__}); check the name and your connection") from None
+        stream = datasets.load_dataset(
+            data_args.dataset_name, data_args.dataset_config_name, split="train", streaming=True
+        )
+    except Exception as err:  # noqa: BLE001 - the Hub client raises many types; the user needs the name and the fix
+        raise UserError(
+            f"could not stream dataset '{data_args.dataset_name}' ({type(err).__name__}); "
+            "check the name and your connection"
+        ) from None
     n_eval = data_args.streaming_eval_blocks
     args = (stream, tokenizer, data_args.block_size, data_args.text_column)
     return StreamingBlocks(*args, skip=n_eval), StreamingBlocks(*args, take=n_eval)

@@ -70,7 +70,6 @@ AT_LEAST_0 = Range(0)
 POSITIVE = Range(0, low_open=True)
 FRACTION = Range(0, 1, high_open=True)  # dropout and friends
 BETA = Range(0, 1, high_open=True)
-PERCENT = Range(0, 100, low_open=True, high_open=True)
 
 # Every numeric option of every recipe and toolkit command, with its valid range. One table, so an option shared
 # by several recipes is checked the same way in all of them.
@@ -88,7 +87,7 @@ RANGES: dict[str, Range] = {
     "n_layer": AT_LEAST_1, "n_head": AT_LEAST_1, "n_embd": AT_LEAST_1, "n_positions": AT_LEAST_1,
     "dropout": FRACTION, "vocab_size": Range(257), "pad_vocab_to_multiple_of": AT_LEAST_1,
     # data
-    "block_size": Range(2), "validation_split_percentage": PERCENT, "streaming_eval_blocks": AT_LEAST_1,
+    "block_size": Range(2), "validation_split_percentage": Range(0, 50, low_open=True), "validation_max_tokens": AT_LEAST_1, "streaming_eval_blocks": AT_LEAST_1,
     "preprocessing_num_workers": AT_LEAST_1, "max_length": Range(2), "max_train_samples": AT_LEAST_1,
     "max_eval_samples": AT_LEAST_1,
     # LoRA

@@ -74,6 +74,17 @@ class DataArguments:
         default=None, metadata={"help": "Where packed token blocks are cached (default ~/.cache/gpt2-toolkit/packed)."}
     )
     preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for tokenization."})
+    token_store: str | None = field(
+        default=None,
+        metadata={"help": "Train from a token store made by `toolkit prepare` (a folder with manifest.json; its shards are "
+                          "memory-mapped, nothing is tokenized). A --train_file that is such a folder works too. Default "
+                          "tokenizer: the store's own. Layout and costs: docs/pretraining_at_scale.md."},
+    )
+    validation_max_tokens: int = field(
+        default=5_000_000,
+        metadata={"help": "When validation documents are held out of the training data (no --validation_file): stop "
+                          "holding them out once validation has this many tokens."},
+    )
 
 
 @dataclass

@@ -1,0 +1,83 @@
+"""Batch tokenization in worker processes, results in source order, memory bounded by the batches in flight.
+
+Each worker holds the Rust tokenizer (tokenizers.Tokenizer from the fast tokenizer's JSON) and encodes a whole
+batch of documents per call (`encode_batch_fast`: no character offsets, which a token store never needs). Why
+processes and not tokenizers' own threads: one process's threads share its allocator and the Python work of
+turning encodings into arrays; N processes scale with cores (build-nanogpt's fineweb.py does the same). The
+workers start with `spawn`, so a parent that already holds torch or a model is not copied into them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import resource
+from collections import deque
+
+import numpy as np
+
+_WORKER = None
+
+
+def _init_worker(backend_json: str, eos_id: int, dtype: str, single_thread: bool) -> None:
+    from tokenizers import Tokenizer
+
+    global _WORKER
+    if single_thread:  # the pool is the parallelism: one core per worker, no Rayon threads on top
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tokenizer = Tokenizer.from_str(backend_json)
+    tokenizer.no_truncation()  # a tokenizer.json may carry a max_length: whole documents here
+    tokenizer.no_padding()
+    _WORKER = (tokenizer, eos_id, np.dtype(dtype))
+
+
+def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(ids of every document followed by EOS, tokens per document incl. EOS, UTF-8 bytes per document, the process's
+    peak RSS in KiB)."""
+    tokenizer, eos_id, dtype = _WORKER
+    ids = [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    out = np.empty(int(lengths.sum()), dtype=dtype)
+    pos = 0
+    for x in ids:
+        out[pos : pos + len(x)] = x
+        out[pos + len(x)] = eos_id
+        pos += len(x) + 1
+    nbytes = np.fromiter((len(t.encode("utf-8", "surrogatepass")) for t in texts), dtype=np.int64, count=len(texts))
+    return out, lengths, nbytes, peak_rss_kib()
+
+
+def peak_rss_kib() -> int:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: a spawned worker's ru_maxrss starts at its parent's
+    size (fork, then exec), which would count the parent again."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def encoded_batches(batches, backend_json: str, eos_id: int, dtype: str, num_proc: int):
+    """(encoded batch, batch) in source order; at most 2 x num_proc batches in flight."""
+    if num_proc == 1:
+        _init_worker(backend_json, eos_id, dtype, single_thread=False)
+        for batch in batches:
+            yield _encode(batch.texts), batch
+        return
+    context = multiprocessing.get_context("spawn")  # no copy of a parent that may hold torch and a model
+    with context.Pool(num_proc, initializer=_init_worker, initargs=(backend_json, eos_id, dtype, True)) as pool:
+        in_flight: deque = deque()
+        for batch in batches:
+            in_flight.append((pool.apply_async(_encode, (batch.texts,)), batch))
+            if len(in_flight) >= 2 * num_proc:
+                result, done = in_flight.popleft()
+                yield result.get(), done
+        while in_flight:
+            result, done = in_flight.popleft()
+            yield result.get(), done
+        pool.close()
+        pool.join()
+
+
+def default_num_proc() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
