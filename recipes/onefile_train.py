@@ -1,30 +1,24 @@
 """onefile_train.py: train GPT-2 from scratch in one file you can read from top to bottom.
 
-This is the educational twin of recipes/pretrain.py (HF Trainer + toolkit/). Everything the Trainer,
-accelerate and transformers do for pretrain.py is written out here by hand, in the manner of nanoGPT's
-train.py: the GPT-2 model, data loading and batching, AdamW with weight-decay groups, warmup + cosine
-schedule, gradient clipping and accumulation, evaluation, sampling, checkpointing and DDP.
-Given the same model config, tokenizer, data, seed and initial weights, both scripts produce the same
-loss curve (tests/test_onefile.py checks 20 steps to 1e-4). docs/training_architecture.md maps every
-section below to where it lives in the modular version and says which settings must match.
+The educational twin of recipes/pretrain.py (HF Trainer + toolkit/): everything the Trainer, accelerate and
+transformers do there is written out here by hand, in the manner of nanoGPT's train.py: the GPT-2 model, data and
+batching, AdamW with weight-decay groups, warmup + cosine schedule, clipping and accumulation, evaluation (loss and
+bits per byte), sampling, checkpointing and DDP. Same model config, tokenizer, data, seed and initial weights give
+the same loss curve as pretrain.py (tests/test_onefile.py: 20 steps to 1e-4); docs/training_architecture.md maps
+every section to where it lives in the modular version. Needs torch, numpy, the standard library, `tokenizers`
+(to train/read a tokenizer) and `safetensors` (to write model.safetensors); nothing from toolkit/.
 
-Dependencies: torch, numpy and the standard library; `tokenizers` only to train/read a tokenizer and
-`safetensors` only to write model.safetensors (both are dependencies of this project anyway). Nothing
-from toolkit/: this file stands alone.
-
-Launch:
     python recipes/onefile_train.py                        # gpt2-micro on the embedded pydoc corpus (CPU: minutes)
     python recipes/onefile_train.py --train_file ../shared/data/tinyshakespeare/input.txt \
         --tokenizer_name ../shared/data/gpt2-tokenizer --output_dir out/shakespeare
+    python recipes/onefile_train.py --token_store data/fineweb --preset gpt2   # a store from `toolkit prepare`
     python recipes/onefile_train.py --init_from out/onefile --max_steps 100   # start from HF GPT-2 weights
-    python recipes/onefile_train.py --output_dir out/onefile --resume        # continue the latest checkpoint
+    python recipes/onefile_train.py --output_dir out/onefile --resume        # continue from OUTPUT_DIR/checkpoint
     torchrun --nproc_per_node 2 recipes/onefile_train.py   # DDP: gloo on CPU, nccl on GPUs
-The output folder loads with transformers.GPT2LMHeadModel / AutoTokenizer.from_pretrained, so
-recipes/lora.py can fine-tune it.
+The output folder loads with transformers' GPT2LMHeadModel / AutoTokenizer.from_pretrained.
 
-Speed on CPU: pretrain.py also tells glibc's malloc to keep freed memory between steps
-(toolkit/cpu_allocator.py), which makes small models' steps 20-30% faster and changes no number. To
-compare the two scripts' speed fairly, run this one with the same setting:
+Speed on CPU: pretrain.py also tells glibc's malloc to keep freed memory between steps (20-30% faster small-model
+steps, no number changes). To compare the two scripts' speed fairly, run this one with the same setting:
     GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1000000000000000000 python recipes/onefile_train.py
 """
 
@@ -33,11 +27,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import glob
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -68,25 +60,36 @@ PRESETS = {  # (n_layer, n_head, n_embd, n_positions), as in toolkit/presets.py
 }
 
 
+def dashes_to_underscores(token):
+    """Other guides write options with dashes: --n-layer 48, --max-steps=10 mean --n_layer 48, --max_steps=10."""
+    if not token.startswith("--"):
+        return token
+    name, eq, value = token.partition("=")
+    return "--" + name[2:].replace("-", "_") + eq + value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train GPT-2 in one file (see the module docstring).")
     a = p.add_argument
-    a("--output_dir", "--out_dir", default="out/onefile")
-    a("--train_file", help=".txt/.md (the whole file is one document) or .json/.jsonl (a 'text' per row); default: embedded corpus")
-    a("--validation_file", help="same formats; default: hold out the last validation_split_percentage%% of the training blocks")
+    a("--output_dir", default="out/onefile")
+    a("--train_file", "--data", help=".txt/.md (the whole file is one document) or .json/.jsonl (a 'text' per row); "
+      "default: the embedded corpus")
+    a("--validation_file", help="same formats; default: hold out documents of the training data (split_validation)")
     a("--validation_split_percentage", type=int, default=5)
+    a("--token_store", help="a folder written by `toolkit prepare` (its train and validation shards and tokenizer)")
     a("--tokenizer_name", help="folder with tokenizer.json, or vocab.json + merges.txt; default: --init_from's, else train a BPE")
     a("--vocab_size", type=int, default=4096, help="size of the BPE trained when no tokenizer is given")
     a("--init_from", "--model_name_or_path", dest="init_from", help="start from this save_pretrained GPT-2 folder")
     a("--preset", choices=PRESETS, default="gpt2-micro", help="model shape when training from scratch")
+    a("--model", help="other guides' form: a preset name, else a folder to start from (--init_from)")
     for name in ("n_layer", "n_head", "n_embd", "n_positions"):
         a(f"--{name}", type=int, help="override the preset")
     a("--dropout", type=float, default=0.0)
     a("--block_size", type=int, default=128, help="tokens per training sequence")
-    a("--per_device_train_batch_size", "--batch_size", dest="batch_size", type=int, default=16)
+    a("--per_device_train_batch_size", dest="batch_size", type=int, default=16)
     a("--per_device_eval_batch_size", dest="eval_batch_size", type=int, default=32)
     a("--gradient_accumulation_steps", type=int, default=1)
-    a("--max_steps", type=int, default=600, help="optimizer updates")
+    a("--max_steps", "--steps", type=int, default=600, help="optimizer updates")
     a("--learning_rate", type=float, help="peak learning rate; default by model width, as in pretrain.py (LEARNING_RATE_BY_WIDTH)")
     a("--warmup_steps", type=float, default=50, help="linear warmup updates (a value below 1: fraction of max_steps)")
     a("--min_lr_rate", type=float, default=0.1, help="the cosine ends at learning_rate * min_lr_rate")
@@ -100,21 +103,21 @@ def parse_args(argv=None):
     a("--eval_steps", type=int, default=200)
     a("--save_strategy", choices=["steps", "no"], default="steps")
     a("--save_steps", type=int, default=200)
-    a("--save_total_limit", type=int, default=2)
     a("--overwrite_output_dir", action="store_true", help="replace a finished or interrupted run in output_dir")
-    a("--resume", "--resume_from_checkpoint", nargs="?", const="latest",
-      help="continue from OUTPUT_DIR's newest checkpoint, or from the checkpoint folder given")
+    a("--resume", nargs="?", const="", help="continue from OUTPUT_DIR/checkpoint, or from the checkpoint folder given")
     a("--seed", type=int, default=42)
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a("--compile", action="store_true", help="torch.compile the model (slow start, faster GPU steps)")
-    a("--sample_max_new_tokens", "--sample_tokens", dest="sample_tokens", type=int, default=64, help="0: no sample")
-    a("--sample_prompt", "--prompt", dest="prompt", default="", help="text to continue (default: a new document)")
+    a("--sample_max_new_tokens", dest="sample_tokens", type=int, default=64, help="0: no sample")
+    a("--sample_prompt", dest="prompt", default="", help="text to continue (default: a new document)")
     a("--temperature", type=float, default=0.8)
     a("--top_k", type=int, default=50)
-    args = p.parse_args(argv)
+    args = p.parse_args([dashes_to_underscores(t) for t in (sys.argv[1:] if argv is None else argv)])
     for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_steps", "logging_steps", "block_size"):
         if getattr(args, name) < 1:
             die(f"--{name} must be at least 1; pass a positive integer")
+    if args.model:
+        args.preset, args.init_from = (args.model, args.init_from) if args.model in PRESETS else (args.preset, args.model)
     for name, value in zip(("n_layer", "n_head", "n_embd", "n_positions"), PRESETS[args.preset]):
         setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
     args.warmup_steps = int(args.warmup_steps) if args.warmup_steps >= 1 else math.ceil(args.max_steps * args.warmup_steps)
@@ -355,13 +358,47 @@ def read_documents(path):
         die(f"'{path}' is not JSON lines with a 'text' field per row; write one {{\"text\": ...}} object per line")
 
 
-def pack(documents, tokenizer, eos_id, block_size):
-    """Concatenate every document's ids plus EOS and cut the stream into (n_blocks, block_size) rows;
-    the tail that does not fill a block is dropped. The same blocks serve as inputs and labels."""
-    encoded = tokenizer.encode_batch(documents, add_special_tokens=False)
-    stream = np.concatenate([np.append(np.asarray(e.ids, dtype=np.int64), eos_id) for e in encoded])
-    n_blocks = len(stream) // block_size
-    return torch.from_numpy(stream[: n_blocks * block_size].reshape(n_blocks, block_size))
+def token_stream(documents, tokenizer, eos_id):
+    """Each document's token ids followed by EOS (one array per document)."""
+    return [np.append(np.asarray(e.ids, dtype=np.int64), eos_id) for e in tokenizer.encode_batch(documents, add_special_tokens=False)]
+
+
+def split_validation(streams, percentage, max_tokens=5_000_000):
+    """pretrain.py's rule (toolkit prepare): every round(100/P)-th document is held out, until the validation split
+    has max_tokens; training never sees a validation document. One document (a single .txt): its last P% of tokens."""
+    if len(streams) == 1:
+        tail = min(max_tokens, max(1, round(len(streams[0]) * percentage / 100)))
+        return streams[0][:-tail], streams[0][-tail:]
+    every, train, val, n_val = round(100 / percentage), [], [], 0
+    for i, s in enumerate(streams):
+        if i % every == 0 and n_val < max_tokens:
+            val.append(s)
+            n_val += len(s)
+        else:
+            train.append(s)
+    return np.concatenate(train), np.concatenate(val)
+
+
+def read_store(store, split):
+    """A token store from `toolkit prepare`: manifest.json + raw little-endian token shards; a split's stream is its
+    shards one after another (the same few lines of numpy nanoGPT reads its .bin files with)."""
+    path = os.path.join(store, "manifest.json")
+    if not os.path.isfile(path):
+        die(f"'{store}' has no manifest.json; pass a folder written by `toolkit prepare`")
+    with open(path) as f:
+        manifest = json.load(f)
+    if not manifest.get("complete"):
+        die(f"token store '{store}' is incomplete; rerun the `toolkit prepare` command that writes it to finish it")
+    shards = manifest["splits"][split]["shards"]
+    return np.concatenate([np.memmap(os.path.join(store, s["file"]), dtype=manifest["dtype"], mode="r") for s in shards]
+                          ).astype(np.int64)
+
+
+def pack(stream, block_size):
+    """Cut a token stream into (n_blocks, block_size) rows; the tail that does not fill a block is dropped. The same
+    blocks serve as inputs and labels."""
+    n = len(stream) // block_size
+    return torch.from_numpy(stream[: n * block_size].reshape(n, block_size))
 
 
 def epoch_batches(n_train, batch_size, seed, epoch, rank, world):
@@ -388,14 +425,25 @@ def lr_factor(k, warmup, max_steps, min_lr_rate):
 # MFU (model FLOPs utilisation): training FLOPs per token are 6N for the weight matmuls (2N forward,
 # 4N backward; N without the position table, which is only indexed) plus 12*L*d*T for attention
 # (PaLM appendix B). The peak is the dense bf16 data-sheet figure on GPUs, a measured fp32 matmul on CPU.
-GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12}
+GPU_PEAK_BF16 = {  # dense bf16 FLOP/s from the data sheets; toolkit/flops.py holds the same table (a test pins them)
+    "H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
+    "A10G": 125e12, "L4": 121e12, "L40S": 362e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def gpu_peak(name):
+    """The entry whose words all appear in the device name, longest first ('NVIDIA H100 NVL' is an H100 NVL)."""
+    for key in sorted(GPU_PEAK_BF16, key=len, reverse=True):
+        if all(word in name.upper() for word in key.upper().split()):
+            return GPU_PEAK_BF16[key]
+    return None
 
 
 @functools.lru_cache(maxsize=None)  # measure once per process
 def peak_flops(device) -> tuple[float | None, str]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
+        peak = gpu_peak(name)
         return peak, f"{name} bf16 data sheet" if peak else f"{name}: unknown peak"
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     torch.mm(a, b)  # warm-up
@@ -412,20 +460,6 @@ def flops_per_token(cfg, T):
     return 6 * n_matmul + 12 * L * d * T
 
 
-# -----------------------------------------------------------------------------------------------------
-def find_checkpoint(args):
-    """--resume DIR: that checkpoint; --resume (or 'auto'): the newest of OUTPUT_DIR/checkpoint-N and
-    OUTPUT_DIR itself, or None when there is none yet (a fresh start, so one command serves every restart)."""
-    if args.resume not in ("latest", "auto"):
-        if not os.path.isfile(os.path.join(args.resume, "training_state.pt")):
-            die(f"--resume: '{args.resume}' holds no training_state.pt; pass a checkpoint folder this script wrote")
-        return args.resume
-    found = [c for c in glob.glob(os.path.join(args.output_dir, "checkpoint-*")) + [args.output_dir]
-             if os.path.isfile(os.path.join(c, "training_state.pt"))]
-    step_of = lambda c: torch.load(os.path.join(c, "training_state.pt"), weights_only=True)["step"]  # noqa: E731
-    return max(found, key=step_of) if found else None
-
-
 def main(argv=None):
     args = parse_args(argv)
 
@@ -433,16 +467,16 @@ def main(argv=None):
     # trains a full copy of the model on different batches, and DDP averages the gradients during backward.
     ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    rank, world, local_rank = 0, 1, 0
+    rank, world, local_rank = 0, 1, int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)  # before the process group: NCCL works on the current device
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if ddp:
         import torch.distributed as dist
 
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        rank, world = dist.get_rank(), dist.get_world_size()
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     # bf16 autocast on GPUs that have it (weights and optimizer stay fp32); plain fp32 on CPU, where bf16 is slow.
@@ -450,11 +484,16 @@ def main(argv=None):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     torch.manual_seed(args.seed)  # same seed on every rank: identical initial weights everywhere
 
-    # ---- Resume / init: which weights and tokenizer we start from (a checkpoint folder holds both).
-    resume_dir = find_checkpoint(args) if args.resume else None
-    if args.resume and not resume_dir:
-        log(f"--resume: no checkpoint in {args.output_dir} yet; starting a fresh run")
-    earlier = glob.glob(os.path.join(args.output_dir, "checkpoint-*")) + glob.glob(os.path.join(args.output_dir, "training_state.pt"))
+    # ---- Resume / init: which weights and tokenizer we start from. Checkpoints go to one fixed folder,
+    # OUTPUT_DIR/checkpoint (nanoGPT's ckpt.pt), replaced at every save; --resume continues from it.
+    ckpt_dir = os.path.join(args.output_dir, "checkpoint")
+    resume_dir = (args.resume or ckpt_dir) if args.resume is not None else None
+    if resume_dir and not os.path.isfile(os.path.join(resume_dir, "training_state.pt")):
+        if args.resume:
+            die(f"--resume: '{args.resume}' holds no training_state.pt; pass a checkpoint folder this script wrote")
+        log(f"--resume: no checkpoint in {ckpt_dir} yet; starting a fresh run")
+        resume_dir = None
+    earlier = [p for p in (ckpt_dir, os.path.join(args.output_dir, "training_state.pt")) if os.path.exists(p)]
     if earlier and not resume_dir:  # never overwrite a run by accident
         if not args.overwrite_output_dir:
             die(f"'{args.output_dir}' already holds a run; pass --resume to continue it, --overwrite_output_dir to "
@@ -462,10 +501,11 @@ def main(argv=None):
         for old in earlier if master else []:
             shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
     weights_from = resume_dir or args.init_from
-    tok_folder = args.tokenizer_name or weights_from
+    store_tokenizer = os.path.join(args.token_store, "tokenizer") if args.token_store else None
+    tok_folder = args.tokenizer_name or weights_from or store_tokenizer
 
-    # ---- Data and tokenizer.
-    train_docs = read_documents(args.train_file)
+    # ---- Data and tokenizer: documents -> tokens with EOS after each -> a training and a validation stream -> blocks.
+    train_docs = None if args.token_store else read_documents(args.train_file)
     if tok_folder:
         tokenizer = load_tokenizer(tok_folder)
     else:
@@ -478,16 +518,27 @@ def main(argv=None):
         tokenizer = load_tokenizer(args.output_dir)
     eos_id = tokenizer.token_to_id(EOS)
     T = args.block_size
-    blocks = pack(train_docs, tokenizer, eos_id, T)
-    if args.validation_file:
-        val_blocks, train_blocks = pack(read_documents(args.validation_file), tokenizer, eos_id, T), blocks
-    else:  # hold out the LAST blocks (at least one) for validation
-        n_val = max(1, int(len(blocks) * args.validation_split_percentage / 100))
-        train_blocks, val_blocks = blocks[:-n_val], blocks[-n_val:]
+    if args.token_store:
+        train_stream, val_stream = read_store(args.token_store, "train"), read_store(args.token_store, "validation")
+        if train_stream.max(initial=0) >= tokenizer.get_vocab_size(with_added_tokens=True):
+            die(f"token store '{args.token_store}' holds ids beyond this tokenizer; drop --tokenizer_name to use the store's own")
+    elif args.validation_file:
+        train_stream = np.concatenate(token_stream(train_docs, tokenizer, eos_id))
+        val_stream = np.concatenate(token_stream(read_documents(args.validation_file), tokenizer, eos_id))
+    else:
+        train_stream, val_stream = split_validation(token_stream(train_docs, tokenizer, eos_id), args.validation_split_percentage)
+    train_blocks, val_blocks = pack(train_stream, T), pack(val_stream, T)
     n_train = len(train_blocks)
     if n_train < args.batch_size * world or len(val_blocks) == 0:
-        die(f"only {len(blocks)} blocks of {T} tokens: fewer than one batch per process (+1 for validation); "
-            f"use more text or lower --block_size / --per_device_train_batch_size")
+        die(f"{n_train} training and {len(val_blocks)} validation blocks of {T} tokens: fewer than one batch per process "
+            f"or no validation block; use more text or lower --block_size / --per_device_train_batch_size")
+    # Bits per byte (comparable across tokenizers): the UTF-8 bytes of the scored validation tokens (every block's
+    # tokens but its first). A byte-level BPE writes each byte as one character, so a token's bytes = its length;
+    # EOS encodes no text.
+    token_bytes = torch.zeros(tokenizer.get_vocab_size(with_added_tokens=True), dtype=torch.long)
+    for piece, i in tokenizer.get_vocab(with_added_tokens=True).items():
+        token_bytes[i] = 0 if i == eos_id else len(piece)
+    val_bytes_per_token = token_bytes[val_blocks[:, 1:]].sum().item() / val_blocks[:, 1:].numel()
 
     # ---- Model: from a checkpoint, or fresh with GPT-2 init. The embedding is padded to a multiple of 64
     # (nanoGPT: 50304 instead of 50257 makes GPU matmuls faster); the extra rows never appear as targets.
@@ -574,21 +625,23 @@ def main(argv=None):
         return (total / count).item()
 
     def save(folder):
+        """Weights + tokenizer (a save_pretrained folder) and the optimizer state; the checkpoint folder is written
+        beside its old copy and swapped in, so a crash mid-save leaves the previous one."""
         if master:
-            save_hf(raw_model, tokenizer, eos_id, folder)
+            tmp = folder + ".tmp" if folder == ckpt_dir else folder
+            save_hf(raw_model, tokenizer, eos_id, tmp)
             torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()},
-                       os.path.join(folder, "training_state.pt"))
-            if folder != args.output_dir:  # keep only the newest save_total_limit checkpoints
-                old = sorted(glob.glob(os.path.join(args.output_dir, "checkpoint-*")),
-                             key=lambda c: int(re.sub(r"\D", "", os.path.basename(c)) or 0))
-                for c in old[:-max(1, args.save_total_limit)]:
-                    shutil.rmtree(c, ignore_errors=True)
+                       os.path.join(tmp, "training_state.pt"))
+            if tmp != folder:
+                shutil.rmtree(folder, ignore_errors=True)
+                os.replace(tmp, folder)
         if ddp:
             dist.barrier()
 
     # ---- The training loop. One iteration = one optimizer update = G micro-batches per process.
     model.train()
-    loss_sum, steps_since_log, tok_rates = torch.zeros((), device=device), 0, []
+    loss_sum, steps_since_log, timed_tokens, timed_seconds = torch.zeros((), device=device), 0, 0, 0.0
+    tokens_per_step = G * world * args.batch_size * T
     batches, batches_epoch, t_last = None, -1, time.perf_counter()
     while step < args.max_steps:
         # The data position is a pure function of the step, so a resumed run continues the same order.
@@ -620,10 +673,11 @@ def main(argv=None):
 
         if step % args.logging_steps == 0 or step == args.max_steps:
             loss_val = reduce_mean(loss_sum / steps_since_log).item()  # .item() waits for the device
-            tok_s = steps_since_log * G * world * args.batch_size * T / (time.perf_counter() - t_last)
+            seconds = time.perf_counter() - t_last
+            tok_s = steps_since_log * tokens_per_step / seconds
             mfu = fpt * tok_s / (peak * world) if peak else None
-            if step > steps_since_log:  # the first interval includes warm-up: leave it out of the average
-                tok_rates.append(tok_s)
+            if step > steps_since_log:  # the first interval includes warm-up: leave it out of the run's average
+                timed_tokens, timed_seconds = timed_tokens + steps_since_log * tokens_per_step, timed_seconds + seconds
             log(f"step {step}/{args.max_steps} | loss {loss_val:.4f} | lr {lr:.3e} | {tok_s:,.0f} tok/s"
                 + (f" | mfu {100 * mfu:.2f}%" if mfu is not None else ""))
             record(dict(step=step, loss=loss_val, lr=lr, grad_norm=grad_norm.item() if args.max_grad_norm > 0 else None,
@@ -633,18 +687,19 @@ def main(argv=None):
         t_pause = time.perf_counter()
         if args.eval_strategy == "steps" and (step % args.eval_steps == 0 or step == args.max_steps):
             val = evaluate()
-            log(f"step {step} | eval loss {val:.4f} | perplexity {math.exp(min(val, 50)):.2f}")
-            record(dict(step=step, eval_loss=val, eval_perplexity=math.exp(min(val, 50))))
+            bpb = val / (math.log(2) * val_bytes_per_token)  # nats per token -> bits per byte
+            log(f"step {step} | eval loss {val:.4f} | perplexity {math.exp(min(val, 50)):.2f} | bits per byte {bpb:.4f}")
+            record(dict(step=step, eval_loss=val, eval_perplexity=math.exp(min(val, 50)), eval_bits_per_byte=bpb))
         if args.save_strategy == "steps" and step % args.save_steps == 0 and step < args.max_steps:
-            save(os.path.join(args.output_dir, f"checkpoint-{step}"))
+            save(ckpt_dir)
         t_last += time.perf_counter() - t_pause  # evaluating and saving is not training time
 
     # ---- Save the final model (a save_pretrained-style folder) and show what it learned.
     save(args.output_dir)
-    if tok_rates:
-        mean_tok = sum(tok_rates) / len(tok_rates)
-        log(f"throughput after warm-up: {mean_tok:,.0f} tok/s"
-            + (f", MFU {100 * fpt * mean_tok / (peak * world):.2f}% of {peak:.3g} FLOP/s per process" if peak else ""))
+    if timed_seconds:
+        rate = timed_tokens / timed_seconds
+        log(f"throughput after warm-up: {rate:,.0f} tok/s"
+            + (f", MFU {100 * fpt * rate / (peak * world):.2f}% of {peak:.3g} FLOP/s per process" if peak else ""))
     log(f"saved to {args.output_dir}")
     if master and args.sample_tokens > 0:
         raw_model.eval()

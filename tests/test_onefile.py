@@ -15,7 +15,7 @@ from conftest import GPT2_TOKENIZER, REPO, SHAKESPEARE, needs_shared, run_script
 
 ONEFILE = REPO / "recipes" / "onefile_train.py"
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--n_positions", "128", "--block_size", "64"]
-QUIET = ["--eval_strategy", "no", "--save_strategy", "no", "--sample_tokens", "0", "--logging_steps", "1"]
+QUIET = ["--eval_strategy", "no", "--save_strategy", "no", "--sample_max_new_tokens", "0", "--logging_steps", "1"]
 
 
 # One thread per process: these models are tiny, and on a shared 2-core machine two OpenMP threads wait on
@@ -60,8 +60,8 @@ def test_stands_alone():
 def test_cli_trains_and_transformers_loads_the_result(tmp_path, tiny_tokenizer_dir, small_text_file, onefile):
     out = tmp_path / "run"
     r = run_script([str(ONEFILE), "--train_file", str(small_text_file), "--tokenizer_name", str(tiny_tokenizer_dir), *TINY,
-                    "--batch_size", "8", "--max_steps", "30", "--learning_rate", "3e-3", "--warmup_steps", "3",
-                    "--logging_steps", "1", "--eval_steps", "15", "--save_steps", "15", "--sample_tokens", "10",
+                    "--per_device_train_batch_size", "8", "--max_steps", "30", "--learning_rate", "3e-3", "--warmup_steps", "3",
+                    "--logging_steps", "1", "--eval_steps", "15", "--save_steps", "15", "--sample_max_new_tokens", "10",
                     "--output_dir", str(out)], timeout=300, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "tok/s" in r.stdout and "mfu" in r.stdout and "sample:" in r.stdout
@@ -73,7 +73,7 @@ def test_cli_trains_and_transformers_loads_the_result(tmp_path, tiny_tokenizer_d
     assert sum(e["loss"] for e in logs[-5:]) / 5 < logs[0]["loss"] - 0.7
     evals = [json.loads(l) for l in open(out / "metrics.jsonl") if "eval_loss" in l]
     assert [e["step"] for e in evals] == [15, 30] and evals[1]["eval_loss"] < evals[0]["eval_loss"]
-    assert (out / "checkpoint-15" / "training_state.pt").exists()
+    assert (out / "checkpoint" / "training_state.pt").exists()  # one fixed checkpoint folder, as nanoGPT's ckpt.pt
 
     # The output folder is a transformers model + tokenizer: it loads, tokenizes the same and generates.
     from transformers import AutoTokenizer, GPT2LMHeadModel
@@ -107,12 +107,12 @@ def test_gpt2_vocab_and_merges_tokenize_like_transformers(onefile):
 
 def test_resume_continues_the_same_run(tmp_path, tiny_model_dir, small_text_file, onefile):
     common = ["--init_from", str(tiny_model_dir), "--train_file", str(small_text_file), "--block_size", "64",
-              "--batch_size", "4", "--max_steps", "6", "--warmup_steps", "2", "--learning_rate", "2e-3",
-              "--eval_strategy", "no", "--sample_tokens", "0", "--logging_steps", "1"]
+              "--per_device_train_batch_size", "4", "--max_steps", "6", "--warmup_steps", "2", "--learning_rate", "2e-3",
+              "--eval_strategy", "no", "--sample_max_new_tokens", "0", "--logging_steps", "1"]
     onefile.main([*common, "--output_dir", str(tmp_path / "a"), "--save_steps", "3"])
-    # Resume from step 3's checkpoint (weights + optimizer + step) into a new folder: steps 4-6 repeat exactly.
+    # Resume from the checkpoint saved at step 3 (weights + optimizer + step) into a new folder: steps 4-6 repeat exactly.
     onefile.main([*common, "--output_dir", str(tmp_path / "b"), "--save_strategy", "no",
-                  "--resume", str(tmp_path / "a" / "checkpoint-3")])
+                  "--resume", str(tmp_path / "a" / "checkpoint")])
     with pytest.raises(SystemExit) as exc:  # the finished run is not overwritten by accident
         onefile.main([*common, "--output_dir", str(tmp_path / "a")])
     assert exc.value.code == 2
@@ -141,8 +141,8 @@ def test_same_loss_curve_as_pretrain(tmp_path, tiny_model_dir, small_text_file, 
     same = ["--train_file", str(small_text_file), "--block_size", "64", "--per_device_train_batch_size", "4",
             "--max_steps", "20", "--learning_rate", "1e-3", "--warmup_steps", "5", "--weight_decay", "0.1",
             "--adam_beta2", "0.95", "--max_grad_norm", "1.0", "--seed", "42", "--logging_steps", "1",
-            "--eval_strategy", "no", "--save_strategy", "no"]
-    onefile.main(["--init_from", str(tiny_model_dir), *same, "--sample_tokens", "0", "--output_dir", str(tmp_path / "onefile")])
+            "--eval_strategy", "steps", "--eval_steps", "20", "--save_strategy", "no"]
+    onefile.main(["--init_from", str(tiny_model_dir), *same, "--sample_max_new_tokens", "0", "--output_dir", str(tmp_path / "onefile")])
     r = run_script([str(REPO / "recipes" / "pretrain.py"), "--model_name_or_path", str(tiny_model_dir), *same,
                     "--report_to", "none", "--data_cache_dir", str(tmp_path / "cache"), "--sample_max_new_tokens", "1",
                     "--output_dir", str(tmp_path / "pretrain")], timeout=300, env=ONE_THREAD)
@@ -155,6 +155,11 @@ def test_same_loss_curve_as_pretrain(tmp_path, tiny_model_dir, small_text_file, 
     assert max(diffs) < 1e-4, f"loss curves differ: {[(round(a['loss'], 6), round(b['loss'], 6)) for a, b in zip(ours, theirs)]}"
     for a, b in zip(ours, theirs):
         assert a["lr"] == pytest.approx(b["learning_rate"], rel=1e-9, abs=1e-15)
+    # the same held-out documents, scored the same way: eval loss and bits per byte at step 20
+    our_eval = [json.loads(line) for line in open(tmp_path / "onefile" / "metrics.jsonl") if "eval_loss" in line][-1]
+    their_eval = next(e for e in history if "eval_loss" in e and e["step"] == 20)
+    assert our_eval["eval_loss"] == pytest.approx(their_eval["eval_loss"], abs=1e-4)
+    assert our_eval["eval_bits_per_byte"] == pytest.approx(their_eval["eval_bits_per_byte"], rel=1e-4)
 
 
 @pytest.mark.slow
@@ -164,12 +169,53 @@ def test_ddp_matches_one_process(tmp_path, tiny_model_dir, small_text_file, onef
     # 2 processes x 4 blocks (gloo) vs 1 process x 8 blocks vs 1 process x 4 blocks x 2 accumulation steps:
     # the same 8 blocks per update, so the same losses.
     r = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ONEFILE), *common,
-                    "--batch_size", "4", "--output_dir", str(tmp_path / "ddp")], timeout=300, env=ONE_THREAD)
+                    "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "ddp")], timeout=300, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es)" in r.stdout
-    onefile.main([*common, "--batch_size", "8", "--output_dir", str(tmp_path / "single")])
-    onefile.main([*common, "--batch_size", "4", "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "accum")])
+    onefile.main([*common, "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "single")])
+    onefile.main([*common, "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "accum")])
     ddp, single, accum = (train_losses(tmp_path / d) for d in ("ddp", "single", "accum"))
     assert len(ddp) == len(single) == len(accum) == 4
     for a, b, c in zip(ddp, single, accum):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and c["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+def test_reads_a_token_store_as_pretrain_does(tmp_path, tiny_tokenizer_dir, small_text_file, onefile):
+    """A store from `toolkit prepare`: the same training and validation blocks as pretrain.py's reader."""
+    from transformers import AutoTokenizer
+
+    from toolkit.corpus import Corpus
+    from toolkit.data import BlockDataset
+    from toolkit.prepare import build_store
+    from toolkit.token_store import TokenStore
+
+    docs = small_text_file.read_text().split("\n\n")
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    build_store(Corpus.from_files(str(tmp_path / "docs.jsonl")), tok, str(tmp_path / "store"), validation_fraction=0.1,
+                shard_tokens=5000, num_proc=1, progress=False)
+    store = TokenStore(str(tmp_path / "store"))
+    for split, theirs in (("train", store.train), ("validation", store.validation)):
+        ours = onefile.pack(onefile.read_store(str(tmp_path / "store"), split), 64)
+        assert len(ours) == len(BlockDataset(theirs, 64)) > 0
+        assert all(torch.equal(ours[i], BlockDataset(theirs, 64)[i]["input_ids"]) for i in (0, len(ours) // 2, len(ours) - 1))
+    # trains from it, with the store's own tokenizer
+    onefile.main(["--token_store", str(tmp_path / "store"), *TINY, "--per_device_train_batch_size", "4", "--max_steps", "3",
+                  *QUIET, "--output_dir", str(tmp_path / "run")])
+    assert len(train_losses(tmp_path / "run")) == 3
+
+
+def test_gpu_peak_table_agrees_with_toolkit():
+    """onefile keeps its own copy of the data-sheet peaks (it stands alone); the two copies give the same figure."""
+    import importlib.util
+
+    from toolkit import flops
+
+    spec = importlib.util.spec_from_file_location("onefile_peaks", ONEFILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    names = ["NVIDIA H200", "NVIDIA H100 80GB HBM3", "NVIDIA H100 NVL", "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB",
+             "NVIDIA A10G", "NVIDIA L4", "NVIDIA L40S", "NVIDIA GeForce RTX 4090", "NVIDIA GeForce RTX 3090",
+             "Tesla V100-SXM2-16GB", "Tesla T4", "Some Future GPU"]
+    assert [module.gpu_peak(n) for n in names] == [flops.gpu_peak_flops(n) for n in names]
+    assert module.GPU_PEAK_BF16 == flops.GPU_PEAK_BF16_FLOPS
