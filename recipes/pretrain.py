@@ -75,6 +75,9 @@ def main() -> None:
         from toolkit.hub import check_push_ready
 
         check_push_ready(training_args.hub_model_id, training_args.hub_token)  # fail now, not after hours of training
+    if training_args.muon and distributed.fsdp_requested(training_args):
+        raise UserError("--optim muon orthogonalizes whole weight matrices, which FSDP shards across ranks; use it with 1 "
+                        "process or DDP, or drop --optim muon under FSDP")
     benchmark = None
     if training_args.eval_tasks:  # lm-eval on rank 0 at every evaluation; task names are checked now, not hours later
         if distributed.fsdp_requested(training_args):
@@ -185,7 +188,8 @@ def main() -> None:
     )
     if training_args.process_index == 0:
         print(f"Model: {n_params:,} parameters (n_layer={config.n_layer}, n_head={config.n_head}, n_embd={config.n_embd}, "
-              f"vocab={config.vocab_size}); {'bf16 mixed precision' if training_args.bf16 else 'fp32'}; peak lr {training_args.learning_rate:g}; "
+              f"vocab={config.vocab_size}); {'bf16 mixed precision' if training_args.bf16 else 'fp32'}; "
+              f"{'Muon + AdamW' if training_args.muon else training_args.optim}, peak lr {training_args.learning_rate:g}; "
               f"{tokens_per_step:,} tokens/step; MFU against {peak_source}")
         print(f"Eval: {eval_tokens:,} scored validation tokens, {eval_bytes:,} bytes ({eval_bytes_per_token:.3f} bytes/token) "
               "for bits per byte")

@@ -225,6 +225,7 @@ def write_pretrain_card(args, model_args, data_args, config, tokenizer, n_params
     hyperparameters = {
         "optimizer steps": steps, "tokens per step": tokens_per_step, "processes": args.world_size,
         "peak learning rate": args.learning_rate, "schedule": args.lr_scheduler_type, "warmup_steps": args.warmup_steps,
+        "optimizer": "Muon (hidden matrices) + AdamW" if getattr(args, "muon", False) else str(getattr(args.optim, "value", args.optim)),
         "weight_decay": args.weight_decay, "adam betas": (args.adam_beta1, args.adam_beta2), "max_grad_norm": args.max_grad_norm,
         "precision": "bf16 mixed" if args.bf16 else "fp32", "dropout": config.resid_pdrop, "seed": args.seed,
     }

@@ -116,6 +116,23 @@ class PretrainTrainer(CausalLMLoss, CrashSafeCheckpoints, Trainer):
         self._window_step = 0
         self._eval_seconds = 0.0
 
+    def create_optimizer(self, model=None):
+        """--optim muon: Muon for the hidden matrices, AdamW (with the usual weight-decay groups) for the rest."""
+        if not getattr(self.args, "muon", False) or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from toolkit.muon import MuonWithAdamW, hidden_matrices
+
+        model = self.model if model is None else model
+        hidden, decay = set(hidden_matrices(model)), set(self.get_decay_parameter_names(model))
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.optimizer = MuonWithAdamW(
+            [p for n, p in named if n in hidden],
+            [{"params": [p for n, p in named if n not in hidden and n in decay], "weight_decay": self.args.weight_decay},
+             {"params": [p for n, p in named if n not in hidden and n not in decay], "weight_decay": 0.0}],
+            lr=self.args.learning_rate, weight_decay=self.args.weight_decay, eps=self.args.adam_epsilon,
+            betas=(self.args.adam_beta1, self.args.adam_beta2), fused=self.args.device.type in ("cuda", "cpu"))
+        return self.optimizer
+
     def _start_window(self) -> None:
         self._window_start, self._window_step, self._eval_seconds = time.perf_counter(), self.state.global_step, 0.0
 

@@ -12,7 +12,8 @@ from typing import Optional
 
 from transformers import TrainingArguments
 
-DEFAULT_OUTPUT_DIR = "out/pretrain"  # the main job's output; lora.py / qlora.py fine-tune it when given no base
+DEFAULT_OUTPUT_DIR = "out/pretrain"
+MUON = "muon"  # the main job's output; lora.py / qlora.py fine-tune it when given no base
 
 @dataclass
 class ModelArguments:
@@ -108,7 +109,12 @@ class PretrainArguments(TrainingArguments):
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (not applied to biases and LayerNorms)."})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (0.95 as in GPT-3/nanoGPT)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
-    optim: str = field(default="adamw_torch_fused", metadata={"help": "Optimizer (transformers OptimizerNames)."})
+    optim: str = field(
+        default="adamw_torch_fused",
+        metadata={"help": "Optimizer: muon (Muon for the hidden matrices + AdamW for the rest, toolkit/muon.py; 1 process "
+                          "or DDP) or any of transformers' OptimizerNames (adamw_torch_fused: fused AdamW)."},
+    )
+    muon: bool = field(default=False, init=False, metadata={"help": "Set from --optim muon."})
     logging_steps: float = field(default=10, metadata={"help": "Log loss, lr, tokens/s and MFU every N steps."})
     eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate.", "choices": ["no", "steps", "epoch"]})
     eval_steps: Optional[float] = field(default=200, metadata={"help": "Evaluate every N steps."})
@@ -156,3 +162,11 @@ class PretrainArguments(TrainingArguments):
     eval_tasks_include_path: str | None = field(
         default=None, metadata={"help": "Folder with your own lm-eval task YAML files for --eval_tasks."}
     )
+
+    def __post_init__(self):
+        # "muon" is built by PretrainTrainer (toolkit/muon.py), not by transformers, whose check of `optim` knows only
+        # its own names: it checks the AdamW that Muon pairs with, and `muon` keeps the choice.
+        self.muon = self.optim == MUON
+        if self.muon:
+            self.optim = "adamw_torch_fused"
+        super().__post_init__()

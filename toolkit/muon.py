@@ -1,0 +1,87 @@
+"""`--optim muon`: Muon for the hidden weight matrices, AdamW for everything else, as one optimizer.
+
+Muon (Keller Jordan, 2024; the optimizer of modded-nanogpt's record runs) replaces each hidden matrix's update by
+its orthogonalized Nesterov momentum (a few Newton-Schulz iterations), which trains GPT-2 faster per step than AdamW;
+the embeddings, the tied head and the biases / LayerNorm gains stay on AdamW, as in modded-nanogpt.
+docs/benchmarks.md section 3 measures it against AdamW at a fixed CPU budget.
+
+Why not torch.optim.Muon alone: it runs the Newton-Schulz iterations in bf16, which on CPUs without fast bf16 is
+20-100x slower than fp32 (docs/benchmarks.md), so here they run in fp32 on CPU and bf16 on GPUs, as Keller's code
+does. The update is torch's: Nesterov momentum 0.95, 5 iterations with the quintic coefficients below, decoupled
+weight decay, and the learning rate scaled by 0.2 * sqrt(max(rows, cols)) ("match_rms_adamw", Moonshot's rule), which
+gives the update AdamW's RMS, so Muon shares AdamW's learning rate and schedule, and the scaling does not depend on
+whether a layer stores its weight as (in, out) (transformers' Conv1D) or (out, in) (nn.Linear).
+
+One optimizer object holds both parts (its AdamW shares the parameter groups and the state dict), so the Trainer's
+learning-rate schedule scales both and a checkpoint saves and resumes both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz, as in Keller Jordan's Muon and torch.optim.Muon
+NS_STEPS = 5
+MOMENTUM = 0.95
+
+
+def orthogonalize(update: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
+    """Approximately U V^T of the update's SVD U S V^T (singular values pushed towards 1) by Newton-Schulz iterations;
+    bf16 on GPUs, fp32 on CPU."""
+    a, b, c = NS_COEFFICIENTS
+    x = update.bfloat16() if update.is_cuda else update.float()
+    wide = x.size(0) <= x.size(1)
+    x = x if wide else x.T  # iterate on the smaller Gram matrix
+    x = x / x.norm().clamp(min=1e-7)  # spectral norm <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x if wide else x.T).to(update.dtype)
+
+
+def hidden_matrices(model) -> list[str]:
+    """Names of the 2-D weights inside the transformer blocks (GPT-2: c_attn, attn.c_proj, c_fc, mlp.c_proj)."""
+    embeddings = {id(model.get_input_embeddings().weight)}
+    if model.get_output_embeddings() is not None:
+        embeddings.add(id(model.get_output_embeddings().weight))
+    return [name for name, p in model.named_parameters()
+            if p.requires_grad and p.ndim == 2 and id(p) not in embeddings and ".h." in f".{name}"]
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Group 0: Muon over `muon_params`; the other groups: AdamW (`adamw_groups`, with their own weight decay)."""
+
+    def __init__(self, muon_params, adamw_groups, *, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8,
+                 fused: bool | None = None):
+        muon_group = {"params": list(muon_params), "lr": lr, "weight_decay": weight_decay, "muon": True}
+        super().__init__([muon_group], {"lr": lr, "weight_decay": weight_decay})
+        self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, eps=eps, fused=fused)
+        self._share_with_adamw()
+
+    def _share_with_adamw(self) -> None:
+        # The AdamW's groups and state are this optimizer's: the schedule, state_dict and load_state_dict see one object.
+        self.param_groups[1:] = self.adamw.param_groups
+        self.adamw.param_groups = self.param_groups[1:]
+        self.adamw.state = self.state
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)  # rebuilds the group dicts and the state: share them again
+        self.adamw.param_groups = self.param_groups[1:]
+        self.adamw.state = self.state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        group = self.param_groups[0]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+            buf.lerp_(p.grad, 1 - MOMENTUM)
+            update = orthogonalize(p.grad.lerp(buf, MOMENTUM))  # Nesterov
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(update, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape)))
+        self.adamw.step()
+        return loss
