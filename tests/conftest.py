@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -83,3 +85,30 @@ def run_script(args: list[str], timeout: int = 600, env: dict | None = None, cwd
     return subprocess.run(
         [sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def run_recipe_in_process(recipe: str, argv: list[str], capsys) -> tuple[int, str]:
+    """Run recipes/<recipe>.py as `python recipes/<recipe>.py ARGV` would, in this process (same code path, no
+    start-up cost); return its exit code and the whole of its stderr."""
+    old = sys.argv
+    sys.argv = [f"recipes/{recipe}.py", *argv]
+    capsys.readouterr()  # what earlier steps of the test printed is not this run's
+    try:
+        runpy.run_path(str(REPO / "recipes" / f"{recipe}.py"), run_name="__main__")
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    finally:
+        sys.argv = old
+    return code, capsys.readouterr().err
+
+
+PROGRESS_BAR = re.compile(r"\| ?\d+/\d+ \[|\d+ examples \[|\[\d\d:\d\d<?")  # tqdm: "12/40 [00:01<..", "0 examples [00:00"
+
+
+def one_error_line(stderr: str) -> str:
+    """The whole stderr of a refused run must be one `error: ...` line; return it. Progress bars are not messages
+    (datasets draws one while it reads a file, before the file is found unreadable), so they are left out."""
+    lines = [line for line in stderr.strip().splitlines() if line.strip() and not PROGRESS_BAR.search(line)]
+    assert len(lines) == 1 and lines[0].startswith("error"), f"expected one error line, got:\n{stderr[-3000:]}"
+    return lines[0]
