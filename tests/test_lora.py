@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, one_error_line
 from toolkit.args.finetune import DataArguments, FinetuneConfig, LoraArguments, QuantizationArguments
 
 FAST_TRAIN = ["--max_steps", "8", "--learning_rate", "1e-2", "--per_device_train_batch_size", "8",
@@ -32,10 +32,11 @@ def run_recipe(name: str, argv: list[str]) -> dict:
 
 def user_error(capsys, fn, *args) -> str:
     """Run fn, expect the one-line user error (exit 2); return the message."""
+    capsys.readouterr()  # what ran before is not this call's output
     with pytest.raises(SystemExit) as exc:
         fn(*args)
     assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    err = one_error_line(capsys.readouterr().err)  # the whole stderr: one line
     assert err.startswith("error: ")
     return err
 
