@@ -7,9 +7,11 @@ import os
 import re
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 # Before anything imports huggingface_hub (it reads these once, at import): no test reaches the real Hub, and a
@@ -77,14 +79,102 @@ def small_text_file(tmp_path_factory) -> Path:
     return path
 
 
-def run_script(args: list[str], timeout: int = 600, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """Run a recipe/command as a real subprocess (fp32 CPU, no network) and return the result."""
+def script_env(env: dict | None = None) -> dict:
+    """The environment of a recipe run by a test: this one (offline, no Hub token), unbuffered, plus `env`."""
     full_env = dict(os.environ)
     full_env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
     full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
+    return full_env
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """Kill a process and everything it started (launchers start workers in sessions of their own)."""
+    import psutil
+
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for p in [*family, proc]:
+        try:
+            p.kill()
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
+    proc.wait(timeout=60)
+    psutil.wait_procs(family, timeout=30)
+
+
+def run_script(args: list[str], timeout: int = 600, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run a recipe/command as a real subprocess (fp32 CPU, no network) and return the result. If it outlives
+    `timeout`, or the test is stopped (pytest-timeout), the process and its workers are killed."""
+    proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=script_env(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except BaseException:
+        kill_tree(proc)
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+class Background:
+    """A command running in the background; its stdout and stderr lines are collected as they come."""
+
+    def __init__(self, args: list[str], env: dict | None = None, new_session: bool = False):
+        self.proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=script_env(env), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, start_new_session=new_session)
+        self.new_session = new_session
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._readers = [threading.Thread(target=lines.extend, args=(stream,), daemon=True)
+                         for lines, stream in ((self.out, self.proc.stdout), (self.err, self.proc.stderr))]
+        for reader in self._readers:
+            reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self):
+        return self.proc.poll()
+
+    def wait(self, timeout: float) -> int:
+        """The exit code, once the process has ended and all its output has been read."""
+        code = self.proc.wait(timeout=timeout)
+        for reader in self._readers:
+            reader.join(timeout=30)
+        return code
+
+    def stdout(self) -> str:
+        return "".join(self.out)
+
+    def stderr(self) -> str:
+        return "".join(self.err)
+
+    def stop(self) -> None:
+        if self.new_session:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        kill_tree(self.proc)
+
+
+@pytest.fixture
+def background():
+    """`start = background; run = start([...])`: commands in the background that are killed, with all they started,
+    when the test ends, passed or failed, so a failing test leaves no training processes behind."""
+    started: list[Background] = []
+
+    def start(args: list[str], env: dict | None = None, new_session: bool = False) -> Background:
+        run = Background(args, env, new_session)
+        started.append(run)
+        return run
+
+    yield start
+    for run in started:
+        if run.poll() is None or run.new_session:
+            run.stop()
 
 
 def run_recipe_in_process(recipe: str, argv: list[str], capsys) -> tuple[int, str]:

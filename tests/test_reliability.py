@@ -6,9 +6,7 @@ import errno
 import json
 import os
 import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -29,19 +27,11 @@ def losses(output_dir: Path) -> dict[int, float]:
     return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
 
 
-def start(args: list[str]) -> tuple[subprocess.Popen, list[str]]:
-    """Start a recipe in the background; its stdout lines are collected as they come."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-    return proc, lines
-
-
-def wait_for_steps(lines: list[str], n: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+def wait_for_steps(run, n: int, timeout: float = 240) -> None:
+    """Until a background recipe run has logged n training losses."""
     deadline = time.time() + timeout
-    while sum("'loss'" in line for line in list(lines)) < n:
-        assert proc.poll() is None, f"run ended early: {proc.stderr.read()[-2000:]}"
+    while sum("'loss'" in line for line in list(run.out)) < n:
+        assert run.poll() is None, f"run ended early: {run.stderr()[-2000:]}"
         assert time.time() < deadline, "run did not reach the step in time"
         time.sleep(0.2)
 
@@ -58,15 +48,15 @@ def common(tmp_path_factory, small_text_file):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_resume_gives_the_same_losses(common):
+def test_sigterm_saves_a_checkpoint_and_resume_gives_the_same_losses(common, background):
     root, args, reference = common
     out = root / "sigterm"
-    proc, lines = start(["recipes/pretrain.py", *args, "--output_dir", str(out), "--save_steps", "1000"])
-    wait_for_steps(lines, 8, proc)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
-    assert "Traceback" not in proc.stderr.read()
-    assert any("--resume_from_checkpoint auto" in line for line in lines)
+    run = background(["recipes/pretrain.py", *args, "--output_dir", str(out), "--save_steps", "1000"])
+    wait_for_steps(run, 8)
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=120) == 128 + signal.SIGTERM
+    assert "Traceback" not in run.stderr()
+    assert any("--resume_from_checkpoint auto" in line for line in run.out)
     checkpoints = sorted(out.glob("checkpoint-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "optimizer.pt").exists()
     stopped = int(checkpoints[0].name.split("-")[1])
@@ -83,13 +73,13 @@ def test_sigterm_saves_a_checkpoint_and_resume_gives_the_same_losses(common):
 
 
 @pytest.mark.slow
-def test_kill_9_leaves_the_newest_complete_checkpoint_usable(common):
+def test_kill_9_leaves_the_newest_complete_checkpoint_usable(common, background):
     root, args, reference = common
     out = root / "kill9"
-    proc, lines = start(["recipes/pretrain.py", *args, "--output_dir", str(out), "--save_steps", "3", "--save_total_limit", "2"])
-    wait_for_steps(lines, 14, proc)
-    proc.kill()
-    proc.wait(timeout=30)
+    run = background(["recipes/pretrain.py", *args, "--output_dir", str(out), "--save_steps", "3", "--save_total_limit", "2"])
+    wait_for_steps(run, 14)
+    run.proc.kill()
+    run.wait(timeout=30)
     from transformers.trainer_utils import get_last_checkpoint
 
     last = get_last_checkpoint(str(out))
@@ -247,7 +237,7 @@ def test_push_problems_are_caught_before_training(bad_inputs, tmp_path, capsys, 
 
 
 @pytest.mark.slow
-def test_lora_sigterm_then_resume_gives_the_same_losses(tiny_model_dir, small_text_file, tmp_path):
+def test_lora_sigterm_then_resume_gives_the_same_losses(tiny_model_dir, small_text_file, tmp_path, background):
     args = ["recipes/lora.py", "--model_name_or_path", str(tiny_model_dir), "--train_file", str(small_text_file),
             "--max_steps", "60", "--learning_rate", "1e-2", "--per_device_train_batch_size", "8", "--max_length", "64",
             "--max_eval_samples", "8", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.0", "--logging_steps", "1",
@@ -256,11 +246,11 @@ def test_lora_sigterm_then_resume_gives_the_same_losses(tiny_model_dir, small_te
     result = run_script([*args, "--output_dir", str(reference)])
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "interrupted"
-    proc, lines = start([*args, "--output_dir", str(out)])
-    wait_for_steps(lines, 6, proc)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
-    assert "Traceback" not in proc.stderr.read()
+    run = background([*args, "--output_dir", str(out)])
+    wait_for_steps(run, 6)
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=120) == 128 + signal.SIGTERM
+    assert "Traceback" not in run.stderr()
     checkpoints = sorted(out.glob("checkpoint-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "adapter_model.safetensors").exists()
     assert not (out / "adapter_config.json").exists()  # not a finished run, so resuming is allowed

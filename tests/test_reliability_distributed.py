@@ -7,9 +7,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 
 import pytest
@@ -31,22 +28,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(args: list[str]) -> tuple[subprocess.Popen, list[str], list[str]]:
-    """Start a command in its own process group (so the test can signal launcher + workers, like a scheduler)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    out: list[str] = []
-    err: list[str] = []
-    threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True).start()
-    threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True).start()
-    return proc, out, err
-
-
-def wait_for_losses(lines: list[str], n: int, proc, timeout: float = 240) -> None:
+def wait_for_losses(run, n: int, timeout: float = 240) -> None:
     deadline = time.time() + timeout
-    while sum("'loss'" in line for line in list(lines)) < n:
-        assert proc.poll() is None, "run ended before it was interrupted"
+    while sum("'loss'" in line for line in list(run.out)) < n:
+        assert run.poll() is None, f"run ended before it was interrupted: {run.stderr()[-2000:]}"
         assert time.time() < deadline, "run did not reach the step in time"
         time.sleep(0.2)
 
@@ -70,16 +55,16 @@ def assert_resumed_like_reference(out, reference, after_step: int) -> None:
         assert got[step] == pytest.approx(reference[step], abs=1e-5), (step, got, reference)
 
 
-def test_a_dead_rank_stops_the_other_with_a_clear_error_and_kill_9_resumes(setup):
+def test_a_dead_rank_stops_the_other_with_a_clear_error_and_kill_9_resumes(setup, background):
     root, common, reference = setup
     out = root / "ddp"
     port = free_port()
-    nodes = [start(["-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
+    nodes = [background(["-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
                     "--master_addr", "127.0.0.1", "--master_port", str(port), "recipes/pretrain.py", *common,
                     "--use_cpu", "true", "--per_device_train_batch_size", "4", "--save_steps", "2",
-                    "--save_total_limit", "3", "--output_dir", str(out)]) for rank in (0, 1)]
-    (node0, out0, err0), (node1, _, _) = nodes
-    wait_for_losses(out0, 5, node0)
+                    "--save_total_limit", "3", "--output_dir", str(out)], new_session=True) for rank in (0, 1)]
+    node0, node1 = nodes
+    wait_for_losses(node0, 5)
     import psutil
 
     workers = psutil.Process(node1.pid).children(recursive=True)  # torchrun starts workers in their own session
@@ -89,10 +74,9 @@ def test_a_dead_rank_stops_the_other_with_a_clear_error_and_kill_9_resumes(setup
     killed_at = time.time()
     code = node0.wait(timeout=120)  # bounded: no hang on a collective
     elapsed = time.time() - killed_at
-    time.sleep(0.5)
     assert code != 0 and elapsed < 120
     assert not (out / "model.safetensors").exists()  # it really was interrupted
-    assert any("lost contact with another rank" in line for line in err0), "".join(err0)[-3000:]
+    assert any("lost contact with another rank" in line for line in node0.err), node0.stderr()[-3000:]
 
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -105,18 +89,17 @@ def test_a_dead_rank_stops_the_other_with_a_clear_error_and_kill_9_resumes(setup
     assert_resumed_like_reference(out, reference, int(last.rsplit("-", 1)[1]))
 
 
-def test_sigterm_under_fsdp2_saves_a_sharded_checkpoint_and_resumes(setup):
+def test_sigterm_under_fsdp2_saves_a_sharded_checkpoint_and_resumes(setup, background):
     root, common, reference = setup
     out = root / "fsdp"
     launch = ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / "fsdp_cpu.yaml"),
               "--main_process_port", str(free_port()), "recipes/pretrain.py", *common, "--use_cpu", "true",
               "--per_device_train_batch_size", "4", "--save_steps", "1000", "--output_dir", str(out)]
-    proc, lines, err = start(launch)
-    wait_for_losses(lines, 4, proc)
-    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler does: launcher and workers all get it
-    proc.wait(timeout=120)
-    time.sleep(0.5)
-    assert any("--resume_from_checkpoint auto" in line for line in lines), "".join(lines)[-2000:] + "".join(err)[-2000:]
+    run = background(launch, new_session=True)
+    wait_for_losses(run, 4)
+    os.killpg(run.pid, signal.SIGTERM)  # as a scheduler does: launcher and workers all get it
+    run.wait(timeout=120)
+    assert any("--resume_from_checkpoint auto" in line for line in run.out), run.stdout()[-2000:] + run.stderr()[-2000:]
     checkpoints = sorted(out.glob("checkpoint-*"))
     assert len(checkpoints) == 1 and list(checkpoints[0].rglob("*.distcp")), "no sharded checkpoint"
     stopped = int(checkpoints[0].name.split("-")[1])
