@@ -34,7 +34,7 @@ def test_doc_sections_are_replaced_not_duplicated(tmp_path):
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n") and text.count("# Benchmarks") == 1  # the header once, above the sections
     assert text.count("<!-- BEGIN x -->") == 1 and text.index("BEGIN x") < text.index("BEGIN y")
-    assert "python benchmarks/x.py --quick" in text and "load average at start" in text
+    assert "\n    benchmarks/x.py --quick\n" in text and "load average at start" in text  # the command, as given
     assert harness.parse_table(text) == [{"a": "3", "b": "4"}]
 
 
