@@ -109,7 +109,7 @@ def main() -> None:
     if training_args.learning_rate is None:  # by width: 3e-3 suits gpt2-micro, GPT-2 124M wants 6e-4
         training_args.learning_rate = presets.default_learning_rate(config.n_embd)
     if resume_from:
-        check_resume_compatible(resume_from, config)
+        check_resume_compatible(resume_from, config, training_args)  # same model shape, same global batch
 
     # 5. Model: weights from the checkpoint, or GPT-2 initialisation from the seed.
     if model_args.model_name_or_path:
@@ -161,13 +161,8 @@ def main() -> None:
     #    SIGINT/SIGTERM saves a checkpoint at the end of the current step and stops.
     stop = GracefulStopCallback(trainer.accelerator)
     trainer.add_callback(stop)
-    try:
+    with distributed.peer_failures_as_user_errors(trainer):  # a dead or hung rank: one line, not a traceback
         trainer.train(resume_from_checkpoint=resume_from)
-    except Exception as err:
-        if training_args.world_size > 1 and distributed.is_peer_failure(err):  # one line instead of a collective's traceback
-            raise UserError(f"lost contact with another rank at step {trainer.state.global_step} ({str(err).splitlines()[0][:160]}); "
-                            "check the other ranks' logs, then rerun the same command with --resume_from_checkpoint auto") from None
-        raise
     stop.exit_if_stopped(training_args)
 
     # 9. Evaluate, save a from_pretrained-ready folder, show a sample.

@@ -183,6 +183,13 @@ def run_recipe_in_process(recipe: str, argv: list[str], capsys) -> tuple[int, st
     old = sys.argv
     sys.argv = [f"recipes/{recipe}.py", *argv]
     capsys.readouterr()  # what earlier steps of the test printed is not this run's
+    import logging
+
+    for handler in logging.getLogger("transformers").handlers:  # made during an earlier test, bound to its stderr
+        if type(handler) is logging.StreamHandler:
+            handler.stream = sys.stderr  # (setStream would flush the closed one first)
+            if "flush" in vars(handler):  # transformers binds the handler's flush to the sys.stderr of that moment
+                handler.flush = sys.stderr.flush
     try:
         runpy.run_path(str(REPO / "recipes" / f"{recipe}.py"), run_name="__main__")
         code = 0

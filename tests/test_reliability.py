@@ -121,6 +121,160 @@ def test_checkpoints_appear_only_when_complete_and_a_full_disk_is_a_clear_error(
     assert not (tmp_path / "checkpoint-2").exists()  # the failed one never appears under its real name
 
 
+def test_auto_resume_skips_a_broken_newest_checkpoint_and_an_explicit_one_is_refused(tmp_path, capsys):
+    """What --resume_from_checkpoint takes: checkpoint-N folders whose files are whole. The newest can be broken
+    (a copy that stopped half way, a disk error): `auto` falls back to the newest complete one, saying so."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+
+    from toolkit.errors import UserError
+    from toolkit.run_dir import checkpoint_problem, prepare_output_dir
+    from toolkit.trainer import PretrainTrainer
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=32))
+    data = [{"input_ids": torch.randint(0, 64, (16,)), "labels": torch.randint(0, 64, (16,))} for _ in range(8)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, save_steps=1, per_device_train_batch_size=4,
+                             report_to="none", use_cpu=True, disable_tqdm=True)
+    PretrainTrainer(model=model, args=args, train_dataset=data, flops_per_token=1.0, peak_flops=None,
+                    tokens_per_step=64).train()
+    first, second, third = (tmp_path / f"checkpoint-{n}" for n in (1, 2, 3))
+    assert [checkpoint_problem(str(c)) for c in (first, second, third)] == [None, None, None]
+
+    def truncate(path, keep: float = 0.5):
+        path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
+
+    truncate(third / "model.safetensors")
+    truncate(second / "optimizer.pt", 0.9)
+    assert "model.safetensors is truncated" in checkpoint_problem(str(third))
+    assert "optimizer.pt is truncated" in checkpoint_problem(str(second))
+    capsys.readouterr()
+    assert prepare_output_dir(str(tmp_path), False, "auto") == str(first)
+    warning, *more = capsys.readouterr().err.strip().splitlines()
+    assert not more and warning.startswith("warning: ")
+    assert "skipping incomplete checkpoint(s) (checkpoint-3: model.safetensors is truncated" in warning
+    assert "checkpoint-2: optimizer.pt is truncated" in warning and warning.endswith("resuming from checkpoint-1 instead")
+    with pytest.raises(UserError, match=r"'.*checkpoint-3' is not a complete checkpoint \(model.safetensors is truncated"):
+        prepare_output_dir(str(tmp_path / "elsewhere"), False, str(third))
+    (first / "trainer_state.json").write_text('{"global_step": ')  # cut mid-write
+    assert checkpoint_problem(str(first)) == "trainer_state.json is not valid JSON"
+    with pytest.raises(UserError, match="no complete checkpoint in .*checkpoint-3: model.safetensors is truncated"):
+        prepare_output_dir(str(tmp_path), False, "auto")  # starting again silently would lose the run
+
+
+def test_a_resume_with_another_global_batch_is_refused_by_name(tmp_path):
+    """A checkpoint records how its run split the global batch; resuming with another global batch is refused
+    (the data position and the schedule would be off), another split of the same one is allowed."""
+    from transformers import TrainingArguments
+
+    from toolkit.args.pretrain import PretrainArguments
+    from toolkit.distributed import BATCH_RECORD
+    from toolkit.errors import UserError
+    from toolkit.run_dir import check_resume_batch
+
+    saved = {"per_device_train_batch_size": 4, "world_size": 2, "gradient_accumulation_steps": 1, "global_batch_size": 8}
+    (tmp_path / "trainer_state.json").write_text(json.dumps(
+        {"global_step": 6, "stateful_callbacks": {BATCH_RECORD: {"args": {}, "attributes": {"batch": saved}}}}))
+    one_process = dict(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none")
+    check_resume_batch(str(tmp_path), PretrainArguments(**one_process, per_device_train_batch_size=4,
+                                                        gradient_accumulation_steps=2))
+    with pytest.raises(UserError) as err:
+        check_resume_batch(str(tmp_path), PretrainArguments(**one_process, per_device_train_batch_size=4))
+    assert str(err.value) == (f"checkpoint '{tmp_path}' was trained with a global batch of 8 sequences (4 per device x 2 "
+                              "process(es) x 1 accumulation step(s)) but this run has 4 (4 per device x 1 process(es) x "
+                              "1 accumulation step(s)), which would change the data order and the schedule; resume with "
+                              "--global_batch_size 8")
+    with pytest.raises(UserError, match="resume with --per_device_train_batch_size and --gradient_accumulation_steps "
+                                        "that make 8 with 1 process"):
+        check_resume_batch(str(tmp_path), TrainingArguments(**one_process, per_device_train_batch_size=2))
+
+
+@pytest.mark.slow
+def test_sigterm_during_evaluation_and_during_a_save_then_a_broken_checkpoint(common, capsys, monkeypatch):
+    """In one chain of runs of recipes/pretrain.py (each continuing the last, as a user would): SIGTERM while it
+    evaluates, SIGTERM while it writes a checkpoint, then the newest checkpoint broken. Each signal lets the work in
+    hand finish, saves at the end of the next step and exits 143; `auto` skips the broken checkpoint, saying so; the
+    losses of the whole chain are those of the uninterrupted run. Also: the tensorboard logs the README promises
+    (output_dir/runs, the logged losses), and --gradient_checkpointing gives the same losses."""
+    import transformers
+    from transformers import Trainer
+
+    root, args, reference = common
+    out = root / "eval-and-save"
+    run = [*args, "--output_dir", str(out), "--eval_strategy", "steps", "--eval_steps", "10", "--save_steps", "10",
+           "--cpu_keep_freed_memory", "false"]
+    signalled = []
+
+    def sigterm_once(step: int):
+        if not signalled:
+            signalled.append(step)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    real_predict, real_save = Trainer.prediction_step, Trainer._save_optimizer_and_scheduler
+
+    def predict(self, *a, **k):
+        sigterm_once(self.state.global_step)  # in the middle of the first evaluation
+        return real_predict(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "prediction_step", predict)
+    code, err = run_recipe_in_process("pretrain", [*run, "--report_to", "tensorboard"], capsys)
+    assert code == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    assert signalled == [10] and (out / "checkpoint-10").is_dir()  # the evaluation and its step's save finished
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-11"]  # stopped after 11
+    events = sorted(out.glob("runs/*/events.out.tfevents.*"))
+    assert len(events) == 1, events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(events[0]))
+    board.Reload()
+    logged = {e.step: e.value for e in board.Scalars("train/loss")}
+    assert sorted(logged) == list(range(1, 12)) and "eval/loss" in board.Tags()["scalars"]
+    for step, loss in losses(out / "checkpoint-11").items():
+        assert logged[step] == pytest.approx(loss, rel=1e-6)
+
+    monkeypatch.setattr(Trainer, "prediction_step", real_predict)
+    signalled.clear()
+
+    def save(self, output_dir):
+        if self.state.global_step == 20:
+            sigterm_once(20)  # the weights of checkpoint-20 are written, its optimizer state not yet
+        return real_save(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", save)
+    code, err = run_recipe_in_process("pretrain", [*run, "--resume_from_checkpoint", "auto"], capsys)
+    assert code == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    assert signalled == [20] and sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-21"]
+    from toolkit.run_dir import checkpoint_problem
+
+    assert checkpoint_problem(str(out / "checkpoint-20")) is None  # the interrupted save completed
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", real_save)
+
+    newest = out / "checkpoint-21" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])  # a copy that stopped half way
+    code, err = run_recipe_in_process("pretrain", [*run, "--resume_from_checkpoint", "auto"], capsys)
+    assert code == 0, err[-3000:]
+    assert "warning: skipping incomplete checkpoint(s) (checkpoint-21: model.safetensors is truncated" in err
+    chain = losses(out)
+    assert sorted(chain) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert chain[step] == pytest.approx(reference[step], abs=1e-5), step
+
+    checkpointed = []
+    real_checkpoint = transformers.modeling_utils.checkpoint
+
+    def counting_checkpoint(*a, **k):
+        checkpointed.append(1)
+        return real_checkpoint(*a, **k)
+
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counting_checkpoint)
+    again = root / "gradient-checkpointing"
+    code, err = run_recipe_in_process("pretrain", [*run, "--output_dir", str(again), "--gradient_checkpointing", "true",
+                                                   "--resume_from_checkpoint", str(out / "checkpoint-70")], capsys)
+    assert code == 0 and checkpointed, err[-3000:]  # activations really were recomputed
+    recomputed = losses(again)
+    for step in range(71, STEPS + 1):
+        assert recomputed[step] == pytest.approx(reference[step], abs=1e-5), step
+
+
 # ---------- bad input: one line, exit 2, no traceback ----------
 
 @pytest.fixture(scope="module")
