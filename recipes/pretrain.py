@@ -118,6 +118,7 @@ def main() -> None:
                                       trust_remote_code=model_args.trust_remote_code)
     else:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=model_args.attn_implementation)
+    model.config.pad_token_id = tokenizer.pad_token_id  # as the Trainer would align it, with a warning on every run
     model.generation_config.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                    bos_token_id=tokenizer.eos_token_id)
     n_params = model.num_parameters()

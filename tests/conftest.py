@@ -200,12 +200,13 @@ def run_recipe_in_process(recipe: str, argv: list[str], capsys) -> tuple[int, st
     return code, capsys.readouterr().err
 
 
-PROGRESS_BAR = re.compile(r"\| ?\d+/\d+ \[|\d+ examples \[|\[\d\d:\d\d<?")  # tqdm: "12/40 [00:01<..", "0 examples [00:00"
+PROGRESS_BAR = re.compile(r"^(?:[^\[]*\[\d+:\d\d[^\]]*\])+")  # tqdm: "12%|#  | 5/40 [00:15<00:01, 28.22it/s]"
 
 
 def one_error_line(stderr: str) -> str:
     """The whole stderr of a refused run must be one `error: ...` line; return it. Progress bars are not messages
-    (datasets draws one while it reads a file, before the file is found unreadable), so they are left out."""
-    lines = [line for line in stderr.strip().splitlines() if line.strip() and not PROGRESS_BAR.search(line)]
+    (the Trainer's, and the one datasets draws while it reads a file), so they are left out: tqdm redraws with
+    carriage returns and leaves the cursor after the bar, where the error line then starts."""
+    lines = [text for part in re.split(r"[\r\n]", stderr) if (text := PROGRESS_BAR.sub("", part).strip())]
     assert len(lines) == 1 and lines[0].startswith("error"), f"expected one error line, got:\n{stderr[-3000:]}"
     return lines[0]

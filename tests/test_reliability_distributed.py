@@ -1,5 +1,7 @@
 """Interrupted and failing runs at 2 real processes: a dead rank stops the others with a clear error in
-bounded time; kill -9 (DDP) and SIGTERM (FSDP2) leave a checkpoint that resumes with the one-process losses."""
+bounded time, and so does a hung one (within --ddp_timeout); kill -9 (DDP) and SIGTERM (FSDP2) leave a checkpoint
+that resumes with the one-process losses, on 2 processes or on 1 with the same global batch (another global batch
+is refused)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import REPO, run_script
+from conftest import REPO, one_error_line, run_recipe_in_process, run_script
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 STEPS = 40  # long enough that the interruption after step 4-5 lands before the end on a fast machine
@@ -55,7 +57,7 @@ def assert_resumed_like_reference(out, reference, after_step: int) -> None:
         assert got[step] == pytest.approx(reference[step], abs=1e-5), (step, got, reference)
 
 
-def test_a_dead_rank_stops_the_other_with_a_clear_error_and_kill_9_resumes(setup, background):
+def test_a_dead_rank_stops_the_other_with_a_clear_error_and_kill_9_resumes(setup, background, capsys):
     root, common, reference = setup
     out = root / "ddp"
     port = free_port()
@@ -87,6 +89,48 @@ def test_a_dead_rank_stops_the_other_with_a_clear_error_and_kill_9_resumes(setup
                          "--save_steps", "2", "--output_dir", str(out), "--resume_from_checkpoint", "auto"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert_resumed_like_reference(out, reference, int(last.rsplit("-", 1)[1]))
+
+    # The same 2-process checkpoint resumed by 1 process: with the same global batch (4 x 2 accumulation steps) it
+    # goes on exactly as the 2 processes did; with another (4) it is refused before any step, naming the fix.
+    checkpoint = out / f"checkpoint-{STEPS - 4}"
+    one = ["--per_device_train_batch_size", "4", "--save_strategy", "no", "--resume_from_checkpoint", str(checkpoint),
+           "--cpu_keep_freed_memory", "false"]
+    code, err = run_recipe_in_process("pretrain", [*common, *one, "--output_dir", str(root / "one-refused")], capsys)
+    assert code == 2, err[-3000:]
+    assert "global batch of 8 sequences (4 per device x 2 process(es)" in one_error_line(err)
+    assert one_error_line(err).endswith("resume with --global_batch_size 8")
+    code, err = run_recipe_in_process("pretrain", [*common, *one, "--global_batch_size", "8",
+                                                   "--output_dir", str(root / "one-process")], capsys)
+    assert code == 0, err[-3000:]
+    assert_resumed_like_reference(root / "one-process", reference, STEPS - 4)
+
+
+def test_a_hung_rank_is_detected_within_ddp_timeout_and_every_rank_exits_with_one_line(setup, background):
+    """Rank 1 stops answering (SIGSTOP: alive, sockets open, so nothing fails at once): rank 0 gives up after
+    --ddp_timeout in its next collective and exits with one line; rank 1, once it runs again, finds its peer gone
+    and does the same. The ranks are started as torchrun starts them (RANK, WORLD_SIZE, ... in the environment), so
+    each one's whole stderr is its own."""
+    root, common, _ = setup
+    timeout = 20
+    env = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "OMP_NUM_THREADS": "1"}
+    ranks = [background(["recipes/pretrain.py", *common, "--per_device_train_batch_size", "4", "--save_strategy", "no",
+                         "--ddp_timeout", str(timeout), "--output_dir", str(root / "hang")],
+                        env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}) for rank in (0, 1)]
+    wait_for_losses(ranks[0], 3)
+    os.kill(ranks[1].pid, signal.SIGSTOP)
+    stopped_at = time.time()
+    try:
+        code = ranks[0].wait(timeout=timeout + 90)  # before the fix: torch's 30-minute gloo default
+    finally:
+        os.kill(ranks[1].pid, signal.SIGCONT)
+    elapsed = time.time() - stopped_at
+    line = one_error_line(ranks[0].stderr())
+    assert code == 2 and elapsed < timeout + 60, (code, elapsed, ranks[0].stderr()[-3000:])
+    assert line.startswith("error: lost contact with another rank at step ") and "--resume_from_checkpoint auto" in line
+    assert f"no answer within --ddp_timeout ({timeout} s)" in line
+    assert ranks[1].wait(timeout=90) == 2
+    assert one_error_line(ranks[1].stderr()).startswith("error (rank 1): lost contact with another rank at step ")
 
 
 def test_sigterm_under_fsdp2_saves_a_sharded_checkpoint_and_resumes(setup, background):

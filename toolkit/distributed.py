@@ -399,11 +399,15 @@ def peer_failures_as_user_errors(trainer):
     try:
         yield
     except Exception as err:
-        if trainer.args.world_size > 1 and is_peer_failure(err):
-            raise UserError(f"lost contact with another rank at step {trainer.state.global_step} "
-                            f"({str(err).strip().splitlines()[0][:160]}); check the other ranks' logs, then rerun the "
-                            "same command with --resume_from_checkpoint auto") from None
-        raise
+        if not (trainer.args.world_size > 1 and is_peer_failure(err)):
+            raise
+        import re
+
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = re.sub(r"^\[[^\]]*\]\s*", "", text)[:160]  # gloo starts with its own source location
+        hung = f": no answer within --ddp_timeout ({trainer.args.ddp_timeout} s)" if "timed out" in text.lower() else ""
+        raise UserError(f"lost contact with another rank at step {trainer.state.global_step}{hung} ({text}); check the "
+                        "other ranks' logs, then rerun the same command with --resume_from_checkpoint auto") from None
 
 
 # --------------------------------------------------------------------------------------------------------------
