@@ -293,6 +293,66 @@ def test_chat_messages_get_a_template_whose_eos_ends_every_reply(tmp_path, tiny_
     assert trainer.model.generation_config.eos_token_id == eos  # generation stops at that EOS
 
 
+def test_json_parquet_and_csv_files_read_like_jsonl(tmp_path):
+    """The same prompt/completion rows as .jsonl, a .json array, .parquet and .csv: the same examples, format and
+    seeded hold-out, whatever the file type."""
+    import datasets
+
+    from toolkit.sft_data import load_sft_datasets
+
+    rows = [{"prompt": f"Question {i}: what is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(20)]
+    _jsonl(tmp_path / "pc.jsonl", rows)
+    (tmp_path / "pc.json").write_text(json.dumps(rows))  # one JSON array, not JSON lines
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "pc.parquet"))
+    datasets.Dataset.from_list(rows).to_csv(str(tmp_path / "pc.csv"), index=False)
+    splits = {}
+    for ext in ("jsonl", "json", "parquet", "csv"):
+        train, evaluation, fmt = load_sft_datasets(DataArguments(train_file=str(tmp_path / f"pc.{ext}")), seed=0)
+        assert fmt == "prompt-completion", ext
+        splits[ext] = (list(train), list(evaluation))
+        assert sorted(r["prompt"] for r in splits[ext][0] + splits[ext][1]) == sorted(r["prompt"] for r in rows)
+    assert splits["json"] == splits["parquet"] == splits["csv"] == splits["jsonl"]
+
+
+def test_sharegpt_conversations_train_exactly_like_messages(tmp_path, tiny_model_dir):
+    """ShareGPT rows ("conversations" of from: human / gpt, value) are the same chat as role/content "messages":
+    the same tokens, the same loss mask (assistant replies and their EOS only) and the same sample prompt."""
+    from toolkit.sft_data import sample_prompt
+
+    chats = [[(f"Say {i}.", f"{i}!"), ("Again.", f"{i} again!")] for i in range(20)]
+    messages = [{"messages": [m for q, a in chat for m in ({"role": "user", "content": q},
+                                                            {"role": "assistant", "content": a})]} for chat in chats]
+    sharegpt = [{"conversations": [t for q, a in chat for t in ({"from": "human", "value": q},
+                                                               {"from": "gpt", "value": a})]} for chat in chats]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    want, tok, _ = _sft_trainer(tiny_model_dir, _jsonl(tmp_path / "a" / "chat.jsonl", messages), assistant_only_loss=True)
+    got, _, fmt = _sft_trainer(tiny_model_dir, _jsonl(tmp_path / "b" / "chat.jsonl", sharegpt), assistant_only_loss=True)
+    assert fmt == "messages" and len(got.train_dataset) == len(want.train_dataset)
+    for a, b in zip(want.train_dataset, got.train_dataset):
+        assert (b["input_ids"], b["labels"]) == (a["input_ids"], a["labels"])
+        assert b["input_ids"].count(tok.eos_token_id) == 2  # each reply ends with EOS
+    assert sample_prompt(sharegpt[0], "messages", tok) == sample_prompt(messages[0], "messages", tok)
+
+
+def test_dataset_name_as_a_local_folder_offline(tmp_path, tiny_model_dir, capsys):
+    """`--dataset_name ./folder` (train/test files, read by datasets.load_dataset without a network): its test split
+    is the eval set; here ShareGPT chats, end to end through the recipe."""
+    folder = tmp_path / "chats"
+    folder.mkdir()
+    chat = [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Blue."}]
+    _jsonl(folder / "train.jsonl", [{"conversations": chat}] * 24)
+    _jsonl(folder / "test.jsonl", [{"conversations": chat}] * 6)
+    out = tmp_path / "out"
+    metrics = run_recipe("lora", ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(folder),
+                                  "--output_dir", str(out), "--assistant_only_loss", "true", "--max_steps", "2",
+                                  "--per_device_train_batch_size", "4", "--lora_r", "2", "--sample_max_new_tokens", "2"])
+    printed = capsys.readouterr().out
+    assert "data: 24 train / 6 eval examples, format messages" in printed
+    assert "sample: 'User: Name a colour.\\nAssistant:'" in printed
+    assert metrics["train_steps"] == 2 and (out / "adapter_model.safetensors").is_file()
+
+
 # --------------------------------------------------------------------------------------------- errors
 
 
