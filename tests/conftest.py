@@ -79,6 +79,15 @@ def small_text_file(tmp_path_factory) -> Path:
     return path
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a launcher's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def script_env(env: dict | None = None) -> dict:
     """The environment of a recipe run by a test: this one (offline, no Hub token), unbuffered, plus `env`."""
     full_env = dict(os.environ)

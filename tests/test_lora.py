@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, one_error_line
+from conftest import REPO, free_port, one_error_line, run_script
 from toolkit.args.finetune import DataArguments, FinetuneConfig, LoraArguments, QuantizationArguments
 
 FAST_TRAIN = ["--max_steps", "8", "--learning_rate", "1e-2", "--per_device_train_batch_size", "8",
@@ -351,6 +351,49 @@ def test_dataset_name_as_a_local_folder_offline(tmp_path, tiny_model_dir, capsys
     assert "data: 24 train / 6 eval examples, format messages" in printed
     assert "sample: 'User: Name a colour.\\nAssistant:'" in printed
     assert metrics["train_steps"] == 2 and (out / "adapter_model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------- DDP and resume
+
+
+def _checkpoint_losses(checkpoint) -> dict[int, float]:
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_lora_and_qlora_under_ddp_on_two_cpu_ranks_then_resume(tmp_path, tiny_model_dir, small_text_file, capsys):
+    """LoRA with `accelerate launch --config_file accelerate_configs/ddp_cpu.yaml`, QLoRA with `torchrun`, 2 CPU
+    ranks each, checkpoints every 2 steps; each resumed from its step-2 checkpoint by one process with the same
+    global batch (4 x 2 accumulation steps = 2 ranks x 4) goes on with the 2-rank run's losses."""
+    common = ["--model_name_or_path", str(tiny_model_dir), "--train_file", str(small_text_file), "--max_steps", "4",
+              "--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "1e-2", "--max_length", "64",
+              "--max_eval_samples", "8", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.0",
+              "--logging_steps", "1", "--sample_max_new_tokens", "2", "--seed", "0", "--report_to", "none"]
+    launchers = {
+        "lora": ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / "ddp_cpu.yaml"),
+                 "--main_process_port", str(free_port()), "recipes/lora.py"],
+        "qlora": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                  "recipes/qlora.py"],
+    }
+    for recipe, launcher in launchers.items():
+        ddp = tmp_path / f"{recipe}-ddp"
+        result = run_script([*launcher, *common, "--use_cpu", "true", "--per_device_train_batch_size", "4",
+                             "--output_dir", str(ddp)], timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "distributed setup: MULTI_CPU, world size 2, backend gloo" in result.stdout, result.stdout[-2000:]
+        assert (ddp / "adapter_model.safetensors").is_file() and (ddp / "checkpoint-2" / "rng_state_1.pth").is_file()
+        resumed = tmp_path / f"{recipe}-resumed"
+        metrics = run_recipe(recipe, [*common, "--per_device_train_batch_size", "4", "--gradient_accumulation_steps",
+                                      "2", "--output_dir", str(resumed), "--resume_from_checkpoint",
+                                      str(ddp / "checkpoint-2")])
+        assert metrics["train_steps"] == 4
+        want, got = _checkpoint_losses(ddp / "checkpoint-4"), _checkpoint_losses(resumed / "checkpoint-4")
+        for step in (3, 4):
+            assert got[step] == pytest.approx(want[step], abs=1e-5), (recipe, step, got, want)
+    printed = capsys.readouterr().out
+    assert "note: resuming a 2-process checkpoint on 1 process(es) with the same global batch of 8" in printed
 
 
 # --------------------------------------------------------------------------------------------- errors

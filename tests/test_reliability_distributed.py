@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import time
 
 import pytest
 
-from conftest import REPO, one_error_line, run_recipe_in_process, run_script
+from conftest import REPO, free_port, one_error_line, run_recipe_in_process, run_script
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 STEPS = 40  # long enough that the interruption after step 4-5 lands before the end on a fast machine
@@ -22,12 +21,6 @@ STEPS = 40  # long enough that the interruption after step 4-5 lands before the 
 def losses(output_dir) -> dict[int, float]:
     state = json.loads((output_dir / "trainer_state.json").read_text())
     return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_losses(run, n: int, timeout: float = 240) -> None:

@@ -115,10 +115,29 @@ def perplexity(loss: float) -> float:
 def evaluate(trainer, label: str) -> dict:
     """Held-out loss and perplexity."""
     metrics = trainer.evaluate()
+    keep_ddp_for_training(trainer)
     loss = float(metrics["eval_loss"])
     out = {f"eval_loss_{label}": loss, f"eval_perplexity_{label}": perplexity(loss)}
     print(f"eval {label}: loss {loss:.4f}  perplexity {perplexity(loss):.2f}")
     return out
+
+
+def keep_ddp_for_training(trainer) -> None:
+    """After an evaluation before `train()`, let `train()` wrap the model in DDP again.
+
+    `Trainer.evaluate()` outside training runs accelerate's `prepare_model(model, evaluation_mode=True)`, which
+    marks the model `_is_accelerate_prepared` (accelerate/accelerator.py, end of prepare_model); `train()` then
+    takes the model as prepared and never wraps it in DistributedDataParallel. Under several processes every rank
+    trained its own adapter on its own shard, gradients never averaged, and rank 0's adapter was saved (measured:
+    rank 0's step-1 gradient norm equal to a one-process run on its 4 rows alone). Forgetting the mark restores
+    the normal DDP training; FSDP and DeepSpeed prepare fully in evaluate() and are left alone.
+    """
+    model = trainer.model
+    if (trainer.args.world_size == 1 or trainer.is_in_train or trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+            or not getattr(model, "_is_accelerate_prepared", False)):
+        return
+    model._is_accelerate_prepared = False
+    trainer.accelerator._models = [m for m in trainer.accelerator._models if m is not model]
 
 
 def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int) -> dict:
