@@ -126,7 +126,7 @@ def test_a_hung_rank_is_detected_within_ddp_timeout_and_every_rank_exits_with_on
     assert one_error_line(ranks[1].stderr()).startswith("error (rank 1): lost contact with another rank at step ")
 
 
-def test_sigterm_under_fsdp2_saves_a_sharded_checkpoint_and_resumes(setup, background):
+def test_sigterm_under_fsdp2_saves_a_sharded_checkpoint_and_resumes(setup, background, capsys):
     root, common, reference = setup
     out = root / "fsdp"
     launch = ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / "fsdp_cpu.yaml"),
@@ -141,6 +141,11 @@ def test_sigterm_under_fsdp2_saves_a_sharded_checkpoint_and_resumes(setup, backg
     assert len(checkpoints) == 1 and list(checkpoints[0].rglob("*.distcp")), "no sharded checkpoint"
     stopped = int(checkpoints[0].name.split("-")[1])
     assert stopped < STEPS
+    # FSDP shards are resumed under FSDP; a plain run would fail deep in the Trainer: refused in one line first
+    code, err = run_recipe_in_process("pretrain", [*common, "--per_device_train_batch_size", "8", "--resume_from_checkpoint",
+                                                   str(checkpoints[0]), "--output_dir", str(root / "fsdp-without-fsdp"),
+                                                   "--cpu_keep_freed_memory", "false"], capsys)
+    assert code == 2 and "holds FSDP shards; resume it under FSDP" in one_error_line(err), err[-3000:]
     result = run_script([*launch[:4], "--main_process_port", str(free_port()), *launch[6:], "--resume_from_checkpoint", "auto"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert_resumed_like_reference(out, reference, stopped)

@@ -184,8 +184,11 @@ def check_resume_batch(checkpoint: str, training_args) -> None:
     `toolkit.distributed.DistributedSetupCallback` recorded in trainer_state.json; older checkpoints have no record
     and are not checked.
     """
-    from toolkit.distributed import BATCH_RECORD, batch_geometry
+    from toolkit.distributed import BATCH_RECORD, batch_geometry, fsdp_requested
 
+    if any(name.startswith("pytorch_model_fsdp") for name in os.listdir(checkpoint)) and not fsdp_requested(training_args):
+        raise UserError(f"checkpoint '{checkpoint}' holds FSDP shards; resume it under FSDP (accelerate launch "
+                        "--config_file accelerate_configs/fsdp.yaml, or fsdp_cpu.yaml without GPUs) with the same global batch")
     try:
         with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
             record = json.load(f).get("stateful_callbacks", {}).get(BATCH_RECORD, {})
