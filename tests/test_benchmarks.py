@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import sys
 
 import pytest
-
 from conftest import REPO, needs_shared
 
 sys.path.insert(0, str(REPO / "benchmarks"))

@@ -11,7 +11,6 @@ import pytest
 
 from toolkit.errors import UserError
 
-
 # ---------- config parsing ----------
 
 def _parse(argv):
@@ -135,9 +134,9 @@ def test_trained_bpe_round_trips_and_has_requested_size(tmp_path):
 
 
 def test_bpe_training_is_deterministic():
-    from toolkit.tokenizer import train_bpe_tokenizer
-
     from conftest import embedded_texts
+
+    from toolkit.tokenizer import train_bpe_tokenizer
 
     texts = embedded_texts(30)
     a = train_bpe_tokenizer(texts, 400).backend_tokenizer.to_str()
@@ -313,7 +312,8 @@ def test_keep_freed_memory_stops_refaulting_large_blocks():
     assert out.returncode == 0, out.stderr[-2000:]
     before, note, after = out.stdout.strip().splitlines()
     block_pages = 64 * 2**20 // os.sysconf("SC_PAGE_SIZE")  # 16,384 with 4 KiB pages, 1,024 with 64 KiB (arm64)
-    # glibc's default: the 64 MiB logits and their gradient faulted in afresh, every step (10 steps x 2 blocks, 10% slack)
+    # glibc's default: the 64 MiB logits and their gradient faulted in afresh, every step (10 steps x 2 blocks,
+    # 10% slack)
     assert int(before) > 18 * block_pages, (before, block_pages)
     assert "keeps freed memory" in note
     # reused from the heap; now and then the heap still grows by one block instead of reusing a hole
@@ -334,6 +334,7 @@ def test_default_learning_rate_shrinks_with_width_and_onefile_agrees():
     import importlib.util
 
     from conftest import REPO
+
     from toolkit.presets import PRESETS, default_learning_rate
 
     lrs = {name: default_learning_rate(shape["n_embd"]) for name, shape in PRESETS.items()}

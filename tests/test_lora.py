@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import sys
 
 import pytest
 import torch
-
 from conftest import REPO, free_port, one_error_line, run_script
+
 from toolkit.args.finetune import DataArguments, FinetuneConfig, LoraArguments, QuantizationArguments
 
 FAST_TRAIN = ["--max_steps", "8", "--learning_rate", "1e-2", "--per_device_train_batch_size", "8",
@@ -55,7 +54,7 @@ def _randomize_adapter(model, seed: int = 0):
     """A trained-looking adapter: LoRA B is zero at init (identity), so give A and B random values."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:
                 param.add_(torch.randn(param.shape, generator=gen).to(param.dtype) * 0.05)
 
@@ -326,8 +325,10 @@ def test_sharegpt_conversations_train_exactly_like_messages(tmp_path, tiny_model
                                                                {"from": "gpt", "value": a})]} for chat in chats]
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    want, tok, _ = _sft_trainer(tiny_model_dir, _jsonl(tmp_path / "a" / "chat.jsonl", messages), assistant_only_loss=True)
-    got, _, fmt = _sft_trainer(tiny_model_dir, _jsonl(tmp_path / "b" / "chat.jsonl", sharegpt), assistant_only_loss=True)
+    want, tok, _ = _sft_trainer(tiny_model_dir, _jsonl(tmp_path / "a" / "chat.jsonl", messages),
+                                assistant_only_loss=True)
+    got, _, fmt = _sft_trainer(tiny_model_dir, _jsonl(tmp_path / "b" / "chat.jsonl", sharegpt),
+                               assistant_only_loss=True)
     assert fmt == "messages" and len(got.train_dataset) == len(want.train_dataset)
     for a, b in zip(want.train_dataset, got.train_dataset):
         assert (b["input_ids"], b["labels"]) == (a["input_ids"], a["labels"])
@@ -346,7 +347,8 @@ def test_dataset_name_as_a_local_folder_offline(tmp_path, tiny_model_dir, capsys
     out = tmp_path / "out"
     metrics = run_recipe("lora", ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(folder),
                                   "--output_dir", str(out), "--assistant_only_loss", "true", "--max_steps", "2",
-                                  "--per_device_train_batch_size", "4", "--lora_r", "2", "--sample_max_new_tokens", "2"])
+                                  "--per_device_train_batch_size", "4", "--lora_r", "2",
+                                  "--sample_max_new_tokens", "2"])
     printed = capsys.readouterr().out
     assert "data: 24 train / 6 eval examples, format messages" in printed
     assert "sample: 'User: Name a colour.\\nAssistant:'" in printed
@@ -372,8 +374,8 @@ def test_lora_and_qlora_under_ddp_on_two_cpu_ranks_then_resume(tmp_path, tiny_mo
               "--max_eval_samples", "8", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.0",
               "--logging_steps", "1", "--sample_max_new_tokens", "2", "--seed", "0", "--report_to", "none"]
     launchers = {
-        "lora": ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / "ddp_cpu.yaml"),
-                 "--main_process_port", str(free_port()), "recipes/lora.py"],
+        "lora": ["-m", "accelerate.commands.launch", "--main_process_port", str(free_port()),
+                 "--config_file", str(REPO / "accelerate_configs" / "ddp_cpu.yaml"), "recipes/lora.py"],
         "qlora": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                   "recipes/qlora.py"],
     }

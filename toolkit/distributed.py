@@ -65,9 +65,9 @@ def fsdp_requested(training_args=None) -> bool:
 #   * `AcceleratorState.__init__` switches a run to DistributedType.FSDP and stores `self.fsdp_plugin` only inside
 #     `elif self.distributed_type in [MULTI_GPU, MULTI_MLU, MULTI_SDAA, MULTI_MUSA, MULTI_NPU, MULTI_XPU, MULTI_HPU,
 #     MULTI_NEURON]` (state.py:986-1016). MULTI_CPU is not in that list, so on CPU the FSDP plugin the Accelerator
-#     built from the config (accelerator.py:388-393) is dropped: `distributed_type` stays MULTI_CPU, `state.fsdp_plugin`
-#     is never set, `Accelerator.prepare` wraps the model in DDP (accelerator.py:2058) and the Trainer sees
-#     `is_fsdp_enabled = False` (transformers/trainer.py:875). No warning is printed.
+#     built from the config (accelerator.py:388-393) is dropped: `distributed_type` stays MULTI_CPU,
+#     `state.fsdp_plugin` is never set, `Accelerator.prepare` wraps the model in DDP (accelerator.py:2058) and the
+#     Trainer sees `is_fsdp_enabled = False` (transformers/trainer.py:875). No warning is printed.
 #   * Nothing further down needs a GPU: `Accelerator._prepare_fsdp2` -> `fsdp2_prepare_model`
 #     (accelerate/utils/fsdp_utils.py:751) calls torch's `fully_shard` with `mesh=None`, which builds a CPU
 #     DeviceMesh when CUDA is absent (torch/distributed/fsdp/_fully_shard/_fsdp_init.py:198-211), and gloo
@@ -405,9 +405,11 @@ def peer_failures_as_user_errors(trainer):
 
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         text = re.sub(r"^\[[^\]]*\]\s*", "", text)[:160]  # gloo starts with its own source location
-        hung = f": no answer within --ddp_timeout ({trainer.args.ddp_timeout} s)" if "timed out" in text.lower() else ""
-        raise UserError(f"lost contact with another rank at step {trainer.state.global_step}{hung} ({text}); check the "
-                        "other ranks' logs, then rerun the same command with --resume_from_checkpoint auto") from None
+        hung = (f": no answer within --ddp_timeout ({trainer.args.ddp_timeout} s)" if "timed out" in text.lower()
+                else "")
+        raise UserError(f"lost contact with another rank at step {trainer.state.global_step}{hung} ({text}); "
+                        "check the other ranks' logs, then rerun the same command with --resume_from_checkpoint "
+                        "auto") from None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -465,5 +467,6 @@ def is_peer_failure(err: BaseException) -> bool:
     if isinstance(err, getattr(dist, "DistError", ())):
         return True
     text = str(err)
-    markers = ("Connection closed by peer", "Connection reset", "Broken pipe", "gloo", "NCCL", "timed out", "Timed out")
+    markers = ("Connection closed by peer", "Connection reset", "Broken pipe", "gloo", "NCCL", "timed out",
+               "Timed out")
     return isinstance(err, RuntimeError) and any(marker in text for marker in markers)

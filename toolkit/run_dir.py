@@ -27,10 +27,12 @@ RUN_MARKERS = ("config.json", "adapter_config.json", "trainer_state.json", "mode
 def holds_a_run(output_dir: str) -> bool:
     if not os.path.isdir(output_dir):
         return False
-    return any(os.path.exists(os.path.join(output_dir, m)) for m in RUN_MARKERS) or get_last_checkpoint(output_dir) is not None
+    markers = any(os.path.exists(os.path.join(output_dir, m)) for m in RUN_MARKERS)
+    return markers or get_last_checkpoint(output_dir) is not None
 
 
-def prepare_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint: str | None, is_main_process: bool = True) -> str | None:
+def prepare_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint: str | None,
+                       is_main_process: bool = True) -> str | None:
     """Check the output folder against the user's intent; return the checkpoint to resume from (or None).
 
     - `--resume_from_checkpoint auto`: the newest complete checkpoint in output_dir (skipping broken newer ones,
@@ -42,8 +44,8 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint:
     if resume_from_checkpoint == "auto":
         last = newest_complete_checkpoint(output_dir, warn=is_main_process) if os.path.isdir(output_dir) else None
         if last is None and holds_a_run(output_dir) and not overwrite:
-            raise UserError(f"'{output_dir}' holds a finished run with no checkpoint to resume; pass --overwrite_output_dir "
-                            "to train again from scratch, or choose another --output_dir")
+            raise UserError(f"'{output_dir}' holds a finished run with no checkpoint to resume; pass "
+                            "--overwrite_output_dir to train again from scratch, or choose another --output_dir")
         return last
     if resume_from_checkpoint:
         problem = checkpoint_problem(resume_from_checkpoint)
@@ -53,8 +55,8 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint:
         return resume_from_checkpoint
     if holds_a_run(output_dir):
         if not overwrite:
-            raise UserError(f"output_dir '{output_dir}' already holds a run; pass --overwrite_output_dir to replace it, "
-                            "--resume_from_checkpoint auto to continue it, or choose another --output_dir")
+            raise UserError(f"output_dir '{output_dir}' already holds a run; pass --overwrite_output_dir to replace "
+                            "it, --resume_from_checkpoint auto to continue it, or choose another --output_dir")
         if is_main_process:
             for name in os.listdir(output_dir):
                 if name.startswith("checkpoint-"):
@@ -80,8 +82,8 @@ def newest_complete_checkpoint(output_dir: str, warn: bool = True) -> str | None
         broken.append((steps[step], problem))
     if broken:
         name, why = broken[0]
-        raise UserError(f"no complete checkpoint in '{output_dir}' ({name}: {why}); pass --overwrite_output_dir without "
-                        "--resume_from_checkpoint to start again, or restore the checkpoint files")
+        raise UserError(f"no complete checkpoint in '{output_dir}' ({name}: {why}); pass --overwrite_output_dir "
+                        "without --resume_from_checkpoint to start again, or restore the checkpoint files")
     return None
 
 
@@ -115,7 +117,8 @@ def checkpoint_problem(path: str) -> str | None:
         elif os.path.isdir(full) and any(f.endswith(".distcp") for f in os.listdir(full)):
             files = os.listdir(full)
             empty = [f for f in files if f.endswith(".distcp") and os.path.getsize(os.path.join(full, f)) == 0]
-            problem = "has no .metadata" if ".metadata" not in files else f"has an empty shard {empty[0]}" if empty else None
+            problem = ("has no .metadata" if ".metadata" not in files
+                       else f"has an empty shard {empty[0]}" if empty else None)
         else:
             problem = None
         if problem:
@@ -137,7 +140,9 @@ def _safetensors_problem(path: str) -> str | None:
         return "is not a safetensors file (unreadable header)"
     expected = 8 + header_len + end
     if size != expected:
-        return f"is truncated ({size:,} of {expected:,} bytes)" if size < expected else f"has {size - expected:,} extra bytes"
+        if size < expected:
+            return f"is truncated ({size:,} of {expected:,} bytes)"
+        return f"has {size - expected:,} extra bytes"
     return None
 
 
@@ -152,7 +157,8 @@ def check_writable_dir(path: str, option: str = "--output_dir") -> None:
     if not os.path.isdir(existing):
         raise UserError(f"cannot create {option} '{path}': '{existing}' is a file; choose a folder path")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{option} '{path}' is not writable ('{existing}' is read-only for you); choose another folder")
+        raise UserError(f"{option} '{path}' is not writable ('{existing}' is read-only for you); "
+                        "choose another folder")
 
 
 def check_resume_compatible(checkpoint: str, config, training_args=None) -> None:
@@ -166,7 +172,8 @@ def check_resume_compatible(checkpoint: str, config, training_args=None) -> None
     try:
         saved = json.loads(open(path).read())
     except (OSError, ValueError):
-        raise UserError(f"checkpoint '{checkpoint}' has a corrupt config.json; resume from an earlier checkpoint-N folder") from None
+        raise UserError(f"checkpoint '{checkpoint}' has a corrupt config.json; resume from an earlier checkpoint-N "
+                        "folder") from None
     for key in ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions"):
         if key in saved and saved[key] != getattr(config, key, saved[key]):
             raise UserError(f"checkpoint '{checkpoint}' was trained with {key}={saved[key]} but this run has "
@@ -186,9 +193,11 @@ def check_resume_batch(checkpoint: str, training_args) -> None:
     """
     from toolkit.distributed import BATCH_RECORD, batch_geometry, fsdp_requested
 
-    if any(name.startswith("pytorch_model_fsdp") for name in os.listdir(checkpoint)) and not fsdp_requested(training_args):
+    sharded = any(name.startswith("pytorch_model_fsdp") for name in os.listdir(checkpoint))
+    if sharded and not fsdp_requested(training_args):
         raise UserError(f"checkpoint '{checkpoint}' holds FSDP shards; resume it under FSDP (accelerate launch "
-                        "--config_file accelerate_configs/fsdp.yaml, or fsdp_cpu.yaml without GPUs) with the same global batch")
+                        "--config_file accelerate_configs/fsdp.yaml, or fsdp_cpu.yaml without GPUs) with the same "
+                        "global batch")
     try:
         with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
             record = json.load(f).get("stateful_callbacks", {}).get(BATCH_RECORD, {})
@@ -204,15 +213,17 @@ def check_resume_batch(checkpoint: str, training_args) -> None:
                 f"{g['gradient_accumulation_steps']} accumulation step(s)")
 
     if saved["global_batch_size"] != now["global_batch_size"]:
-        fix = (f"--global_batch_size {saved['global_batch_size']}" if hasattr(training_args, "global_batch_size") else
-               f"--per_device_train_batch_size and --gradient_accumulation_steps that make {saved['global_batch_size']} "
+        want = saved["global_batch_size"]
+        fix = (f"--global_batch_size {want}" if hasattr(training_args, "global_batch_size") else
+               f"--per_device_train_batch_size and --gradient_accumulation_steps that make {want} "
                f"with {now['world_size']} process(es)")
-        raise UserError(f"checkpoint '{checkpoint}' was trained with a global batch of {saved['global_batch_size']} "
-                        f"sequences ({split(saved)}) but this run has {now['global_batch_size']} ({split(now)}), which "
-                        f"would change the data order and the schedule; resume with {fix}")
+        raise UserError(f"checkpoint '{checkpoint}' was trained with a global batch of {want} sequences "
+                        f"({split(saved)}) but this run has {now['global_batch_size']} ({split(now)}), which would "
+                        f"change the data order and the schedule; resume with {fix}")
     if saved["world_size"] != now["world_size"] and training_args.process_index == 0:
-        print(f"note: resuming a {saved['world_size']}-process checkpoint on {now['world_size']} process(es) with the "
-              f"same global batch of {now['global_batch_size']} sequences ({split(now)}): same data order and schedule")
+        print(f"note: resuming a {saved['world_size']}-process checkpoint on {now['world_size']} process(es) with "
+              f"the same global batch of {now['global_batch_size']} sequences ({split(now)}): same data order and "
+              "schedule")
 
 
 def load_pretrained_model(name_or_path: str, **kwargs):
@@ -222,10 +233,12 @@ def load_pretrained_model(name_or_path: str, **kwargs):
     from toolkit.sources import is_local_path
 
     if is_local_path(name_or_path) and not os.path.isdir(name_or_path):
-        raise UserError(f"model folder '{name_or_path}' does not exist; pass a save_pretrained folder or a Hub model name")
+        raise UserError(f"model folder '{name_or_path}' does not exist; pass a save_pretrained folder or a Hub "
+                        "model name")
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    except Exception as err:  # OSError, SafetensorError, size mismatches...: all mean "this is not a usable checkpoint"
-        first = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}" if str(err).strip() else type(err).__name__
+    except Exception as err:  # OSError, SafetensorError, size mismatches...: all mean "not a usable checkpoint"
+        text = str(err).strip()
+        first = f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
         raise UserError(f"could not load model '{name_or_path}' ({first}); check that it is a complete "
                         "save_pretrained folder (config.json + model.safetensors) or a reachable Hub name") from None

@@ -16,6 +16,7 @@ ends every assistant turn with EOS. Without it a chat-tuned GPT-2 never learns t
 from __future__ import annotations
 
 import os
+
 from toolkit.errors import UserError
 from toolkit.sources import FILE_BUILDERS
 
