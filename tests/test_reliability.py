@@ -292,10 +292,11 @@ def bad_inputs(tmp_path_factory, tiny_model_dir):
     corrupt.mkdir()
     (corrupt / "config.json").write_text((tiny_model_dir / "config.json").read_text())
     (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
-    other_shape = root / "other-checkpoint"
-    other_shape.mkdir()
+    other_shape = root / "other-checkpoint"  # a complete checkpoint of a 5-layer model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=5, n_head=2, n_embd=64, vocab_size=512, n_positions=256)).save_pretrained(other_shape)
     (other_shape / "trainer_state.json").write_text("{}")
-    (other_shape / "config.json").write_text(json.dumps({"n_layer": 5, "n_head": 2, "n_embd": 64, "vocab_size": 512}))
     from toolkit.tokenizer import train_bpe_tokenizer
 
     train_bpe_tokenizer(embedded_texts(), 1000).save_pretrained(root / "big-tokenizer")
