@@ -161,12 +161,13 @@ class Background:
         return "".join(self.err)
 
     def stop(self) -> None:
-        if self.new_session:
+        if self.new_session:  # the group this run's launcher leads: its workers, even once the launcher is gone
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        kill_tree(self.proc)
+        if self.proc.poll() is None:  # not reaped yet, so the pid is still this run's
+            kill_tree(self.proc)
 
 
 @pytest.fixture
