@@ -113,7 +113,8 @@ def kill_tree(proc: subprocess.Popen) -> None:
     psutil.wait_procs(family, timeout=30)
 
 
-def run_script(args: list[str], timeout: int = 600, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+def run_script(args: list[str], timeout: int = 600, env: dict | None = None,
+               cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run a recipe/command as a real subprocess (fp32 CPU, no network) and return the result. If it outlives
     `timeout`, or the test is stopped (pytest-timeout), the process and its workers are killed."""
     proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=script_env(env), stdout=subprocess.PIPE,

@@ -33,7 +33,8 @@ def wait_for_losses(run, n: int, timeout: float = 240) -> None:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_tokenizer_dir, small_text_file):
     root = tmp_path_factory.mktemp("reliability-distributed")
-    common = ["--preset", "gpt2-nano", "--tokenizer_name", str(tiny_tokenizer_dir), "--train_file", str(small_text_file),
+    common = ["--preset", "gpt2-nano", "--tokenizer_name", str(tiny_tokenizer_dir),
+              "--train_file", str(small_text_file),
               "--data_cache_dir", str(root / "cache"), "--block_size", "32", "--learning_rate", "3e-3",
               "--warmup_steps", "2", "--max_steps", str(STEPS), "--logging_steps", "1", "--eval_strategy", "no",
               "--report_to", "none", "--sample_max_new_tokens", "4", "--seed", "0"]
@@ -149,6 +150,7 @@ def test_sigterm_under_fsdp2_saves_a_sharded_checkpoint_and_resumes(setup, backg
                                                    "--output_dir", str(root / "fsdp-without-fsdp"),
                                                    "--cpu_keep_freed_memory", "false"], capsys)
     assert code == 2 and "holds FSDP shards; resume it under FSDP" in one_error_line(err), err[-3000:]
-    result = run_script([*launch[:4], "--main_process_port", str(free_port()), *launch[6:], "--resume_from_checkpoint", "auto"])
+    result = run_script([*launch[:4], "--main_process_port", str(free_port()), *launch[6:],
+                         "--resume_from_checkpoint", "auto"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert_resumed_like_reference(out, reference, stopped)
