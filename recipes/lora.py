@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None, recipe: str = "lora") -> dict:
 
     # 5. eval before, train, eval after, a sample
     metrics = finetune.evaluate(trainer, "before")
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)  # SIGTERM: save, stop
+    with distributed.peer_failures_as_user_errors(trainer):  # a dead or hung rank: one line, not a traceback
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)  # SIGTERM: save, stop
     trainer.graceful_stop.exit_if_stopped(training_args)
     metrics.update(finetune.evaluate(trainer, "after"), train_loss=result.training_loss,
                    train_runtime_s=result.metrics["train_runtime"], train_steps=result.global_step,

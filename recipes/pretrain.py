@@ -139,7 +139,7 @@ def main() -> None:
     if training_args.learning_rate is None:  # by width: 3e-3 suits gpt2-micro, GPT-2 124M wants 6e-4
         training_args.learning_rate = presets.default_learning_rate(config.n_embd)
     if resume_from:
-        check_resume_compatible(resume_from, config)
+        check_resume_compatible(resume_from, config, training_args)  # same model shape, same global batch
 
     # 5. Model: weights from the checkpoint, or GPT-2 initialisation from the seed.
     if model_args.model_name_or_path:
@@ -148,6 +148,7 @@ def main() -> None:
                                       trust_remote_code=model_args.trust_remote_code)
     else:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=model_args.attn_implementation)
+    model.config.pad_token_id = tokenizer.pad_token_id  # as the Trainer would align it, with a warning on every run
     model.generation_config.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                    bos_token_id=tokenizer.eos_token_id)
     n_params = model.num_parameters()
@@ -198,13 +199,8 @@ def main() -> None:
     #    SIGINT/SIGTERM saves a checkpoint at the end of the current step and stops.
     stop = GracefulStopCallback(trainer.accelerator)
     trainer.add_callback(stop)
-    try:
+    with distributed.peer_failures_as_user_errors(trainer):  # a dead or hung rank: one line, not a traceback
         trainer.train(resume_from_checkpoint=resume_from)
-    except Exception as err:
-        if training_args.world_size > 1 and distributed.is_peer_failure(err):  # one line instead of a collective's traceback
-            raise UserError(f"lost contact with another rank at step {trainer.state.global_step} ({str(err).splitlines()[0][:160]}); "
-                            "check the other ranks' logs, then rerun the same command with --resume_from_checkpoint auto") from None
-        raise
     stop.exit_if_stopped(training_args)
 
     # 9. Evaluate (loss, perplexity, bits per byte, --eval_tasks), save a from_pretrained-ready folder with its model

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
+import runpy
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 # Before anything imports huggingface_hub (it reads these once, at import): no test reaches the real Hub, and a
@@ -75,11 +79,145 @@ def small_text_file(tmp_path_factory) -> Path:
     return path
 
 
-def run_script(args: list[str], timeout: int = 600, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """Run a recipe/command as a real subprocess (fp32 CPU, no network) and return the result."""
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a launcher's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def script_env(env: dict | None = None) -> dict:
+    """The environment of a recipe run by a test: this one (offline, no Hub token), unbuffered, plus `env`."""
     full_env = dict(os.environ)
     full_env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
     full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
+    return full_env
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """Kill a process and everything it started (launchers start workers in sessions of their own)."""
+    import psutil
+
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for p in [*family, proc]:
+        try:
+            p.kill()
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
+    proc.wait(timeout=60)
+    psutil.wait_procs(family, timeout=30)
+
+
+def run_script(args: list[str], timeout: int = 600, env: dict | None = None,
+               cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run a recipe/command as a real subprocess (fp32 CPU, no network) and return the result. If it outlives
+    `timeout`, or the test is stopped (pytest-timeout), the process and its workers are killed."""
+    proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=script_env(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except BaseException:
+        kill_tree(proc)
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+class Background:
+    """A command running in the background; its stdout and stderr lines are collected as they come."""
+
+    def __init__(self, args: list[str], env: dict | None = None, new_session: bool = False):
+        self.proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=script_env(env), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, start_new_session=new_session)
+        self.new_session = new_session
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._readers = [threading.Thread(target=lines.extend, args=(stream,), daemon=True)
+                         for lines, stream in ((self.out, self.proc.stdout), (self.err, self.proc.stderr))]
+        for reader in self._readers:
+            reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self):
+        return self.proc.poll()
+
+    def wait(self, timeout: float) -> int:
+        """The exit code, once the process has ended and all its output has been read."""
+        code = self.proc.wait(timeout=timeout)
+        for reader in self._readers:
+            reader.join(timeout=30)
+        return code
+
+    def stdout(self) -> str:
+        return "".join(self.out)
+
+    def stderr(self) -> str:
+        return "".join(self.err)
+
+    def stop(self) -> None:
+        if self.new_session:  # the group this run's launcher leads: its workers, even once the launcher is gone
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if self.proc.poll() is None:  # not reaped yet, so the pid is still this run's
+            kill_tree(self.proc)
+
+
+@pytest.fixture
+def background():
+    """`start = background; run = start([...])`: commands in the background that are killed, with all they started,
+    when the test ends, passed or failed, so a failing test leaves no training processes behind."""
+    started: list[Background] = []
+
+    def start(args: list[str], env: dict | None = None, new_session: bool = False) -> Background:
+        run = Background(args, env, new_session)
+        started.append(run)
+        return run
+
+    yield start
+    for run in started:
+        if run.poll() is None or run.new_session:
+            run.stop()
+
+
+def run_recipe_in_process(recipe: str, argv: list[str], capsys) -> tuple[int, str]:
+    """Run recipes/<recipe>.py as `python recipes/<recipe>.py ARGV` would, in this process (same code path, no
+    start-up cost); return its exit code and the whole of its stderr."""
+    old = sys.argv
+    sys.argv = [f"recipes/{recipe}.py", *argv]
+    capsys.readouterr()  # what earlier steps of the test printed is not this run's
+    import logging
+
+    for handler in logging.getLogger("transformers").handlers:  # made during an earlier test, bound to its stderr
+        if type(handler) is logging.StreamHandler:
+            handler.stream = sys.stderr  # (setStream would flush the closed one first)
+            if "flush" in vars(handler):  # transformers binds the handler's flush to the sys.stderr of that moment
+                handler.flush = sys.stderr.flush
+    try:
+        runpy.run_path(str(REPO / "recipes" / f"{recipe}.py"), run_name="__main__")
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    finally:
+        sys.argv = old
+    return code, capsys.readouterr().err
+
+
+PROGRESS_BAR = re.compile(r"^(?:[^\[]*\[\d+:\d\d[^\]]*\])+")  # tqdm: "12%|#  | 5/40 [00:15<00:01, 28.22it/s]"
+
+
+def one_error_line(stderr: str) -> str:
+    """The whole stderr of a refused run must be one `error: ...` line; return it. Progress bars are not messages
+    (the Trainer's, and the one datasets draws while it reads a file), so they are left out: tqdm redraws with
+    carriage returns and leaves the cursor after the bar, where the error line then starts."""
+    lines = [text for part in re.split(r"[\r\n]", stderr) if (text := PROGRESS_BAR.sub("", part).strip())]
+    assert len(lines) == 1 and lines[0].startswith("error"), f"expected one error line, got:\n{stderr[-3000:]}"
+    return lines[0]

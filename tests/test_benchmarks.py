@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import sys
 
 import pytest
-
 from conftest import REPO, needs_shared
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -32,9 +30,9 @@ def test_doc_sections_are_replaced_not_duplicated(tmp_path):
     harness.write_section("y", "Y", "body y", command=["benchmarks/y.py"], doc=doc)
     harness.write_section("x", "X", "| a | b |\n|---|---|\n| 3 | 4 |", command=["benchmarks/x.py", "--quick"], doc=doc)
     text = doc.read_text()
-    assert text.startswith("# Benchmarks") and "no GPU was lent" in text
+    assert text.startswith("# Benchmarks\n") and text.count("# Benchmarks") == 1  # the header once, above the sections
     assert text.count("<!-- BEGIN x -->") == 1 and text.index("BEGIN x") < text.index("BEGIN y")
-    assert "python benchmarks/x.py --quick" in text and "load average at start" in text
+    assert "\n    benchmarks/x.py --quick\n" in text and "load average at start" in text  # the command, as given
     assert harness.parse_table(text) == [{"a": "3", "b": "4"}]
 
 
@@ -55,36 +53,38 @@ def test_recipe_overhead_quick(tmp_path, tiny_tokenizer_dir):
     results, rows, doc, data = run_quick("recipe_overhead", tmp_path, "--tokenizer_name", str(tiny_tokenizer_dir), "--allocator")
     assert [(r["shape"], r["recipe"]) for r in rows] == [("tiny", "onefile"), ("tiny", "pretrain"), ("tiny", "onefile_keep_freed"),
                                                           ("tiny", "pretrain_glibc_default")]
-    assert float(rows[0]["ratio vs onefile (median)"]) == 1.0
-    ratio = float(rows[1]["ratio vs onefile (median)"])
     by = {r["recipe"]: r for r in results}
-    assert ratio == pytest.approx(by["pretrain"]["loop_tokens_per_s"] / by["onefile"]["loop_tokens_per_s"], rel=1e-2)
-    # like for like: pretrain.py (keeps freed memory) against onefile told the same through GLIBC_TUNABLES
-    same = by["pretrain"]["loop_tokens_per_s"] / by["onefile_keep_freed"]["loop_tokens_per_s"]
-    assert rows[1]["ratio under the same allocator"] == f"{same:.3f} (vs onefile_keep_freed)"
-    assert by["onefile_keep_freed"]["env"]["GLIBC_TUNABLES"].startswith("glibc.malloc.mmap_max=0")
-    assert "--cpu_keep_freed_memory false" in by["pretrain_glibc_default"]["command"]
-    assert all(100 < float(r["peak RSS MiB"]) < 4000 for r in rows)
+    for r in results:
+        # two independent throughput figures of one run: the harness's wall clock between log lines (evaluation
+        # and logging included, so it is the lower one: a few times lower in these 6-step runs on a busy machine)
+        # and the rate the recipe itself logs (training steps only); a clock or token count off by orders of
+        # magnitude (seconds vs ms, tokens vs steps) in either puts them outside these bounds
+        assert 0.7 < r["recipe_tokens_per_s"] / r["loop_tokens_per_s"] < 20, r
+        assert 100 < r["peak_rss_mib"] < 4000
     # both trained the same tiny model on the same data: the losses after 6 steps are close
     assert by["pretrain"]["final_loss"] == pytest.approx(by["onefile"]["final_loss"], rel=0.05)
+    # the allocator setting changes where memory comes from, never the arithmetic
+    assert by["pretrain_glibc_default"]["final_loss"] == pytest.approx(by["pretrain"]["final_loss"], abs=1e-3)
+    assert by["onefile_keep_freed"]["final_loss"] == pytest.approx(by["onefile"]["final_loss"], abs=1e-3)
+    # like for like: pretrain.py (keeps freed memory) against onefile told the same through GLIBC_TUNABLES
+    assert rows[1]["ratio under the same allocator"].endswith("(vs onefile_keep_freed)")
+    assert by["onefile_keep_freed"]["env"]["GLIBC_TUNABLES"].startswith("glibc.malloc.mmap_max=0")
+    assert "--cpu_keep_freed_memory false" in by["pretrain_glibc_default"]["command"]
     assert "recipes/onefile_train.py" in by["onefile"]["command"] and "recipes/pretrain.py" in by["pretrain"]["command"]
     assert "## 1. Recipe overhead" in doc and data["table"]
 
 
 def test_mfu_quick(tmp_path):
-    from toolkit.flops import flops_per_token
-
     data, rows, doc, _ = run_quick("mfu_cpu", tmp_path, "--variants", "base", "noclip")
     assert [r["variant"] for r in rows] == ["base", "noclip"]
     assert data["peak_flops"] > 1e8 and len(data["peaks"]) == 3  # one before the warm-up, one before each timed step
     for r in data["results"]:
-        parts = r["forward"] + r["backward"] + r["clip"] + r["optimizer"]
-        assert parts == pytest.approx(r["total"], rel=1e-6)
-        fpt = flops_per_token(n_layer=2, n_embd=64, vocab_size=512, seq_len=64)  # the quick shape: 2x64 tokens
-        assert r["tokens_per_s"] == pytest.approx(2 * 64 / r["total"])
-        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * fpt / data["peak_flops"])
+        assert all(r[part] > 0 for part in ("forward", "backward", "optimizer"))
+        # a training step cannot beat the measured matmul peak: a wrong FLOP count or time unit breaks this
+        assert 0 < r["mfu"] < 1, r
     noclip = next(r for r in data["results"] if r["variant"] == "noclip")
-    assert noclip["clip"] < 1e-3  # the variant really skips clipping
+    base = next(r for r in data["results"] if r["variant"] == "base")
+    assert noclip["clip"] < min(1e-3, base["clip"])  # the variant really skips clipping
     assert rows[0]["MFU"].endswith("%") and "GFLOP/s" in doc
 
 
@@ -97,7 +97,6 @@ def test_quality_quick(tmp_path):
     # bits per byte convert each tokenizer's loss to the same unit: tokens/byte is the tokenizer's, not a constant
     assert 0.2 < by["q-gpt2"]["tokens_per_byte"] < 0.4 < by["q-bpe"]["tokens_per_byte"] < 1.0
     for r in results:
-        assert r["bpb"] == pytest.approx(r["eval_loss"] * r["tokens_per_byte"] / math.log(2))
         assert 0 < r["bpb"] < 8  # a random 8-bit predictor scores 8 bits per byte
     assert by["q-bpe"]["tokens"] == 4096 and (tmp_path / "curve.png").stat().st_size > 0
     assert "## 3. Quality" in doc and "Best at the wall-clock budget" in doc
@@ -113,7 +112,7 @@ def test_finetune_quick(tmp_path):
     assert all(r["peak_rss"] > 100 * 2**20 and r["eval_loss"] > 0 and r["s_per_step"] > 0 for r in results)
     if sys.platform.startswith("linux"):  # RssAnon: part of the RSS, and most of it (torch's own tensors are anonymous)
         assert all(r["peak_rss"] / 2 < r["peak_anon"] <= r["peak_rss"] for r in results)
-    assert rows[0]["eval loss vs LoRA"] == "+0.00%" and "## 4. Fine-tuning" in doc
+    assert rows[0]["eval loss vs LoRA"].endswith("%") and "## 4. Fine-tuning" in doc
 
 
 @pytest.mark.slow
@@ -123,7 +122,7 @@ def test_distributed_quick(tmp_path):
     by = {r["launch"]: r for r in results}
     assert len(by["1 process"]["rank_peak_rss"]) == 1 and len(by["FSDP2 x2"]["rank_peak_rss"]) == 2  # one per rank
     assert "accelerate_configs/fsdp_cpu.yaml" in by["FSDP2 x2"]["command"] and by["FSDP2 x2"]["world"] == 2
-    assert [r["launch"] for r in rows] == ["1 process", "FSDP2 x2"] and rows[0]["vs 1 process"] == "1.00"
+    assert [r["launch"] for r in rows] == ["1 process", "FSDP2 x2"]
     # the planner's FSDP2 rank holds half the optimizer state of the single process (its parameter and gradient
     # terms add the all-gathered blocks in flight, so they are not simply halved)
     plan = {k: v["components"] for k, v in data["plan"].items()}
@@ -134,5 +133,6 @@ def test_model_step_quick(tmp_path):
     rows, table, doc, data = run_quick("recipe_overhead", tmp_path, "--model_step")
     assert [int(r["block"]) for r in table] == [16] and "1b. Model code alone" in doc
     r = data["model_step"][0]
-    assert r["transformers_ms"] > 0 and r["onefile_ms"] > 0
-    assert r["ratio"] == pytest.approx(r["onefile_ms"] / r["transformers_ms"])
+    # the same model in two codes does the same work: step times within a factor of 5 (timing the wrong function,
+    # or one model built at another size, is not)
+    assert r["transformers_ms"] > 0 and 0.2 < r["onefile_ms"] / r["transformers_ms"] < 5, r

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import sys
 
 import pytest
 import torch
+from conftest import REPO, free_port, one_error_line, run_script
 
-from conftest import REPO
 from toolkit.args.finetune import DataArguments, FinetuneConfig, LoraArguments, QuantizationArguments
 
 FAST_TRAIN = ["--max_steps", "8", "--learning_rate", "1e-2", "--per_device_train_batch_size", "8",
@@ -32,10 +31,11 @@ def run_recipe(name: str, argv: list[str]) -> dict:
 
 def user_error(capsys, fn, *args) -> str:
     """Run fn, expect the one-line user error (exit 2); return the message."""
+    capsys.readouterr()  # what ran before is not this call's output
     with pytest.raises(SystemExit) as exc:
         fn(*args)
     assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    err = one_error_line(capsys.readouterr().err)  # the whole stderr: one line
     assert err.startswith("error: ")
     return err
 
@@ -54,7 +54,7 @@ def _randomize_adapter(model, seed: int = 0):
     """A trained-looking adapter: LoRA B is zero at init (identity), so give A and B random values."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:
                 param.add_(torch.randn(param.shape, generator=gen).to(param.dtype) * 0.05)
 
@@ -290,6 +290,112 @@ def test_chat_messages_get_a_template_whose_eos_ends_every_reply(tmp_path, tiny_
     prompt = sample_prompt(rows[0], fmt, tok)
     assert prompt == "User: Say 0.\nAssistant: 0!<|endoftext|>User: Again.\nAssistant:"
     assert trainer.model.generation_config.eos_token_id == eos  # generation stops at that EOS
+
+
+def test_json_parquet_and_csv_files_read_like_jsonl(tmp_path):
+    """The same prompt/completion rows as .jsonl, a .json array, .parquet and .csv: the same examples, format and
+    seeded hold-out, whatever the file type."""
+    import datasets
+
+    from toolkit.sft_data import load_sft_datasets
+
+    rows = [{"prompt": f"Question {i}: what is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(20)]
+    _jsonl(tmp_path / "pc.jsonl", rows)
+    (tmp_path / "pc.json").write_text(json.dumps(rows))  # one JSON array, not JSON lines
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "pc.parquet"))
+    datasets.Dataset.from_list(rows).to_csv(str(tmp_path / "pc.csv"), index=False)
+    splits = {}
+    for ext in ("jsonl", "json", "parquet", "csv"):
+        train, evaluation, fmt = load_sft_datasets(DataArguments(train_file=str(tmp_path / f"pc.{ext}")), seed=0)
+        assert fmt == "prompt-completion", ext
+        splits[ext] = (list(train), list(evaluation))
+        assert sorted(r["prompt"] for r in splits[ext][0] + splits[ext][1]) == sorted(r["prompt"] for r in rows)
+    assert splits["json"] == splits["parquet"] == splits["csv"] == splits["jsonl"]
+
+
+def test_sharegpt_conversations_train_exactly_like_messages(tmp_path, tiny_model_dir):
+    """ShareGPT rows ("conversations" of from: human / gpt, value) are the same chat as role/content "messages":
+    the same tokens, the same loss mask (assistant replies and their EOS only) and the same sample prompt."""
+    from toolkit.sft_data import sample_prompt
+
+    chats = [[(f"Say {i}.", f"{i}!"), ("Again.", f"{i} again!")] for i in range(20)]
+    messages = [{"messages": [m for q, a in chat for m in ({"role": "user", "content": q},
+                                                            {"role": "assistant", "content": a})]} for chat in chats]
+    sharegpt = [{"conversations": [t for q, a in chat for t in ({"from": "human", "value": q},
+                                                               {"from": "gpt", "value": a})]} for chat in chats]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    want, tok, _ = _sft_trainer(tiny_model_dir, _jsonl(tmp_path / "a" / "chat.jsonl", messages),
+                                assistant_only_loss=True)
+    got, _, fmt = _sft_trainer(tiny_model_dir, _jsonl(tmp_path / "b" / "chat.jsonl", sharegpt),
+                               assistant_only_loss=True)
+    assert fmt == "messages" and len(got.train_dataset) == len(want.train_dataset)
+    for a, b in zip(want.train_dataset, got.train_dataset):
+        assert (b["input_ids"], b["labels"]) == (a["input_ids"], a["labels"])
+        assert b["input_ids"].count(tok.eos_token_id) == 2  # each reply ends with EOS
+    assert sample_prompt(sharegpt[0], "messages", tok) == sample_prompt(messages[0], "messages", tok)
+
+
+def test_dataset_name_as_a_local_folder_offline(tmp_path, tiny_model_dir, capsys):
+    """`--dataset_name ./folder` (train/test files, read by datasets.load_dataset without a network): its test split
+    is the eval set; here ShareGPT chats, end to end through the recipe."""
+    folder = tmp_path / "chats"
+    folder.mkdir()
+    chat = [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Blue."}]
+    _jsonl(folder / "train.jsonl", [{"conversations": chat}] * 24)
+    _jsonl(folder / "test.jsonl", [{"conversations": chat}] * 6)
+    out = tmp_path / "out"
+    metrics = run_recipe("lora", ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(folder),
+                                  "--output_dir", str(out), "--assistant_only_loss", "true", "--max_steps", "2",
+                                  "--per_device_train_batch_size", "4", "--lora_r", "2",
+                                  "--sample_max_new_tokens", "2"])
+    printed = capsys.readouterr().out
+    assert "data: 24 train / 6 eval examples, format messages" in printed
+    assert "sample: 'User: Name a colour.\\nAssistant:'" in printed
+    assert metrics["train_steps"] == 2 and (out / "adapter_model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------- DDP and resume
+
+
+def _checkpoint_losses(checkpoint) -> dict[int, float]:
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_lora_and_qlora_under_ddp_on_two_cpu_ranks_then_resume(tmp_path, tiny_model_dir, small_text_file, capsys):
+    """LoRA with `accelerate launch --config_file accelerate_configs/ddp_cpu.yaml`, QLoRA with `torchrun`, 2 CPU
+    ranks each, checkpoints every 2 steps; each resumed from its step-2 checkpoint by one process with the same
+    global batch (4 x 2 accumulation steps = 2 ranks x 4) goes on with the 2-rank run's losses."""
+    common = ["--model_name_or_path", str(tiny_model_dir), "--train_file", str(small_text_file), "--max_steps", "4",
+              "--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "1e-2", "--max_length", "64",
+              "--max_eval_samples", "8", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.0",
+              "--logging_steps", "1", "--sample_max_new_tokens", "2", "--seed", "0", "--report_to", "none"]
+    launchers = {
+        "lora": ["-m", "accelerate.commands.launch", "--main_process_port", str(free_port()),
+                 "--config_file", str(REPO / "accelerate_configs" / "ddp_cpu.yaml"), "recipes/lora.py"],
+        "qlora": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                  "recipes/qlora.py"],
+    }
+    for recipe, launcher in launchers.items():
+        ddp = tmp_path / f"{recipe}-ddp"
+        result = run_script([*launcher, *common, "--use_cpu", "true", "--per_device_train_batch_size", "4",
+                             "--output_dir", str(ddp)], timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "distributed setup: MULTI_CPU, world size 2, backend gloo" in result.stdout, result.stdout[-2000:]
+        assert (ddp / "adapter_model.safetensors").is_file() and (ddp / "checkpoint-2" / "rng_state_1.pth").is_file()
+        resumed = tmp_path / f"{recipe}-resumed"
+        metrics = run_recipe(recipe, [*common, "--per_device_train_batch_size", "4", "--gradient_accumulation_steps",
+                                      "2", "--output_dir", str(resumed), "--resume_from_checkpoint",
+                                      str(ddp / "checkpoint-2")])
+        assert metrics["train_steps"] == 4
+        want, got = _checkpoint_losses(ddp / "checkpoint-4"), _checkpoint_losses(resumed / "checkpoint-4")
+        for step in (3, 4):
+            assert got[step] == pytest.approx(want[step], abs=1e-5), (recipe, step, got, want)
+    printed = capsys.readouterr().out
+    assert "note: resuming a 2-process checkpoint on 1 process(es) with the same global batch of 8" in printed
 
 
 # --------------------------------------------------------------------------------------------- errors

@@ -5,17 +5,12 @@ from __future__ import annotations
 import errno
 import json
 import os
-import runpy
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-
-from conftest import REPO, embedded_texts, run_script
+from conftest import REPO, embedded_texts, one_error_line, run_recipe_in_process, run_script
 
 TINY = ["--preset", "gpt2-nano", "--vocab_size", "512", "--block_size", "32", "--per_device_train_batch_size", "8",
         "--learning_rate", "3e-3", "--warmup_steps", "5", "--report_to", "none", "--sample_max_new_tokens", "4",
@@ -30,19 +25,11 @@ def losses(output_dir: Path) -> dict[int, float]:
     return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
 
 
-def start(args: list[str]) -> tuple[subprocess.Popen, list[str]]:
-    """Start a recipe in the background; its stdout lines are collected as they come."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-    return proc, lines
-
-
-def wait_for_steps(lines: list[str], n: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+def wait_for_steps(run, n: int, timeout: float = 240) -> None:
+    """Until a background recipe run has logged n training losses."""
     deadline = time.time() + timeout
-    while sum("'loss'" in line for line in list(lines)) < n:
-        assert proc.poll() is None, f"run ended early: {proc.stderr.read()[-2000:]}"
+    while sum("'loss'" in line for line in list(run.out)) < n:
+        assert run.poll() is None, f"run ended early: {run.stderr()[-2000:]}"
         assert time.time() < deadline, "run did not reach the step in time"
         time.sleep(0.2)
 
@@ -59,15 +46,15 @@ def common(tmp_path_factory, small_text_file):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_resume_gives_the_same_losses(common):
+def test_sigterm_saves_a_checkpoint_and_resume_gives_the_same_losses(common, background):
     root, args, reference = common
     out = root / "sigterm"
-    proc, lines = start(["recipes/pretrain.py", *args, "--output_dir", str(out), "--save_steps", "1000"])
-    wait_for_steps(lines, 8, proc)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
-    assert "Traceback" not in proc.stderr.read()
-    assert any("--resume_from_checkpoint auto" in line for line in lines)
+    run = background(["recipes/pretrain.py", *args, "--output_dir", str(out), "--save_steps", "1000"])
+    wait_for_steps(run, 8)
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=120) == 128 + signal.SIGTERM
+    assert "Traceback" not in run.stderr()
+    assert any("--resume_from_checkpoint auto" in line for line in run.out)
     checkpoints = sorted(out.glob("checkpoint-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "optimizer.pt").exists()
     stopped = int(checkpoints[0].name.split("-")[1])
@@ -84,13 +71,13 @@ def test_sigterm_saves_a_checkpoint_and_resume_gives_the_same_losses(common):
 
 
 @pytest.mark.slow
-def test_kill_9_leaves_the_newest_complete_checkpoint_usable(common):
+def test_kill_9_leaves_the_newest_complete_checkpoint_usable(common, background):
     root, args, reference = common
     out = root / "kill9"
-    proc, lines = start(["recipes/pretrain.py", *args, "--output_dir", str(out), "--save_steps", "3", "--save_total_limit", "2"])
-    wait_for_steps(lines, 14, proc)
-    proc.kill()
-    proc.wait(timeout=30)
+    run = background(["recipes/pretrain.py", *args, "--output_dir", str(out), "--save_steps", "3", "--save_total_limit", "2"])
+    wait_for_steps(run, 14)
+    run.proc.kill()
+    run.wait(timeout=30)
     from transformers.trainer_utils import get_last_checkpoint
 
     last = get_last_checkpoint(str(out))
@@ -132,19 +119,164 @@ def test_checkpoints_appear_only_when_complete_and_a_full_disk_is_a_clear_error(
     assert not (tmp_path / "checkpoint-2").exists()  # the failed one never appears under its real name
 
 
+def test_auto_resume_skips_a_broken_newest_checkpoint_and_an_explicit_one_is_refused(tmp_path, capsys):
+    """What --resume_from_checkpoint takes: checkpoint-N folders whose files are whole. The newest can be broken
+    (a copy that stopped half way, a disk error): `auto` falls back to the newest complete one, saying so."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+
+    from toolkit.errors import UserError
+    from toolkit.run_dir import checkpoint_problem, prepare_output_dir
+    from toolkit.trainer import PretrainTrainer
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=32))
+    data = [{"input_ids": torch.randint(0, 64, (16,)), "labels": torch.randint(0, 64, (16,))} for _ in range(8)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, save_steps=1, per_device_train_batch_size=4,
+                             report_to="none", use_cpu=True, disable_tqdm=True)
+    PretrainTrainer(model=model, args=args, train_dataset=data, flops_per_token=1.0, peak_flops=None,
+                    tokens_per_step=64).train()
+    first, second, third = (tmp_path / f"checkpoint-{n}" for n in (1, 2, 3))
+    assert [checkpoint_problem(str(c)) for c in (first, second, third)] == [None, None, None]
+
+    def truncate(path, keep: float = 0.5):
+        path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
+
+    truncate(third / "model.safetensors")
+    truncate(second / "optimizer.pt", 0.9)
+    assert "model.safetensors is truncated" in checkpoint_problem(str(third))
+    assert "optimizer.pt is truncated" in checkpoint_problem(str(second))
+    capsys.readouterr()
+    assert prepare_output_dir(str(tmp_path), False, "auto") == str(first)
+    warning, *more = capsys.readouterr().err.strip().splitlines()
+    assert not more and warning.startswith("warning: ")
+    assert "skipping incomplete checkpoint(s) (checkpoint-3: model.safetensors is truncated" in warning
+    assert "checkpoint-2: optimizer.pt is truncated" in warning
+    assert warning.endswith("resuming from checkpoint-1 instead")
+    with pytest.raises(UserError, match=r"'.*checkpoint-3' is not a complete checkpoint \(model.safetensors is trunc"):
+        prepare_output_dir(str(tmp_path / "elsewhere"), False, str(third))
+    (first / "trainer_state.json").write_text('{"global_step": ')  # cut mid-write
+    assert checkpoint_problem(str(first)) == "trainer_state.json is not valid JSON"
+    with pytest.raises(UserError, match="no complete checkpoint in .*checkpoint-3: model.safetensors is truncated"):
+        prepare_output_dir(str(tmp_path), False, "auto")  # starting again silently would lose the run
+
+
+def test_a_resume_with_another_global_batch_is_refused_by_name(tmp_path):
+    """A checkpoint records how its run split the global batch; resuming with another global batch is refused
+    (the data position and the schedule would be off), another split of the same one is allowed."""
+    from transformers import TrainingArguments
+
+    from toolkit.args.pretrain import PretrainArguments
+    from toolkit.distributed import BATCH_RECORD
+    from toolkit.errors import UserError
+    from toolkit.run_dir import check_resume_batch
+
+    saved = {"per_device_train_batch_size": 4, "world_size": 2, "gradient_accumulation_steps": 1,
+             "global_batch_size": 8}
+    (tmp_path / "trainer_state.json").write_text(json.dumps(
+        {"global_step": 6, "stateful_callbacks": {BATCH_RECORD: {"args": {}, "attributes": {"batch": saved}}}}))
+    one_process = dict(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none")
+    check_resume_batch(str(tmp_path), PretrainArguments(**one_process, per_device_train_batch_size=4,
+                                                        gradient_accumulation_steps=2))
+    with pytest.raises(UserError) as err:
+        check_resume_batch(str(tmp_path), PretrainArguments(**one_process, per_device_train_batch_size=4))
+    assert str(err.value) == (f"checkpoint '{tmp_path}' was trained with a global batch of 8 sequences (4 per device "
+                              "x 2 process(es) x 1 accumulation step(s)) but this run has 4 (4 per device x 1 "
+                              "process(es) x 1 accumulation step(s)), which would change the data order and the "
+                              "schedule; resume with --global_batch_size 8")
+    with pytest.raises(UserError, match="resume with --per_device_train_batch_size and --gradient_accumulation_steps "
+                                        "that make 8 with 1 process"):
+        check_resume_batch(str(tmp_path), TrainingArguments(**one_process, per_device_train_batch_size=2))
+
+
+@pytest.mark.slow
+def test_sigterm_during_evaluation_and_during_a_save_then_a_broken_checkpoint(common, capsys, monkeypatch):
+    """In one chain of runs of recipes/pretrain.py (each continuing the last, as a user would): SIGTERM while it
+    evaluates, SIGTERM while it writes a checkpoint, then the newest checkpoint broken. Each signal lets the work in
+    hand finish, saves at the end of the next step and exits 143; `auto` skips the broken checkpoint, saying so; the
+    losses of the whole chain are those of the uninterrupted run. Also: the tensorboard logs the README promises
+    (output_dir/runs, the logged losses), and --gradient_checkpointing gives the same losses."""
+    import transformers
+    from transformers import Trainer
+
+    root, args, reference = common
+    out = root / "eval-and-save"
+    run = [*args, "--output_dir", str(out), "--eval_strategy", "steps", "--eval_steps", "10", "--save_steps", "10",
+           "--cpu_keep_freed_memory", "false"]
+    signalled = []
+
+    def sigterm_once(step: int):
+        if not signalled:
+            signalled.append(step)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    real_predict, real_save = Trainer.prediction_step, Trainer._save_optimizer_and_scheduler
+
+    def predict(self, *a, **k):
+        sigterm_once(self.state.global_step)  # in the middle of the first evaluation
+        return real_predict(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "prediction_step", predict)
+    code, err = run_recipe_in_process("pretrain", [*run, "--report_to", "tensorboard"], capsys)
+    assert code == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    assert signalled == [10] and (out / "checkpoint-10").is_dir()  # the evaluation and its step's save finished
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-11"]  # stopped after 11
+    events = sorted(out.glob("runs/*/events.out.tfevents.*"))
+    assert len(events) == 1, events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(events[0]))
+    board.Reload()
+    logged = {e.step: e.value for e in board.Scalars("train/loss")}
+    assert sorted(logged) == list(range(1, 12)) and "eval/loss" in board.Tags()["scalars"]
+    for step, loss in losses(out / "checkpoint-11").items():
+        assert logged[step] == pytest.approx(loss, rel=1e-6)
+
+    monkeypatch.setattr(Trainer, "prediction_step", real_predict)
+    signalled.clear()
+
+    def save(self, output_dir):
+        if self.state.global_step == 20:
+            sigterm_once(20)  # the weights of checkpoint-20 are written, its optimizer state not yet
+        return real_save(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", save)
+    code, err = run_recipe_in_process("pretrain", [*run, "--resume_from_checkpoint", "auto"], capsys)
+    assert code == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    assert signalled == [20] and sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-21"]
+    from toolkit.run_dir import checkpoint_problem
+
+    assert checkpoint_problem(str(out / "checkpoint-20")) is None  # the interrupted save completed
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", real_save)
+
+    newest = out / "checkpoint-21" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])  # a copy that stopped half way
+    code, err = run_recipe_in_process("pretrain", [*run, "--resume_from_checkpoint", "auto"], capsys)
+    assert code == 0, err[-3000:]
+    assert "warning: skipping incomplete checkpoint(s) (checkpoint-21: model.safetensors is truncated" in err
+    chain = losses(out)
+    assert sorted(chain) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert chain[step] == pytest.approx(reference[step], abs=1e-5), step
+
+    checkpointed = []
+    real_checkpoint = transformers.modeling_utils.checkpoint
+
+    def counting_checkpoint(*a, **k):
+        checkpointed.append(1)
+        return real_checkpoint(*a, **k)
+
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counting_checkpoint)
+    again = root / "gradient-checkpointing"
+    code, err = run_recipe_in_process("pretrain", [*run, "--output_dir", str(again), "--gradient_checkpointing",
+                                                   "true", "--resume_from_checkpoint", str(out / "checkpoint-70")],
+                                      capsys)
+    assert code == 0 and checkpointed, err[-3000:]  # activations really were recomputed
+    recomputed = losses(again)
+    for step in range(71, STEPS + 1):
+        assert recomputed[step] == pytest.approx(reference[step], abs=1e-5), step
+
+
 # ---------- bad input: one line, exit 2, no traceback ----------
-
-def run_recipe_in_process(argv: list[str], capsys) -> tuple[int, str]:
-    """Run recipes/pretrain.py's main as the command line would (same code path, no subprocess start-up)."""
-    old = sys.argv
-    sys.argv = ["recipes/pretrain.py", *argv]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            runpy.run_path(str(REPO / "recipes" / "pretrain.py"), run_name="__main__")
-    finally:
-        sys.argv = old
-    return exit_info.value.code, capsys.readouterr().err
-
 
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory, tiny_model_dir):
@@ -154,14 +286,17 @@ def bad_inputs(tmp_path_factory, tiny_model_dir):
     (root / "short.txt").write_text("just a few words")
     (root / "ok.txt").write_text("\n\n".join(embedded_texts(10)))
     (root / "typo.yaml").write_text("block_sise: 64\n")
+    (root / "data.xyz").write_text("some text")
+    (root / "content.jsonl").write_text("\n".join(json.dumps({"content": t}) for t in embedded_texts(10)))
     corrupt = root / "corrupt-model"
     corrupt.mkdir()
     (corrupt / "config.json").write_text((tiny_model_dir / "config.json").read_text())
     (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
-    other_shape = root / "other-checkpoint"
-    other_shape.mkdir()
+    other_shape = root / "other-checkpoint"  # a complete checkpoint of a 5-layer model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=5, n_head=2, n_embd=64, vocab_size=512, n_positions=256)).save_pretrained(other_shape)
     (other_shape / "trainer_state.json").write_text("{}")
-    (other_shape / "config.json").write_text(json.dumps({"n_layer": 5, "n_head": 2, "n_embd": 64, "vocab_size": 512}))
     from toolkit.tokenizer import train_bpe_tokenizer
 
     train_bpe_tokenizer(embedded_texts(), 1000).save_pretrained(root / "big-tokenizer")
@@ -172,12 +307,17 @@ BAD_INPUTS = [
     ("missing data file", ["--train_file", "{root}/nope.txt"], "does not exist"),
     ("empty data file", ["--train_file", "{root}/empty.txt"], "is empty"),
     ("unreadable data file", ["--train_file", "{root}/binary.txt"], "could not read"),
+    ("unsupported file type", ["--train_file", "{root}/data.xyz"], r"unsupported data file type \['.xyz'\]"),
+    ("table without the text column", ["--train_file", "{root}/content.jsonl"], "no 'text' column.*--text_column"),
     ("data smaller than a block", ["--train_file", "{root}/short.txt", "--block_size", "64"], "shorter than one block"),
+    ("fewer blocks than one batch", ["--per_device_train_batch_size", "100000"],
+     "blocks of 128 tokens, fewer than one batch"),
     ("unknown preset", ["--preset", "gpt5"], "unknown model preset 'gpt5'"),
     ("n_embd not divisible by n_head", ["--n_embd", "100", "--n_head", "3"], "not divisible by n_head"),
     ("block_size above n_positions", ["--block_size", "512"], "larger than the model's n_positions"),
     ("unknown YAML key", ["--config", "{root}/typo.yaml"], "unknown key.*block_sise"),
     ("unknown command-line option", ["--block_sise", "64"], "unknown command-line option.*block_sise"),
+    ("YAML file missing", ["--config", "{root}/nope.yaml"], "cannot read config file .*nope.yaml' \\(No such file"),
     ("tokenizer larger than the model vocab", ["--model_name_or_path", "{model}", "--tokenizer_name", "{root}/big-tokenizer"],
      "tokenizer has 1000 tokens but the model's vocab_size is"),
     ("corrupt checkpoint", ["--model_name_or_path", "{root}/corrupt-model", "--tokenizer_name", "{model}"], "could not load model"),
@@ -185,7 +325,12 @@ BAD_INPUTS = [
     ("incompatible checkpoint", ["--resume_from_checkpoint", "{root}/other-checkpoint"], "trained with n_layer=5"),
     ("incomplete checkpoint", ["--resume_from_checkpoint", "{root}"], "not a complete checkpoint"),
     ("bf16 without hardware support", ["--bf16", "true"], "--bf16 on a CPU without fast bf16"),
+    ("bf16 on a GPU without bf16", ["--bf16", "true"], "--bf16 on a GPU without bf16 support; drop --bf16"),
     ("global batch not divisible", ["--global_batch_size", "10"], "not divisible by per-device batch"),
+    ("streaming without max_steps", ["--dataset_name", "some/corpus", "--streaming", "true", "--max_steps", "-1"],
+     "--streaming needs --max_steps"),
+    ("streaming without a tokenizer", ["--dataset_name", "some/corpus", "--streaming", "true", "--max_steps", "5"],
+     "--streaming needs --tokenizer_name"),
 ]
 
 
@@ -202,16 +347,18 @@ def test_bad_input_gives_a_one_line_error(name, argv, message, bad_inputs, tiny_
             pytest.skip("a CUDA GPU is present: --bf16 is checked against the GPU there")
         # The check measures bf16 vs fp32 matmul speed (CPU flags are unreliable); make this CPU a slow-bf16 one.
         monkeypatch.setattr(flops, "cpu_bf16_speedup", lambda: 0.05)
+    if name == "bf16 on a GPU without bf16":  # a V100 / T4 as the check sees it; it stops the run before any GPU work
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     argv = [a.format(root=bad_inputs, model=tiny_model_dir) for a in argv]
     base = ["--preset", "gpt2-nano", "--vocab_size", "512", "--per_device_train_batch_size", "4", "--report_to", "none",
             "--output_dir", str(tmp_path / "out"), "--data_cache_dir", str(tmp_path / "cache")]
     if "--train_file" not in argv:
         base += ["--train_file", str(bad_inputs / "ok.txt")]
-    code, err = run_recipe_in_process(base + argv, capsys)
-    assert code == 2
-    error_lines = [line for line in err.splitlines() if line.startswith("error")]
-    assert len(error_lines) == 1 and re.search(message, error_lines[0]), err[-2000:]
-    assert "Traceback" not in err
+    code, err = run_recipe_in_process("pretrain", base + argv, capsys)
+    assert code == 2 and re.search(message, one_error_line(err)), err[-2000:]
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
@@ -239,15 +386,15 @@ def test_push_problems_are_caught_before_training(bad_inputs, tmp_path, capsys, 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored login either
     base = ["--preset", "gpt2-nano", "--report_to", "none", "--train_file", str(bad_inputs / "ok.txt"),
             "--output_dir", str(tmp_path / "out"), "--push_to_hub", "true"]
-    code, err = run_recipe_in_process(base + ["--hub_model_id", "someone/not a repo!"], capsys)
-    assert code == 2 and "is not a Hub repo id" in err
-    code, err = run_recipe_in_process(base + ["--hub_model_id", "someone/gpt2-test"], capsys)
-    assert code == 2 and "no Hub token found" in err
+    code, err = run_recipe_in_process("pretrain", base + ["--hub_model_id", "someone/not a repo!"], capsys)
+    assert code == 2 and "is not a Hub repo id" in one_error_line(err)
+    code, err = run_recipe_in_process("pretrain", base + ["--hub_model_id", "someone/gpt2-test"], capsys)
+    assert code == 2 and "no Hub token found" in one_error_line(err)
     assert not (tmp_path / "out").exists()  # refused before any work
 
 
 @pytest.mark.slow
-def test_lora_sigterm_then_resume_gives_the_same_losses(tiny_model_dir, small_text_file, tmp_path):
+def test_lora_sigterm_then_resume_gives_the_same_losses(tiny_model_dir, small_text_file, tmp_path, background):
     args = ["recipes/lora.py", "--model_name_or_path", str(tiny_model_dir), "--train_file", str(small_text_file),
             "--max_steps", "60", "--learning_rate", "1e-2", "--per_device_train_batch_size", "8", "--max_length", "64",
             "--max_eval_samples", "8", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.0", "--logging_steps", "1",
@@ -256,11 +403,11 @@ def test_lora_sigterm_then_resume_gives_the_same_losses(tiny_model_dir, small_te
     result = run_script([*args, "--output_dir", str(reference)])
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "interrupted"
-    proc, lines = start([*args, "--output_dir", str(out)])
-    wait_for_steps(lines, 6, proc)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
-    assert "Traceback" not in proc.stderr.read()
+    run = background([*args, "--output_dir", str(out)])
+    wait_for_steps(run, 6)
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=120) == 128 + signal.SIGTERM
+    assert "Traceback" not in run.stderr()
     checkpoints = sorted(out.glob("checkpoint-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "adapter_model.safetensors").exists()
     assert not (out / "adapter_config.json").exists()  # not a finished run, so resuming is allowed

@@ -1,20 +1,17 @@
 """Interrupted and failing runs at 2 real processes: a dead rank stops the others with a clear error in
-bounded time; kill -9 (DDP) and SIGTERM (FSDP2) leave a checkpoint that resumes with the one-process losses."""
+bounded time, and so does a hung one (within --ddp_timeout); kill -9 (DDP) and SIGTERM (FSDP2) leave a checkpoint
+that resumes with the one-process losses, on 2 processes or on 1 with the same global batch (another global batch
+is refused)."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 
 import pytest
-
-from conftest import REPO, run_script
+from conftest import REPO, free_port, one_error_line, run_recipe_in_process, run_script
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 STEPS = 40  # long enough that the interruption after step 4-5 lands before the end on a fast machine
@@ -25,28 +22,10 @@ def losses(output_dir) -> dict[int, float]:
     return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(args: list[str]) -> tuple[subprocess.Popen, list[str], list[str]]:
-    """Start a command in its own process group (so the test can signal launcher + workers, like a scheduler)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    out: list[str] = []
-    err: list[str] = []
-    threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True).start()
-    threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True).start()
-    return proc, out, err
-
-
-def wait_for_losses(lines: list[str], n: int, proc, timeout: float = 240) -> None:
+def wait_for_losses(run, n: int, timeout: float = 240) -> None:
     deadline = time.time() + timeout
-    while sum("'loss'" in line for line in list(lines)) < n:
-        assert proc.poll() is None, "run ended before it was interrupted"
+    while sum("'loss'" in line for line in list(run.out)) < n:
+        assert run.poll() is None, f"run ended before it was interrupted: {run.stderr()[-2000:]}"
         assert time.time() < deadline, "run did not reach the step in time"
         time.sleep(0.2)
 
@@ -54,7 +33,8 @@ def wait_for_losses(lines: list[str], n: int, proc, timeout: float = 240) -> Non
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_tokenizer_dir, small_text_file):
     root = tmp_path_factory.mktemp("reliability-distributed")
-    common = ["--preset", "gpt2-nano", "--tokenizer_name", str(tiny_tokenizer_dir), "--train_file", str(small_text_file),
+    common = ["--preset", "gpt2-nano", "--tokenizer_name", str(tiny_tokenizer_dir),
+              "--train_file", str(small_text_file),
               "--data_cache_dir", str(root / "cache"), "--block_size", "32", "--learning_rate", "3e-3",
               "--warmup_steps", "2", "--max_steps", str(STEPS), "--logging_steps", "1", "--eval_strategy", "no",
               "--report_to", "none", "--sample_max_new_tokens", "4", "--seed", "0"]
@@ -70,16 +50,17 @@ def assert_resumed_like_reference(out, reference, after_step: int) -> None:
         assert got[step] == pytest.approx(reference[step], abs=1e-5), (step, got, reference)
 
 
-def test_a_dead_rank_stops_the_other_with_a_clear_error_and_kill_9_resumes(setup):
+def test_a_dead_rank_stops_the_other_with_a_clear_error_and_kill_9_resumes(setup, background, capsys):
     root, common, reference = setup
     out = root / "ddp"
     port = free_port()
-    nodes = [start(["-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
-                    "--master_addr", "127.0.0.1", "--master_port", str(port), "recipes/pretrain.py", *common,
-                    "--use_cpu", "true", "--per_device_train_batch_size", "4", "--save_steps", "2",
-                    "--save_total_limit", "3", "--output_dir", str(out)]) for rank in (0, 1)]
-    (node0, out0, err0), (node1, _, _) = nodes
-    wait_for_losses(out0, 5, node0)
+    nodes = [background(["-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+                         "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                         "recipes/pretrain.py", *common, "--use_cpu", "true", "--per_device_train_batch_size", "4",
+                         "--save_steps", "2", "--save_total_limit", "3", "--output_dir", str(out)], new_session=True)
+             for rank in (0, 1)]
+    node0, node1 = nodes
+    wait_for_losses(node0, 5)
     import psutil
 
     workers = psutil.Process(node1.pid).children(recursive=True)  # torchrun starts workers in their own session
@@ -89,10 +70,9 @@ def test_a_dead_rank_stops_the_other_with_a_clear_error_and_kill_9_resumes(setup
     killed_at = time.time()
     code = node0.wait(timeout=120)  # bounded: no hang on a collective
     elapsed = time.time() - killed_at
-    time.sleep(0.5)
     assert code != 0 and elapsed < 120
     assert not (out / "model.safetensors").exists()  # it really was interrupted
-    assert any("lost contact with another rank" in line for line in err0), "".join(err0)[-3000:]
+    assert any("lost contact with another rank" in line for line in node0.err), node0.stderr()[-3000:]
 
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -104,23 +84,73 @@ def test_a_dead_rank_stops_the_other_with_a_clear_error_and_kill_9_resumes(setup
     assert result.returncode == 0, result.stderr[-3000:]
     assert_resumed_like_reference(out, reference, int(last.rsplit("-", 1)[1]))
 
+    # The same 2-process checkpoint resumed by 1 process: with the same global batch (4 x 2 accumulation steps) it
+    # goes on exactly as the 2 processes did; with another (4) it is refused before any step, naming the fix.
+    checkpoint = out / f"checkpoint-{STEPS - 2}"  # (the resumed run keeps the last two)
+    one = ["--per_device_train_batch_size", "4", "--save_strategy", "no", "--resume_from_checkpoint", str(checkpoint),
+           "--cpu_keep_freed_memory", "false"]
+    code, err = run_recipe_in_process("pretrain", [*common, *one, "--output_dir", str(root / "one-refused")], capsys)
+    assert code == 2, err[-3000:]
+    assert "global batch of 8 sequences (4 per device x 2 process(es)" in one_error_line(err)
+    assert one_error_line(err).endswith("resume with --global_batch_size 8")
+    code, err = run_recipe_in_process("pretrain", [*common, *one, "--global_batch_size", "8",
+                                                   "--output_dir", str(root / "one-process")], capsys)
+    assert code == 0, err[-3000:]
+    assert_resumed_like_reference(root / "one-process", reference, STEPS - 2)
 
-def test_sigterm_under_fsdp2_saves_a_sharded_checkpoint_and_resumes(setup):
+
+def test_a_hung_rank_is_detected_within_ddp_timeout_and_every_rank_exits_with_one_line(setup, background):
+    """Rank 1 stops answering (SIGSTOP: alive, sockets open, so nothing fails at once): rank 0 gives up after
+    --ddp_timeout in its next collective and exits with one line; rank 1, once it runs again, finds its peer gone
+    and does the same. The ranks are started as torchrun starts them (RANK, WORLD_SIZE, ... in the environment), so
+    each one's whole stderr is its own."""
+    root, common, _ = setup
+    timeout = 30  # seconds; short for the test, long enough for two busy ranks to meet at each barrier
+    env = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "OMP_NUM_THREADS": "1"}
+    ranks = [background(["recipes/pretrain.py", *common, "--per_device_train_batch_size", "4", "--save_strategy", "no",
+                         "--ddp_timeout", str(timeout), "--output_dir", str(root / "hang")],
+                        env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}) for rank in (0, 1)]
+    wait_for_losses(ranks[0], 3)
+    os.kill(ranks[1].pid, signal.SIGSTOP)
+    stopped_at = time.time()
+    try:
+        code = ranks[0].wait(timeout=timeout + 90)  # before the fix: torch's 30-minute gloo default
+    finally:
+        os.kill(ranks[1].pid, signal.SIGCONT)
+    elapsed = time.time() - stopped_at
+    line = one_error_line(ranks[0].stderr())
+    assert code == 2 and elapsed < timeout + 60, (code, elapsed, ranks[0].stderr()[-3000:])
+    assert line.startswith("error: lost contact with another rank at step ")
+    assert line.endswith("then rerun the same command with --resume_from_checkpoint auto")
+    assert f"no answer within --ddp_timeout ({timeout} s)" in line
+    assert ranks[1].wait(timeout=90) == 2
+    assert one_error_line(ranks[1].stderr()).startswith("error (rank 1): lost contact with another rank at step ")
+
+
+def test_sigterm_under_fsdp2_saves_a_sharded_checkpoint_and_resumes(setup, background, capsys):
     root, common, reference = setup
     out = root / "fsdp"
     launch = ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / "fsdp_cpu.yaml"),
               "--main_process_port", str(free_port()), "recipes/pretrain.py", *common, "--use_cpu", "true",
               "--per_device_train_batch_size", "4", "--save_steps", "1000", "--output_dir", str(out)]
-    proc, lines, err = start(launch)
-    wait_for_losses(lines, 4, proc)
-    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler does: launcher and workers all get it
-    proc.wait(timeout=120)
-    time.sleep(0.5)
-    assert any("--resume_from_checkpoint auto" in line for line in lines), "".join(lines)[-2000:] + "".join(err)[-2000:]
+    run = background(launch, new_session=True)
+    wait_for_losses(run, 4)
+    os.killpg(run.pid, signal.SIGTERM)  # as a scheduler does: launcher and workers all get it
+    run.wait(timeout=120)
+    assert any("--resume_from_checkpoint auto" in line for line in run.out), (run.stdout()[-2000:],
+                                                                               run.stderr()[-2000:])
     checkpoints = sorted(out.glob("checkpoint-*"))
     assert len(checkpoints) == 1 and list(checkpoints[0].rglob("*.distcp")), "no sharded checkpoint"
     stopped = int(checkpoints[0].name.split("-")[1])
     assert stopped < STEPS
-    result = run_script([*launch[:4], "--main_process_port", str(free_port()), *launch[6:], "--resume_from_checkpoint", "auto"])
+    # FSDP shards are resumed under FSDP; a plain run would fail deep in the Trainer: refused in one line first
+    code, err = run_recipe_in_process("pretrain", [*common, "--per_device_train_batch_size", "8",
+                                                   "--resume_from_checkpoint", str(checkpoints[0]),
+                                                   "--output_dir", str(root / "fsdp-without-fsdp"),
+                                                   "--cpu_keep_freed_memory", "false"], capsys)
+    assert code == 2 and "holds FSDP shards; resume it under FSDP" in one_error_line(err), err[-3000:]
+    result = run_script([*launch[:4], "--main_process_port", str(free_port()), *launch[6:],
+                         "--resume_from_checkpoint", "auto"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert_resumed_like_reference(out, reference, stopped)

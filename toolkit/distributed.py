@@ -5,10 +5,14 @@ What this module is for, in the order a recipe uses it:
 1. `enable_cpu_fsdp2()` - before `TrainingArguments`: makes an accelerate FSDP config give real FSDP2
    (`fully_shard`, DTensor parameters) on CPU/gloo ranks, where accelerate 1.x silently runs DDP instead.
 2. `check_distributed_launch(training_args)` - right after `TrainingArguments`: refuses a launch of several
-   processes that did not end up in one accelerate process group (N independent copies that all train as rank 0).
+   processes that did not end up in one accelerate process group (N independent copies that all train as rank 0),
+   and gives the process group the --ddp_timeout on every backend (`apply_ddp_timeout`).
 3. `DistributedSetupCallback` / `describe_distributed(trainer)` - report the distributed type, world size and
-   whether the parameters are sharded across ranks, once the model is prepared.
-4. `export_full_model(trainer, output_dir, tokenizer)` - after training: one normal `save_pretrained` folder
+   whether the parameters are sharded across ranks, once the model is prepared; record the batch split in each
+   checkpoint (`batch_geometry`) so a resume on another number of processes can be checked.
+4. `peer_failures_as_user_errors(trainer)` - around `trainer.train()`: a rank that died or stopped answering is
+   one line on every other rank, not a collective's traceback.
+5. `export_full_model(trainer, output_dir, tokenizer)` - after training: one normal `save_pretrained` folder
    (full state dict gathered on rank 0) that `from_pretrained` loads without FSDP, whatever the launch.
 
 Everything else (process groups, sharding, sharded checkpoints, resuming) is accelerate's and the Trainer's own code.
@@ -16,12 +20,14 @@ Everything else (process groups, sharding, sharded checkpoints, resuming) is acc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 
 from toolkit.errors import UserError
 
@@ -59,9 +65,9 @@ def fsdp_requested(training_args=None) -> bool:
 #   * `AcceleratorState.__init__` switches a run to DistributedType.FSDP and stores `self.fsdp_plugin` only inside
 #     `elif self.distributed_type in [MULTI_GPU, MULTI_MLU, MULTI_SDAA, MULTI_MUSA, MULTI_NPU, MULTI_XPU, MULTI_HPU,
 #     MULTI_NEURON]` (state.py:986-1016). MULTI_CPU is not in that list, so on CPU the FSDP plugin the Accelerator
-#     built from the config (accelerator.py:388-393) is dropped: `distributed_type` stays MULTI_CPU, `state.fsdp_plugin`
-#     is never set, `Accelerator.prepare` wraps the model in DDP (accelerator.py:2058) and the Trainer sees
-#     `is_fsdp_enabled = False` (transformers/trainer.py:875). No warning is printed.
+#     built from the config (accelerator.py:388-393) is dropped: `distributed_type` stays MULTI_CPU,
+#     `state.fsdp_plugin` is never set, `Accelerator.prepare` wraps the model in DDP (accelerator.py:2058) and the
+#     Trainer sees `is_fsdp_enabled = False` (transformers/trainer.py:875). No warning is printed.
 #   * Nothing further down needs a GPU: `Accelerator._prepare_fsdp2` -> `fsdp2_prepare_model`
 #     (accelerate/utils/fsdp_utils.py:751) calls torch's `fully_shard` with `mesh=None`, which builds a CPU
 #     DeviceMesh when CUDA is absent (torch/distributed/fsdp/_fully_shard/_fsdp_init.py:198-211), and gloo
@@ -172,6 +178,7 @@ def check_distributed_launch(training_args=None) -> None:
             file=sys.stderr,
             flush=True,
         )
+    apply_ddp_timeout(training_args)
     if fsdp_requested() and accel_size > 1:
         # The Accelerator (created by the Trainer) decides FSDP; its state is not built yet here, so check what will
         # decide it: on CPU ranks only the enable_cpu_fsdp2() hook turns the MULTI_CPU run into FSDP.
@@ -180,6 +187,25 @@ def check_distributed_launch(training_args=None) -> None:
                 "the accelerate config asks for FSDP on CPU ranks but toolkit.distributed.enable_cpu_fsdp2() was not "
                 "called before TrainingArguments: accelerate would silently run DDP"
             )
+
+
+def apply_ddp_timeout(training_args) -> None:
+    """Give the default process group --ddp_timeout, whatever its backend.
+
+    transformers builds accelerate's PartialState with `timeout=ddp_timeout` only for GPU runs: with `use_cpu`
+    (every CPU run of several ranks) it passes no timeout (transformers/training_args.py, `_setup_devices`), so the
+    gloo group kept torch's 30-minute default and a rank that hung (not died: a dead one closes its sockets and
+    the others fail at once) stalled every other rank for half an hour, whatever --ddp_timeout said. torch's
+    `_set_pg_timeout` changes the timeout of a group that exists (gloo and NCCL); a no-op without one.
+    """
+    import torch.distributed as dist
+
+    seconds = getattr(training_args, "ddp_timeout", None)
+    if not seconds or not (dist.is_available() and dist.is_initialized()):
+        return
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    _set_pg_timeout(timedelta(seconds=seconds))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -296,21 +322,46 @@ def gather_descriptions(trainer_or_accelerator=None, model=None) -> list[Distrib
     return [DistributedInfo(**d) for d in everyone]
 
 
+BATCH_RECORD = "DistributedSetupCallback"  # its entry in a checkpoint's trainer_state.json "stateful_callbacks"
+
+
+def batch_geometry(training_args) -> dict:
+    """How a run splits its global batch: per-device batch x processes x accumulation steps."""
+    geometry = {"per_device_train_batch_size": training_args.per_device_train_batch_size,
+                "world_size": training_args.world_size,
+                "gradient_accumulation_steps": training_args.gradient_accumulation_steps}
+    geometry["global_batch_size"] = (geometry["per_device_train_batch_size"] * geometry["world_size"]
+                                     * geometry["gradient_accumulation_steps"])
+    return geometry
+
+
 def _build_setup_callback_class():
     from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
 
-    class DistributedSetupCallback(TrainerCallback):
+    class DistributedSetupCallback(TrainerCallback, ExportableState):
         """Once the Trainer has prepared (wrapped / sharded) the model, rank 0 prints how the run is distributed.
 
         Two lines: `distributed setup: <summary>` and `distributed setup: {json}` (the rank-0 description plus every
         rank's parameter fraction), so a log shows whether FSDP2 really sharded the parameters. Runs one small
         all_gather at train begin, reached by all ranks. The descriptions stay in `self.infos`.
+
+        Every checkpoint records the batch split of the run that wrote it (`batch_geometry`, in trainer_state.json,
+        through the Trainer's ExportableState mechanism), for toolkit.run_dir.check_resume_batch.
         """
 
-        def __init__(self):
+        def __init__(self, **_restored):
             self.infos: list[DistributedInfo] = []
+            self.batch: dict | None = None
+
+        def state(self) -> dict:
+            return {"args": {}, "attributes": {"batch": self.batch}}
+
+        def on_init_end(self, args, state, control, **kwargs):
+            self.batch = batch_geometry(args)
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.batch = batch_geometry(args)  # this run's, also when the Trainer restored an older callback state
             self.infos = gather_descriptions(None, model)
             if state.is_world_process_zero:
                 first = self.infos[0]
@@ -336,7 +387,33 @@ def __getattr__(name):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# 4. Export one normal save_pretrained folder
+# 4. A rank that died or hangs
+# --------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def peer_failures_as_user_errors(trainer):
+    """Around `trainer.train()`: when a collective fails because another rank died (its sockets closed: at once)
+    or stopped answering (after --ddp_timeout), raise one UserError line on this rank instead of the collective's
+    traceback. Every rank that is still alive reports it; the launcher ends the rest."""
+    try:
+        yield
+    except Exception as err:
+        if not (trainer.args.world_size > 1 and is_peer_failure(err)):
+            raise
+        import re
+
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = re.sub(r"^\[[^\]]*\]\s*", "", text)[:160]  # gloo starts with its own source location
+        hung = (f": no answer within --ddp_timeout ({trainer.args.ddp_timeout} s)" if "timed out" in text.lower()
+                else "")
+        raise UserError(f"lost contact with another rank at step {trainer.state.global_step}{hung} ({text}); "
+                        "check the other ranks' logs, then rerun the same command with --resume_from_checkpoint "
+                        "auto") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 5. Export one normal save_pretrained folder
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -390,5 +467,6 @@ def is_peer_failure(err: BaseException) -> bool:
     if isinstance(err, getattr(dist, "DistError", ())):
         return True
     text = str(err)
-    markers = ("Connection closed by peer", "Connection reset", "Broken pipe", "gloo", "NCCL", "timed out", "Timed out")
+    markers = ("Connection closed by peer", "Connection reset", "Broken pipe", "gloo", "NCCL", "timed out",
+               "Timed out")
     return isinstance(err, RuntimeError) and any(marker in text for marker in markers)

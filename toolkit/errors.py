@@ -7,6 +7,7 @@ and exit code 2 instead of a traceback wall. Real bugs still raise with a full t
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -32,3 +33,10 @@ def exit_on_user_error(main):
             sys.exit(USER_ERROR_EXIT_CODE)
 
     return wrapper
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse for the `toolkit` subcommands: a usage mistake is one UserError line, not the usage block."""
+
+    def error(self, message):
+        raise UserError(f"{message}; see `{self.prog} --help`")

@@ -19,8 +19,10 @@ from toolkit.errors import UserError
 def check_args(model_args, args) -> str | None:
     """Fail before any work: no/missing base, finished output_dir, bad push target. Returns the repo to push to.
     With no --model_name_or_path, picks the default base (toolkit.lora.default_base_model) and says which."""
+    from toolkit.distributed import apply_ddp_timeout
     from toolkit.lora import check_base_model, default_base_model
 
+    apply_ddp_timeout(args)  # --ddp_timeout for CPU (gloo) process groups too
     if not model_args.model_name_or_path:
         model_args.model_name_or_path = default_base_model()
     check_base_model(model_args.model_name_or_path)
@@ -31,15 +33,18 @@ def check_args(model_args, args) -> str | None:
 def check_output_dir(args) -> None:
     """Refuse to overwrite a finished run (its adapter) unless --overwrite_output_dir; resolve
     `--resume_from_checkpoint auto` to the newest complete checkpoint (or a fresh start)."""
-    from toolkit.run_dir import prepare_output_dir
 
     if os.path.isfile(os.path.join(args.output_dir, "adapter_config.json")) and not args.overwrite_output_dir:
         raise UserError(
             f"output_dir '{args.output_dir}' already holds a finished adapter; pass --overwrite_output_dir to replace it "
             f"or choose another --output_dir"
         )
+    from toolkit.run_dir import check_resume_batch, prepare_output_dir
+
     args.resume_from_checkpoint = prepare_output_dir(args.output_dir, args.overwrite_output_dir,
                                                      args.resume_from_checkpoint, args.process_index == 0)
+    if args.resume_from_checkpoint:
+        check_resume_batch(args.resume_from_checkpoint, args)  # another number of processes: same global batch only
 
 
 def make_trainer(**kwargs):
@@ -48,6 +53,7 @@ def make_trainer(**kwargs):
     from trl import SFTTrainer
 
     from toolkit.callbacks import GracefulStopCallback
+    from toolkit.distributed import DistributedSetupCallback
     from toolkit.trainer import CausalLMLoss, CrashSafeCheckpoints, mark_causal_lm_loss
 
     class FinetuneTrainer(CausalLMLoss, CrashSafeCheckpoints, SFTTrainer):
@@ -64,6 +70,8 @@ def make_trainer(**kwargs):
     # The same label count fix as pretraining: without it the Trainer divides the summed token losses by
     # every label, position 0 of each row included, and the training loss comes out (T-1)/T too low.
     mark_causal_lm_loss(kwargs["model"])
+    # the distributed setup report, and the batch split recorded in every checkpoint (checked on resume)
+    kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), DistributedSetupCallback()]
     trainer = FinetuneTrainer(**kwargs)
     trainer.graceful_stop = GracefulStopCallback(trainer.accelerator)
     trainer.add_callback(trainer.graceful_stop)
@@ -113,10 +121,29 @@ def evaluate(trainer, label: str) -> dict:
     from toolkit.lm_metrics import perplexity
 
     metrics = trainer.evaluate()
+    keep_ddp_for_training(trainer)
     loss = float(metrics["eval_loss"])
     out = {f"eval_loss_{label}": loss, f"eval_perplexity_{label}": perplexity(loss)}
     print(f"eval {label}: loss {loss:.4f}  perplexity {perplexity(loss):.2f}")
     return out
+
+
+def keep_ddp_for_training(trainer) -> None:
+    """After an evaluation before `train()`, let `train()` wrap the model in DDP again.
+
+    `Trainer.evaluate()` outside training runs accelerate's `prepare_model(model, evaluation_mode=True)`, which
+    marks the model `_is_accelerate_prepared` (accelerate/accelerator.py, end of prepare_model); `train()` then
+    takes the model as prepared and never wraps it in DistributedDataParallel. Under several processes every rank
+    trained its own adapter on its own shard, gradients never averaged, and rank 0's adapter was saved (measured:
+    rank 0's step-1 gradient norm equal to a one-process run on its 4 rows alone). Forgetting the mark restores
+    the normal DDP training; FSDP and DeepSpeed prepare fully in evaluate() and are left alone.
+    """
+    model = trainer.model
+    if (trainer.args.world_size == 1 or trainer.is_in_train or trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+            or not getattr(model, "_is_accelerate_prepared", False)):
+        return
+    model._is_accelerate_prepared = False
+    trainer.accelerator._models = [m for m in trainer.accelerator._models if m is not model]
 
 
 def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int) -> dict:

@@ -7,10 +7,9 @@ never printed or logged. HF_ENDPOINT (read when huggingface_hub is imported) sel
 
 from __future__ import annotations
 
-import argparse
 import os
 
-from toolkit.errors import UserError, exit_on_user_error
+from toolkit.errors import OneLineArgumentParser, UserError, exit_on_user_error
 
 # Never uploaded: pickled training state and bulky checkpoints (the folder keeps them locally).
 IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "runs/**", "training_args.bin", "optimizer.pt", "scheduler.pt",
@@ -98,7 +97,7 @@ def _first_line(err: Exception) -> str:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="toolkit push",
         description="Push a model or adapter folder to the Hugging Face Hub (token: HF_TOKEN or `hf auth login`).",
     )

@@ -8,11 +8,10 @@ without peft, and that recipes/lora.py or pretrain.py can start from again.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
-from toolkit.errors import UserError, exit_on_user_error
+from toolkit.errors import OneLineArgumentParser, UserError, exit_on_user_error
 
 
 def _adapter_config(adapter: str, token: str | None) -> dict:
@@ -73,7 +72,7 @@ def merge_adapter(adapter: str, output_dir: str, base_model: str | None = None, 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="toolkit merge", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="toolkit merge", description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", required=True, help="adapter folder (recipes/lora.py or qlora.py output_dir) or Hub repo")
     parser.add_argument("--output_dir", required=True, help="where to save the merged model folder")
     parser.add_argument("--base_model_name_or_path", default=None,

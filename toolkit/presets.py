@@ -12,10 +12,9 @@ and generation never picks them. Set it to 1 to get the exact OpenAI shape (124,
 
 from __future__ import annotations
 
-import argparse
 import math
 
-from toolkit.errors import UserError
+from toolkit.errors import OneLineArgumentParser, UserError, exit_on_user_error
 
 # n_positions is the context length the position table is built for; block_size <= n_positions.
 PRESETS: dict[str, dict[str, int]] = {
@@ -143,11 +142,16 @@ def count_parameters(n_layer: int, n_embd: int, vocab_size: int, n_positions: in
     return total if tied else total + vocab_size * d
 
 
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="toolkit presets", description="List the GPT-2 model presets.")
+    from toolkit.args.parser import AT_LEAST_1, check_ranges
+
+    parser = OneLineArgumentParser(prog="toolkit presets", description="List the GPT-2 model presets.")
     parser.add_argument("--vocab_size", type=int, default=GPT2_VOCAB_SIZE, help="tokenizer size (default: GPT-2's 50257)")
-    parser.add_argument("--pad_vocab_to_multiple_of", type=int, default=64)
+    parser.add_argument("--pad_vocab_to_multiple_of", type=int, default=64,
+                        help="pad the embedding rows to a multiple of this (1 = the exact vocabulary)")
     args = parser.parse_args(argv)
+    check_ranges(vars(args), {"vocab_size": AT_LEAST_1, "pad_vocab_to_multiple_of": AT_LEAST_1})
     vocab = pad_vocab(args.vocab_size, args.pad_vocab_to_multiple_of)
     print(f"{'preset':<12} {'n_layer':>7} {'n_head':>6} {'n_embd':>6} {'n_pos':>5} {'params (vocab ' + str(vocab) + ')':>24}")
     for name, f in PRESETS.items():

@@ -1,9 +1,21 @@
-"""The output folder of a run: never overwrite a previous run unless asked, and find checkpoints to resume."""
+"""The output folder of a run: never overwrite a previous run unless asked, and find checkpoints to resume.
+
+Resuming (`--resume_from_checkpoint auto` or a path) takes a checkpoint only when its files are whole: the newest
+one can still be broken although checkpoints are renamed into place only once written (toolkit/trainer.py), e.g.
+by a copy or sync that stopped half way, a disk error, or a checkpoint written by other code. `auto` then falls
+back to the newest complete one and says so on stderr; an explicit path is refused with the reason. The checks
+read file headers and sizes only, never the tensors, so they cost milliseconds whatever the model size.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import struct
+import sys
+import zipfile
 
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -15,36 +27,122 @@ RUN_MARKERS = ("config.json", "adapter_config.json", "trainer_state.json", "mode
 def holds_a_run(output_dir: str) -> bool:
     if not os.path.isdir(output_dir):
         return False
-    return any(os.path.exists(os.path.join(output_dir, m)) for m in RUN_MARKERS) or get_last_checkpoint(output_dir) is not None
+    markers = any(os.path.exists(os.path.join(output_dir, m)) for m in RUN_MARKERS)
+    return markers or get_last_checkpoint(output_dir) is not None
 
 
-def prepare_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint: str | None, is_main_process: bool = True) -> str | None:
+def prepare_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint: str | None,
+                       is_main_process: bool = True) -> str | None:
     """Check the output folder against the user's intent; return the checkpoint to resume from (or None).
 
-    - `--resume_from_checkpoint auto`: the newest complete checkpoint in output_dir, or a fresh start if none.
-    - `--resume_from_checkpoint PATH`: that folder, which must hold a Trainer checkpoint.
+    - `--resume_from_checkpoint auto`: the newest complete checkpoint in output_dir (skipping broken newer ones,
+      with a warning), or a fresh start if there is none at all.
+    - `--resume_from_checkpoint PATH`: that folder, which must hold a complete Trainer checkpoint.
     - otherwise output_dir must not hold a previous run, unless --overwrite_output_dir (then old checkpoints go).
     """
     check_writable_dir(output_dir)
     if resume_from_checkpoint == "auto":
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        last = newest_complete_checkpoint(output_dir, warn=is_main_process) if os.path.isdir(output_dir) else None
         if last is None and holds_a_run(output_dir) and not overwrite:
-            raise UserError(f"'{output_dir}' holds a finished run with no checkpoint to resume; pass --overwrite_output_dir "
-                            "to train again from scratch, or choose another --output_dir")
+            raise UserError(f"'{output_dir}' holds a finished run with no checkpoint to resume; pass "
+                            "--overwrite_output_dir to train again from scratch, or choose another --output_dir")
         return last
     if resume_from_checkpoint:
-        if not os.path.isfile(os.path.join(resume_from_checkpoint, "trainer_state.json")):
-            raise UserError(f"'{resume_from_checkpoint}' is not a complete checkpoint (no trainer_state.json); "
+        problem = checkpoint_problem(resume_from_checkpoint)
+        if problem:
+            raise UserError(f"'{resume_from_checkpoint}' is not a complete checkpoint ({problem}); "
                             f"pass a checkpoint-N folder or --resume_from_checkpoint auto")
         return resume_from_checkpoint
     if holds_a_run(output_dir):
         if not overwrite:
-            raise UserError(f"output_dir '{output_dir}' already holds a run; pass --overwrite_output_dir to replace it, "
-                            "--resume_from_checkpoint auto to continue it, or choose another --output_dir")
+            raise UserError(f"output_dir '{output_dir}' already holds a run; pass --overwrite_output_dir to replace "
+                            "it, --resume_from_checkpoint auto to continue it, or choose another --output_dir")
         if is_main_process:
             for name in os.listdir(output_dir):
                 if name.startswith("checkpoint-"):
                     shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    return None
+
+
+def newest_complete_checkpoint(output_dir: str, warn: bool = True) -> str | None:
+    """The checkpoint-N folder with the largest N whose files are whole. Broken newer ones are skipped with a
+    one-line warning; if every checkpoint is broken, a UserError (starting again silently would lose the run)."""
+    steps = {int(m.group(1)): name for name in os.listdir(output_dir)
+             if (m := re.fullmatch(r"checkpoint-(\d+)", name)) and os.path.isdir(os.path.join(output_dir, name))}
+    broken = []
+    for step in sorted(steps, reverse=True):
+        path = os.path.join(output_dir, steps[step])
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if broken and warn:
+                skipped = "; ".join(f"{name}: {why}" for name, why in broken)
+                print(f"warning: skipping incomplete checkpoint(s) ({skipped}); resuming from {steps[step]} instead",
+                      file=sys.stderr, flush=True)
+            return path
+        broken.append((steps[step], problem))
+    if broken:
+        name, why = broken[0]
+        raise UserError(f"no complete checkpoint in '{output_dir}' ({name}: {why}); pass --overwrite_output_dir "
+                        "without --resume_from_checkpoint to start again, or restore the checkpoint files")
+    return None
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why `path` cannot be resumed from, in a few words; None when it looks complete.
+
+    Checks the trainer state (valid JSON), that there are weights (a full model, an adapter or FSDP shards), and
+    that every file is whole: safetensors files as long as their header says, torch-saved files (optimizer,
+    scheduler, RNG state: zip archives) with their end-of-archive directory, sharded folders with their metadata.
+    """
+    if not os.path.isdir(path):
+        return "no such folder"
+    state = os.path.join(path, "trainer_state.json")
+    if not os.path.isfile(state):
+        return "no trainer_state.json"
+    try:
+        with open(state, encoding="utf-8") as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return "trainer_state.json is not valid JSON"
+    names = os.listdir(path)
+    weights = [n for n in names if n.endswith(".safetensors") or n.startswith("pytorch_model_fsdp")]
+    if not weights:
+        return "no model or adapter weights"
+    for name in sorted(names):
+        full = os.path.join(path, name)
+        if name.endswith(".safetensors"):
+            problem = _safetensors_problem(full)
+        elif name.endswith((".pt", ".pth", ".bin")) and os.path.isfile(full):
+            problem = None if zipfile.is_zipfile(full) else "is truncated or not a torch save file"
+        elif os.path.isdir(full) and any(f.endswith(".distcp") for f in os.listdir(full)):
+            files = os.listdir(full)
+            empty = [f for f in files if f.endswith(".distcp") and os.path.getsize(os.path.join(full, f)) == 0]
+            problem = ("has no .metadata" if ".metadata" not in files
+                       else f"has an empty shard {empty[0]}" if empty else None)
+        else:
+            problem = None
+        if problem:
+            return f"{name} {problem}"
+    return None
+
+
+def _safetensors_problem(path: str) -> str | None:
+    """A safetensors file is an 8-byte header length, a JSON header with each tensor's byte range, then the data."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size:
+                return f"is truncated ({size:,} bytes)"
+            header = json.loads(f.read(header_len))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, struct.error, AttributeError, KeyError, TypeError, IndexError):
+        return "is not a safetensors file (unreadable header)"
+    expected = 8 + header_len + end
+    if size != expected:
+        if size < expected:
+            return f"is truncated ({size:,} of {expected:,} bytes)"
+        return f"has {size - expected:,} extra bytes"
     return None
 
 
@@ -59,24 +157,73 @@ def check_writable_dir(path: str, option: str = "--output_dir") -> None:
     if not os.path.isdir(existing):
         raise UserError(f"cannot create {option} '{path}': '{existing}' is a file; choose a folder path")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{option} '{path}' is not writable ('{existing}' is read-only for you); choose another folder")
+        raise UserError(f"{option} '{path}' is not writable ('{existing}' is read-only for you); "
+                        "choose another folder")
 
 
-def check_resume_compatible(checkpoint: str, config) -> None:
-    """A checkpoint from another model shape fails deep in torch with a size-mismatch wall; say it plainly."""
-    import json
-
+def check_resume_compatible(checkpoint: str, config, training_args=None) -> None:
+    """A checkpoint from another model shape fails deep in torch with a size-mismatch wall; say it plainly. With the
+    training arguments, also the batch (check_resume_batch)."""
+    if training_args is not None:
+        check_resume_batch(checkpoint, training_args)
     path = os.path.join(checkpoint, "config.json")
     if not os.path.isfile(path):
         return  # sharded (FSDP) checkpoints keep the config beside the shards; torch checks shapes there
     try:
         saved = json.loads(open(path).read())
     except (OSError, ValueError):
-        raise UserError(f"checkpoint '{checkpoint}' has a corrupt config.json; resume from an earlier checkpoint-N folder") from None
+        raise UserError(f"checkpoint '{checkpoint}' has a corrupt config.json; resume from an earlier checkpoint-N "
+                        "folder") from None
     for key in ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions"):
         if key in saved and saved[key] != getattr(config, key, saved[key]):
             raise UserError(f"checkpoint '{checkpoint}' was trained with {key}={saved[key]} but this run has "
                             f"{key}={getattr(config, key)}; use the same model options as the run that wrote it")
+
+
+def check_resume_batch(checkpoint: str, training_args) -> None:
+    """Resume on another number of processes only with the same global batch (sequences per optimizer step).
+
+    The Trainer skips `steps done x accumulation` batches on each process, and a process's batches are every N-th
+    per-device batch of the one seeded order: so with the same global batch, 1, 2 or N processes see the same
+    sequences at every step, whatever the split (per-device batch x processes x accumulation), and the run goes on
+    as it would have. Another global batch would skip the wrong amount of data and change what a step means for
+    the learning-rate schedule: refused, naming the settings that restore it. The checkpoint's batch is the one
+    `toolkit.distributed.DistributedSetupCallback` recorded in trainer_state.json; older checkpoints have no record
+    and are not checked.
+    """
+    from toolkit.distributed import BATCH_RECORD, batch_geometry, fsdp_requested
+
+    sharded = any(name.startswith("pytorch_model_fsdp") for name in os.listdir(checkpoint))
+    if sharded and not fsdp_requested(training_args):
+        raise UserError(f"checkpoint '{checkpoint}' holds FSDP shards; resume it under FSDP (accelerate launch "
+                        "--config_file accelerate_configs/fsdp.yaml, or fsdp_cpu.yaml without GPUs) with the same "
+                        "global batch")
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+            record = json.load(f).get("stateful_callbacks", {}).get(BATCH_RECORD, {})
+    except (OSError, ValueError, AttributeError):
+        return
+    saved = (record.get("attributes") or {}).get("batch") if isinstance(record, dict) else None
+    if not saved:
+        return
+    now = batch_geometry(training_args)
+
+    def split(g: dict) -> str:
+        return (f"{g['per_device_train_batch_size']} per device x {g['world_size']} process(es) x "
+                f"{g['gradient_accumulation_steps']} accumulation step(s)")
+
+    if saved["global_batch_size"] != now["global_batch_size"]:
+        want = saved["global_batch_size"]
+        fix = (f"--global_batch_size {want}" if hasattr(training_args, "global_batch_size") else
+               f"--per_device_train_batch_size and --gradient_accumulation_steps that make {want} "
+               f"with {now['world_size']} process(es)")
+        raise UserError(f"checkpoint '{checkpoint}' was trained with a global batch of {want} sequences "
+                        f"({split(saved)}) but this run has {now['global_batch_size']} ({split(now)}), which would "
+                        f"change the data order and the schedule; resume with {fix}")
+    if saved["world_size"] != now["world_size"] and training_args.process_index == 0:
+        print(f"note: resuming a {saved['world_size']}-process checkpoint on {now['world_size']} process(es) with "
+              f"the same global batch of {now['global_batch_size']} sequences ({split(now)}): same data order and "
+              "schedule")
 
 
 def load_pretrained_model(name_or_path: str, **kwargs):
@@ -86,10 +233,12 @@ def load_pretrained_model(name_or_path: str, **kwargs):
     from toolkit.sources import is_local_path
 
     if is_local_path(name_or_path) and not os.path.isdir(name_or_path):
-        raise UserError(f"model folder '{name_or_path}' does not exist; pass a save_pretrained folder or a Hub model name")
+        raise UserError(f"model folder '{name_or_path}' does not exist; pass a save_pretrained folder or a Hub "
+                        "model name")
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    except Exception as err:  # OSError, SafetensorError, size mismatches...: all mean "this is not a usable checkpoint"
-        first = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}" if str(err).strip() else type(err).__name__
+    except Exception as err:  # OSError, SafetensorError, size mismatches...: all mean "not a usable checkpoint"
+        text = str(err).strip()
+        first = f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
         raise UserError(f"could not load model '{name_or_path}' ({first}); check that it is a complete "
                         "save_pretrained folder (config.json + model.safetensors) or a reachable Hub name") from None

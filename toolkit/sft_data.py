@@ -16,6 +16,7 @@ ends every assistant turn with EOS. Without it a chat-tuned GPT-2 never learns t
 from __future__ import annotations
 
 import os
+
 from toolkit.errors import UserError
 from toolkit.sources import FILE_BUILDERS
 
@@ -116,6 +117,10 @@ def detect_format(columns: list[str], text_field: str = "text") -> str:
 def load_sft_datasets(args, seed: int, text_field: str = "text"):
     """(train, eval, format): eval is the validation file / test split, else a seeded hold-out of train."""
     data = _load(args)
+    if "conversations" in data["train"].column_names and "messages" not in data["train"].column_names:
+        # ShareGPT -> messages here, not in trl: trl renames the keys but keeps ShareGPT's roles ("human", "gpt"),
+        # which a chat template does not know as the user and the assistant (replies then get no EOS, no loss mask)
+        data = data.map(lambda ex: {"messages": _messages(ex)}, remove_columns=["conversations"])
     train = data["train"]
     fmt = detect_format(train.column_names, text_field)
     if fmt == "text":  # paragraph splitting leaves empty rows between blank lines
@@ -149,11 +154,18 @@ def ensure_chat_template(tokenizer) -> bool:
     return True
 
 
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+
+
 def _messages(example) -> list[dict]:
+    """The chat turns of an example as role/content messages; ShareGPT's from/value turns (human, gpt) converted."""
     if "messages" in example:
         return list(example["messages"])
-    return [{"role": {"human": "user", "gpt": "assistant"}.get(t["from"], t["from"]), "content": t["value"]}
-            for t in example["conversations"]]
+    turns = []
+    for turn in example["conversations"]:
+        role = turn.get("role") or turn.get("from")
+        turns.append({"role": SHAREGPT_ROLES.get(role, role), "content": turn.get("content", turn.get("value"))})
+    return turns
 
 
 def sample_prompt(example: dict, fmt: str, tokenizer, text_field: str = "text", n_tokens: int = 16) -> str:
