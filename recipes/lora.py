@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None, recipe: str = "lora") -> dict:
 
     from transformers import set_seed
 
-    from toolkit import distributed, finetune, lora
+    from toolkit import distributed, finetune, lora, peer_failures
     from toolkit.sft_data import load_sft_datasets, sample_prompt
     from toolkit.tokenizer import load_tokenizer
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None, recipe: str = "lora") -> dict:
 
     # 5. eval before, train, eval after, a sample
     metrics = finetune.evaluate(trainer, "before")
-    with distributed.peer_failures_as_user_errors(trainer):  # a dead or hung rank: one line, not a traceback
+    with peer_failures.peer_failures_as_user_errors(trainer):  # a dead or hung rank: one line, not a traceback
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)  # SIGTERM: save, stop
     trainer.graceful_stop.exit_if_stopped(training_args)
     metrics.update(finetune.evaluate(trainer, "after"), train_loss=result.training_loss,
@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None, recipe: str = "lora") -> dict:
                       extra_hparams=lora.quantization_summary(quant_args, dtype) if quantized else None)
     if push_to:
         metrics["hub_url"] = finetune.push(trainer, push_to)
+    trainer.graceful_stop.release(training_args)  # a SIGTERM after training ends the run here, results saved
     return metrics
 
 

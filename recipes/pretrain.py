@@ -35,7 +35,7 @@ from toolkit.errors import UserError, exit_on_user_error
 @exit_on_user_error
 def main() -> None:
     from toolkit import args as arguments
-    from toolkit import distributed
+    from toolkit import distributed, peer_failures
     from toolkit.args.pretrain import DataArguments, ModelArguments, PretrainArguments
 
     # 1. Parse: YAML (--config) + command-line overrides over this machine's defaults (bf16 on GPUs that have it,
@@ -199,7 +199,7 @@ def main() -> None:
     #    SIGINT/SIGTERM saves a checkpoint at the end of the current step and stops.
     stop = GracefulStopCallback(trainer.accelerator)
     trainer.add_callback(stop)
-    with distributed.peer_failures_as_user_errors(trainer):  # a dead or hung rank: one line, not a traceback
+    with peer_failures.peer_failures_as_user_errors(trainer):  # a dead or hung rank: one line, not a traceback
         trainer.train(resume_from_checkpoint=resume_from)
     stop.exit_if_stopped(training_args)
 
@@ -226,6 +226,7 @@ def main() -> None:
 
         url = push_folder(training_args.output_dir, training_args.hub_model_id, private=bool(training_args.hub_private_repo), token=training_args.hub_token)
         print(f"Pushed to {url}")
+    stop.release(training_args)  # a SIGTERM during the final evaluation or save ends the run here, results saved
 
 
 def generate_sample(model_dir: str, prompt: str, max_new_tokens: int, seed: int) -> str:

@@ -418,3 +418,29 @@ def test_lora_sigterm_then_resume_gives_the_same_losses(tiny_model_dir, small_te
     want, got = losses(reference / "checkpoint-60"), losses(out / "checkpoint-60")  # the final checkpoints' histories
     for step in range(stopped + 1, 61):
         assert got[step] == pytest.approx(want[step], abs=1e-5), step
+
+
+def test_a_signal_after_training_lets_the_results_be_saved_then_ends_the_run(capsys):
+    """SIGTERM during the final evaluation, sample or save (after train() returned): the handler stays until the
+    recipe has written its results, then the run ends with 128 + the signal, saying the results were saved."""
+    import signal
+    from types import SimpleNamespace
+
+    from toolkit.callbacks import GracefulStopCallback
+
+    before = signal.getsignal(signal.SIGTERM)
+    stop = GracefulStopCallback()
+    try:
+        assert signal.getsignal(signal.SIGTERM) == stop._request_stop
+        stop.on_train_end(None, None, None)  # training over: the handler must still be ours
+        assert signal.getsignal(signal.SIGTERM) == stop._request_stop
+        signal.raise_signal(signal.SIGTERM)  # recorded, not fatal
+        args = SimpleNamespace(process_index=0, output_dir="out/x")
+        stop.exit_if_stopped(args)  # not a stop of training: nothing to resume
+        with pytest.raises(SystemExit) as exc:
+            stop.release(args)
+        assert exc.value.code == 128 + signal.SIGTERM
+        assert "SIGTERM received after training; the results were saved in out/x" in capsys.readouterr().out
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert signal.getsignal(signal.SIGTERM) == before

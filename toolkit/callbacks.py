@@ -99,12 +99,18 @@ class GracefulStopCallback(TrainerCallback):
             control.should_training_stop = True
         return control
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def release(self, args) -> None:
+        """At the very end of a recipe, once its results are saved: give the handlers back. The handlers stay through
+        the final evaluation, save and push, so a signal there lets the results be written, and then ends the run."""
         import signal
 
-        for sig, handler in self._previous.items():  # give Ctrl-C back to the caller once training is over
-            if sig != signal.SIGINT or self.signal_name is None:
-                signal.signal(sig, handler)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        if self.signal_name and self.stopped_at_step is None:  # came after training
+            if args.process_index == 0:
+                print(f"\n{self.signal_name} received after training; the results were saved in {args.output_dir} first",
+                      flush=True)
+            sys.exit(self.exit_code)
 
     @property
     def exit_code(self) -> int:
@@ -114,7 +120,7 @@ class GracefulStopCallback(TrainerCallback):
 
     def exit_if_stopped(self, args) -> None:
         """After train(): if a signal stopped it, say how to resume and exit with 128 + the signal's number."""
-        if not self.signal_name:
+        if self.stopped_at_step is None:  # no signal, or one after the last step: release() handles that
             return
         if args.process_index == 0:
             print(f"\nStopped by {self.signal_name} at step {self.stopped_at_step}; checkpoint saved in {args.output_dir}. "

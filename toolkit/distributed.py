@@ -6,13 +6,12 @@ What this module is for, in the order a recipe uses it:
    (`fully_shard`, DTensor parameters) on CPU/gloo ranks, where accelerate 1.x silently runs DDP instead.
 2. `check_distributed_launch(training_args)` - right after `TrainingArguments`: refuses a launch of several
    processes that did not end up in one accelerate process group (N independent copies that all train as rank 0),
-   and gives the process group the --ddp_timeout on every backend (`apply_ddp_timeout`).
+   and gives the process group the --ddp_timeout on every backend (toolkit/peer_failures.py, which also turns a
+   dead or hung rank into one line on every other rank).
 3. `DistributedSetupCallback` / `describe_distributed(trainer)` - report the distributed type, world size and
    whether the parameters are sharded across ranks, once the model is prepared; record the batch split in each
    checkpoint (`batch_geometry`) so a resume on another number of processes can be checked.
-4. `peer_failures_as_user_errors(trainer)` - around `trainer.train()`: a rank that died or stopped answering is
-   one line on every other rank, not a collective's traceback.
-5. `export_full_model(trainer, output_dir, tokenizer)` - after training: one normal `save_pretrained` folder
+4. `export_full_model(trainer, output_dir, tokenizer)` - after training: one normal `save_pretrained` folder
    (full state dict gathered on rank 0) that `from_pretrained` loads without FSDP, whatever the launch.
 
 Everything else (process groups, sharding, sharded checkpoints, resuming) is accelerate's and the Trainer's own code.
@@ -20,14 +19,12 @@ Everything else (process groups, sharding, sharded checkpoints, resuming) is acc
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
 
 from toolkit.errors import UserError
 
@@ -178,6 +175,8 @@ def check_distributed_launch(training_args=None) -> None:
             file=sys.stderr,
             flush=True,
         )
+    from toolkit.peer_failures import apply_ddp_timeout
+
     apply_ddp_timeout(training_args)
     if fsdp_requested() and accel_size > 1:
         # The Accelerator (created by the Trainer) decides FSDP; its state is not built yet here, so check what will
@@ -187,25 +186,6 @@ def check_distributed_launch(training_args=None) -> None:
                 "the accelerate config asks for FSDP on CPU ranks but toolkit.distributed.enable_cpu_fsdp2() was not "
                 "called before TrainingArguments: accelerate would silently run DDP"
             )
-
-
-def apply_ddp_timeout(training_args) -> None:
-    """Give the default process group --ddp_timeout, whatever its backend.
-
-    transformers builds accelerate's PartialState with `timeout=ddp_timeout` only for GPU runs: with `use_cpu`
-    (every CPU run of several ranks) it passes no timeout (transformers/training_args.py, `_setup_devices`), so the
-    gloo group kept torch's 30-minute default and a rank that hung (not died: a dead one closes its sockets and
-    the others fail at once) stalled every other rank for half an hour, whatever --ddp_timeout said. torch's
-    `_set_pg_timeout` changes the timeout of a group that exists (gloo and NCCL); a no-op without one.
-    """
-    import torch.distributed as dist
-
-    seconds = getattr(training_args, "ddp_timeout", None)
-    if not seconds or not (dist.is_available() and dist.is_initialized()):
-        return
-    from torch.distributed.distributed_c10d import _set_pg_timeout
-
-    _set_pg_timeout(timedelta(seconds=seconds))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -387,33 +367,7 @@ def __getattr__(name):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# 4. A rank that died or hangs
-# --------------------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def peer_failures_as_user_errors(trainer):
-    """Around `trainer.train()`: when a collective fails because another rank died (its sockets closed: at once)
-    or stopped answering (after --ddp_timeout), raise one UserError line on this rank instead of the collective's
-    traceback. Every rank that is still alive reports it; the launcher ends the rest."""
-    try:
-        yield
-    except Exception as err:
-        if not (trainer.args.world_size > 1 and is_peer_failure(err)):
-            raise
-        import re
-
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        text = re.sub(r"^\[[^\]]*\]\s*", "", text)[:160]  # gloo starts with its own source location
-        hung = (f": no answer within --ddp_timeout ({trainer.args.ddp_timeout} s)" if "timed out" in text.lower()
-                else "")
-        raise UserError(f"lost contact with another rank at step {trainer.state.global_step}{hung} ({text}); "
-                        "check the other ranks' logs, then rerun the same command with --resume_from_checkpoint "
-                        "auto") from None
-
-
-# --------------------------------------------------------------------------------------------------------------
-# 5. Export one normal save_pretrained folder
+# 4. Export one normal save_pretrained folder
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -453,20 +407,3 @@ def export_full_model(trainer, output_dir: str, tokenizer=None) -> None:
         if tokenizer is not None:
             tokenizer.save_pretrained(output_dir)
     accelerator.wait_for_everyone()
-
-
-def is_peer_failure(err: BaseException) -> bool:
-    """True when a collective failed because another rank died or stopped answering.
-
-    gloo raises a RuntimeError ("Connection closed by peer" / "Connection reset by peer") as soon as a peer's
-    socket closes; NCCL and timeouts raise torch.distributed.DistError subclasses. Either way the user's next step
-    is the same: look at the other ranks' logs and resume.
-    """
-    import torch.distributed as dist
-
-    if isinstance(err, getattr(dist, "DistError", ())):
-        return True
-    text = str(err)
-    markers = ("Connection closed by peer", "Connection reset", "Broken pipe", "gloo", "NCCL", "timed out",
-               "Timed out")
-    return isinstance(err, RuntimeError) and any(marker in text for marker in markers)

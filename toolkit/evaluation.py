@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from toolkit.errors import UserError, exit_on_user_error
+from toolkit.errors import OneLineArgumentParser, UserError, exit_on_user_error
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -157,7 +157,7 @@ def score_token_chunks(model, chunks: Iterable, byte_counter, block_size: int, s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="toolkit eval", description=__doc__, formatter_class=HelpFormatter)
+    p = OneLineArgumentParser(prog="toolkit eval", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("model", nargs="?", default=None, help="model folder or Hub name; may be left out with --adapter")
     p.add_argument("--adapter", default=None, help="LoRA/QLoRA adapter folder or Hub repo to apply on the model")
     text = p.add_argument_group("language-model quality: loss, perplexity, bits per byte")

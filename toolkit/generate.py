@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from toolkit.errors import UserError, exit_on_user_error
+from toolkit.errors import OneLineArgumentParser, UserError, exit_on_user_error
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -22,7 +22,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="toolkit generate", description=__doc__, formatter_class=HelpFormatter)
+    p = OneLineArgumentParser(prog="toolkit generate", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("model", nargs="?", default=None,
                    help="model folder (a recipe's output_dir, a merged model) or Hub name; may be left out with --adapter "
                         "(the adapter's recorded base is used)")

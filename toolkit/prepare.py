@@ -31,7 +31,7 @@ import numpy as np
 from toolkit import store_writer as sw
 from toolkit import token_store as ts
 from toolkit.corpus import Corpus
-from toolkit.errors import UserError, exit_on_user_error
+from toolkit.errors import OneLineArgumentParser, UserError, exit_on_user_error
 from toolkit.tokenize_pool import default_num_proc, encoded_batches, peak_rss_kib
 
 DEFAULT_SHARD_TOKENS = 100_000_000
@@ -301,7 +301,7 @@ def _non_negative(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         prog="toolkit prepare",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,

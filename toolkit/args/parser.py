@@ -14,7 +14,6 @@ and `--dataset_config` (trl's name of `--dataset_config_name`).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -95,13 +94,6 @@ RANGES: dict[str, Range] = {
     # evaluation during training
     "eval_tasks_limit": POSITIVE,
 }
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse for the `toolkit` subcommands: a bad value or unknown option is one line (exit 2), not a usage block."""
-
-    def error(self, message):
-        raise UserError(f"{message}; see --help")
 
 
 def check_ranges(values: dict, ranges: dict[str, Range] | None = None) -> None:

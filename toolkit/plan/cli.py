@@ -14,8 +14,8 @@ import os
 import re
 from dataclasses import asdict
 
-from toolkit.args.parser import AT_LEAST_1, FRACTION, ArgumentParser, check_ranges
-from toolkit.errors import UserError, exit_on_user_error
+from toolkit.args.parser import AT_LEAST_1, FRACTION, check_ranges
+from toolkit.errors import OneLineArgumentParser, UserError, exit_on_user_error
 from toolkit.plan.advice import Plan, make_plan
 from toolkit.plan.calibration import GiB, MiB
 from toolkit.plan.memory import OPTIMIZERS, STRATEGIES, TASKS, Estimate, Setup, resolve_lora_targets
@@ -56,7 +56,7 @@ def detect_hardware() -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(
+    p = OneLineArgumentParser(
         prog="toolkit plan",
         description="Memory per device (parameters, gradients, optimizer, activations, quantization, overhead) for "
                     "GPT-2 training, the recipe and accelerate config that fit, and the command to run.",
