@@ -91,6 +91,8 @@ def parse_args(argv=None):
     a("--gradient_accumulation_steps", type=int, default=1)
     a("--max_steps", "--steps", type=int, default=600, help="optimizer updates")
     a("--learning_rate", type=float, help="peak learning rate; default by model width, as in pretrain.py (LEARNING_RATE_BY_WIDTH)")
+    a("--optim", choices=["adamw", "muon"], default="adamw", help="muon: Muon for the blocks' matrices, AdamW for the rest")
+    a("--muon_learning_rate", type=float, default=0.05, help="peak learning rate of Muon's matrices (--optim muon)")
     a("--warmup_steps", type=float, default=50, help="linear warmup updates (a value below 1: fraction of max_steps)")
     a("--min_lr_rate", type=float, default=0.1, help="the cosine ends at learning_rate * min_lr_rate")
     a("--weight_decay", type=float, default=0.1)
@@ -412,6 +414,32 @@ def epoch_batches(n_train, batch_size, seed, epoch, rank, world):
 
 
 # -----------------------------------------------------------------------------------------------------
+# Muon (--optim muon; toolkit/muon.py is pretrain.py's copy): each hidden matrix moves along its orthogonalized
+# Nesterov momentum, U V^T of the momentum's SVD, approximated by 5 Newton-Schulz iterations (bf16 on GPUs; fp32 on
+# CPUs, where bf16 is slow), with decoupled weight decay and a step sqrt(max(1, fan_out / fan_in)) times the lr.
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params, lr, weight_decay):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - 0.95)
+                x = p.grad.lerp(buf, 0.95)
+                x = x.bfloat16() if x.is_cuda else x.float()
+                x = x if x.size(0) <= x.size(1) else x.T  # iterate on the smaller Gram matrix
+                x = x / x.norm().clamp(min=1e-7)
+                for _ in range(5):
+                    gram = x @ x.T
+                    x = 3.4445 * x + (-4.7750 * gram + 2.0315 * gram @ gram) @ x
+                x = (x if p.size(0) <= p.size(1) else x.T).to(p.dtype)
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(x, alpha=-group["lr"] * math.sqrt(max(1.0, p.size(0) / p.size(1))))  # nn.Linear: (out, in)
+
+
+# -----------------------------------------------------------------------------------------------------
 # Learning-rate schedule: linear warmup from 0, then cosine decay to min_lr_rate * learning_rate at
 # max_steps (transformers' "cosine_with_min_lr"). Update k uses lr * f(k); f(0) = 0 with warmup, as in HF.
 def lr_factor(k, warmup, max_steps, min_lr_rate):
@@ -570,14 +598,19 @@ def main(argv=None):
     params = [p for p in raw_model.parameters() if p.requires_grad]  # the tied head appears once
     if args.learning_rate is None:  # wider models need a smaller step (see LEARNING_RATE_BY_WIDTH)
         args.learning_rate = next(lr for width, lr in LEARNING_RATE_BY_WIDTH if cfg["n_embd"] <= width)
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+    hidden = {id(p) for n, p in raw_model.named_parameters() if args.optim == "muon" and ".h." in n and p.dim() == 2}
+    groups = [{"params": [p for p in params if p.dim() >= 2 and id(p) not in hidden], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  eps=args.adam_epsilon, fused=device.type in ("cuda", "cpu"))
+    optimizers = [torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                    eps=args.adam_epsilon, fused=device.type in ("cuda", "cpu"))]
+    if hidden:
+        optimizers.insert(0, Muon([p for p in params if id(p) in hidden], args.muon_learning_rate, args.weight_decay))
+    peak_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]  # the schedule scales each group's peak
     step = 0
     if resume_dir:
         state = torch.load(os.path.join(resume_dir, "training_state.pt"), map_location=device, weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
+        for opt, saved in zip(optimizers, state["optimizers"]):
+            opt.load_state_dict(saved)
         step = state["step"]
         torch.set_rng_state(state["rng"].cpu())  # dropout masks continue as if never interrupted
         log(f"resumed from {resume_dir} at step {step}")
@@ -630,7 +663,7 @@ def main(argv=None):
         if master:
             tmp = folder + ".tmp" if folder == ckpt_dir else folder
             save_hf(raw_model, tokenizer, eos_id, tmp)
-            torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()},
+            torch.save({"step": step, "optimizers": [o.state_dict() for o in optimizers], "rng": torch.get_rng_state()},
                        os.path.join(tmp, "training_state.pt"))
             if tmp != folder:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -649,9 +682,11 @@ def main(argv=None):
         if epoch != batches_epoch:
             batches, batches_epoch = epoch_batches(n_train, args.batch_size, args.seed, epoch, rank, world), epoch
         micro = batches[u * G:(u + 1) * G]
-        lr = args.learning_rate * lr_factor(step, args.warmup_steps, args.max_steps, args.min_lr_rate)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        factor = lr_factor(step, args.warmup_steps, args.max_steps, args.min_lr_rate)
+        lr = args.learning_rate * factor
+        for opt, peaks in zip(optimizers, peak_lrs):
+            for group, peak in zip(opt.param_groups, peaks):
+                group["lr"] = peak * factor
         for i, idx in enumerate(micro):
             x = train_blocks[idx].to(device, non_blocking=True)
             # Gradient accumulation: gradients of the micro-batches add up in .grad; dividing each loss by
@@ -666,8 +701,9 @@ def main(argv=None):
         # Clip the global gradient norm to max_grad_norm: one bad batch cannot blow the weights up.
         if args.max_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         step += 1
         steps_since_log += 1
 

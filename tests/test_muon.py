@@ -43,7 +43,7 @@ def _optimizer(model):
     named = list(model.named_parameters())
     return MuonWithAdamW([p for n, p in named if n in hidden],
                          [{"params": [p for n, p in named if n not in hidden], "weight_decay": 0.1}],
-                         lr=1e-2, weight_decay=0.1)
+                         lr=1e-2, muon_lr=0.05, weight_decay=0.1, fan_out_dim=1)
 
 
 def _steps(model, optimizer, n, start):
@@ -74,5 +74,24 @@ def test_one_state_dict_resumes_both_parts_exactly_and_the_schedule_reaches_both
     # a learning-rate schedule sets every group, the AdamW's included
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt2, lambda step: 0.5)
     scheduler.step()
-    assert [g["lr"] for g in opt2.param_groups] == pytest.approx([5e-3, 5e-3])
+    assert [g["lr"] for g in opt2.param_groups] == pytest.approx([0.025, 5e-3])
     assert opt2.adamw.param_groups[0]["lr"] == pytest.approx(5e-3)
+
+
+def test_the_step_does_not_depend_on_the_weight_layout():
+    """GPT-2's Conv1D stores (in, out), nn.Linear (out, in): the same weight and gradient get the same step, and the
+    wide layer's step is sqrt(fan_out / fan_in) = sqrt(3) times larger than a square one's (Keller's scaling)."""
+    from toolkit.muon import MuonWithAdamW
+
+    torch.manual_seed(0)
+    weight, grad = torch.randn(96, 32), torch.randn(96, 32)
+    linear, conv1d = torch.nn.Parameter(weight.clone()), torch.nn.Parameter(weight.T.clone())
+    linear.grad, conv1d.grad = grad.clone(), grad.T.clone()
+    for p, out_dim in ((linear, 0), (conv1d, 1)):
+        gain = torch.nn.Parameter(torch.ones(3))  # AdamW's part, not under test here
+        MuonWithAdamW([p], [{"params": [gain]}], lr=1e-3, muon_lr=0.05, weight_decay=0.0, fan_out_dim=out_dim).step()
+    torch.testing.assert_close(conv1d.detach().T, linear.detach(), atol=1e-6, rtol=0)
+    from toolkit.muon import orthogonalize
+
+    step = (weight - linear.detach()).norm() / orthogonalize(grad).norm()  # the iterations ignore the update's scale
+    assert float(step) == pytest.approx(0.05 * 3**0.5, rel=1e-5)

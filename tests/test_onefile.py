@@ -219,3 +219,21 @@ def test_gpu_peak_table_agrees_with_toolkit():
              "Tesla V100-SXM2-16GB", "Tesla T4", "Some Future GPU"]
     assert [module.gpu_peak(n) for n in names] == [flops.gpu_peak_flops(n) for n in names]
     assert module.GPU_PEAK_BF16 == flops.GPU_PEAK_BF16_FLOPS
+
+
+@pytest.mark.slow
+def test_muon_gives_the_same_losses_as_pretrain(tmp_path, tiny_model_dir, small_text_file, onefile):
+    """--optim muon in both recipes (onefile's Muon class, pretrain.py's toolkit/muon.py): the same 8 losses."""
+    same = ["--train_file", str(small_text_file), "--block_size", "64", "--per_device_train_batch_size", "4",
+            "--max_steps", "8", "--warmup_steps", "2", "--optim", "muon", "--seed", "42", "--logging_steps", "1",
+            "--eval_strategy", "no", "--save_strategy", "no"]
+    onefile.main(["--init_from", str(tiny_model_dir), *same, "--sample_max_new_tokens", "0", "--output_dir", str(tmp_path / "o")])
+    r = run_script([str(REPO / "recipes" / "pretrain.py"), "--model_name_or_path", str(tiny_model_dir), *same,
+                    "--report_to", "none", "--data_cache_dir", str(tmp_path / "cache"), "--sample_max_new_tokens", "1",
+                    "--output_dir", str(tmp_path / "p")], timeout=300, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr[-3000:]
+    history = json.loads((tmp_path / "p" / "trainer_state.json").read_text())["log_history"]
+    theirs = [e["loss"] for e in history if "loss" in e and "step" in e]
+    ours = [e["loss"] for e in train_losses(tmp_path / "o")]
+    assert len(ours) == len(theirs) == 8
+    assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-4, list(zip(ours, theirs))

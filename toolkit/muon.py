@@ -7,10 +7,11 @@ docs/benchmarks.md section 3 measures it against AdamW at a fixed CPU budget.
 
 Why not torch.optim.Muon alone: it runs the Newton-Schulz iterations in bf16, which on CPUs without fast bf16 is
 20-100x slower than fp32 (docs/benchmarks.md), so here they run in fp32 on CPU and bf16 on GPUs, as Keller's code
-does. The update is torch's: Nesterov momentum 0.95, 5 iterations with the quintic coefficients below, decoupled
-weight decay, and the learning rate scaled by 0.2 * sqrt(max(rows, cols)) ("match_rms_adamw", Moonshot's rule), which
-gives the update AdamW's RMS, so Muon shares AdamW's learning rate and schedule, and the scaling does not depend on
-whether a layer stores its weight as (in, out) (transformers' Conv1D) or (out, in) (nn.Linear).
+does. The update is Keller's (and torch's "original" one): Nesterov momentum 0.95, 5 iterations with the quintic
+coefficients below, decoupled weight decay, and the step scaled by sqrt(max(1, fan_out / fan_in)). Muon has its own
+learning rate (--muon_learning_rate, 0.05 as in modded-nanogpt and best in our sweep, docs/benchmarks.md); the schedule
+scales it with AdamW's. fan_out is read from the layer's layout, so a weight stored as (in, out) (transformers'
+Conv1D, GPT-2's layers) gets the same step as the same weight stored as (out, in) (nn.Linear, onefile_train.py).
 
 One optimizer object holds both parts (its AdamW shares the parameter groups and the state dict), so the Trainer's
 learning-rate schedule scales both and a checkpoint saves and resumes both.
@@ -53,9 +54,10 @@ def hidden_matrices(model) -> list[str]:
 class MuonWithAdamW(torch.optim.Optimizer):
     """Group 0: Muon over `muon_params`; the other groups: AdamW (`adamw_groups`, with their own weight decay)."""
 
-    def __init__(self, muon_params, adamw_groups, *, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8,
-                 fused: bool | None = None):
-        muon_group = {"params": list(muon_params), "lr": lr, "weight_decay": weight_decay, "muon": True}
+    def __init__(self, muon_params, adamw_groups, *, lr: float, muon_lr: float, weight_decay: float, betas=(0.9, 0.95),
+                 eps: float = 1e-8, fused: bool | None = None, fan_out_dim: int = 0):
+        # fan_out_dim: 0 for nn.Linear weights (out, in), 1 for transformers' Conv1D weights (in, out)
+        muon_group = {"params": list(muon_params), "lr": muon_lr, "weight_decay": weight_decay, "fan_out_dim": fan_out_dim}
         super().__init__([muon_group], {"lr": lr, "weight_decay": weight_decay})
         self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, eps=eps, fused=fused)
         self._share_with_adamw()
@@ -75,6 +77,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         group = self.param_groups[0]
+        out_dim = group["fan_out_dim"]
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -82,6 +85,6 @@ class MuonWithAdamW(torch.optim.Optimizer):
             buf.lerp_(p.grad, 1 - MOMENTUM)
             update = orthogonalize(p.grad.lerp(buf, MOMENTUM))  # Nesterov
             p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(update, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape)))
+            p.add_(update, alpha=-group["lr"] * math.sqrt(max(1.0, p.shape[out_dim] / p.shape[1 - out_dim])))
         self.adamw.step()
         return loss

@@ -129,8 +129,9 @@ class PretrainTrainer(CausalLMLoss, CrashSafeCheckpoints, Trainer):
             [p for n, p in named if n in hidden],
             [{"params": [p for n, p in named if n not in hidden and n in decay], "weight_decay": self.args.weight_decay},
              {"params": [p for n, p in named if n not in hidden and n not in decay], "weight_decay": 0.0}],
-            lr=self.args.learning_rate, weight_decay=self.args.weight_decay, eps=self.args.adam_epsilon,
-            betas=(self.args.adam_beta1, self.args.adam_beta2), fused=self.args.device.type in ("cuda", "cpu"))
+            lr=self.args.learning_rate, muon_lr=self.args.muon_learning_rate, weight_decay=self.args.weight_decay,
+            eps=self.args.adam_epsilon, betas=(self.args.adam_beta1, self.args.adam_beta2),
+            fused=self.args.device.type in ("cuda", "cpu"), fan_out_dim=1)  # GPT-2's Conv1D stores (in, out)
         return self.optimizer
 
     def _start_window(self) -> None:

@@ -77,7 +77,7 @@ RANGES: dict[str, Range] = {
     "per_device_train_batch_size": AT_LEAST_1, "per_device_eval_batch_size": AT_LEAST_1,
     "gradient_accumulation_steps": AT_LEAST_1, "global_batch_size": AT_LEAST_1,
     "max_steps": Range(1, also=(-1,)), "num_train_epochs": POSITIVE,
-    "learning_rate": POSITIVE, "warmup_steps": AT_LEAST_0, "warmup_ratio": FRACTION, "weight_decay": AT_LEAST_0,
+    "learning_rate": POSITIVE, "muon_learning_rate": POSITIVE, "warmup_steps": AT_LEAST_0, "warmup_ratio": FRACTION, "weight_decay": AT_LEAST_0,
     "adam_beta1": BETA, "adam_beta2": BETA, "adam_epsilon": POSITIVE, "max_grad_norm": AT_LEAST_0,
     "logging_steps": POSITIVE, "eval_steps": POSITIVE, "save_steps": POSITIVE, "save_total_limit": AT_LEAST_1,
     "seed": AT_LEAST_0, "ddp_timeout": AT_LEAST_1, "dataloader_num_workers": AT_LEAST_0,

@@ -115,6 +115,10 @@ class PretrainArguments(TrainingArguments):
                           "or DDP) or any of transformers' OptimizerNames (adamw_torch_fused: fused AdamW)."},
     )
     muon: bool = field(default=False, init=False, metadata={"help": "Set from --optim muon."})
+    muon_learning_rate: float = field(
+        default=0.05, metadata={"help": "Peak learning rate of Muon's hidden matrices with --optim muon (the rest keeps "
+                                        "--learning_rate; one schedule scales both)."}
+    )
     logging_steps: float = field(default=10, metadata={"help": "Log loss, lr, tokens/s and MFU every N steps."})
     eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate.", "choices": ["no", "steps", "epoch"]})
     eval_steps: Optional[float] = field(default=200, metadata={"help": "Evaluate every N steps."})
