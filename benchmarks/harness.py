@@ -15,9 +15,9 @@ import os
 import platform
 import re
 import shlex
-import tempfile
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field

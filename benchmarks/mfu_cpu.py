@@ -18,7 +18,6 @@ recipes/pretrain.py at the same shape and reads its logged tokens/s.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time

@@ -32,7 +32,13 @@ from toolkit.errors import exit_on_user_error
 @exit_on_user_error
 def main(argv: list[str] | None = None, recipe: str = "lora") -> dict:
     from toolkit import args as arguments
-    from toolkit.args.finetune import DataArguments, FinetuneConfig, LoraArguments, ModelArguments, QuantizationArguments
+    from toolkit.args.finetune import (
+        DataArguments,
+        FinetuneConfig,
+        LoraArguments,
+        ModelArguments,
+        QuantizationArguments,
+    )
 
     # 1. parse: --config YAML, then flag overrides, over this recipe's defaults on this machine (bf16 on GPUs that
     #    have it; qlora: 4-bit base, checkpointing, paged AdamW on CUDA); then check everything before any work

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, run_script
+
 from toolkit.errors import UserError
 
 PRETRAIN_CONFIGS = sorted((REPO / "recipes" / "configs").glob("pretrain_*.yaml"))
@@ -24,7 +24,13 @@ def parse(recipe: str, argv: list[str]):
 
         types = [ModelArguments, DataArguments, PretrainArguments]
     else:
-        from toolkit.args.finetune import DataArguments, FinetuneConfig, LoraArguments, ModelArguments, QuantizationArguments
+        from toolkit.args.finetune import (
+            DataArguments,
+            FinetuneConfig,
+            LoraArguments,
+            ModelArguments,
+            QuantizationArguments,
+        )
 
         types = [ModelArguments, LoraArguments, QuantizationArguments, DataArguments, FinetuneConfig]
     parsed = args.parse(types, argv, defaults=args.resolve_defaults(recipe))

@@ -16,7 +16,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, embedded_texts, run_script
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]

@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import GPT2_TOKENIZER, REPO, embedded_texts, needs_shared, run_script
 
 ENGLISH = ("The quick brown fox jumps over the lazy dog. A stitch in time saves nine; the early bird catches the worm.\n"
@@ -436,9 +435,9 @@ def test_help_of_the_new_commands():
 
 @needs_shared
 def test_gpt2_tokenizer_byte_table_is_exact_on_shakespeare():
+    from conftest import SHAKESPEARE
     from transformers import AutoTokenizer
 
-    from conftest import SHAKESPEARE
     from toolkit.lm_metrics import ByteCounter
 
     tokenizer = AutoTokenizer.from_pretrained(GPT2_TOKENIZER)

@@ -12,8 +12,7 @@ import tempfile
 
 import pytest
 import torch
-
-from conftest import REPO, run_script
+from conftest import run_script
 from hub_server import HubServer
 
 TOKEN = "hf_TestSecretToken0123456789"
@@ -151,8 +150,8 @@ def test_recipe_refuses_push_without_a_repo_id(tmp_path, tiny_model_dir, small_t
 def test_push_needs_a_token_before_training(tmp_path, monkeypatch, capsys):
     import huggingface_hub.constants
 
-    from toolkit.hub import check_push_ready
     from toolkit.errors import UserError
+    from toolkit.hub import check_push_ready
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)

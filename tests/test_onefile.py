@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import GPT2_TOKENIZER, REPO, SHAKESPEARE, needs_shared, run_script
 
 ONEFILE = REPO / "recipes" / "onefile_train.py"

@@ -7,10 +7,9 @@ import math
 import sys
 
 import pytest
+from conftest import GPT2_TOKENIZER, SHAKESPEARE, needs_shared, run_script
 
 from toolkit.cpu_allocator import user_allocator_setting
-
-from conftest import GPT2_TOKENIZER, SHAKESPEARE, needs_shared, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -117,9 +116,8 @@ def test_sample_has_the_requested_length_even_when_the_model_favours_eos(tmp_pat
     import importlib.util
 
     import torch
-    from transformers import AutoTokenizer, GPT2LMHeadModel
-
     from conftest import REPO
+    from transformers import AutoTokenizer, GPT2LMHeadModel
 
     spec = importlib.util.spec_from_file_location("recipe_pretrain", REPO / "recipes" / "pretrain.py")
     pretrain = importlib.util.module_from_spec(spec)

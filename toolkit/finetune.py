@@ -19,8 +19,8 @@ from toolkit.errors import UserError
 def check_args(model_args, args) -> str | None:
     """Fail before any work: no/missing base, finished output_dir, bad push target. Returns the repo to push to.
     With no --model_name_or_path, picks the default base (toolkit.lora.default_base_model) and says which."""
-    from toolkit.peer_failures import apply_ddp_timeout
     from toolkit.lora import check_base_model, default_base_model
+    from toolkit.peer_failures import apply_ddp_timeout
 
     apply_ddp_timeout(args)  # --ddp_timeout for CPU (gloo) process groups too
     if not model_args.model_name_or_path:

@@ -24,8 +24,8 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
-from toolkit.lm_metrics import bits_per_byte_from_mean, perplexity
 from toolkit.errors import UserError
+from toolkit.lm_metrics import bits_per_byte_from_mean, perplexity
 
 STAGING_DIR = ".incomplete"
 
