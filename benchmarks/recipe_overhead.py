@@ -148,11 +148,11 @@ def model_step(args) -> list[dict]:
                                 n_head=n_head, layer_norm_epsilon=1e-5, dropout=0.0))
         x = torch.randint(0, vocab, (batch, block))
 
-        def step_hf():
+        def step_hf(hf=hf, x=x):
             hf(input_ids=x, labels=x).loss.backward()
             hf.zero_grad(set_to_none=True)
 
-        def step_onefile():
+        def step_onefile(mine=mine, x=x):
             mine(x, x)[1].backward()
             mine.zero_grad(set_to_none=True)
 
@@ -258,7 +258,7 @@ def main(argv=None) -> list[dict]:
 
     rows = []
     for name in shapes:
-        def runs_of(vname):
+        def runs_of(vname, name=name):
             return [r for r in results if r["shape"] == name and r["recipe"] == vname]
 
         base = runs_of("onefile")

@@ -354,7 +354,7 @@ def read_documents(path):
     if not path.endswith((".json", ".jsonl")):
         die(f"'{path}': onefile_train.py reads .txt, .json and .jsonl; use recipes/pretrain.py for parquet or Hub datasets")
     try:
-        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
+        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
         return [row["text"] for row in rows]
     except (ValueError, KeyError, TypeError):
         die(f"'{path}' is not JSON lines with a 'text' field per row; write one {{\"text\": ...}} object per line")

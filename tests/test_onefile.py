@@ -70,7 +70,7 @@ def test_cli_trains_and_transformers_loads_the_result(tmp_path, tiny_tokenizer_d
     assert [e["step"] for e in logs] == list(range(1, 31))
     assert all(e["tokens_per_s"] > 0 and 0 < e["mfu"] < 1 for e in logs)
     assert sum(e["loss"] for e in logs[-5:]) / 5 < logs[0]["loss"] - 0.7
-    evals = [json.loads(l) for l in open(out / "metrics.jsonl") if "eval_loss" in l]
+    evals = [json.loads(line) for line in open(out / "metrics.jsonl") if "eval_loss" in line]
     assert [e["step"] for e in evals] == [15, 30] and evals[1]["eval_loss"] < evals[0]["eval_loss"]
     assert (out / "checkpoint" / "training_state.pt").exists()  # one fixed checkpoint folder, as nanoGPT's ckpt.pt
 

@@ -218,7 +218,7 @@ def _limit_tokens(chunks, max_tokens: int | None):
         yield from chunks
         return
     left = max_tokens
-    for ids, fraction in chunks:
+    for ids, _fraction in chunks:
         ids = ids[:left]
         left -= len(ids)
         yield ids, (max_tokens - left) / max_tokens
