@@ -3,11 +3,12 @@ memory per rank, against toolkit plan's per-rank prediction.
 
 Launches are the documented ones (accelerate_configs/*_cpu.yaml); each rank gets the same per-device batch,
 so DDP/FSDP2 train twice the tokens per step. Rounds are interleaved (1proc, ddp, fsdp2, 1proc, ...).
-Memory per rank = peak RSS of each rank's process (the kernel's VmHWM, read every 0.1 s). FSDP2 shards parameters, gradients
-and AdamW state, so its rank should hold (1 - 1/2) x (params + grads + optimizer) less than a DDP rank: the
-table sets that measured saving beside the one the planner predicts, and each rank's peak beside the plan.
+Memory per rank = peak RSS of each rank's process (the kernel's VmHWM, read every 0.1 s). FSDP2 shards parameters,
+gradients and AdamW state, so its rank should hold (1 - 1/2) x (params + grads + optimizer) less than a DDP rank:
+the table sets that measured saving beside the one the planner predicts, and each rank's peak beside the plan.
 
-    python benchmarks/distributed_cpu.py                   # gpt2-mini shape, GPT-2 tokenizer, updates docs/benchmarks.md
+    python benchmarks/distributed_cpu.py                   # gpt2-mini shape, GPT-2 tokenizer,
+                                                           # updates docs/benchmarks.md
     python benchmarks/distributed_cpu.py --preset gpt2 --steps 6 --repeats 1
     python benchmarks/distributed_cpu.py --quick --doc ''  # smoke version
     python benchmarks/distributed_cpu.py --extra "--cpu_keep_freed_memory false"   # one allocator setting for all
@@ -33,16 +34,19 @@ import harness
 LAUNCHES = {
     "1 process": [sys.executable],
     "DDP x2": [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/ddp_cpu.yaml"],
-    "FSDP2 x2": [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/fsdp_cpu.yaml"],
+    "FSDP2 x2": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                 "accelerate_configs/fsdp_cpu.yaml"],
 }
 PLAN_STRATEGY = {"1 process": ("single", 1), "DDP x2": ("ddp", 2), "FSDP2 x2": ("fsdp", 2)}
 
 
-def command(launch: str, model: list[str], tokenizer: list[str], batch: int, block: int, steps: int, log_every: int, out: Path):
+def command(launch: str, model: list[str], tokenizer: list[str], batch: int, block: int, steps: int, log_every: int,
+            out: Path):
     cmd = [*LAUNCHES[launch], str(harness.PRETRAIN), *model, *tokenizer, "--block_size", str(block),
            "--per_device_train_batch_size", str(batch),
            # eval batch = train batch: with pretrain.py's dataloader_drop_last=True a 32-block eval batch x 2 ranks can
-           # exceed the validation blocks, leaving no eval batch at all (then pretrain.py fails on metrics["eval_loss"])
+           # exceed the validation blocks, leaving no eval batch at all (then pretrain.py fails on
+           # metrics["eval_loss"])
            "--per_device_eval_batch_size", str(batch), "--max_steps", str(steps), "--logging_steps", str(log_every),
            "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--sample_max_new_tokens", "1",
            "--output_dir", str(out)]
@@ -52,7 +56,8 @@ def command(launch: str, model: list[str], tokenizer: list[str], batch: int, blo
 def rank_peaks(r: harness.Run) -> list[int]:
     """Peak RSS of each training process (not the launcher, whose command line also names pretrain.py)."""
     return sorted((rss for cmdline, rss in r.peak_rss.values()
-                   if "pretrain.py" in cmdline and "accelerate" not in cmdline and "torchrun" not in cmdline), reverse=True)
+                   if "pretrain.py" in cmdline and "accelerate" not in cmdline and "torchrun" not in cmdline),
+                  reverse=True)
 
 
 def planned(preset_args: list[str], vocab: int, batch: int, block: int) -> dict:
@@ -64,8 +69,9 @@ def planned(preset_args: list[str], vocab: int, batch: int, block: int) -> dict:
     for launch, (strategy, n) in PLAN_STRATEGY.items():
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            plan.main(["--model", model, "--task", "pretrain", "--device", "cpu", "--num_devices", str(n), "--batch_size", str(batch),
-                       "--seq_len", str(block), "--vocab_size", str(vocab), "--strategy", strategy, "--json", "--no_flops_benchmark"])
+            plan.main(["--model", model, "--task", "pretrain", "--device", "cpu", "--num_devices", str(n),
+                       "--batch_size", str(batch), "--seq_len", str(block), "--vocab_size", str(vocab),
+                       "--strategy", strategy, "--json", "--no_flops_benchmark"])
         data = json.loads(buf.getvalue())
         est = next(e for e in data["strategies"] if e["strategy"] == strategy)
         comps = est["components_bytes"]
@@ -75,7 +81,8 @@ def planned(preset_args: list[str], vocab: int, batch: int, block: int) -> dict:
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     harness.add_common_args(p)
     p.add_argument("--preset", default="gpt2-mini")
     p.add_argument("--batch", type=int, default=4, help="per-device batch")
@@ -99,7 +106,8 @@ def main(argv=None) -> list[dict]:
         for rep in range(args.repeats):
             for launch in args.launches:
                 out = Path(tmp) / f"{launch.split()[0]}-{rep}"
-                cmd = command(launch, model, tokenizer, args.batch, args.block, args.steps, args.logging_steps, out) + shlex.split(args.extra)
+                cmd = command(launch, model, tokenizer, args.batch, args.block, args.steps, args.logging_steps,
+                              out) + shlex.split(args.extra)
                 print(f"[round {rep + 1}/{args.repeats}] {launch} ...", flush=True)
                 r = harness.run(cmd, echo=args.echo).check()
                 world = 1 if launch == "1 process" else 2
@@ -111,7 +119,8 @@ def main(argv=None) -> list[dict]:
                 results.append({"launch": launch, "round": rep, "world": world, "loop_tokens_per_s": loop,
                                 "rank_peak_rss": peaks, "distributed": describe, "final_loss": logs[-1][1]["loss"],
                                 "command": harness.shown(cmd[1:], tmp)})
-                print(f"    {loop:,.0f} tok/s, rank peaks {[round(x / 2**20) for x in peaks]} MiB; {describe}", flush=True)
+                print(f"    {loop:,.0f} tok/s, rank peaks {[round(x / 2**20) for x in peaks]} MiB; {describe}",
+                      flush=True)
     try:
         plans = planned(model, vocab, args.batch, args.block)
     except Exception as err:  # the planner may change: report, do not fail
@@ -128,7 +137,8 @@ def main(argv=None) -> list[dict]:
         peak = harness.median([max(r["rank_peak_rss"]) for r in mine])
         pl = plans.get(launch, {})
         saving = f"{(ddp_peak - peak) / 2**20:,.0f}" if launch == "FSDP2 x2" and ddp_peak else ""
-        pl_saving = (f"{(plans['DDP x2']['state'] - pl['state']) / 2**20:,.0f}" if launch == "FSDP2 x2" and "DDP x2" in plans else "")
+        pl_saving = (f"{(plans['DDP x2']['state'] - pl['state']) / 2**20:,.0f}"
+                     if launch == "FSDP2 x2" and "DDP x2" in plans else "")
         rows.append([launch, f"{tok:,.0f}", f"{ratio:.2f}", f"{peak / 2**20:,.0f}",
                      f"{pl['total'] / 2**20:,.0f}" if pl else "n/a", f"{pl['state'] / 2**20:,.0f}" if pl else "n/a",
                      saving, pl_saving])
@@ -136,11 +146,13 @@ def main(argv=None) -> list[dict]:
                "planned params+grads+optimizer MiB", "measured saving vs DDP MiB", "planned saving vs DDP MiB"]
     out = harness.table(headers, rows)
     print(out)
-    body = (f"{out}\n\nModel `{' '.join(model)}` ({'GPT-2 tokenizer' if gpt2_tok else 'BPE 512'}), per-device batch {args.batch} x "
-            f"block {args.block}, {args.steps} steps, fp32, gloo; {args.repeats} interleaved round(s), medians. tok/s is the "
-            "end-to-end loop rate between the first and the last training log line. The 1-process run uses torch's default "
-            "threads (2); the 2-process launches get 1 thread per rank from torch's launcher (OMP_NUM_THREADS=1).\n\n"
-            "Launches:\n" + "\n".join(f"- {r['launch']}: `{r['command']}` ({r['distributed']})" for r in results if r['round'] == 0))
+    body = (f"{out}\n\nModel `{' '.join(model)}` ({'GPT-2 tokenizer' if gpt2_tok else 'BPE 512'}), "
+            f"per-device batch {args.batch} x block {args.block}, {args.steps} steps, fp32, gloo; {args.repeats} "
+            "interleaved round(s), medians. tok/s is the end-to-end loop rate between the first and the last training "
+            "log line. The 1-process run uses torch's default threads (2); the 2-process launches get 1 thread per "
+            "rank from torch's launcher (OMP_NUM_THREADS=1).\n\n"
+            "Launches:\n"
+            + "\n".join(f"- {r['launch']}: `{r['command']}` ({r['distributed']})" for r in results if r['round'] == 0))
     harness.write_section("distributed_cpu", "5. Distributed on CPU: 1 process vs DDP vs FSDP2 (2 processes)", body,
                           load=load, doc=args.doc or None)
     harness.save_json(args.json, {"load": load, "results": results, "plan": plans})

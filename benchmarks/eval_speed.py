@@ -97,13 +97,16 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--model", default=None, help="a model folder (default: a random --preset model)")
     parser.add_argument("--preset", default="gpt2", help="shape of the random model when no --model is given")
     parser.add_argument("--tokenizer_name", default=None,
-                        help="tokenizer for a random model (default: ../shared/data/gpt2-tokenizer if present, else a BPE "
-                             "trained on the embedded corpus)")
+                        help="tokenizer for a random model (default: ../shared/data/gpt2-tokenizer if present, "
+                             "else a BPE trained on the embedded corpus)")
     parser.add_argument("--text_file", default=None, help="text to evaluate (repeated up to the largest length)")
     parser.add_argument("--tokens", default="250000,500000,1000000", help="comma-separated text lengths in tokens")
-    parser.add_argument("--block_size", type=int, default=None, help="window / training block (default: the model's context)")
-    parser.add_argument("--train_batch_size", type=int, default=16, help="sequences per training forward (pretrain.py's default)")
-    parser.add_argument("--eval_batch_size", type=int, default=8, help="windows per eval forward (toolkit eval's default)")
+    parser.add_argument("--block_size", type=int, default=None,
+                        help="window / training block (default: the model's context)")
+    parser.add_argument("--train_batch_size", type=int, default=16,
+                        help="sequences per training forward (pretrain.py's default)")
+    parser.add_argument("--eval_batch_size", type=int, default=8,
+                        help="windows per eval forward (toolkit eval's default)")
     parser.add_argument("--seconds", type=float, default=5.0, help="time each baseline measurement runs at least")
     harness.add_common_args(parser)
     args = parser.parse_args(argv)
@@ -138,19 +141,21 @@ def main(argv: list[str] | None = None):
         loaded = load_for_inference(model_dir)  # toolkit eval's loader: bf16 on a GPU that has it, fp32 on CPU
         device = next(loaded.model.parameters()).device
         bf16 = loaded.dtype == "bfloat16"
-        train_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)  # pretrain.py's fp32 weights
+        # pretrain.py's fp32 weights
+        train_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
         block = args.block_size or train_model.config.n_positions
         vocab = len(loaded.tokenizer)
         text = text_file_with(max(sizes), loaded.tokenizer, args.text_file, tmp)
-        print(f"model {model_dir if args.model else args.preset} ({train_model.num_parameters():,} parameters) on {device}, "
-              f"eval in {loaded.dtype}, training forward {'bf16 autocast' if bf16 else 'fp32'}; block {block}", flush=True)
+        print(f"model {model_dir if args.model else args.preset} ({train_model.num_parameters():,} parameters) "
+              f"on {device}, eval in {loaded.dtype}, training forward {'bf16 autocast' if bf16 else 'fp32'}; "
+              f"block {block}", flush=True)
 
         rows, raw = [], []
         for size in sizes:
             base = train_forward_rate(train_model, args.train_batch_size, block, vocab, bf16, args.seconds)
             ns = evaluation.build_parser().parse_args([model_dir, "--text_file", text, "--block_size", str(block),
-                                                       "--batch_size", str(args.eval_batch_size), "--max_tokens", str(size),
-                                                       "--no_progress"])
+                                                       "--batch_size", str(args.eval_batch_size),
+                                                       "--max_tokens", str(size), "--no_progress"])
             _peak_reset(device)
             start = time.perf_counter()
             result = evaluation.evaluate_text(loaded, ns)
@@ -158,23 +163,24 @@ def main(argv: list[str] | None = None):
                 torch.cuda.synchronize()
             wall = time.perf_counter() - start
             rate = result.tokens / wall
-            rows.append([f"{size:,}", f"{rate:,.0f}", f"{base:,.0f}", round(rate / base, 3), round(_peak_mb(device), 1),
-                         round(result.bits_per_byte, 4)])
-            raw.append({"tokens": size, "scored": result.tokens, "eval_tokens_per_s": rate, "train_forward_tokens_per_s": base,
-                        "ratio": rate / base, "peak_mb": _peak_mb(device), "wall_s": wall})
-            print(f"  {size:,} tokens: eval {rate:,.0f} tok/s, training forward {base:,.0f} tok/s, ratio {rate / base:.2f}",
-                  flush=True)
+            rows.append([f"{size:,}", f"{rate:,.0f}", f"{base:,.0f}", round(rate / base, 3),
+                         round(_peak_mb(device), 1), round(result.bits_per_byte, 4)])
+            raw.append({"tokens": size, "scored": result.tokens, "eval_tokens_per_s": rate,
+                        "train_forward_tokens_per_s": base, "ratio": rate / base, "peak_mb": _peak_mb(device),
+                        "wall_s": wall})
+            print(f"  {size:,} tokens: eval {rate:,.0f} tok/s, training forward {base:,.0f} tok/s, "
+                  f"ratio {rate / base:.2f}", flush=True)
 
     headers = ["text tokens", "toolkit eval tok/s", "training forward tok/s", "ratio (eval / forward)",
                "eval peak memory (MiB)", "bits per byte"]
     body = harness.table(headers, rows)
     print(body)
     memory = "GPU max allocated" if raw and device.type == "cuda" else "process RSS high-water mark"
-    note = (f"\n\nToolkit eval end to end (reading, tokenizing, windows of {block}, batch {args.eval_batch_size}) against "
-            f"the forward half of a training step (batch {args.train_batch_size} x {block}); peak memory is the {memory} "
-            "during the scoring of each length. Target: ratio >= 1, memory flat in the text length.")
-    harness.write_section("eval_speed", "8. toolkit eval: speed and memory against the training forward pass", body + note,
-                          load=load, doc=Path(args.doc) if args.doc else None)
+    note = (f"\n\nToolkit eval end to end (reading, tokenizing, windows of {block}, batch {args.eval_batch_size}) "
+            f"against the forward half of a training step (batch {args.train_batch_size} x {block}); peak memory "
+            f"is the {memory} during the scoring of each length. Target: ratio >= 1, memory flat in the text length.")
+    harness.write_section("eval_speed", "8. toolkit eval: speed and memory against the training forward pass",
+                          body + note, load=load, doc=Path(args.doc) if args.doc else None)
     harness.save_json(args.json, raw)
     return raw
 

@@ -15,9 +15,9 @@ import os
 import platform
 import re
 import shlex
-import tempfile
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -51,7 +51,8 @@ class Run:
 
     def check(self) -> "Run":
         if self.returncode != 0:
-            errors = [line for _, line in self.lines[:-40] if "Error" in line or "error:" in line]  # a rank's own error
+            # a rank's own error
+            errors = [line for _, line in self.lines[:-40] if "Error" in line or "error:" in line]
             tail = "\n".join(errors[-10:] + [line for _, line in self.lines[-40:]])
             raise RuntimeError(f"command failed ({self.returncode}): {shlex.join(self.cmd)}\n{tail}")
         return self
@@ -207,7 +208,8 @@ def machine() -> str:
         simd = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "no AVX2"
     except OSError:
         simd = "?"
-    return f"{os.cpu_count()}-core {cpu} ({simd}) CPU, torch {torch.__version__.split('+')[0]} CPU, {torch.get_num_threads()} threads"
+    return (f"{os.cpu_count()}-core {cpu} ({simd}) CPU, torch {torch.__version__.split('+')[0]} CPU, "
+            f"{torch.get_num_threads()} threads")
 
 
 def median(xs):

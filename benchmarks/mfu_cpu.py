@@ -18,7 +18,6 @@ recipes/pretrain.py at the same shape and reads its logged tokens/s.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
@@ -111,7 +110,8 @@ class Setup:
                 "loss": loss.item()}
 
 
-def trainer_run(shape_name: str, model_flags: list[str], batch: int, block: int, steps: int, tokenizer: str, echo: bool) -> dict:
+def trainer_run(shape_name: str, model_flags: list[str], batch: int, block: int, steps: int, tokenizer: str,
+                echo: bool) -> dict:
     """The real recipes/pretrain.py at this shape: its own logged tokens/s (steps only) after the first window."""
     with tempfile.TemporaryDirectory(prefix="bench-mfu-") as tmp:
         cmd = [sys.executable, str(harness.PRETRAIN), *model_flags, "--tokenizer_name", tokenizer,
@@ -126,10 +126,12 @@ def trainer_run(shape_name: str, model_flags: list[str], batch: int, block: int,
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     harness.add_common_args(p)
     p.add_argument("--variants", nargs="+", default=["base", "eager", "noclip", "foreach"], choices=list(VARIANTS))
-    p.add_argument("--steps", type=int, default=3, help="timed steps per variant and shape (after one warm-up step each)")
+    p.add_argument("--steps", type=int, default=3,
+                   help="timed steps per variant and shape (after one warm-up step each)")
     p.add_argument("--shapes", nargs="+", default=["4x256", "1x1024"], help="BATCHxBLOCK")
     p.add_argument("--trainer", action="store_true", help="also time the real pretrain.py (HF Trainer) at each shape")
     p.add_argument("--peak_size", type=int, default=2048)
@@ -176,7 +178,8 @@ def main(argv=None) -> dict:
             tokenizer = tmp
         for batch, block in shapes:
             peaks.append(peak_flops(args.peak_size, 0.5))
-            trainer[f"{batch}x{block}"] = trainer_run(f"{batch}x{block}", model_flags, batch, block, args.steps + 2, tokenizer, args.echo)
+            trainer[f"{batch}x{block}"] = trainer_run(f"{batch}x{block}", model_flags, batch, block, args.steps + 2,
+                                                      tokenizer, args.echo)
         peaks.append(peak_flops(args.peak_size, 0.5))
     peak = harness.median(peaks)
 
@@ -187,7 +190,8 @@ def main(argv=None) -> dict:
         base_total = harness.median([t["total"] for t in timings[(key, args.variants[0])]])
         for variant in args.variants:
             ts = timings[(key, variant)]
-            med = {k: harness.median([t[k] for t in ts]) for k in ("forward", "backward", "clip", "optimizer", "total")}
+            med = {k: harness.median([t[k] for t in ts])
+                   for k in ("forward", "backward", "clip", "optimizer", "total")}
             tok_s = batch * block / med["total"]
             mfu = tok_s * fpt / peak
             results.append({"shape": key, "variant": variant, "tokens_per_s": tok_s, "mfu": mfu, **med})
@@ -198,18 +202,22 @@ def main(argv=None) -> dict:
             mfu = tr["tokens_per_s"] * fpt / peak
             results.append({"shape": key, "variant": "pretrain.py", "mfu": mfu, **tr})
             rows.append([key, "pretrain.py (Trainer)", f"{tr['tokens_per_s']:,.0f}", f"{100 * mfu:.1f}%",
-                         f"{tr['tokens_per_s'] / (batch * block / base_total):.3f}", "", "", "", "", f"{batch * block / tr['tokens_per_s']:.3f}"])
-    headers = ["batch x block", "variant", "tok/s", "MFU", "speed vs base", "fwd s", "bwd s", "clip s", "optim s", "step s"]
+                         f"{tr['tokens_per_s'] / (batch * block / base_total):.3f}", "", "", "", "",
+                         f"{batch * block / tr['tokens_per_s']:.3f}"])
+    headers = ["batch x block", "variant", "tok/s", "MFU", "speed vs base", "fwd s", "bwd s", "clip s", "optim s",
+               "step s"]
     out = harness.table(headers, rows)
     spread = f"{min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f}"
     print(out)
-    print(f"peak fp32 matmul: median {peak / 1e9:.1f} GFLOP/s over {len(peaks)} readings ({spread}); {n_params:,} parameters")
-    body = (f"{out}\n\nPeak: fp32 `torch.mm` {args.peak_size}x{args.peak_size}, median {peak / 1e9:.1f} GFLOP/s of {len(peaks)} "
-            f"readings taken between the steps (range {spread} GFLOP/s). Model: GPT2LMHeadModel {model_shape}, vocab {vocab}, "
-            f"{n_params:,} parameters, fp32; {args.steps} timed steps per row after a warm-up step (median). "
+    print(f"peak fp32 matmul: median {peak / 1e9:.1f} GFLOP/s over {len(peaks)} readings ({spread}); "
+          f"{n_params:,} parameters")
+    body = (f"{out}\n\nPeak: fp32 `torch.mm` {args.peak_size}x{args.peak_size}, median {peak / 1e9:.1f} GFLOP/s "
+            f"of {len(peaks)} readings taken between the steps (range {spread} GFLOP/s). Model: GPT2LMHeadModel "
+            f"{model_shape}, vocab {vocab}, {n_params:,} parameters, fp32; {args.steps} timed steps per row after a "
+            "warm-up step (median). "
             "Variants: " + "; ".join(f"`{v}` = {VARIANTS[v]}" for v in args.variants) + "."
-            + ("".join(f"\n\npretrain.py at {k}: `{v['command']}` (its logged tokens/s, median of {v['steps_timed']} steps)."
-                       for k, v in trainer.items())))
+            + ("".join(f"\n\npretrain.py at {k}: `{v['command']}` (its logged tokens/s, median of "
+                       f"{v['steps_timed']} steps)." for k, v in trainer.items())))
     harness.write_section("mfu_cpu", "2. MFU on CPU (124M shape)", body, load=load, doc=args.doc or None)
     data = {"load": load, "peak_flops": peak, "peaks": peaks, "n_params": n_params, "results": results}
     harness.save_json(args.json, data)

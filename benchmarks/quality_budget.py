@@ -4,8 +4,8 @@ fixed wall-clock budget and after a fixed token budget.
 
 Every run is the real recipes/pretrain.py. Wall-clock budget: the Trainer needs max_steps up front (the cosine
 schedule decays to it), so each model shape's fp32 step time is probed in this process first (median of 4 steps of the
-same GPT2LMHeadModel after 2 warm-up steps, /0.95 for the Trainer's overhead) and max_steps = budget / step time; the table reports the
-training time each run really took. Token budget: max_steps = tokens / (batch x block).
+same GPT2LMHeadModel after 2 warm-up steps, /0.95 for the Trainer's overhead) and max_steps = budget / step time; the
+table reports the training time each run really took. Token budget: max_steps = tokens / (batch x block).
 
 Bits per byte = eval_loss (nats per predicted token) x predicted tokens / (ln 2 x UTF-8 bytes of those tokens), over
 the validation blocks exactly as pretrain.py packs them (last 5% of the blocks, block_size - 1 predictions each).
@@ -44,7 +44,8 @@ QUICK_CONFIGS = ["q-gpt2:preset=gpt2-nano,tok=gpt2,lr=3e-3,batch=8,block=64",
 
 def parse_config(spec: str) -> dict:
     name, _, body = spec.partition(":")
-    cfg = {"name": name, "preset": "gpt2-micro", "tok": "bpe", "vocab": 4096, "lr": 1e-3, "batch": 16, "block": 128, "warmup": None}
+    cfg = {"name": name, "preset": "gpt2-micro", "tok": "bpe", "vocab": 4096, "lr": 1e-3, "batch": 16, "block": 128,
+           "warmup": None}
     for item in filter(None, body.split(",")):
         k, v = item.split("=", 1)
         cfg[k] = v if k in ("preset", "tok") else float(v) if k == "lr" else int(v)
@@ -66,8 +67,10 @@ def probe_step_seconds(cfg: dict, vocab: int) -> float:
 
     from toolkit.presets import NEW_MODEL_ACTIVATION, pad_vocab
 
-    model = GPT2LMHeadModel(GPT2Config(**model_shape(cfg), vocab_size=pad_vocab(vocab, 64), resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
-                                       activation_function=NEW_MODEL_ACTIVATION, bos_token_id=0, eos_token_id=0))  # ids inside the vocabulary (only timing matters)
+    # ids inside the vocabulary (only timing matters)
+    model = GPT2LMHeadModel(GPT2Config(**model_shape(cfg), vocab_size=pad_vocab(vocab, 64), resid_pdrop=0,
+                                       embd_pdrop=0, attn_pdrop=0, activation_function=NEW_MODEL_ACTIVATION,
+                                       bos_token_id=0, eos_token_id=0))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randint(0, vocab, (cfg["batch"], cfg["block"]))
     times = []
@@ -118,24 +121,31 @@ def pretrain(cfg: dict, steps: int, train_file: str, workdir: Path, echo: bool) 
     to_bpb = n_tok / (math.log(2) * n_bytes)
     t0 = next(t for t, d in logs if "loss" in d or "eval_loss" in d)
     curve = [(t - t0, d["loss"] * to_bpb) for t, d in logs if "loss" in d]
-    return {"config": cfg["name"], "steps": steps, "tokens": steps * cfg["batch"] * cfg["block"], "train_runtime_s": runtime,
+    return {"config": cfg["name"], "steps": steps, "tokens": steps * cfg["batch"] * cfg["block"],
+            "train_runtime_s": runtime,
             "eval_loss": eval_loss, "bpb": eval_loss * to_bpb, "tokens_per_byte": n_tok / n_bytes,
             "command": harness.shown(cmd, workdir), "train_curve": curve}
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     harness.add_common_args(p)
     p.add_argument("--train_file", default=str(harness.SHAKESPEARE))
     p.add_argument("--budget_s", type=float, default=60, help="wall-clock training budget per run (seconds)")
-    p.add_argument("--token_budget", type=int, default=400_000, help="tokens per run for the fixed-token comparison (0: skip)")
-    p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="NAME:key=value,... (see the module docstring)")
-    p.add_argument("--token_configs", nargs="+", default=TOKEN_BUDGET_CONFIGS, help="names (from --configs) run at --token_budget")
+    p.add_argument("--token_budget", type=int, default=400_000,
+                   help="tokens per run for the fixed-token comparison (0: skip)")
+    p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS,
+                   help="NAME:key=value,... (see the module docstring)")
+    p.add_argument("--token_configs", nargs="+", default=TOKEN_BUDGET_CONFIGS,
+                   help="names (from --configs) run at --token_budget")
     p.add_argument("--time_configs", nargs="*", default=None, help="names run at --budget_s (default: all)")
-    p.add_argument("--plot", default=str(harness.REPO / "docs" / "img" / "quality_budget.png"), help="loss-curve PNG ('' = none)")
+    p.add_argument("--plot", default=str(harness.REPO / "docs" / "img" / "quality_budget.png"),
+                   help="loss-curve PNG ('' = none)")
     args = p.parse_args(argv)
     if not Path(args.train_file).exists() or not harness.GPT2_TOKENIZER.exists():
-        sys.exit(f"error: needs {args.train_file} and {harness.GPT2_TOKENIZER}; put ../shared/data beside the checkout or pass --train_file")
+        sys.exit(f"error: needs {args.train_file} and {harness.GPT2_TOKENIZER}; put ../shared/data beside the "
+                 "checkout or pass --train_file")
     if args.quick:
         # one run per budget kind and tokenizer kind: the GPT-2 tokenizer on time, the BPE on tokens
         args.configs, args.budget_s, args.token_budget, args.token_configs = QUICK_CONFIGS, 4, 4096, ["q-bpe"]
@@ -151,11 +161,14 @@ def main(argv=None) -> list[dict]:
             vocab = 50257 if cfg["tok"] == "gpt2" else cfg["vocab"]
             step_s = probe_step_seconds(cfg, vocab)
             steps = max(4, int(args.budget_s / step_s))
-            print(f"[time budget {args.budget_s:.0f} s] {cfg['name']}: probe {step_s:.3f} s/step -> {steps} steps", flush=True)
+            print(f"[time budget {args.budget_s:.0f} s] {cfg['name']}: probe {step_s:.3f} s/step -> {steps} steps",
+                  flush=True)
             r = pretrain(cfg, steps, args.train_file, workdir, args.echo)
             results.append({"budget": f"{args.budget_s:.0f} s", **r})
-            harness.save_json(args.json, {"load": load, "partial": True, "results": results})  # survives an interrupted run
-            print(f"    eval loss {r['eval_loss']:.4f} nats/token, {r['bpb']:.4f} bits/byte, trained {r['train_runtime_s']:.0f} s", flush=True)
+            # survives an interrupted run
+            harness.save_json(args.json, {"load": load, "partial": True, "results": results})
+            print(f"    eval loss {r['eval_loss']:.4f} nats/token, {r['bpb']:.4f} bits/byte, "
+                  f"trained {r['train_runtime_s']:.0f} s", flush=True)
         for name in args.token_configs if args.token_budget else []:
             cfg = next(c for c in configs if c["name"] == name)
             steps = max(2, args.token_budget // (cfg["batch"] * cfg["block"]))
@@ -164,9 +177,10 @@ def main(argv=None) -> list[dict]:
             results.append({"budget": f"{args.token_budget:,} tokens", **r})
             print(f"    eval loss {r['eval_loss']:.4f} nats/token, {r['bpb']:.4f} bits/byte", flush=True)
 
-    rows = [[r["budget"], r["config"], r["steps"], f"{r['tokens']:,}", f"{r['train_runtime_s']:.0f}", f"{r['tokens_per_byte']:.3f}",
-             f"{r['eval_loss']:.4f}", f"{r['bpb']:.4f}"] for r in results]
-    out = harness.table(["budget", "config", "steps", "tokens", "train s", "tokens/byte", "val loss (nats/token)", "val bits/byte"], rows)
+    rows = [[r["budget"], r["config"], r["steps"], f"{r['tokens']:,}", f"{r['train_runtime_s']:.0f}",
+             f"{r['tokens_per_byte']:.3f}", f"{r['eval_loss']:.4f}", f"{r['bpb']:.4f}"] for r in results]
+    out = harness.table(["budget", "config", "steps", "tokens", "train s", "tokens/byte", "val loss (nats/token)",
+                         "val bits/byte"], rows)
     print(out)
     timed = [r for r in results if r["budget"].endswith(" s")]
     best = min(timed, key=lambda r: r["bpb"]) if timed else None
@@ -175,14 +189,19 @@ def main(argv=None) -> list[dict]:
         series = {r["config"]: tuple(zip(*r["train_curve"])) for r in timed if r["train_curve"]}
         harness.plot(Path(args.plot), series, "seconds since the first log line", "training loss, bits per byte",
                      f"Tiny Shakespeare, {args.budget_s:.0f} s budget per run")
-        plot_note = f"\n\n![training loss in bits/byte against time]({Path(args.plot).relative_to(harness.REPO / 'docs') if Path(args.plot).is_relative_to(harness.REPO / 'docs') else args.plot})"
+        docs = harness.REPO / "docs"
+        link = Path(args.plot).relative_to(docs) if Path(args.plot).is_relative_to(docs) else args.plot
+        plot_note = f"\n\n![training loss in bits/byte against time]({link})"
     configs_text = "\n".join(f"- `{c}`" for c in args.configs)
     body = (f"{out}\n\nData `{Path(args.train_file).name}` (one document; last 5% of the blocks validate), fp32, "
-            f"1 process. Configs:\n{configs_text}\n\nThe BPE (`tok=bpe`) is trained by pretrain.py on the training file, "
-            "which is the whole file: the validation text is in its training data (the GPT-2 tokenizer never saw it).\n\n"
-            + (f"Best at the wall-clock budget: **{best['config']}** ({best['bpb']:.4f} bits/byte): `{best['command']}`" if best else "")
+            f"1 process. Configs:\n{configs_text}\n\nThe BPE (`tok=bpe`) is trained by pretrain.py on the training "
+            "file, which is the whole file: the validation text is in its training data (the GPT-2 tokenizer never "
+            "saw it).\n\n"
+            + (f"Best at the wall-clock budget: **{best['config']}** ({best['bpb']:.4f} bits/byte): "
+               f"`{best['command']}`" if best else "")
             + "\n\nExact command of every run: see the JSON (`--json`)." + plot_note)
-    harness.write_section("quality_budget", "3. Quality at a fixed budget (Tiny Shakespeare)", body, load=load, doc=args.doc or None)
+    harness.write_section("quality_budget", "3. Quality at a fixed budget (Tiny Shakespeare)", body, load=load,
+                          doc=args.doc or None)
     harness.save_json(args.json, {"load": load, "results": results})
     return results
 

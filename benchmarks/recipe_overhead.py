@@ -11,7 +11,8 @@ process start-up, data preparation and the first (warm-up) logging window do not
     python benchmarks/recipe_overhead.py --variant "no_tb=--report_to none" --variant "no_clip=--max_grad_norm 0"
     python benchmarks/recipe_overhead.py --quick --doc ''     # smoke version (the test suite runs this)
     python benchmarks/recipe_overhead.py --model_step         # the model code alone, in one process (section 1b)
-    python benchmarks/recipe_overhead.py --allocator          # also both recipes under the other glibc setting (section 1)
+    python benchmarks/recipe_overhead.py --allocator          # also both recipes under the other glibc setting
+                                                              # (section 1)
 
 A --variant adds a pretrain.py run with extra flags to every round (to find which default costs time);
 flags listed in --both go to both recipes (e.g. --both "--max_grad_norm 0" compares loops without clipping).
@@ -43,11 +44,13 @@ QUICK = {"tiny": (["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--n_pos
 
 def commands(shape, tokenizer: str, workdir: Path, tag: str, both: list[str], extra: list[str], val_pct: int):
     model, batch, block, steps, log_every, eval_every = shape
-    common = [*model, "--tokenizer_name", tokenizer, "--block_size", str(block), "--per_device_train_batch_size", str(batch),
+    common = [*model, "--tokenizer_name", tokenizer, "--block_size", str(block),
+              "--per_device_train_batch_size", str(batch),
               "--per_device_eval_batch_size", str(batch), "--max_steps", str(steps), "--logging_steps", str(log_every),
               "--eval_strategy", "steps", "--eval_steps", str(eval_every), "--save_strategy", "no",
               "--validation_split_percentage", str(val_pct), "--warmup_steps", "2", *both]
-    onefile = [sys.executable, str(harness.ONEFILE), *common, "--sample_tokens", "0", "--output_dir", str(workdir / f"onefile-{tag}")]
+    onefile = [sys.executable, str(harness.ONEFILE), *common, "--sample_tokens", "0",
+               "--output_dir", str(workdir / f"onefile-{tag}")]
     pretrain = [sys.executable, str(harness.PRETRAIN), *common, "--sample_max_new_tokens", "1",
                 "--output_dir", str(workdir / f"pretrain-{tag}"), *extra]
     return onefile, pretrain
@@ -107,7 +110,8 @@ def profile(shape, args) -> list[dict]:
         total = max([v[3] for k, v in stats.stats.items() if rx.search(f"{k[0]}:{k[1]}({k[2]})")] or [0.0])
         rows.append({"part": label, "cumulative_s": total})
     loop = next(r["cumulative_s"] for r in rows if r["part"] == "whole training loop") or float("nan")
-    print(harness.table(["part", "cumulative s", "% of loop"], [[r["part"], r["cumulative_s"], f"{100 * r['cumulative_s'] / loop:.1f}%"] for r in rows]))
+    print(harness.table(["part", "cumulative s", "% of loop"],
+                        [[r["part"], r["cumulative_s"], f"{100 * r['cumulative_s'] / loop:.1f}%"] for r in rows]))
     top = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:25]
     print("\nTop functions by own time:")
     for (f, line, fn), v in top:
@@ -148,11 +152,11 @@ def model_step(args) -> list[dict]:
                                 n_head=n_head, layer_norm_epsilon=1e-5, dropout=0.0))
         x = torch.randint(0, vocab, (batch, block))
 
-        def step_hf():
+        def step_hf(hf=hf, x=x):
             hf(input_ids=x, labels=x).loss.backward()
             hf.zero_grad(set_to_none=True)
 
-        def step_onefile():
+        def step_onefile(mine=mine, x=x):
             mine(x, x)[1].backward()
             mine.zero_grad(set_to_none=True)
 
@@ -176,10 +180,12 @@ def model_step(args) -> list[dict]:
     headers = ["block", "logits MiB (transformers / onefile)", "transformers step ms", "onefile step ms",
                "speed of transformers vs onefile"]
     out = harness.table(headers, [[r["block"], f"{r['logits_mib_transformers']:.2f} / {r['logits_mib_onefile']:.2f}",
-                                   f"{r['transformers_ms']:.1f}", f"{r['onefile_ms']:.1f}", f"{r['ratio']:.3f}"] for r in rows])
+                                   f"{r['transformers_ms']:.1f}", f"{r['onefile_ms']:.1f}", f"{r['ratio']:.3f}"]
+                                  for r in rows])
     print(out)
     body = (f"{out}\n\nForward + loss + backward of the model code alone (no optimizer, no data, no Trainer), fp32, "
-            f"{n_layer} layers x {n_embd} wide, vocab {vocab}, batch {batch}; {rounds} interleaved steps per model, medians. "
+            f"{n_layer} layers x {n_embd} wide, vocab {vocab}, batch {batch}; {rounds} interleaved steps per model, "
+            "medians. "
             "glibc maps every block of 32 MiB or more afresh on every step; a row whose logits are >= 32 MiB in one "
             "model and < 32 MiB in the other measures that, not the model code.")
     harness.write_section("model_step", "1b. Model code alone: transformers' GPT2LMHeadModel vs onefile's GPT", body,
@@ -201,21 +207,27 @@ def default_tokenizer(workdir: Path) -> str:
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     harness.add_common_args(p)
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--repeats", type=int, nargs="+", default=[3, 2, 1], help="rounds per shape (one number per shape, or one for all)")
-    p.add_argument("--tokenizer_name", help="default: a 4096 BPE trained on the embedded corpus (pretrain.py's default); "
-                                             "e.g. ../shared/data/gpt2-tokenizer for the real GPT-2 vocabulary")
-    p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS", help="extra pretrain.py run with these flags")
+    p.add_argument("--repeats", type=int, nargs="+", default=[3, 2, 1],
+                   help="rounds per shape (one number per shape, or one for all)")
+    p.add_argument("--tokenizer_name", help="default: a 4096 BPE trained on the embedded corpus (pretrain.py's "
+                                             "default); e.g. ../shared/data/gpt2-tokenizer for the real GPT-2 "
+                                             "vocabulary")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                   help="extra pretrain.py run with these flags")
     p.add_argument("--both", default="", help="flags passed to both recipes")
-    p.add_argument("--allocator", action="store_true", help="also run onefile with glibc keeping freed memory and pretrain.py "
-                                                            "without (--cpu_keep_freed_memory false): same-allocator ratios")
-    p.add_argument("--steps", type=int, help="override the shapes' step counts (log every steps/6, evaluate at steps/2)")
-    p.add_argument("--profile", action="store_true", help="instead: run pretrain.py once under cProfile at the first shape "
-                                                          "and print where its time goes")
-    p.add_argument("--model_step", action="store_true", help="instead: time the two recipes' model code alone (tiny shape, "
-                                                             "one process, interleaved) at each --blocks")
+    p.add_argument("--allocator", action="store_true", help="also run onefile with glibc keeping freed memory and "
+                                                            "pretrain.py without (--cpu_keep_freed_memory false): "
+                                                            "same-allocator ratios")
+    p.add_argument("--steps", type=int,
+                   help="override the shapes' step counts (log every steps/6, evaluate at steps/2)")
+    p.add_argument("--profile", action="store_true", help="instead: run pretrain.py once under cProfile at the "
+                                                          "first shape and print where its time goes")
+    p.add_argument("--model_step", action="store_true", help="instead: time the two recipes' model code alone "
+                                                             "(tiny shape, one process, interleaved) at each --blocks")
     p.add_argument("--blocks", type=int, nargs="+", default=[120, 128, 129], help="block sizes for --model_step")
     p.add_argument("--rounds", type=int, default=30, help="interleaved steps per model for --model_step")
     args = p.parse_args(argv)
@@ -246,19 +258,22 @@ def main(argv=None) -> list[dict]:
         for (name, shape), reps in zip(shapes.items(), repeats if not args.quick else [1]):
             val_pct = 1 if name == "124M" else 5  # evaluation at 124M costs as much as several steps: keep it small
             for rep in range(reps):
-                for vname, (recipe, extra, env, _) in [("onefile", ("onefile", [], {}, "onefile"))] + list(variants.items()):
-                    onefile, pretrain = commands(shape, tokenizer, workdir, f"{name}-{vname}-{rep}", both, extra, val_pct)
+                for vname, (recipe, extra, env, _) in ([("onefile", ("onefile", [], {}, "onefile"))]
+                                                       + list(variants.items())):
+                    onefile, pretrain = commands(shape, tokenizer, workdir, f"{name}-{vname}-{rep}", both, extra,
+                                                 val_pct)
                     cmd = onefile if recipe == "onefile" else pretrain
                     print(f"[{name} round {rep + 1}/{reps}] {vname} ...", flush=True)
                     m = measure(recipe, cmd, shape, args.echo, env)
-                    print(f"    loop {m['loop_tokens_per_s']:,.0f} tok/s (recipe's own: {m['recipe_tokens_per_s']:,.0f}), "
+                    print(f"    loop {m['loop_tokens_per_s']:,.0f} tok/s "
+                          f"(recipe's own: {m['recipe_tokens_per_s']:,.0f}), "
                           f"peak RSS {m['peak_rss_mib']:,.0f} MiB", flush=True)
                     results.append({"shape": name, "round": rep, "recipe": vname, **m, "env": env,
                                     "command": harness.shown(cmd[1:], workdir)})
 
     rows = []
     for name in shapes:
-        def runs_of(vname):
+        def runs_of(vname, name=name):
             return [r for r in results if r["shape"] == name and r["recipe"] == vname]
 
         base = runs_of("onefile")
@@ -272,9 +287,11 @@ def main(argv=None) -> list[dict]:
                    harness.median([m["recipe_tokens_per_s"] for m in mine]), harness.median(ratios),
                    " ".join(f"{x:.2f}" for x in ratios)]
             if args.allocator:
-                row += [f"{harness.median(same):.3f} (vs {like})", round(harness.median([m["peak_rss_mib"] for m in mine]))]
+                row += [f"{harness.median(same):.3f} (vs {like})",
+                        round(harness.median([m["peak_rss_mib"] for m in mine]))]
             rows.append(row)
-    headers = ["shape", "recipe", "runs", "loop tok/s (median)", "recipe's own tok/s", "ratio vs onefile (median)", "ratio per round"]
+    headers = ["shape", "recipe", "runs", "loop tok/s (median)", "recipe's own tok/s", "ratio vs onefile (median)",
+               "ratio per round"]
     if args.allocator:
         headers += ["ratio under the same allocator", "peak RSS MiB"]
     out = harness.table(headers, rows)
@@ -282,12 +299,14 @@ def main(argv=None) -> list[dict]:
     shape_lines = "\n".join(
         f"- {n}: `{' '.join(s[0])}`, batch {s[1]} x block {s[2]}, {s[3]} steps, log every {s[4]}, eval every {s[5]}"
         for n, s in shapes.items())
-    body = (f"{out}\n\nShapes (both recipes, same tokenizer `{Path(tokenizer).name}`, embedded corpus, fp32, no checkpoints):\n"
-            f"{shape_lines}\n\nExtra flags to both: `{args.both or '(none)'}`. Variants: "
-            + (", ".join(f"{v} = {recipe} `{shlex.join(f)}`" + (f" with {' '.join(f'{k}={x}' for k, x in e.items())}" if e else "")
+    body = (f"{out}\n\nShapes (both recipes, same tokenizer `{Path(tokenizer).name}`, embedded corpus, fp32, "
+            f"no checkpoints):\n{shape_lines}\n\nExtra flags to both: `{args.both or '(none)'}`. Variants: "
+            + (", ".join(f"{v} = {recipe} `{shlex.join(f)}`"
+                         + (f" with {' '.join(f'{k}={x}' for k, x in e.items())}" if e else "")
                          for v, (recipe, f, e, _) in variants.items() if v != "pretrain") or "none") +
             "\n\n'loop tok/s' = tokens trained between the first and the last training log line / wall-clock seconds "
-            "between them (evaluation and logging included); 'recipe's own' = the tokens/s the recipe logs (steps only).")
+            "between them (evaluation and logging included); 'recipe's own' = the tokens/s the recipe logs "
+            "(steps only).")
     harness.write_section("recipe_overhead", "1. Recipe overhead: pretrain.py (HF Trainer) vs onefile_train.py", body,
                           load=load, doc=args.doc or None)
     harness.save_json(args.json, {"load": load, "results": results, "table": rows})

@@ -32,7 +32,13 @@ from toolkit.errors import exit_on_user_error
 @exit_on_user_error
 def main(argv: list[str] | None = None, recipe: str = "lora") -> dict:
     from toolkit import args as arguments
-    from toolkit.args.finetune import DataArguments, FinetuneConfig, LoraArguments, ModelArguments, QuantizationArguments
+    from toolkit.args.finetune import (
+        DataArguments,
+        FinetuneConfig,
+        LoraArguments,
+        ModelArguments,
+        QuantizationArguments,
+    )
 
     # 1. parse: --config YAML, then flag overrides, over this recipe's defaults on this machine (bf16 on GPUs that
     #    have it; qlora: 4-bit base, checkpointing, paged AdamW on CUDA); then check everything before any work
@@ -88,7 +94,8 @@ def main(argv: list[str] | None = None, recipe: str = "lora") -> dict:
     metrics.update(finetune.evaluate(trainer, "after"), train_loss=result.training_loss,
                    train_runtime_s=result.metrics["train_runtime"], train_steps=result.global_step,
                    **finetune.peak_memory())
-    prompt = training_args.sample_prompt or sample_prompt(evaluation[0], fmt, tokenizer, training_args.dataset_text_field)
+    prompt = training_args.sample_prompt or sample_prompt(evaluation[0], fmt, tokenizer,
+                                                          training_args.dataset_text_field)
     sample = finetune.generate_sample(trainer.model, tokenizer, prompt, training_args.sample_max_new_tokens)
 
     # 6. save adapter + tokenizer + card + metrics, 7. push

@@ -19,7 +19,8 @@ The output folder loads with transformers' GPT2LMHeadModel / AutoTokenizer.from_
 
 Speed on CPU: pretrain.py also tells glibc's malloc to keep freed memory between steps (20-30% faster small-model
 steps, no number changes). To compare the two scripts' speed fairly, run this one with the same setting:
-    GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1000000000000000000 python recipes/onefile_train.py
+    GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1000000000000000000 \
+        python recipes/onefile_train.py
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ def die(message: str) -> None:
 # CPU models (best for gpt2-micro at a fixed CPU budget), 1e-3 up to 512 wide, then GPT-3's values for GPT-2's widths.
 LEARNING_RATE_BY_WIDTH = ((256, 3e-3), (512, 1e-3), (768, 6e-4), (1024, 3e-4), (1280, 2.5e-4), (10**9, 2e-4))
 PRESETS = {  # (n_layer, n_head, n_embd, n_positions), as in toolkit/presets.py
-    "gpt2-nano": (2, 2, 64, 256), "gpt2-micro": (4, 4, 128, 256), "gpt2-mini": (6, 6, 384, 256), "gpt2": (12, 12, 768, 1024),
-    "gpt2-medium": (24, 16, 1024, 1024), "gpt2-large": (36, 20, 1280, 1024), "gpt2-xl": (48, 25, 1600, 1024),
+    "gpt2-nano": (2, 2, 64, 256), "gpt2-micro": (4, 4, 128, 256), "gpt2-mini": (6, 6, 384, 256),
+    "gpt2": (12, 12, 768, 1024), "gpt2-medium": (24, 16, 1024, 1024), "gpt2-large": (36, 20, 1280, 1024),
+    "gpt2-xl": (48, 25, 1600, 1024),
 }
 
 
@@ -77,7 +79,8 @@ def parse_args(argv=None):
     a("--validation_file", help="same formats; default: hold out documents of the training data (split_validation)")
     a("--validation_split_percentage", type=int, default=5)
     a("--token_store", help="a folder written by `toolkit prepare` (its train and validation shards and tokenizer)")
-    a("--tokenizer_name", help="folder with tokenizer.json, or vocab.json + merges.txt; default: --init_from's, else train a BPE")
+    a("--tokenizer_name", help="folder with tokenizer.json, or vocab.json + merges.txt; default: --init_from's, "
+      "else train a BPE")
     a("--vocab_size", type=int, default=4096, help="size of the BPE trained when no tokenizer is given")
     a("--init_from", "--model_name_or_path", dest="init_from", help="start from this save_pretrained GPT-2 folder")
     a("--preset", choices=PRESETS, default="gpt2-micro", help="model shape when training from scratch")
@@ -90,8 +93,10 @@ def parse_args(argv=None):
     a("--per_device_eval_batch_size", dest="eval_batch_size", type=int, default=32)
     a("--gradient_accumulation_steps", type=int, default=1)
     a("--max_steps", "--steps", type=int, default=600, help="optimizer updates")
-    a("--learning_rate", type=float, help="peak learning rate; default by model width, as in pretrain.py (LEARNING_RATE_BY_WIDTH)")
-    a("--optim", choices=["adamw", "muon"], default="adamw", help="muon: Muon for the blocks' matrices, AdamW for the rest")
+    a("--learning_rate", type=float, help="peak learning rate; default by model width, as in pretrain.py "
+      "(LEARNING_RATE_BY_WIDTH)")
+    a("--optim", choices=["adamw", "muon"], default="adamw",
+      help="muon: Muon for the blocks' matrices, AdamW for the rest")
     a("--muon_learning_rate", type=float, default=0.05, help="peak learning rate of Muon's matrices (--optim muon)")
     a("--warmup_steps", type=float, default=50, help="linear warmup updates (a value below 1: fraction of max_steps)")
     a("--min_lr_rate", type=float, default=0.1, help="the cosine ends at learning_rate * min_lr_rate")
@@ -115,14 +120,17 @@ def parse_args(argv=None):
     a("--temperature", type=float, default=0.8)
     a("--top_k", type=int, default=50)
     args = p.parse_args([dashes_to_underscores(t) for t in (sys.argv[1:] if argv is None else argv)])
-    for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_steps", "logging_steps", "block_size"):
+    for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_steps", "logging_steps",
+                 "block_size"):
         if getattr(args, name) < 1:
             die(f"--{name} must be at least 1; pass a positive integer")
     if args.model:
-        args.preset, args.init_from = (args.model, args.init_from) if args.model in PRESETS else (args.preset, args.model)
+        args.preset, args.init_from = ((args.model, args.init_from) if args.model in PRESETS
+                                       else (args.preset, args.model))
     for name, value in zip(("n_layer", "n_head", "n_embd", "n_positions"), PRESETS[args.preset]):
         setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
-    args.warmup_steps = int(args.warmup_steps) if args.warmup_steps >= 1 else math.ceil(args.max_steps * args.warmup_steps)
+    args.warmup_steps = (int(args.warmup_steps) if args.warmup_steps >= 1
+                         else math.ceil(args.max_steps * args.warmup_steps))
     return args
 
 
@@ -247,8 +255,9 @@ def save_hf(model: GPT, tokenizer, eos_id: int, folder: str) -> None:
     os.makedirs(folder, exist_ok=True)
     cfg = model.cfg
     config = dict(
-        architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=cfg["vocab_size"], n_positions=cfg["n_positions"],
-        n_embd=cfg["n_embd"], n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_inner=None, activation_function="gelu_new",
+        architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=cfg["vocab_size"],
+        n_positions=cfg["n_positions"], n_embd=cfg["n_embd"], n_layer=cfg["n_layer"], n_head=cfg["n_head"],
+        n_inner=None, activation_function="gelu_new",
         resid_pdrop=cfg.get("dropout", 0.0), embd_pdrop=cfg.get("dropout", 0.0), attn_pdrop=cfg.get("dropout", 0.0),
         layer_norm_epsilon=cfg["layer_norm_epsilon"], initializer_range=0.02, scale_attn_weights=True,
         tie_word_embeddings=True, bos_token_id=eos_id, eos_token_id=eos_id, use_cache=True, dtype="float32",
@@ -274,15 +283,16 @@ def load_hf(folder: str, dropout: float = 0.0) -> GPT:
 
     cfg_path, weights = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
     if not (os.path.isfile(cfg_path) and os.path.isfile(weights)):
-        die(f"'{folder}' lacks config.json or model.safetensors; pass a GPT-2 save_pretrained folder (save it with safe_serialization)")
+        die(f"'{folder}' lacks config.json or model.safetensors; pass a GPT-2 save_pretrained folder "
+            "(save it with safe_serialization)")
     with open(cfg_path) as f:
         hf = json.load(f)
     unsupported = [k for k in ("scale_attn_by_inverse_layer_idx", "add_cross_attention") if hf.get(k)]
     if hf.get("model_type") != "gpt2" or hf.get("n_inner") not in (None, 4 * hf["n_embd"]) or unsupported \
             or hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh") \
             or not hf.get("tie_word_embeddings", True):
-        die(f"'{folder}' is not a plain GPT-2 (model_type={hf.get('model_type')}, {unsupported or 'n_inner/activation/untied head'}); "
-            f"train it with recipes/pretrain.py instead")
+        die(f"'{folder}' is not a plain GPT-2 (model_type={hf.get('model_type')}, "
+            f"{unsupported or 'n_inner/activation/untied head'}); train it with recipes/pretrain.py instead")
     cfg = dict(vocab_size=hf["vocab_size"], n_positions=hf["n_positions"], n_embd=hf["n_embd"], n_layer=hf["n_layer"],
                n_head=hf["n_head"], layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5), dropout=dropout)
     model = GPT(cfg)
@@ -294,7 +304,8 @@ def load_hf(folder: str, dropout: float = 0.0) -> GPT:
         state[name] = t.t() if name.endswith(CONV1D) else t
     missing, unexpected = model.load_state_dict(state, strict=False)
     if [m for m in missing if m != "lm_head.weight"] or unexpected:
-        die(f"'{folder}' does not match GPT-2's layout (missing {missing[:3]}, unexpected {unexpected[:3]}); pass a GPT-2 checkpoint")
+        die(f"'{folder}' does not match GPT-2's layout (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            "pass a GPT-2 checkpoint")
     return model
 
 
@@ -314,9 +325,11 @@ def load_tokenizer(folder: str):
         tok.decoder = decoders.ByteLevel()
         tok.add_special_tokens([EOS])
     else:
-        die(f"'{folder}' has neither tokenizer.json nor vocab.json + merges.txt; pass a GPT-2 tokenizer folder with --tokenizer_name")
+        die(f"'{folder}' has neither tokenizer.json nor vocab.json + merges.txt; pass a GPT-2 tokenizer folder "
+            "with --tokenizer_name")
     if tok.token_to_id(EOS) is None:
-        die(f"the tokenizer in '{folder}' has no {EOS} token; documents must be separated by it, choose a GPT-2 style tokenizer")
+        die(f"the tokenizer in '{folder}' has no {EOS} token; documents must be separated by it, "
+            "choose a GPT-2 style tokenizer")
     return tok
 
 
@@ -352,9 +365,11 @@ def read_documents(path):
     if path.endswith((".txt", ".text", ".md")):
         return [text]
     if not path.endswith((".json", ".jsonl")):
-        die(f"'{path}': onefile_train.py reads .txt, .json and .jsonl; use recipes/pretrain.py for parquet or Hub datasets")
+        die(f"'{path}': onefile_train.py reads .txt, .json and .jsonl; "
+            "use recipes/pretrain.py for parquet or Hub datasets")
     try:
-        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
+        rows = (json.loads(text) if text.lstrip().startswith("[")
+                else [json.loads(line) for line in text.splitlines() if line.strip()])
         return [row["text"] for row in rows]
     except (ValueError, KeyError, TypeError):
         die(f"'{path}' is not JSON lines with a 'text' field per row; write one {{\"text\": ...}} object per line")
@@ -362,7 +377,8 @@ def read_documents(path):
 
 def token_stream(documents, tokenizer, eos_id):
     """Each document's token ids followed by EOS (one array per document)."""
-    return [np.append(np.asarray(e.ids, dtype=np.int64), eos_id) for e in tokenizer.encode_batch(documents, add_special_tokens=False)]
+    return [np.append(np.asarray(e.ids, dtype=np.int64), eos_id)
+            for e in tokenizer.encode_batch(documents, add_special_tokens=False)]
 
 
 def split_validation(streams, percentage, max_tokens=5_000_000):
@@ -392,8 +408,8 @@ def read_store(store, split):
     if not manifest.get("complete"):
         die(f"token store '{store}' is incomplete; rerun the `toolkit prepare` command that writes it to finish it")
     shards = manifest["splits"][split]["shards"]
-    return np.concatenate([np.memmap(os.path.join(store, s["file"]), dtype=manifest["dtype"], mode="r") for s in shards]
-                          ).astype(np.int64)
+    return np.concatenate([np.memmap(os.path.join(store, s["file"]), dtype=manifest["dtype"], mode="r")
+                           for s in shards]).astype(np.int64)
 
 
 def pack(stream, block_size):
@@ -549,17 +565,19 @@ def main(argv=None):
     if args.token_store:
         train_stream, val_stream = read_store(args.token_store, "train"), read_store(args.token_store, "validation")
         if train_stream.max(initial=0) >= tokenizer.get_vocab_size(with_added_tokens=True):
-            die(f"token store '{args.token_store}' holds ids beyond this tokenizer; drop --tokenizer_name to use the store's own")
+            die(f"token store '{args.token_store}' holds ids beyond this tokenizer; "
+                "drop --tokenizer_name to use the store's own")
     elif args.validation_file:
         train_stream = np.concatenate(token_stream(train_docs, tokenizer, eos_id))
         val_stream = np.concatenate(token_stream(read_documents(args.validation_file), tokenizer, eos_id))
     else:
-        train_stream, val_stream = split_validation(token_stream(train_docs, tokenizer, eos_id), args.validation_split_percentage)
+        train_stream, val_stream = split_validation(token_stream(train_docs, tokenizer, eos_id),
+                                                    args.validation_split_percentage)
     train_blocks, val_blocks = pack(train_stream, T), pack(val_stream, T)
     n_train = len(train_blocks)
     if n_train < args.batch_size * world or len(val_blocks) == 0:
-        die(f"{n_train} training and {len(val_blocks)} validation blocks of {T} tokens: fewer than one batch per process "
-            f"or no validation block; use more text or lower --block_size / --per_device_train_batch_size")
+        die(f"{n_train} training and {len(val_blocks)} validation blocks of {T} tokens: fewer than one batch per "
+            f"process or no validation block; use more text or lower --block_size / --per_device_train_batch_size")
     # Bits per byte (comparable across tokenizers): the UTF-8 bytes of the scored validation tokens (every block's
     # tokens but its first). A byte-level BPE writes each byte as one character, so a token's bytes = its length;
     # EOS encodes no text.
@@ -574,15 +592,18 @@ def main(argv=None):
         model = load_hf(weights_from, args.dropout)
     else:
         if args.n_embd % args.n_head:
-            die(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}; pick an n_head that divides n_embd")
+            die(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}; "
+                "pick an n_head that divides n_embd")
         vocab = tokenizer.get_vocab_size(with_added_tokens=True)
         model = GPT(dict(vocab_size=math.ceil(vocab / 64) * 64, n_positions=args.n_positions, n_embd=args.n_embd,
                          n_layer=args.n_layer, n_head=args.n_head, layer_norm_epsilon=1e-5, dropout=args.dropout))
     cfg = model.cfg
     if T > cfg["n_positions"]:
-        die(f"--block_size {T} exceeds the model's n_positions={cfg['n_positions']}; lower --block_size or raise --n_positions")
+        die(f"--block_size {T} exceeds the model's n_positions={cfg['n_positions']}; "
+            "lower --block_size or raise --n_positions")
     if tokenizer.get_vocab_size(with_added_tokens=True) > cfg["vocab_size"]:
-        die(f"the tokenizer has more tokens than the model's vocab_size={cfg['vocab_size']}; pass the model's own tokenizer")
+        die(f"the tokenizer has more tokens than the model's vocab_size={cfg['vocab_size']}; "
+            "pass the model's own tokenizer")
     model.to(device)
     raw_model = model  # unwrapped, for saving and sampling
     if args.compile:
@@ -599,7 +620,8 @@ def main(argv=None):
     if args.learning_rate is None:  # wider models need a smaller step (see LEARNING_RATE_BY_WIDTH)
         args.learning_rate = next(lr for width, lr in LEARNING_RATE_BY_WIDTH if cfg["n_embd"] <= width)
     hidden = {id(p) for n, p in raw_model.named_parameters() if args.optim == "muon" and ".h." in n and p.dim() == 2}
-    groups = [{"params": [p for p in params if p.dim() >= 2 and id(p) not in hidden], "weight_decay": args.weight_decay},
+    groups = [{"params": [p for p in params if p.dim() >= 2 and id(p) not in hidden],
+               "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     optimizers = [torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                     eps=args.adam_epsilon, fused=device.type in ("cuda", "cpu"))]
@@ -623,8 +645,9 @@ def main(argv=None):
     peak, peak_src = peak_flops(device)
     n_params = sum(p.numel() for p in params)
     log(f"model: {cfg['n_layer']} layers, {cfg['n_head']} heads, width {cfg['n_embd']}, vocab {cfg['vocab_size']}: "
-        f"{n_params:,} parameters | peak lr {args.learning_rate:g} | data: {n_train} train / {len(val_blocks)} val blocks of {T} tokens | "
-        f"{world} process(es) on {device.type}{' (bf16 autocast)' if bf16 else ''} | peak {peak or 0:.3g} FLOP/s ({peak_src})")
+        f"{n_params:,} parameters | peak lr {args.learning_rate:g} | data: {n_train} train / {len(val_blocks)} val "
+        f"blocks of {T} tokens | {world} process(es) on {device.type}{' (bf16 autocast)' if bf16 else ''} | "
+        f"peak {peak or 0:.3g} FLOP/s ({peak_src})")
     if master:
         os.makedirs(args.output_dir, exist_ok=True)
     metrics = open(os.path.join(args.output_dir, "metrics.jsonl"), "a" if resume_dir else "w") if master else None
@@ -663,8 +686,8 @@ def main(argv=None):
         if master:
             tmp = folder + ".tmp" if folder == ckpt_dir else folder
             save_hf(raw_model, tokenizer, eos_id, tmp)
-            torch.save({"step": step, "optimizers": [o.state_dict() for o in optimizers], "rng": torch.get_rng_state()},
-                       os.path.join(tmp, "training_state.pt"))
+            torch.save({"step": step, "optimizers": [o.state_dict() for o in optimizers],
+                        "rng": torch.get_rng_state()}, os.path.join(tmp, "training_state.pt"))
             if tmp != folder:
                 shutil.rmtree(folder, ignore_errors=True)
                 os.replace(tmp, folder)
@@ -716,15 +739,16 @@ def main(argv=None):
                 timed_tokens, timed_seconds = timed_tokens + steps_since_log * tokens_per_step, timed_seconds + seconds
             log(f"step {step}/{args.max_steps} | loss {loss_val:.4f} | lr {lr:.3e} | {tok_s:,.0f} tok/s"
                 + (f" | mfu {100 * mfu:.2f}%" if mfu is not None else ""))
-            record(dict(step=step, loss=loss_val, lr=lr, grad_norm=grad_norm.item() if args.max_grad_norm > 0 else None,
-                        tokens_per_s=tok_s, mfu=mfu))
+            record(dict(step=step, loss=loss_val, lr=lr,
+                        grad_norm=grad_norm.item() if args.max_grad_norm > 0 else None, tokens_per_s=tok_s, mfu=mfu))
             loss_sum.zero_()
             steps_since_log, t_last = 0, time.perf_counter()
         t_pause = time.perf_counter()
         if args.eval_strategy == "steps" and (step % args.eval_steps == 0 or step == args.max_steps):
             val = evaluate()
             bpb = val / (math.log(2) * val_bytes_per_token)  # nats per token -> bits per byte
-            log(f"step {step} | eval loss {val:.4f} | perplexity {math.exp(min(val, 50)):.2f} | bits per byte {bpb:.4f}")
+            log(f"step {step} | eval loss {val:.4f} | perplexity {math.exp(min(val, 50)):.2f} | "
+                f"bits per byte {bpb:.4f}")
             record(dict(step=step, eval_loss=val, eval_perplexity=math.exp(min(val, 50)), eval_bits_per_byte=bpb))
         if args.save_strategy == "steps" and step % args.save_steps == 0 and step < args.max_steps:
             save(ckpt_dir)

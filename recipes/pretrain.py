@@ -19,7 +19,8 @@ The same file under DDP or FSDP2; only the accelerate config changes:
     torchrun --nproc_per_node 4 recipes/pretrain.py --preset gpt2
 
 Resume an interrupted run:   python recipes/pretrain.py ... --resume_from_checkpoint auto
-HellaSwag at every eval:     python recipes/pretrain.py ... --eval_tasks hellaswag --eval_tasks_limit 1000   (pip install -e ".[eval]")
+HellaSwag at every eval:     python recipes/pretrain.py ... --eval_tasks hellaswag --eval_tasks_limit 1000
+                             (pip install -e ".[eval]")
 All options:                 python recipes/pretrain.py --help
 
 The output folder loads with from_pretrained and carries a model card (README.md) that --push_to_hub uploads.
@@ -69,30 +70,34 @@ def main() -> None:
     from toolkit.tokenizer import load_tokenizer, train_bpe_tokenizer
     from toolkit.trainer import PretrainTrainer
 
-    resume_from = prepare_output_dir(training_args.output_dir, training_args.overwrite_output_dir, training_args.resume_from_checkpoint, training_args.process_index == 0)
-    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False  # we push the final folder ourselves, once, at the end
+    resume_from = prepare_output_dir(training_args.output_dir, training_args.overwrite_output_dir,
+                                     training_args.resume_from_checkpoint, training_args.process_index == 0)
+    # we push the final folder ourselves, once, at the end
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
     if push_to_hub:
         from toolkit.hub import check_push_ready
 
         check_push_ready(training_args.hub_model_id, training_args.hub_token)  # fail now, not after hours of training
     if training_args.muon and distributed.fsdp_requested(training_args):
-        raise UserError("--optim muon orthogonalizes whole weight matrices, which FSDP shards across ranks; use it with 1 "
-                        "process or DDP, or drop --optim muon under FSDP")
+        raise UserError("--optim muon orthogonalizes whole weight matrices, which FSDP shards across ranks; use it "
+                        "with 1 process or DDP, or drop --optim muon under FSDP")
     benchmark = None
     if training_args.eval_tasks:  # lm-eval on rank 0 at every evaluation; task names are checked now, not hours later
         if distributed.fsdp_requested(training_args):
-            raise UserError("--eval_tasks runs lm-eval on the main process alone, which an FSDP-sharded model cannot do; drop "
-                            "--eval_tasks and run `toolkit eval OUTPUT_DIR --tasks ...` on the saved model")
+            raise UserError("--eval_tasks runs lm-eval on the main process alone, which an FSDP-sharded model cannot "
+                            "do; drop --eval_tasks and run `toolkit eval OUTPUT_DIR --tasks ...` on the saved model")
         from toolkit.lm_eval_tasks import BenchmarkDuringTraining
 
-        benchmark = BenchmarkDuringTraining(training_args.eval_tasks, training_args.eval_tasks_limit, training_args.eval_tasks_include_path,
+        benchmark = BenchmarkDuringTraining(training_args.eval_tasks, training_args.eval_tasks_limit,
+                                            training_args.eval_tasks_include_path,
                                             training_args.per_device_eval_batch_size, bool(training_args.bf16))
 
     # 2. Seed: initial weights and data order depend only on --seed.
     set_seed(training_args.seed)
 
-    # 3. Data source and tokenizer. A token store (`toolkit prepare`) brings its tokenizer and refuses another; otherwise
-    #    the tokenizer is given, the model's own, the one this run trained earlier, or a new BPE on the training text.
+    # 3. Data source and tokenizer. A token store (`toolkit prepare`) brings its tokenizer and refuses another;
+    #    otherwise the tokenizer is given, the model's own, the one this run trained earlier, or a new BPE on the
+    #    training text.
     streaming = data_args.streaming
     if streaming and not data_args.dataset_name:
         raise UserError("--streaming needs --dataset_name (a Hub dataset); local files are read directly")
@@ -110,7 +115,8 @@ def main() -> None:
     if tokenizer_source is None and store is not None:
         tokenizer_source = store.tokenizer_dir()
         if tokenizer_source is None:
-            raise UserError(f"token store '{store.dir}' has no tokenizer/ folder; pass the --tokenizer_name it was prepared with")
+            raise UserError(f"token store '{store.dir}' has no tokenizer/ folder; pass the --tokenizer_name it was "
+                            "prepared with")
     if tokenizer_source is None:
         if streaming:
             raise UserError("--streaming needs --tokenizer_name (a BPE is trained on a full dataset, not a stream)")
@@ -125,15 +131,19 @@ def main() -> None:
 
     # 4. Model config: a preset (+ overrides) or config.json to train from scratch, or a pretrained model.
     if model_args.model_name_or_path:
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path,
+                                            trust_remote_code=model_args.trust_remote_code)
     elif model_args.config_name:
         config = AutoConfig.from_pretrained(model_args.config_name, trust_remote_code=model_args.trust_remote_code)
     else:
         overrides = presets.parse_config_overrides(model_args.config_overrides)
-        overrides.update(n_layer=model_args.n_layer, n_head=model_args.n_head, n_embd=model_args.n_embd, n_positions=model_args.n_positions)
+        overrides.update(n_layer=model_args.n_layer, n_head=model_args.n_head, n_embd=model_args.n_embd,
+                         n_positions=model_args.n_positions)
         if model_args.dropout is not None:
-            overrides.update(resid_pdrop=model_args.dropout, embd_pdrop=model_args.dropout, attn_pdrop=model_args.dropout)
-        config = presets.build_gpt2_config(model_args.preset, len(tokenizer), overrides, model_args.pad_vocab_to_multiple_of,
+            overrides.update(resid_pdrop=model_args.dropout, embd_pdrop=model_args.dropout,
+                             attn_pdrop=model_args.dropout)
+        config = presets.build_gpt2_config(model_args.preset, len(tokenizer), overrides,
+                                           model_args.pad_vocab_to_multiple_of,
                                            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     presets.validate_config(config, data_args.block_size, len(tokenizer))
     if training_args.learning_rate is None:  # by width: 3e-3 suits gpt2-micro, GPT-2 124M wants 6e-4
@@ -147,7 +157,8 @@ def main() -> None:
                                       attn_implementation=model_args.attn_implementation,
                                       trust_remote_code=model_args.trust_remote_code)
     else:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=model_args.attn_implementation)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                 attn_implementation=model_args.attn_implementation)
     model.config.pad_token_id = tokenizer.pad_token_id  # as the Trainer would align it, with a warning on every run
     model.generation_config.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                    bos_token_id=tokenizer.eos_token_id)
@@ -161,16 +172,18 @@ def main() -> None:
     else:
         if store is None:
             with training_args.main_process_first(desc="prepare token store"):
-                store = data.cached_store(train_corpus, val_corpus, tokenizer, data_args, progress=training_args.process_index == 0)
+                store = data.cached_store(train_corpus, val_corpus, tokenizer, data_args,
+                                          progress=training_args.process_index == 0)
         global_batch = training_args.per_device_train_batch_size * training_args.world_size
         train_dataset, eval_dataset = data.block_datasets(store, data_args.block_size, global_batch)
         if training_args.process_index == 0:
-            print(f"Data: {len(train_dataset):,} train and {len(eval_dataset):,} validation blocks of {data_args.block_size} "
-                  f"tokens from the token store {store.dir} ({store.describe()})")
+            print(f"Data: {len(train_dataset):,} train and {len(eval_dataset):,} validation blocks of "
+                  f"{data_args.block_size} tokens from the token store {store.dir} ({store.describe()})")
 
     # 7. Trainer: HF Trainer + tokens/s and MFU logging + loss-curve plot + bits per byte (the bytes of the scored
     #    validation tokens are counted once here: toolkit/lm_metrics.py).
-    tokens_per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size * data_args.block_size
+    tokens_per_step = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+                       * training_args.world_size * data_args.block_size)
     eval_bytes_per_token, eval_tokens, eval_bytes = eval_bytes_per_token_of(eval_dataset, tokenizer)
     peak, peak_source = flops.peak_flops()
     trainer = PretrainTrainer(
@@ -188,12 +201,13 @@ def main() -> None:
         benchmark=benchmark,
     )
     if training_args.process_index == 0:
-        print(f"Model: {n_params:,} parameters (n_layer={config.n_layer}, n_head={config.n_head}, n_embd={config.n_embd}, "
-              f"vocab={config.vocab_size}); {'bf16 mixed precision' if training_args.bf16 else 'fp32'}; "
-              f"{'Muon + AdamW' if training_args.muon else training_args.optim}, peak lr {training_args.learning_rate:g}; "
-              f"{tokens_per_step:,} tokens/step; MFU against {peak_source}")
-        print(f"Eval: {eval_tokens:,} scored validation tokens, {eval_bytes:,} bytes ({eval_bytes_per_token:.3f} bytes/token) "
-              "for bits per byte")
+        print(f"Model: {n_params:,} parameters (n_layer={config.n_layer}, n_head={config.n_head}, "
+              f"n_embd={config.n_embd}, vocab={config.vocab_size}); "
+              f"{'bf16 mixed precision' if training_args.bf16 else 'fp32'}; "
+              f"{'Muon + AdamW' if training_args.muon else training_args.optim}, "
+              f"peak lr {training_args.learning_rate:g}; {tokens_per_step:,} tokens/step; MFU against {peak_source}")
+        print(f"Eval: {eval_tokens:,} scored validation tokens, {eval_bytes:,} bytes "
+              f"({eval_bytes_per_token:.3f} bytes/token) for bits per byte")
 
     # 8. Train (resuming restores model, optimizer, scheduler, RNG and the position in the data order).
     #    SIGINT/SIGTERM saves a checkpoint at the end of the current step and stops.
@@ -211,10 +225,12 @@ def main() -> None:
     trainer.save_state()
     distributed.export_full_model(trainer, training_args.output_dir, tokenizer)
     if training_args.process_index == 0:
-        plot_loss_curve(trainer.state.log_history, os.path.join(training_args.output_dir, "loss_curve.png"))  # with the final eval
-        sample = generate_sample(training_args.output_dir, training_args.sample_prompt, training_args.sample_max_new_tokens, training_args.seed)
-        write_pretrain_card(training_args, model_args, data_args, config, tokenizer, n_params, trainer.state.global_step, tokens_per_step,
-                   metrics, benchmark, sample, push_to_hub)
+        # with the final eval
+        plot_loss_curve(trainer.state.log_history, os.path.join(training_args.output_dir, "loss_curve.png"))
+        sample = generate_sample(training_args.output_dir, training_args.sample_prompt,
+                                 training_args.sample_max_new_tokens, training_args.seed)
+        write_pretrain_card(training_args, model_args, data_args, config, tokenizer, n_params,
+                            trainer.state.global_step, tokens_per_step, metrics, benchmark, sample, push_to_hub)
         print(f"\nModel saved to {os.path.abspath(training_args.output_dir)} (model card: README.md)")
         print(f"Eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}, "
               f"bits per byte {metrics.get('eval_bits_per_byte', float('nan')):.4f}")
@@ -224,7 +240,8 @@ def main() -> None:
     if push_to_hub and training_args.process_index == 0:
         from toolkit.hub import push_folder
 
-        url = push_folder(training_args.output_dir, training_args.hub_model_id, private=bool(training_args.hub_private_repo), token=training_args.hub_token)
+        url = push_folder(training_args.output_dir, training_args.hub_model_id,
+                          private=bool(training_args.hub_private_repo), token=training_args.hub_token)
         print(f"Pushed to {url}")
     stop.release(training_args)  # a SIGTERM during the final evaluation or save ends the run here, results saved
 

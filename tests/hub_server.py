@@ -98,7 +98,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _record(self, body: bytes = b""):
         self.server.hub.requests.append(
-            {"method": self.command, "path": self.path, "authorization": self.headers.get("Authorization"), "body": body}
+            {"method": self.command, "path": self.path, "authorization": self.headers.get("Authorization"),
+             "body": body}
         )
 
     def _visible_repo(self, repo_id: str) -> Repo | None:
@@ -123,10 +124,12 @@ class _Handler(BaseHTTPRequestHandler):
             private = payload.get("visibility") == "private" or bool(payload.get("private"))
             answer = {"url": f"{hub.url}/{repo_id}", "name": repo_id, "id": repo_id}
             with hub.lock:
-                if repo_id in hub.repos:  # the Hub's 409 still carries the repo url (create_repo(exist_ok=True) reads it)
+                # the Hub's 409 still carries the repo url (create_repo(exist_ok=True) reads it)
+                if repo_id in hub.repos:
                     message = "You already created this model repo"
                     return self._send(409, {**answer, "error": message}, headers={"X-Error-Message": message})
-                hub.repos[repo_id] = Repo(repo_id, payload.get("type") or "model", private, self.headers.get("Authorization"))
+                hub.repos[repo_id] = Repo(repo_id, payload.get("type") or "model", private,
+                                          self.headers.get("Authorization"))
             return self._send(200, answer)
         if path == "/api/validate-yaml":  # the client checks README.md metadata before committing it
             problem = _card_base_model_error(json.loads(body or b"{}").get("content", "").encode())
@@ -143,7 +146,8 @@ class _Handler(BaseHTTPRequestHandler):
                 files = json.loads(body or b"{}").get("files", [])
                 return self._send(
                     200,
-                    {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files]},
+                    {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
+                               for f in files]},
                 )
             return self._commit(repo, body)
         return self._error(404, f"no route for POST {path}")
@@ -171,11 +175,13 @@ class _Handler(BaseHTTPRequestHandler):
         oid = hashlib.sha1(body).hexdigest()
         with self.server.hub.lock:
             for path in deleted:
-                repo.files = {k: v for k, v in repo.files.items() if k != path and not k.startswith(path.rstrip("/") + "/")}
+                repo.files = {k: v for k, v in repo.files.items()
+                              if k != path and not k.startswith(path.rstrip("/") + "/")}
             repo.files.update(added)
             repo.commits.append({"oid": oid, "summary": header.get("summary", ""), "files": sorted(added)})
         hub_url = self.server.hub.url
-        return self._send(200, {"commitUrl": f"{hub_url}/{repo.repo_id}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None})
+        return self._send(200, {"commitUrl": f"{hub_url}/{repo.repo_id}/commit/{oid}", "commitOid": oid,
+                                "pullRequestUrl": None})
 
     def do_GET(self):
         self._serve_get(head=False)
@@ -192,7 +198,8 @@ class _Handler(BaseHTTPRequestHandler):
             if repo is None:
                 return self._error(404, "Repository not found", head=head, code="RepoNotFound")
             siblings = [{"rfilename": name, "size": len(data)} for name, data in sorted(repo.files.items())]
-            info = {"id": repo.repo_id, "modelId": repo.repo_id, "sha": repo.head, "private": repo.private, "siblings": siblings}
+            info = {"id": repo.repo_id, "modelId": repo.repo_id, "sha": repo.head, "private": repo.private,
+                    "siblings": siblings}
             return self._send(200, info, head=head)
         match = re.match(r"^/(?:(datasets|spaces)/)?(.+)/resolve/([^/]+)/(.+)$", path)
         if match:

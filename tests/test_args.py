@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, run_script
+
 from toolkit.errors import UserError
 
 PRETRAIN_CONFIGS = sorted((REPO / "recipes" / "configs").glob("pretrain_*.yaml"))
@@ -24,7 +24,13 @@ def parse(recipe: str, argv: list[str]):
 
         types = [ModelArguments, DataArguments, PretrainArguments]
     else:
-        from toolkit.args.finetune import DataArguments, FinetuneConfig, LoraArguments, ModelArguments, QuantizationArguments
+        from toolkit.args.finetune import (
+            DataArguments,
+            FinetuneConfig,
+            LoraArguments,
+            ModelArguments,
+            QuantizationArguments,
+        )
 
         types = [ModelArguments, LoraArguments, QuantizationArguments, DataArguments, FinetuneConfig]
     parsed = args.parse(types, argv, defaults=args.resolve_defaults(recipe))
@@ -89,8 +95,9 @@ def test_shared_numeric_options_out_of_range_are_refused_by_name(recipe, option,
 
 @pytest.mark.parametrize("recipe,option,value", [
     ("pretrain", "block_size", "1"), ("pretrain", "n_layer", "0"), ("pretrain", "n_embd", "-64"),
-    ("pretrain", "dropout", "1.5"), ("pretrain", "vocab_size", "100"), ("pretrain", "validation_split_percentage", "100"),
-    ("pretrain", "global_batch_size", "0"), ("pretrain", "ddp_timeout", "0"), ("pretrain", "streaming_eval_blocks", "0"),
+    ("pretrain", "dropout", "1.5"), ("pretrain", "vocab_size", "100"),
+    ("pretrain", "validation_split_percentage", "100"), ("pretrain", "global_batch_size", "0"),
+    ("pretrain", "ddp_timeout", "0"), ("pretrain", "streaming_eval_blocks", "0"),
     ("lora", "lora_r", "0"), ("lora", "lora_alpha", "-8"), ("lora", "lora_dropout", "1"), ("lora", "max_length", "0"),
     ("lora", "validation_split_percentage", "0"), ("lora", "max_eval_samples", "0"),
 ])
@@ -159,7 +166,8 @@ def test_cli_errors_are_one_stderr_line_before_any_work(tmp_path):
     a_file = tmp_path / "taken"
     a_file.write_text("keep me")
     cases = [
-        (["recipes/pretrain.py", "--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0 is out of range"),
+        (["recipes/pretrain.py", "--per_device_train_batch_size", "0"],
+         "--per_device_train_batch_size 0 is out of range"),
         (["recipes/pretrain.py", "--output_dir", str(a_file)], "is an existing file, not a folder"),
         (["recipes/lora.py", "--lora-r", "0", "--output_dir", str(tmp_path / "l")], "--lora_r 0 is out of range"),
     ]

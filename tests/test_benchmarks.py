@@ -38,7 +38,8 @@ def test_doc_sections_are_replaced_not_duplicated(tmp_path):
 
 def test_log_parsers_read_both_recipes_formats():
     lines = [(1.0, "{'loss': '4.25', 'grad_norm': '1.1', 'tokens_per_s': '1234.5', 'epoch': '0.1'}"),
-             (1.5, "noise {'eval_loss': '4.0', 'eval_runtime': '0.2'}"), (3.0, "{'loss': '3.5', 'tokens_per_s': '1300'}"),
+             (1.5, "noise {'eval_loss': '4.0', 'eval_runtime': '0.2'}"),
+             (3.0, "{'loss': '3.5', 'tokens_per_s': '1300'}"),
              (4.0, "step 20/60 | loss 3.2500 | lr 1.000e-03 | 12,345 tok/s | mfu 1.00%")]
     r = harness.Run(["x"], 0, 5.0, lines)
     logs = harness.trainer_logs(r)
@@ -50,8 +51,10 @@ def test_log_parsers_read_both_recipes_formats():
 
 @pytest.mark.slow
 def test_recipe_overhead_quick(tmp_path, tiny_tokenizer_dir):
-    results, rows, doc, data = run_quick("recipe_overhead", tmp_path, "--tokenizer_name", str(tiny_tokenizer_dir), "--allocator")
-    assert [(r["shape"], r["recipe"]) for r in rows] == [("tiny", "onefile"), ("tiny", "pretrain"), ("tiny", "onefile_keep_freed"),
+    results, rows, doc, data = run_quick("recipe_overhead", tmp_path, "--tokenizer_name", str(tiny_tokenizer_dir),
+                                         "--allocator")
+    assert [(r["shape"], r["recipe"]) for r in rows] == [("tiny", "onefile"), ("tiny", "pretrain"),
+                                                          ("tiny", "onefile_keep_freed"),
                                                           ("tiny", "pretrain_glibc_default")]
     by = {r["recipe"]: r for r in results}
     for r in results:
@@ -70,7 +73,8 @@ def test_recipe_overhead_quick(tmp_path, tiny_tokenizer_dir):
     assert rows[1]["ratio under the same allocator"].endswith("(vs onefile_keep_freed)")
     assert by["onefile_keep_freed"]["env"]["GLIBC_TUNABLES"].startswith("glibc.malloc.mmap_max=0")
     assert "--cpu_keep_freed_memory false" in by["pretrain_glibc_default"]["command"]
-    assert "recipes/onefile_train.py" in by["onefile"]["command"] and "recipes/pretrain.py" in by["pretrain"]["command"]
+    assert ("recipes/onefile_train.py" in by["onefile"]["command"]
+            and "recipes/pretrain.py" in by["pretrain"]["command"])
     assert "## 1. Recipe overhead" in doc and data["table"]
 
 
@@ -110,7 +114,8 @@ def test_finetune_quick(tmp_path):
     assert by["lora"]["trainable"] < by["full"]["trainable"] / 2  # adapters train a fraction of the weights
     assert by["lora"]["saved_bytes"] < by["full"]["saved_bytes"]
     assert all(r["peak_rss"] > 100 * 2**20 and r["eval_loss"] > 0 and r["s_per_step"] > 0 for r in results)
-    if sys.platform.startswith("linux"):  # RssAnon: part of the RSS, and most of it (torch's own tensors are anonymous)
+    # RssAnon: part of the RSS, and most of it (torch's own tensors are anonymous)
+    if sys.platform.startswith("linux"):
         assert all(r["peak_rss"] / 2 < r["peak_anon"] <= r["peak_rss"] for r in results)
     assert rows[0]["eval loss vs LoRA"].endswith("%") and "## 4. Fine-tuning" in doc
 

@@ -27,7 +27,8 @@ def _parse(argv):
 def test_yaml_config_then_command_line_override(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("preset: gpt2-mini\nblock_size: 64\nmax_steps: 7\nlearning_rate: 3.0e-4\n")
-    model, data, train = _parse(["--config", str(cfg), "--max_steps", "9", "--n_layer", "3", "--output_dir", str(tmp_path / "o")])
+    model, data, train = _parse(["--config", str(cfg), "--max_steps", "9", "--n_layer", "3",
+                                 "--output_dir", str(tmp_path / "o")])
     assert (model.preset, data.block_size, train.learning_rate) == ("gpt2-mini", 64, 3e-4)  # from YAML
     assert (train.max_steps, model.n_layer) == (9, 3)  # command line wins
     assert train.bf16 is False  # CPU default is fp32
@@ -98,7 +99,8 @@ def test_seed_guide_override_form():
 def test_config_overrides_string():
     from toolkit.presets import parse_config_overrides
 
-    assert parse_config_overrides("n_embd=256, n_head=4,resid_pdrop=0.1") == {"n_embd": 256, "n_head": 4, "resid_pdrop": 0.1}
+    assert parse_config_overrides("n_embd=256, n_head=4,resid_pdrop=0.1") == {"n_embd": 256, "n_head": 4,
+                                                                              "resid_pdrop": 0.1}
     with pytest.raises(UserError, match="key=value"):
         parse_config_overrides("n_embd")
 
@@ -124,7 +126,8 @@ def test_trained_bpe_round_trips_and_has_requested_size(tmp_path):
 
     from toolkit.tokenizer import EOS_TOKEN, train_bpe_tokenizer
 
-    texts = ["The quick brown fox jumps over the lazy dog. " * 20, "def f(x):\n    return x ** 2\n" * 20, "naïve café – ünïcödé ✓"]
+    texts = ["The quick brown fox jumps over the lazy dog. " * 20, "def f(x):\n    return x ** 2\n" * 20,
+             "naïve café – ünïcödé ✓"]
     tok = train_bpe_tokenizer(texts, vocab_size=300)
     assert len(tok) <= 300 and tok.eos_token == EOS_TOKEN
     tok.save_pretrained(tmp_path)
@@ -283,7 +286,8 @@ def test_evaluation_sees_every_validation_block_despite_drop_last(tmp_path):
     blocks = [{"input_ids": torch.randint(0, 64, (16,)), "labels": torch.randint(0, 64, (16,))} for _ in range(7)]
     args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4, dataloader_drop_last=True,
                              report_to="none", use_cpu=True)
-    trainer = PretrainTrainer(model=model, args=args, eval_dataset=blocks, flops_per_token=1.0, peak_flops=None, tokens_per_step=1)
+    trainer = PretrainTrainer(model=model, args=args, eval_dataset=blocks, flops_per_token=1.0, peak_flops=None,
+                              tokens_per_step=1)
     assert sum(len(batch["input_ids"]) for batch in trainer.get_eval_dataloader()) == 7
     assert trainer.args.dataloader_drop_last is True  # training batches keep their fixed shape
 
@@ -314,8 +318,10 @@ print(faults_in_10_steps(), keep_freed_memory(), faults_in_10_steps(), sep="\n")
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
 def test_keep_freed_memory_stops_refaulting_large_blocks():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
-    out = subprocess.run([sys.executable, "-c", TRAINING_STEP_FAULTS], env=env, capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+    out = subprocess.run([sys.executable, "-c", TRAINING_STEP_FAULTS], env=env, capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     before, note, after = out.stdout.strip().splitlines()
     block_pages = 64 * 2**20 // os.sysconf("SC_PAGE_SIZE")  # 16,384 with 4 KiB pages, 1,024 with 64 KiB (arm64)

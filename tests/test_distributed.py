@@ -16,7 +16,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, embedded_texts, run_script
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -176,8 +175,8 @@ def test_two_nodes_rendezvous_over_localhost_and_train_as_one(workdir, reference
     port = str(free_port())
     args = args_for(workdir, "two_nodes", "--use_cpu", "true", "--per_device_train_batch_size", "4",
                     "--save_strategy", "no")
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "multi_node_cpu.yaml"),
-               "--main_process_port", port]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(CONFIGS / "multi_node_cpu.yaml"), "--main_process_port", port]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     nodes = [subprocess.Popen([*launcher, "--machine_rank", str(rank), RECIPE, *args], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]

@@ -8,10 +8,10 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import GPT2_TOKENIZER, REPO, embedded_texts, needs_shared, run_script
 
-ENGLISH = ("The quick brown fox jumps over the lazy dog. A stitch in time saves nine; the early bird catches the worm.\n"
+ENGLISH = ("The quick brown fox jumps over the lazy dog. "
+           "A stitch in time saves nine; the early bird catches the worm.\n"
            "Ünïcödé bytes: café, naïve, 日本語, emoji \N{GRINNING FACE}.\n") * 12
 
 
@@ -76,7 +76,8 @@ def adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
 def test_generate_same_seed_same_text_and_other_seed_other_text(tiny_model_dir, capsys):
     from toolkit import generate
 
-    argv = [str(tiny_model_dir), "--prompt", "The", "--max_new_tokens", "24", "--temperature", "1.0", "--num_samples", "2"]
+    argv = [str(tiny_model_dir), "--prompt", "The", "--max_new_tokens", "24", "--temperature", "1.0",
+            "--num_samples", "2"]
     first = run_main(generate, [*argv, "--seed", "3"], capsys)
     again = run_main(generate, [*argv, "--seed", "3"], capsys)
     other = run_main(generate, [*argv, "--seed", "4"], capsys)
@@ -127,7 +128,8 @@ def token_bytes(tokenizer, token_id: int) -> bytes:
     """The bytes a byte-level BPE token stands for, by GPT-2's byte <-> character table (EOS: none)."""
     if token_id == tokenizer.eos_token_id:
         return b""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
     extra = [b for b in range(256) if b not in printable]
     char_to_byte = {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(extra)}
     return bytes(char_to_byte[c] for c in tokenizer.convert_ids_to_tokens(token_id))
@@ -250,12 +252,14 @@ def test_text_read_in_pieces_tokenizes_as_a_whole(tiny_tokenizer_dir, tmp_path):
     ("generate", ["M", "--temperature", "-1"], ["--temperature -1.0 must be >= 0"]),
     ("generate", ["M", "--top_p", "0"], ["--top_p 0.0 must be in (0, 1]"]),
     ("eval", ["M", "--text_file", "T", "--stride", "0"], ["--stride 0 must be between 1 and"]),
-    ("eval", ["M", "--text_file", "T", "--block_size", "32", "--stride", "64"], ["--stride 64 must be between 1 and the block size (32)"]),
+    ("eval", ["M", "--text_file", "T", "--block_size", "32", "--stride", "64"],
+     ["--stride 64 must be between 1 and the block size (32)"]),
     ("eval", ["M", "--text_file", "T", "--block_size", "4096"], ["larger than the model's context of 128 tokens"]),
     ("eval", ["M"], ["nothing to evaluate", "--text_file", "--tasks"]),
     ("eval", ["M", "--text_file", "EMPTY"], ["is empty", "pass a file with text"]),
     ("eval", ["M", "--text_file", "missing.txt"], ["'missing.txt' does not exist"]),
-    ("generate", ["M", "--prompt", "x", "--max_new_tokens", "500"], ["exceeds the model's context of 128", "--max_new_tokens"]),
+    ("generate", ["M", "--prompt", "x", "--max_new_tokens", "500"],
+     ["exceeds the model's context of 128", "--max_new_tokens"]),
 ])
 def test_bad_input_is_one_line_naming_the_fix(command, argv, needles, tiny_model_dir, text_file, tmp_path, capsys):
     from toolkit import evaluation, generate
@@ -274,7 +278,8 @@ def test_adapter_for_another_base_is_one_line(adapter_dir, tmp_path, capsys):
 
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     other = tmp_path / "other-base"
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=len(tokenizer))).save_pretrained(other)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128,
+                               vocab_size=len(tokenizer))).save_pretrained(other)
     tokenizer.save_pretrained(other)
     code, _, err = run_main(generate, [str(other), "--adapter", str(adapter_dir), "--prompt", "x"], capsys)
     assert_one_error_line(code, err, "does not fit model", "trained on another base", "pass as MODEL the base")
@@ -303,7 +308,8 @@ def favour_token(model_dir: Path, out_dir: Path, word: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     (token,) = tokenizer(word, add_special_tokens=False).input_ids
     model = GPT2LMHeadModel.from_pretrained(model_dir)
-    with torch.no_grad():  # the final LayerNorm output leans along axis 0, and the (tied) row of `token` points along it
+    # the final LayerNorm output leans along axis 0, and the (tied) row of `token` points along it
+    with torch.no_grad():
         model.transformer.ln_f.bias[0] = 10.0
         model.transformer.wte.weight[token] = 0.0
         model.transformer.wte.weight[token, 0] = 10.0
@@ -320,18 +326,21 @@ def hellaswag_task(folder: Path, name: str, rows: list[dict]) -> None:
     hellaswag = Path(lm_eval.__file__).parent / "tasks" / "hellaswag" / "hellaswag.yaml"
     (folder / f"{name}.yaml").write_text(
         f"include: {hellaswag}\ntask: {name}\ntag: []\ndataset_path: json\ndataset_name: null\n"
-        f"dataset_kwargs:\n  data_files:\n    validation: {data}\ntraining_split: null\nvalidation_split: validation\n",
+        f"dataset_kwargs:\n  data_files:\n    validation: {data}\n"
+        f"training_split: null\nvalidation_split: validation\n",
         encoding="utf-8")
 
 
 def hellaswag_rows(right_is_favoured: bool) -> list[dict]:
     """HellaSwag's schema; the ending made of ' the' tokens is the right one, or (control) never the right one."""
     rows = []
-    for i, (label, context) in enumerate([(0, "A man sits at a piano"), (2, "The woman opens the door"), (3, "Two dogs run")]):
+    for i, (label, context) in enumerate([(0, "A man sits at a piano"), (2, "The woman opens the door"),
+                                          (3, "Two dogs run")]):
         endings = ["plays loud music.", "eats an orange slowly.", "sings with a choir!", "looks at the sky."]
         endings[label] = "the the the the"
-        rows.append({"ind": i, "activity_label": "Test", "ctx_a": context, "ctx_b": "and then", "ctx": f"{context} and then",
-                     "endings": endings, "label": str(label if right_is_favoured else (label + 1) % 4), "split": "val",
+        rows.append({"ind": i, "activity_label": "Test", "ctx_a": context, "ctx_b": "and then",
+                     "ctx": f"{context} and then", "endings": endings,
+                     "label": str(label if right_is_favoured else (label + 1) % 4), "split": "val",
                      "split_type": "indomain", "source_id": f"test~{i}"})
     return rows
 
@@ -360,7 +369,8 @@ def test_unknown_task_is_one_line(tiny_model_dir, tmp_path, capsys):
     pytest.importorskip("lm_eval", reason="lm-eval is part of the [dev] extra")
     from toolkit import evaluation
 
-    code, _, err = run_main(evaluation, [str(tiny_model_dir), "--tasks", "hellaswagg", "--include_path", str(tmp_path)], capsys)
+    code, _, err = run_main(evaluation, [str(tiny_model_dir), "--tasks", "hellaswagg",
+                                         "--include_path", str(tmp_path)], capsys)
     assert_one_error_line(code, err, "unknown lm-eval task(s): hellaswagg", "lm-eval ls tasks", "--include_path")
 
 
@@ -383,9 +393,10 @@ def test_pretrain_logs_bits_per_byte_that_toolkit_eval_reproduces_and_writes_a_c
     hellaswag_task(tasks, "tiny_hellaswag", hellaswag_rows(right_is_favoured=True))
     out = tmp_path / "out"
     result = run_script(["recipes/pretrain.py", "--preset", "gpt2-nano", "--vocab_size", "512", "--block_size", "32",
-                         "--per_device_train_batch_size", "8", "--max_steps", "20", "--warmup_steps", "5", "--eval_steps", "20",
-                         "--save_strategy", "no", "--report_to", "none", "--sample_max_new_tokens", "8",
-                         "--train_file", str(small_text_file), "--validation_file", str(valid), "--output_dir", str(out),
+                         "--per_device_train_batch_size", "8", "--max_steps", "20", "--warmup_steps", "5",
+                         "--eval_steps", "20", "--save_strategy", "no", "--report_to", "none",
+                         "--sample_max_new_tokens", "8", "--train_file", str(small_text_file),
+                         "--validation_file", str(valid), "--output_dir", str(out),
                          "--data_cache_dir", str(tmp_path / "cache"), "--eval_tasks", "tiny_hellaswag",
                          "--eval_tasks_include_path", str(tasks), "--eval_tasks_limit", "2"])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -399,7 +410,8 @@ def test_pretrain_logs_bits_per_byte_that_toolkit_eval_reproduces_and_writes_a_c
 
     # toolkit eval on the same validation text, same window: the same bits per byte (the recipe drops the last
     # partial block, toolkit eval scores it too: well within 0.5%)
-    code, stdout, err = run_main(evaluation, [str(out), "--text_file", str(valid), "--block_size", "32", "--json", "--no_progress"], capsys)
+    code, stdout, err = run_main(evaluation, [str(out), "--text_file", str(valid), "--block_size", "32", "--json",
+                                              "--no_progress"], capsys)
     assert code == 0, err
     plain = json.loads(stdout)["text"]
     assert plain["bits_per_byte"] == pytest.approx(final["eval_bits_per_byte"], rel=0.005)
@@ -421,7 +433,8 @@ def test_eval_speed_benchmark_quick(tmp_path):
     import sys
 
     sys.path.insert(0, str(REPO / "benchmarks"))
-    raw = importlib.import_module("eval_speed").main(["--quick", "--doc", str(tmp_path / "b.md"), "--json", str(tmp_path / "r.json")])
+    raw = importlib.import_module("eval_speed").main(["--quick", "--doc", str(tmp_path / "b.md"),
+                                                      "--json", str(tmp_path / "r.json")])
     assert [r["tokens"] for r in raw] == [2000, 4000, 8000]
     assert all(r["eval_tokens_per_s"] > 0 and r["train_forward_tokens_per_s"] > 0 and r["peak_mb"] > 0 for r in raw)
     assert all(r["scored"] >= r["tokens"] * 0.9 for r in raw)  # --max_tokens honoured, windows' first tokens unscored
@@ -436,9 +449,9 @@ def test_help_of_the_new_commands():
 
 @needs_shared
 def test_gpt2_tokenizer_byte_table_is_exact_on_shakespeare():
+    from conftest import SHAKESPEARE
     from transformers import AutoTokenizer
 
-    from conftest import SHAKESPEARE
     from toolkit.lm_metrics import ByteCounter
 
     tokenizer = AutoTokenizer.from_pretrained(GPT2_TOKENIZER)

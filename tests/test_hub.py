@@ -12,8 +12,7 @@ import tempfile
 
 import pytest
 import torch
-
-from conftest import REPO, run_script
+from conftest import run_script
 from hub_server import HubServer
 
 TOKEN = "hf_TestSecretToken0123456789"
@@ -61,10 +60,12 @@ def test_push_then_download_gives_the_same_logits(tmp_path, tiny_model_dir, smal
     adapters downloaded with PeftModel.from_pretrained from that endpoint."""
     out = tmp_path / "run"
     recipe_argv = ["--config", "recipes/configs/lora_gpt2.yaml",
-                   "--model_name_or_path", str(tiny_model_dir), "--train_file", str(small_text_file), "--output_dir", str(out),
+                   "--model_name_or_path", str(tiny_model_dir), "--train_file", str(small_text_file),
+                   "--output_dir", str(out),
                    "--max_steps", "2", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
                    "--max_length", "32", "--max_eval_samples", "4", "--lora_r", "2", "--sample_max_new_tokens", "4",
-                   "--push_to_hub", "--hub_model_id", "someone/run-lora", "--base_model_hub_id", "openai-community/gpt2"]
+                   "--push_to_hub", "--hub_model_id", "someone/run-lora",
+                   "--base_model_hub_id", "openai-community/gpt2"]
     adapter = tmp_path / "adapter"
     _tiny_adapter(tiny_model_dir, adapter)
     # a card as transformers/peft write it for a local base: the Hub rejects this base_model (transformers#33922)
@@ -82,7 +83,8 @@ for repo in ("someone/run-lora", "someone/tiny-lora"):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r}), repo)
     model.eval()
     with torch.no_grad():
-        torch.save(model(input_ids=torch.arange(20).reshape(1, 20)).logits, {str(tmp_path)!r} + "/" + repo.split("/")[1] + ".pt")
+        torch.save(model(input_ids=torch.arange(20).reshape(1, 20)).logits,
+                   {str(tmp_path)!r} + "/" + repo.split("/")[1] + ".pt")
 """
     with HubServer() as hub:
         result = run_script(["-c", script], env=hub_env(hub, tmp_path), timeout=420)
@@ -93,7 +95,8 @@ for repo in ("someone/run-lora", "someone/tiny-lora"):
         # the recipe pushed its finished folder: adapter, tokenizer, card, metrics
         run = hub.repos["someone/run-lora"]
         assert not run.private
-        for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md", "all_results.json"):
+        for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md",
+                     "all_results.json"):
             assert run.files[name] == (out / name).read_bytes(), name
         card = run.files["README.md"].decode()
         assert "base_model: openai-community/gpt2" in card and "python recipes/lora.py --config" in card
@@ -114,10 +117,12 @@ for repo in ("someone/run-lora", "someone/tiny-lora"):
 def test_model_card_command_never_contains_a_token():
     from toolkit.model_card import card_base_model, reproduce_command
 
-    cmd = reproduce_command("recipes/lora.py", ["--hub_token", TOKEN, "--lr", "1", f"--hub_token={TOKEN}", "--output_dir", "a b"])
+    cmd = reproduce_command("recipes/lora.py", ["--hub_token", TOKEN, "--lr", "1", f"--hub_token={TOKEN}",
+                                                "--output_dir", "a b"])
     assert TOKEN not in cmd
     assert cmd == "python recipes/lora.py --hub_token '<redacted>' --lr 1 '--hub_token=<redacted>' --output_dir 'a b'"
-    assert card_base_model("gpt2") == "gpt2" and card_base_model("/tmp/base") is None and card_base_model("./x") is None
+    assert (card_base_model("gpt2") == "gpt2" and card_base_model("/tmp/base") is None
+            and card_base_model("./x") is None)
     assert card_base_model("/tmp/base", "openai-community/gpt2") == "openai-community/gpt2"
 
 
@@ -151,8 +156,8 @@ def test_recipe_refuses_push_without_a_repo_id(tmp_path, tiny_model_dir, small_t
 def test_push_needs_a_token_before_training(tmp_path, monkeypatch, capsys):
     import huggingface_hub.constants
 
-    from toolkit.hub import check_push_ready
     from toolkit.errors import UserError
+    from toolkit.hub import check_push_ready
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)

@@ -66,10 +66,12 @@ def _lora_model(base_dir, quantized: bool, train_embeddings: bool = False, targe
 
     if quantized:
         q = QuantizationArguments()
-        base = lora.load_quantized_base_model(str(base_dir), lora.bnb_config(q, torch.float32), torch.float32, {"": "cpu"})
+        base = lora.load_quantized_base_model(str(base_dir), lora.bnb_config(q, torch.float32), torch.float32,
+                                              {"": "cpu"})
     else:
         base = lora.load_base_model(str(base_dir))
-    args = LoraArguments(lora_r=4, lora_alpha=8, lora_target_modules=list(targets), lora_train_embeddings=train_embeddings)
+    args = LoraArguments(lora_r=4, lora_alpha=8, lora_target_modules=list(targets),
+                         lora_train_embeddings=train_embeddings)
     model = get_peft_model(base, lora.build_lora_config(args, base, quantized=quantized))
     _randomize_adapter(model)
     return model
@@ -80,7 +82,8 @@ def _lora_model(base_dir, quantized: bool, train_embeddings: bool = False, targe
 
 def test_lora_recipe_lowers_loss_and_saves_adapter(tmp_path, tiny_model_dir, small_text_file, capsys):
     out = tmp_path / "lora"
-    argv = ["--model_name_or_path", str(tiny_model_dir), "--train_file", str(small_text_file), "--output_dir", str(out), *FAST_TRAIN]
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--train_file", str(small_text_file),
+            "--output_dir", str(out), *FAST_TRAIN]
     metrics = run_recipe("lora", argv)
     printed = capsys.readouterr().out
     assert "trainable params: 8,192 (" in printed  # 2 layers x r=4 x (64+192 + 64+64 + 64+256 + 256+64)
@@ -90,7 +93,8 @@ def test_lora_recipe_lowers_loss_and_saves_adapter(tmp_path, tiny_model_dir, sma
     assert metrics["eval_perplexity_after"] < metrics["eval_perplexity_before"]
 
     # the adapter folder: adapter, tokenizer, card with the numbers and the command, metrics
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md", "all_results.json"):
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md",
+                 "all_results.json"):
         assert (out / name).is_file(), name
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tiny_model_dir) and config["fan_in_fan_out"] is True
@@ -100,7 +104,8 @@ def test_lora_recipe_lowers_loss_and_saves_adapter(tmp_path, tiny_model_dir, sma
     assert f"{metrics['eval_loss_after']:.4g}" in card and "python recipes/lora.py --model_name_or_path" in card
     assert json.loads((out / "all_results.json").read_text())["eval_loss_after"] == metrics["eval_loss_after"]
     # a tiny fraction of the base (r=4 on a 64-wide model; ~2% at r=16 on the 124M shape, see docs)
-    assert (out / "adapter_model.safetensors").stat().st_size < 0.1 * (tiny_model_dir / "model.safetensors").stat().st_size
+    assert ((out / "adapter_model.safetensors").stat().st_size
+            < 0.1 * (tiny_model_dir / "model.safetensors").stat().st_size)
 
     # a finished run is not overwritten without --overwrite_output_dir, and nothing is lost
     before = (out / "adapter_model.safetensors").read_bytes()
@@ -111,7 +116,8 @@ def test_lora_recipe_lowers_loss_and_saves_adapter(tmp_path, tiny_model_dir, sma
 
 def test_qlora_recipe_lowers_loss(tmp_path, tiny_model_dir, small_text_file, capsys):
     out = tmp_path / "qlora"
-    argv = ["--model_name_or_path", str(tiny_model_dir), "--data", str(small_text_file), "--output_dir", str(out), *FAST_TRAIN]
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--data", str(small_text_file), "--output_dir", str(out),
+            *FAST_TRAIN]
     metrics = run_recipe("qlora", argv)
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"] - 0.03, metrics
     config = json.loads((out / "adapter_config.json").read_text())
@@ -147,7 +153,8 @@ def test_adapter_reloads_with_same_logits(tmp_path, tiny_model_dir, quantized, t
 
     if quantized:
         q = QuantizationArguments()
-        base = lora.load_quantized_base_model(str(tiny_model_dir), lora.bnb_config(q, torch.float32), torch.float32, {"": "cpu"})
+        base = lora.load_quantized_base_model(str(tiny_model_dir), lora.bnb_config(q, torch.float32), torch.float32,
+                                              {"": "cpu"})
     else:
         base = lora.load_base_model(str(tiny_model_dir))
     assert not torch.allclose(_logits(base, ids), expected, atol=1e-3)  # the adapter changes the model
@@ -173,7 +180,8 @@ def test_4bit_linear_weights_take_one_eighth_of_fp32(tiny_model_dir):
         assert w.quant_state.nested  # double quantization: the per-block scales are quantized too
         assert w.quant_state.quant_type == "nf4"
     # the pread loader builds exactly what transformers' own quantized from_pretrained builds
-    theirs = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), quantization_config=q, dtype=torch.float32, device_map={"": "cpu"})
+    theirs = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), quantization_config=q, dtype=torch.float32,
+                                                  device_map={"": "cpu"})
     lora.keep_training_layout(theirs)
     ids = _ids(fp32.config.vocab_size)
     torch.testing.assert_close(_logits(ours, ids), _logits(theirs, ids), rtol=0, atol=0)
@@ -244,7 +252,8 @@ def test_training_loss_is_the_mean_over_predicted_tokens(tmp_path, tiny_model_di
     finetune.prepare_for_data(args, fmt, tokenizer, model.config)
     trainer = finetune.make_trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                                     processing_class=tokenizer,
-                                    peft_config=lora.build_lora_config(LoraArguments(lora_r=2), model, quantized=False))
+                                    peft_config=lora.build_lora_config(LoraArguments(lora_r=2), model,
+                                                                       quantized=False))
     batches, num_items = trainer.get_batch_samples(iter(trainer.get_train_dataloader()), 1, torch.device("cpu"))
     batch = batches[0]
     trained = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items)
@@ -410,7 +419,8 @@ def test_bad_input_gives_one_line_errors(tmp_path, tiny_model_dir, small_text_fi
     base = ["--train_file", str(small_text_file), "--output_dir", str(tmp_path / "o"), *FAST_TRAIN]
     err = user_error(capsys, run_recipe, "lora", ["--model_name_or_path", str(tmp_path / "missing"), *base])
     assert "does not exist" in err and "save_pretrained folder" in err
-    err = user_error(capsys, run_recipe, "lora", ["--model_name_or_path", str(tiny_model_dir), *base, "--lora_target_modules", "q_proj"])
+    err = user_error(capsys, run_recipe, "lora", ["--model_name_or_path", str(tiny_model_dir), *base,
+                                                  "--lora_target_modules", "q_proj"])
     assert "q_proj" in err and "c_attn" in err
     assert not (tmp_path / "o" / "adapter_config.json").exists()
 
@@ -418,7 +428,8 @@ def test_bad_input_gives_one_line_errors(tmp_path, tiny_model_dir, small_text_fi
     other = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=512))
     other_adapter = get_peft_model(other, lora.build_lora_config(LoraArguments(lora_r=2), other, quantized=False))
     other_adapter.save_pretrained(tmp_path / "other-adapter")
-    err = user_error(capsys, merge.main, ["--adapter", str(tmp_path / "other-adapter"), "--output_dir", str(tmp_path / "m"),
+    err = user_error(capsys, merge.main, ["--adapter", str(tmp_path / "other-adapter"),
+                                          "--output_dir", str(tmp_path / "m"),
                                           "--base_model_name_or_path", str(tiny_model_dir)])
     assert "does not fit base" in err and "--base_model_name_or_path" in err
     assert not (tmp_path / "m").exists()
@@ -451,7 +462,8 @@ def test_4bit_loading_leaves_a_user_chosen_mmap_threshold_alone(monkeypatch):
 
 
 @pytest.mark.slow
-def test_no_arguments_fine_tunes_the_main_jobs_model_on_the_embedded_corpus(tmp_path, tiny_model_dir, monkeypatch, capsys):
+def test_no_arguments_fine_tunes_the_main_jobs_model_on_the_embedded_corpus(tmp_path, tiny_model_dir, monkeypatch,
+                                                                             capsys):
     """`python recipes/qlora.py` after `python recipes/pretrain.py`: base out/pretrain, data the embedded corpus
     (only the run length is given here, to keep the test short); offline without out/pretrain: one line with the
     commands to run."""
@@ -463,7 +475,8 @@ def test_no_arguments_fine_tunes_the_main_jobs_model_on_the_embedded_corpus(tmp_
 
     shutil.copytree(tiny_model_dir, tmp_path / "out" / "pretrain")
     metrics = run_recipe("qlora", ["--max_steps", "2", "--max_length", "64", "--per_device_train_batch_size", "2",
-                                   "--max_train_samples", "16", "--max_eval_samples", "4", "--sample_max_new_tokens", "2"])
+                                   "--max_train_samples", "16", "--max_eval_samples", "4",
+                                   "--sample_max_new_tokens", "2"])
     printed = capsys.readouterr().out
     assert "fine-tuning out/pretrain" in printed and "the embedded Python documentation corpus" in printed
     assert metrics["train_steps"] == 2 and (tmp_path / "out" / "qlora" / "adapter_config.json").is_file()

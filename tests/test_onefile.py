@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import GPT2_TOKENIZER, REPO, SHAKESPEARE, needs_shared, run_script
 
 ONEFILE = REPO / "recipes" / "onefile_train.py"
@@ -59,10 +58,10 @@ def test_stands_alone():
 @pytest.mark.slow
 def test_cli_trains_and_transformers_loads_the_result(tmp_path, tiny_tokenizer_dir, small_text_file, onefile):
     out = tmp_path / "run"
-    r = run_script([str(ONEFILE), "--train_file", str(small_text_file), "--tokenizer_name", str(tiny_tokenizer_dir), *TINY,
-                    "--per_device_train_batch_size", "8", "--max_steps", "30", "--learning_rate", "3e-3", "--warmup_steps", "3",
-                    "--logging_steps", "1", "--eval_steps", "15", "--save_steps", "15", "--sample_max_new_tokens", "10",
-                    "--output_dir", str(out)], timeout=300, env=ONE_THREAD)
+    r = run_script([str(ONEFILE), "--train_file", str(small_text_file), "--tokenizer_name", str(tiny_tokenizer_dir),
+                    *TINY, "--per_device_train_batch_size", "8", "--max_steps", "30", "--learning_rate", "3e-3",
+                    "--warmup_steps", "3", "--logging_steps", "1", "--eval_steps", "15", "--save_steps", "15",
+                    "--sample_max_new_tokens", "10", "--output_dir", str(out)], timeout=300, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "tok/s" in r.stdout and "mfu" in r.stdout and "sample:" in r.stdout
 
@@ -71,7 +70,7 @@ def test_cli_trains_and_transformers_loads_the_result(tmp_path, tiny_tokenizer_d
     assert [e["step"] for e in logs] == list(range(1, 31))
     assert all(e["tokens_per_s"] > 0 and 0 < e["mfu"] < 1 for e in logs)
     assert sum(e["loss"] for e in logs[-5:]) / 5 < logs[0]["loss"] - 0.7
-    evals = [json.loads(l) for l in open(out / "metrics.jsonl") if "eval_loss" in l]
+    evals = [json.loads(line) for line in open(out / "metrics.jsonl") if "eval_loss" in line]
     assert [e["step"] for e in evals] == [15, 30] and evals[1]["eval_loss"] < evals[0]["eval_loss"]
     assert (out / "checkpoint" / "training_state.pt").exists()  # one fixed checkpoint folder, as nanoGPT's ckpt.pt
 
@@ -85,7 +84,8 @@ def test_cli_trains_and_transformers_loads_the_result(tmp_path, tiny_tokenizer_d
     assert ids == onefile.load_tokenizer(str(out)).encode(text, add_special_tokens=False).ids
     assert tok.decode(ids) == text and tok.eos_token == "<|endoftext|>"
     x = torch.tensor([ids])
-    generated = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=5, do_sample=False, pad_token_id=tok.eos_token_id)
+    generated = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=5, do_sample=False,
+                            pad_token_id=tok.eos_token_id)
     assert generated.shape == (1, len(ids) + 5)
     # Same weights, same function: HF's logits equal onefile's own model's logits.
     mine = onefile.load_hf(str(out)).eval()
@@ -107,10 +107,12 @@ def test_gpt2_vocab_and_merges_tokenize_like_transformers(onefile):
 
 def test_resume_continues_the_same_run(tmp_path, tiny_model_dir, small_text_file, onefile):
     common = ["--init_from", str(tiny_model_dir), "--train_file", str(small_text_file), "--block_size", "64",
-              "--per_device_train_batch_size", "4", "--max_steps", "6", "--warmup_steps", "2", "--learning_rate", "2e-3",
-              "--eval_strategy", "no", "--sample_max_new_tokens", "0", "--logging_steps", "1"]
+              "--per_device_train_batch_size", "4", "--max_steps", "6", "--warmup_steps", "2",
+              "--learning_rate", "2e-3", "--eval_strategy", "no", "--sample_max_new_tokens", "0",
+              "--logging_steps", "1"]
     onefile.main([*common, "--output_dir", str(tmp_path / "a"), "--save_steps", "3"])
-    # Resume from the checkpoint saved at step 3 (weights + optimizer + step) into a new folder: steps 4-6 repeat exactly.
+    # Resume from the checkpoint saved at step 3 (weights + optimizer + step) into a new folder: steps 4-6 repeat
+    # exactly.
     onefile.main([*common, "--output_dir", str(tmp_path / "b"), "--save_strategy", "no",
                   "--resume", str(tmp_path / "a" / "checkpoint")])
     with pytest.raises(SystemExit) as exc:  # the finished run is not overwritten by accident
@@ -142,7 +144,8 @@ def test_same_loss_curve_as_pretrain(tmp_path, tiny_model_dir, small_text_file, 
             "--max_steps", "20", "--learning_rate", "1e-3", "--warmup_steps", "5", "--weight_decay", "0.1",
             "--adam_beta2", "0.95", "--max_grad_norm", "1.0", "--seed", "42", "--logging_steps", "1",
             "--eval_strategy", "steps", "--eval_steps", "20", "--save_strategy", "no"]
-    onefile.main(["--init_from", str(tiny_model_dir), *same, "--sample_max_new_tokens", "0", "--output_dir", str(tmp_path / "onefile")])
+    onefile.main(["--init_from", str(tiny_model_dir), *same, "--sample_max_new_tokens", "0",
+                  "--output_dir", str(tmp_path / "onefile")])
     r = run_script([str(REPO / "recipes" / "pretrain.py"), "--model_name_or_path", str(tiny_model_dir), *same,
                     "--report_to", "none", "--data_cache_dir", str(tmp_path / "cache"), "--sample_max_new_tokens", "1",
                     "--output_dir", str(tmp_path / "pretrain")], timeout=300, env=ONE_THREAD)
@@ -152,7 +155,8 @@ def test_same_loss_curve_as_pretrain(tmp_path, tiny_model_dir, small_text_file, 
     ours = train_losses(tmp_path / "onefile")
     assert [e["step"] for e in theirs] == [e["step"] for e in ours] == list(range(1, 21))
     diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(ours, theirs)]
-    assert max(diffs) < 1e-4, f"loss curves differ: {[(round(a['loss'], 6), round(b['loss'], 6)) for a, b in zip(ours, theirs)]}"
+    assert max(diffs) < 1e-4, ("loss curves differ: "
+                               f"{[(round(a['loss'], 6), round(b['loss'], 6)) for a, b in zip(ours, theirs)]}")
     for a, b in zip(ours, theirs):
         assert a["lr"] == pytest.approx(b["learning_rate"], rel=1e-9, abs=1e-15)
     # the same held-out documents, scored the same way: eval loss and bits per byte at step 20
@@ -169,11 +173,13 @@ def test_ddp_matches_one_process(tmp_path, tiny_model_dir, small_text_file, onef
     # 2 processes x 4 blocks (gloo) vs 1 process x 8 blocks vs 1 process x 4 blocks x 2 accumulation steps:
     # the same 8 blocks per update, so the same losses.
     r = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ONEFILE), *common,
-                    "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "ddp")], timeout=300, env=ONE_THREAD)
+                    "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "ddp")],
+                   timeout=300, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es)" in r.stdout
     onefile.main([*common, "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "single")])
-    onefile.main([*common, "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "accum")])
+    onefile.main([*common, "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+                  "--output_dir", str(tmp_path / "accum")])
     ddp, single, accum = (train_losses(tmp_path / d) for d in ("ddp", "single", "accum"))
     assert len(ddp) == len(single) == len(accum) == 4
     for a, b, c in zip(ddp, single, accum):
@@ -198,10 +204,11 @@ def test_reads_a_token_store_as_pretrain_does(tmp_path, tiny_tokenizer_dir, smal
     for split, theirs in (("train", store.train), ("validation", store.validation)):
         ours = onefile.pack(onefile.read_store(str(tmp_path / "store"), split), 64)
         assert len(ours) == len(BlockDataset(theirs, 64)) > 0
-        assert all(torch.equal(ours[i], BlockDataset(theirs, 64)[i]["input_ids"]) for i in (0, len(ours) // 2, len(ours) - 1))
+        assert all(torch.equal(ours[i], BlockDataset(theirs, 64)[i]["input_ids"])
+                   for i in (0, len(ours) // 2, len(ours) - 1))
     # trains from it, with the store's own tokenizer
-    onefile.main(["--token_store", str(tmp_path / "store"), *TINY, "--per_device_train_batch_size", "4", "--max_steps", "3",
-                  *QUIET, "--output_dir", str(tmp_path / "run")])
+    onefile.main(["--token_store", str(tmp_path / "store"), *TINY, "--per_device_train_batch_size", "4",
+                  "--max_steps", "3", *QUIET, "--output_dir", str(tmp_path / "run")])
     assert len(train_losses(tmp_path / "run")) == 3
 
 
@@ -227,7 +234,8 @@ def test_muon_gives_the_same_losses_as_pretrain(tmp_path, tiny_model_dir, small_
     same = ["--train_file", str(small_text_file), "--block_size", "64", "--per_device_train_batch_size", "4",
             "--max_steps", "8", "--warmup_steps", "2", "--optim", "muon", "--seed", "42", "--logging_steps", "1",
             "--eval_strategy", "no", "--save_strategy", "no"]
-    onefile.main(["--init_from", str(tiny_model_dir), *same, "--sample_max_new_tokens", "0", "--output_dir", str(tmp_path / "o")])
+    onefile.main(["--init_from", str(tiny_model_dir), *same, "--sample_max_new_tokens", "0",
+                  "--output_dir", str(tmp_path / "o")])
     r = run_script([str(REPO / "recipes" / "pretrain.py"), "--model_name_or_path", str(tiny_model_dir), *same,
                     "--report_to", "none", "--data_cache_dir", str(tmp_path / "cache"), "--sample_max_new_tokens", "1",
                     "--output_dir", str(tmp_path / "p")], timeout=300, env=ONE_THREAD)

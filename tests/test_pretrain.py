@@ -7,10 +7,9 @@ import math
 import sys
 
 import pytest
+from conftest import GPT2_TOKENIZER, SHAKESPEARE, needs_shared, run_script
 
 from toolkit.cpu_allocator import user_allocator_setting
-
-from conftest import GPT2_TOKENIZER, SHAKESPEARE, needs_shared, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +33,8 @@ def finished_run(tmp_path_factory, small_text_file):
     out = tmp_path_factory.mktemp("run") / "out"
     result = run_script(["recipes/pretrain.py", *TINY, "--train_file", str(small_text_file), "--output_dir", str(out),
                          "--max_steps", "40", "--logging_steps", "1", "--eval_on_start", "true", "--eval_steps", "20",
-                         "--save_steps", "10", "--save_total_limit", "10", "--data_cache_dir", str(out.parent / "cache")])
+                         "--save_steps", "10", "--save_total_limit", "10",
+                         "--data_cache_dir", str(out.parent / "cache")])
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
@@ -49,7 +49,8 @@ def test_loss_goes_down_and_output_loads_with_from_pretrained(finished_run):
     assert evals[max(evals)] < evals[0] - 0.5, evals  # validation loss really went down
     assert "Model saved to" in result.stdout and "perplexity" in result.stdout and "Sample:" in result.stdout
     assert "peak lr 0.003;" in result.stdout  # no --learning_rate: the default for a 64-wide model
-    if sys.platform.startswith("linux") and user_allocator_setting() is None:  # toolkit/cpu_allocator.py applied on CPU
+    # toolkit/cpu_allocator.py applied on CPU
+    if sys.platform.startswith("linux") and user_allocator_setting() is None:
         assert "CPU memory: glibc keeps freed memory for reuse" in result.stdout
     assert (out / "loss_curve.png").stat().st_size > 1000
     assert (out / "model.safetensors").exists() and (out / "generation_config.json").exists()
@@ -65,12 +66,14 @@ def test_loss_goes_down_and_output_loads_with_from_pretrained(finished_run):
 def test_resume_reproduces_the_uninterrupted_losses(finished_run, small_text_file, tmp_path):
     out, _ = finished_run
     resumed = tmp_path / "resumed"
-    result = run_script(["recipes/pretrain.py", *TINY, "--train_file", str(small_text_file), "--output_dir", str(resumed),
+    result = run_script(["recipes/pretrain.py", *TINY, "--train_file", str(small_text_file),
+                         "--output_dir", str(resumed),
                          "--max_steps", "40", "--logging_steps", "1", "--eval_steps", "20", "--save_steps", "10",
                          "--resume_from_checkpoint", str(out / "checkpoint-20"), "--tokenizer_name", str(out),
                          "--data_cache_dir", str(out.parent / "cache")])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"from the token store {out.parent / 'cache'}" in result.stdout  # the first run's store, memory-mapped again
+    # the first run's store, memory-mapped again
+    assert f"from the token store {out.parent / 'cache'}" in result.stdout
     full, again = train_losses(out), train_losses(resumed)
     assert set(range(21, 41)) <= set(again)  # (steps 1-20 come from the checkpoint's history)
     for step in range(21, 41):
@@ -91,10 +94,12 @@ def test_refuses_to_overwrite_a_finished_run(finished_run):
 def test_shakespeare_with_the_real_gpt2_tokenizer(tmp_path):
     out = tmp_path / "shakespeare"
     result = run_script(["recipes/pretrain.py", "--preset", "gpt2-nano", "--train_file", str(SHAKESPEARE),
-                         "--tokenizer_name", str(GPT2_TOKENIZER), "--block_size", "64", "--per_device_train_batch_size", "8",
-                         "--max_steps", "30", "--learning_rate", "3e-3", "--warmup_steps", "5", "--eval_on_start", "true",
-                         "--eval_steps", "30", "--save_strategy", "no", "--report_to", "none", "--output_dir", str(out),
-                         "--validation_split_percentage", "1", "--sample_max_new_tokens", "8", "--data_cache_dir", str(tmp_path / "cache")])
+                         "--tokenizer_name", str(GPT2_TOKENIZER), "--block_size", "64",
+                         "--per_device_train_batch_size", "8", "--max_steps", "30", "--learning_rate", "3e-3",
+                         "--warmup_steps", "5", "--eval_on_start", "true", "--eval_steps", "30",
+                         "--save_strategy", "no", "--report_to", "none", "--output_dir", str(out),
+                         "--validation_split_percentage", "1", "--sample_max_new_tokens", "8",
+                         "--data_cache_dir", str(tmp_path / "cache")])
     assert result.returncode == 0, result.stderr[-3000:]
     from transformers import AutoConfig, AutoTokenizer
 
@@ -107,7 +112,8 @@ def test_shakespeare_with_the_real_gpt2_tokenizer(tmp_path):
 def test_help_explains_the_options():
     result = run_script(["recipes/pretrain.py", "--help"])
     assert result.returncode == 0
-    for flag in ("--preset", "--train_file", "--tokenizer_name", "--block_size", "--resume_from_checkpoint", "--overwrite_output_dir"):
+    for flag in ("--preset", "--train_file", "--tokenizer_name", "--block_size", "--resume_from_checkpoint",
+                 "--overwrite_output_dir"):
         assert flag in result.stdout
 
 
@@ -117,9 +123,8 @@ def test_sample_has_the_requested_length_even_when_the_model_favours_eos(tmp_pat
     import importlib.util
 
     import torch
-    from transformers import AutoTokenizer, GPT2LMHeadModel
-
     from conftest import REPO
+    from transformers import AutoTokenizer, GPT2LMHeadModel
 
     spec = importlib.util.spec_from_file_location("recipe_pretrain", REPO / "recipes" / "pretrain.py")
     pretrain = importlib.util.module_from_spec(spec)

@@ -38,7 +38,8 @@ def wait_for_steps(run, n: int, timeout: float = 240) -> None:
 def common(tmp_path_factory, small_text_file):
     root = tmp_path_factory.mktemp("reliability")
     # long enough that a signal sent after step 8 lands well before the end, even on a fast machine
-    args = [*TINY, "--train_file", str(small_text_file), "--data_cache_dir", str(root / "cache"), "--max_steps", str(STEPS)]
+    args = [*TINY, "--train_file", str(small_text_file), "--data_cache_dir", str(root / "cache"),
+            "--max_steps", str(STEPS)]
     reference = root / "reference"
     result = run_script(["recipes/pretrain.py", *args, "--output_dir", str(reference), "--save_strategy", "no"])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -74,7 +75,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_gives_the_same_losses(common, bac
 def test_kill_9_leaves_the_newest_complete_checkpoint_usable(common, background):
     root, args, reference = common
     out = root / "kill9"
-    run = background(["recipes/pretrain.py", *args, "--output_dir", str(out), "--save_steps", "3", "--save_total_limit", "2"])
+    run = background(["recipes/pretrain.py", *args, "--output_dir", str(out), "--save_steps", "3",
+                      "--save_total_limit", "2"])
     wait_for_steps(run, 14)
     run.proc.kill()
     run.wait(timeout=30)
@@ -101,7 +103,8 @@ def test_checkpoints_appear_only_when_complete_and_a_full_disk_is_a_clear_error(
     data = [{"input_ids": torch.randint(0, 64, (16,)), "labels": torch.randint(0, 64, (16,))} for _ in range(8)]
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, save_steps=1, per_device_train_batch_size=4,
                              report_to="none", use_cpu=True, disable_tqdm=True)
-    trainer = PretrainTrainer(model=model, args=args, train_dataset=data, flops_per_token=1.0, peak_flops=None, tokens_per_step=64)
+    trainer = PretrainTrainer(model=model, args=args, train_dataset=data, flops_per_token=1.0, peak_flops=None,
+                              tokens_per_step=64)
     real_save = Trainer._save_optimizer_and_scheduler
     calls = []
 
@@ -295,7 +298,8 @@ def bad_inputs(tmp_path_factory, tiny_model_dir):
     other_shape = root / "other-checkpoint"  # a complete checkpoint of a 5-layer model
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2LMHeadModel(GPT2Config(n_layer=5, n_head=2, n_embd=64, vocab_size=512, n_positions=256)).save_pretrained(other_shape)
+    GPT2LMHeadModel(GPT2Config(n_layer=5, n_head=2, n_embd=64, vocab_size=512,
+                               n_positions=256)).save_pretrained(other_shape)
     (other_shape / "trainer_state.json").write_text("{}")
     from toolkit.tokenizer import train_bpe_tokenizer
 
@@ -309,7 +313,8 @@ BAD_INPUTS = [
     ("unreadable data file", ["--train_file", "{root}/binary.txt"], "could not read"),
     ("unsupported file type", ["--train_file", "{root}/data.xyz"], r"unsupported data file type \['.xyz'\]"),
     ("table without the text column", ["--train_file", "{root}/content.jsonl"], "no 'text' column.*--text_column"),
-    ("data smaller than a block", ["--train_file", "{root}/short.txt", "--block_size", "64"], "shorter than one block"),
+    ("data smaller than a block", ["--train_file", "{root}/short.txt", "--block_size", "64"],
+     "shorter than one block"),
     ("fewer blocks than one batch", ["--per_device_train_batch_size", "100000"],
      "blocks of 128 tokens, fewer than one batch"),
     ("unknown preset", ["--preset", "gpt5"], "unknown model preset 'gpt5'"),
@@ -318,9 +323,11 @@ BAD_INPUTS = [
     ("unknown YAML key", ["--config", "{root}/typo.yaml"], "unknown key.*block_sise"),
     ("unknown command-line option", ["--block_sise", "64"], "unknown command-line option.*block_sise"),
     ("YAML file missing", ["--config", "{root}/nope.yaml"], "cannot read config file .*nope.yaml' \\(No such file"),
-    ("tokenizer larger than the model vocab", ["--model_name_or_path", "{model}", "--tokenizer_name", "{root}/big-tokenizer"],
+    ("tokenizer larger than the model vocab",
+     ["--model_name_or_path", "{model}", "--tokenizer_name", "{root}/big-tokenizer"],
      "tokenizer has 1000 tokens but the model's vocab_size is"),
-    ("corrupt checkpoint", ["--model_name_or_path", "{root}/corrupt-model", "--tokenizer_name", "{model}"], "could not load model"),
+    ("corrupt checkpoint", ["--model_name_or_path", "{root}/corrupt-model", "--tokenizer_name", "{model}"],
+     "could not load model"),
     ("missing model folder", ["--model_name_or_path", "{root}/no-model"], "does not exist"),
     ("incompatible checkpoint", ["--resume_from_checkpoint", "{root}/other-checkpoint"], "trained with n_layer=5"),
     ("incomplete checkpoint", ["--resume_from_checkpoint", "{root}"], "not a complete checkpoint"),
@@ -335,7 +342,8 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("name,argv,message", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
-def test_bad_input_gives_a_one_line_error(name, argv, message, bad_inputs, tiny_model_dir, tmp_path, capsys, monkeypatch):
+def test_bad_input_gives_a_one_line_error(name, argv, message, bad_inputs, tiny_model_dir, tmp_path, capsys,
+                                          monkeypatch):
     import re
 
     if name == "bf16 without hardware support":
@@ -353,7 +361,8 @@ def test_bad_input_gives_a_one_line_error(name, argv, message, bad_inputs, tiny_
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     argv = [a.format(root=bad_inputs, model=tiny_model_dir) for a in argv]
-    base = ["--preset", "gpt2-nano", "--vocab_size", "512", "--per_device_train_batch_size", "4", "--report_to", "none",
+    base = ["--preset", "gpt2-nano", "--vocab_size", "512", "--per_device_train_batch_size", "4",
+            "--report_to", "none",
             "--output_dir", str(tmp_path / "out"), "--data_cache_dir", str(tmp_path / "cache")]
     if "--train_file" not in argv:
         base += ["--train_file", str(bad_inputs / "ok.txt")]
@@ -396,9 +405,10 @@ def test_push_problems_are_caught_before_training(bad_inputs, tmp_path, capsys, 
 @pytest.mark.slow
 def test_lora_sigterm_then_resume_gives_the_same_losses(tiny_model_dir, small_text_file, tmp_path, background):
     args = ["recipes/lora.py", "--model_name_or_path", str(tiny_model_dir), "--train_file", str(small_text_file),
-            "--max_steps", "60", "--learning_rate", "1e-2", "--per_device_train_batch_size", "8", "--max_length", "64",
-            "--max_eval_samples", "8", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.0", "--logging_steps", "1",
-            "--sample_max_new_tokens", "4", "--seed", "0", "--report_to", "none", "--save_strategy", "steps", "--save_steps", "60"]
+            "--max_steps", "60", "--learning_rate", "1e-2", "--per_device_train_batch_size", "8",
+            "--max_length", "64", "--max_eval_samples", "8", "--lora_r", "4", "--lora_alpha", "8",
+            "--lora_dropout", "0.0", "--logging_steps", "1", "--sample_max_new_tokens", "4", "--seed", "0",
+            "--report_to", "none", "--save_strategy", "steps", "--save_steps", "60"]
     reference = tmp_path / "reference"
     result = run_script([*args, "--output_dir", str(reference)])
     assert result.returncode == 0, result.stderr[-3000:]

@@ -53,8 +53,8 @@ def _count_head_work(trainer, monkeypatch) -> dict:
     return counts
 
 
-def test_fine_tuning_step_runs_the_lm_head_once_and_no_trl_metrics_by_default(tmp_path, tiny_model_dir, small_text_file,
-                                                                                monkeypatch):
+def test_fine_tuning_step_runs_the_lm_head_once_and_no_trl_metrics_by_default(
+        tmp_path, tiny_model_dir, small_text_file, monkeypatch):
     default = _count_head_work(_lora_trainer(tiny_model_dir, small_text_file, tmp_path), monkeypatch)
     assert (default["lm_head"], default["trl_chunked_forward"], default["trl_chunked_backward"]) == (1, 0, 0)
 

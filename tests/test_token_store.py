@@ -13,10 +13,9 @@ import time
 
 import numpy as np
 import pytest
+from conftest import REPO, embedded_texts, needs_shared, run_script
 
 from toolkit.errors import UserError
-
-from conftest import REPO, embedded_texts, needs_shared, run_script
 
 
 def make_documents(n: int, seed: int = 0) -> list[str]:

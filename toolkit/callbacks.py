@@ -108,8 +108,8 @@ class GracefulStopCallback(TrainerCallback):
             signal.signal(sig, handler)
         if self.signal_name and self.stopped_at_step is None:  # came after training
             if args.process_index == 0:
-                print(f"\n{self.signal_name} received after training; the results were saved in {args.output_dir} first",
-                      flush=True)
+                print(f"\n{self.signal_name} received after training; the results were saved in {args.output_dir} "
+                      "first", flush=True)
             sys.exit(self.exit_code)
 
     @property
@@ -123,6 +123,6 @@ class GracefulStopCallback(TrainerCallback):
         if self.stopped_at_step is None:  # no signal, or one after the last step: release() handles that
             return
         if args.process_index == 0:
-            print(f"\nStopped by {self.signal_name} at step {self.stopped_at_step}; checkpoint saved in {args.output_dir}. "
-                  f"Resume with the same command plus --resume_from_checkpoint auto", flush=True)
+            print(f"\nStopped by {self.signal_name} at step {self.stopped_at_step}; checkpoint saved in "
+                  f"{args.output_dir}. Resume with the same command plus --resume_from_checkpoint auto", flush=True)
         sys.exit(self.exit_code)

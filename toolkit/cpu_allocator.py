@@ -36,7 +36,8 @@ M_MMAP_MAX = -4
 # the fine-tuning recipes): GLIBC_TUNABLES=... python ...
 KEEP_FREED_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1000000000000000000"
 
-_ENV_CHOICES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX")
+_ENV_CHOICES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TOP_PAD_",
+                "MALLOC_ARENA_MAX")
 
 
 def user_allocator_setting() -> str | None:

@@ -148,7 +148,8 @@ def score_token_chunks(model, chunks: Iterable, byte_counter, block_size: int, s
 
     total = nll.item()
     mean = total / n_tokens
-    return TextScore(source, n_tokens, n_bytes, mean, perplexity(mean), bits_per_byte(total, n_bytes), block_size, stride, n_windows)
+    return TextScore(source, n_tokens, n_bytes, mean, perplexity(mean), bits_per_byte(total, n_bytes), block_size,
+                     stride, n_windows)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,25 +163,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None, help="LoRA/QLoRA adapter folder or Hub repo to apply on the model")
     text = p.add_argument_group("language-model quality: loss, perplexity, bits per byte")
     text.add_argument("--text_file", nargs="+", default=None,
-                      help=".txt/.md (one document per file), .json/.jsonl/.parquet/.csv (one per row) or folders of them")
+                      help=".txt/.md (one document per file), .json/.jsonl/.parquet/.csv (one per row) or folders "
+                           "of them")
     text.add_argument("--dataset_name", default=None, help="a datasets name (Hub or local folder), e.g. wikitext")
     text.add_argument("--dataset_config_name", default=None, help="its configuration, e.g. wikitext-103-raw-v1")
-    text.add_argument("--dataset_split", default=None, help="split to score (default: validation, else valid, else test)")
+    text.add_argument("--dataset_split", default=None,
+                      help="split to score (default: validation, else valid, else test)")
     text.add_argument("--text_column", default="text", help="column holding the text in tables and datasets")
-    text.add_argument("--block_size", type=int, default=None, help="window length in tokens (default: the model's context)")
+    text.add_argument("--block_size", type=int, default=None,
+                      help="window length in tokens (default: the model's context)")
     text.add_argument("--stride", type=int, default=None,
-                      help="advance windows by this many tokens and score only the new ones (default: block_size, no overlap)")
+                      help="advance windows by this many tokens and score only the new ones (default: block_size, "
+                           "no overlap)")
     text.add_argument("--max_tokens", type=int, default=None, help="score only the first N tokens of the text")
     bench = p.add_argument_group("benchmarks (lm-evaluation-harness, the [eval] extra)")
-    bench.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks or groups, e.g. hellaswag,lambada_openai")
-    bench.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples (default: each task's own, usually 0)")
-    bench.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if < 1); for quick checks only")
+    bench.add_argument("--tasks", default=None,
+                       help="comma-separated lm-eval tasks or groups, e.g. hellaswag,lambada_openai")
+    bench.add_argument("--num_fewshot", type=int, default=None,
+                       help="few-shot examples (default: each task's own, usually 0)")
+    bench.add_argument("--limit", type=float, default=None,
+                       help="examples per task (a fraction if < 1); for quick checks only")
     bench.add_argument("--include_path", default=None, help="folder with your own lm-eval task YAML files")
     p.add_argument("--batch_size", type=int, default=8, help="windows (or lm-eval requests) per forward pass")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto = bf16 on a GPU that has it, else fp32 (always fp32 on CPU)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--json", action="store_true", help="print one JSON object with every result on stdout (messages on stderr)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object with every result on stdout (messages on stderr)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     p.add_argument("--token", default=None, help="Hub token for a private model, adapter or dataset (never printed)")
     return p
@@ -206,7 +215,8 @@ def check_options(args, context: int | None = None) -> None:
     if context is not None:
         block = args.block_size or context
         if block > context:
-            raise UserError(f"--block_size {block} is larger than the model's context of {context} tokens; lower it to {context} or less")
+            raise UserError(f"--block_size {block} is larger than the model's context of {context} tokens; "
+                            f"lower it to {context} or less")
         if args.stride is not None and not 1 <= args.stride <= block:
             raise UserError(f"--stride {args.stride} must be between 1 and the block size ({block})")
     elif args.stride is not None and args.stride < 1:
@@ -218,7 +228,7 @@ def _limit_tokens(chunks, max_tokens: int | None):
         yield from chunks
         return
     left = max_tokens
-    for ids, fraction in chunks:
+    for ids, _fraction in chunks:
         ids = ids[:left]
         left -= len(ids)
         yield ids, (max_tokens - left) / max_tokens
@@ -234,7 +244,8 @@ def evaluate_text(loaded, args) -> TextScore:
         files = expand_paths(args.text_file)
         pieces, source = file_pieces(files, args.text_column), ", ".join(args.text_file)
     else:
-        pieces = dataset_pieces(args.dataset_name, args.dataset_config_name, args.dataset_split, args.text_column, args.token)
+        pieces = dataset_pieces(args.dataset_name, args.dataset_config_name, args.dataset_split, args.text_column,
+                                args.token)
         source = args.dataset_name
     chunks = _limit_tokens(prefetch(tokenize_pieces(pieces, loaded.tokenizer)), args.max_tokens)
     return score_token_chunks(loaded.model, chunks, ByteCounter(loaded.tokenizer), args.block_size, args.stride,
@@ -267,12 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate_text(loaded, args)
         report["text"] = asdict(result)
         if not args.json:
-            print(f"{result.source}: {result.tokens:,} tokens scored ({result.bytes:,} bytes) in {result.windows:,} windows of "
-                  f"{result.block_size}, stride {result.stride}")
-            print(f"loss {result.loss:.4f} nats/token | perplexity {result.perplexity:.3f} | bits per byte {result.bits_per_byte:.4f}")
+            print(f"{result.source}: {result.tokens:,} tokens scored ({result.bytes:,} bytes) in "
+                  f"{result.windows:,} windows of {result.block_size}, stride {result.stride}")
+            print(f"loss {result.loss:.4f} nats/token | perplexity {result.perplexity:.3f} | "
+                  f"bits per byte {result.bits_per_byte:.4f}")
     if tasks:
-        results = run_tasks(loaded.model, loaded.tokenizer, tasks, manager, limit=args.limit, num_fewshot=args.num_fewshot,
-                            batch_size=args.batch_size)
+        results = run_tasks(loaded.model, loaded.tokenizer, tasks, manager, limit=args.limit,
+                            num_fewshot=args.num_fewshot, batch_size=args.batch_size)
         report["tasks"] = scores(results)
         report["lm_eval"] = {"version": results.get("config", {}).get("lm_eval_version") or _lm_eval_version(),
                              "n-shot": results.get("n-shot"), "limit": args.limit}

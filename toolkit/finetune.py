@@ -19,8 +19,8 @@ from toolkit.errors import UserError
 def check_args(model_args, args) -> str | None:
     """Fail before any work: no/missing base, finished output_dir, bad push target. Returns the repo to push to.
     With no --model_name_or_path, picks the default base (toolkit.lora.default_base_model) and says which."""
-    from toolkit.peer_failures import apply_ddp_timeout
     from toolkit.lora import check_base_model, default_base_model
+    from toolkit.peer_failures import apply_ddp_timeout
 
     apply_ddp_timeout(args)  # --ddp_timeout for CPU (gloo) process groups too
     if not model_args.model_name_or_path:
@@ -36,8 +36,8 @@ def check_output_dir(args) -> None:
 
     if os.path.isfile(os.path.join(args.output_dir, "adapter_config.json")) and not args.overwrite_output_dir:
         raise UserError(
-            f"output_dir '{args.output_dir}' already holds a finished adapter; pass --overwrite_output_dir to replace it "
-            f"or choose another --output_dir"
+            f"output_dir '{args.output_dir}' already holds a finished adapter; pass --overwrite_output_dir to "
+            f"replace it or choose another --output_dir"
         )
     from toolkit.run_dir import check_resume_batch, prepare_output_dir
 
@@ -102,7 +102,8 @@ def prepare_for_data(args, fmt: str, tokenizer, model_config) -> None:
     if n_positions and (args.max_length is None or args.max_length > n_positions):
         args.max_length = n_positions
     if fmt != "text" and ensure_chat_template(tokenizer):
-        print("tokenizer has no chat template: using toolkit.sft_data.DEFAULT_CHAT_TEMPLATE (EOS ends each assistant turn)")
+        print("tokenizer has no chat template: using toolkit.sft_data.DEFAULT_CHAT_TEMPLATE "
+              "(EOS ends each assistant turn)")
 
 
 def match_adapter_dtype(model, dtype) -> None:
@@ -168,7 +169,8 @@ def peak_memory() -> dict:
 
 
 def save_run(trainer, *, script: str, argv: list[str] | None, method: str, model_args,
-             lora_args, data_args, data_format: str, metrics: dict, sample: dict | None, extra_hparams: dict | None = None) -> None:
+             lora_args, data_args, data_format: str, metrics: dict, sample: dict | None,
+             extra_hparams: dict | None = None) -> None:
     """Adapter + tokenizer (trainer.save_model), metrics JSON, model card."""
     from toolkit.model_card import reproduce_command, write_model_card
     from toolkit.sft_data import data_source
@@ -190,9 +192,12 @@ def save_run(trainer, *, script: str, argv: list[str] | None, method: str, model
         "gradient_checkpointing": bool(args.activation_checkpointing), "seed": args.seed,
     }
     write_model_card(
-        args.output_dir, title=os.path.basename(os.path.abspath(args.output_dir)), base_model=model_args.model_name_or_path,
+        args.output_dir, title=os.path.basename(os.path.abspath(args.output_dir)),
+        base_model=model_args.model_name_or_path,
         base_model_hub_id=model_args.base_model_hub_id, method=method, data_source=data_source(data_args),
-        data_format=data_format, dataset_hub_id=data_args.dataset_name if data_args.dataset_name and not os.path.exists(data_args.dataset_name) else None,
+        data_format=data_format,
+        dataset_hub_id=(data_args.dataset_name
+                        if data_args.dataset_name and not os.path.exists(data_args.dataset_name) else None),
         hyperparameters=hparams, metrics=metrics, sample=sample,
         command=reproduce_command(script, sys.argv[1:] if argv is None else argv),
     )

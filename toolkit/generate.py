@@ -24,17 +24,20 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(prog="toolkit generate", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("model", nargs="?", default=None,
-                   help="model folder (a recipe's output_dir, a merged model) or Hub name; may be left out with --adapter "
-                        "(the adapter's recorded base is used)")
-    p.add_argument("--adapter", default=None, help="LoRA/QLoRA adapter folder or Hub repo to apply on the model (unmerged)")
+                   help="model folder (a recipe's output_dir, a merged model) or Hub name; may be left out with "
+                        "--adapter (the adapter's recorded base is used)")
+    p.add_argument("--adapter", default=None,
+                   help="LoRA/QLoRA adapter folder or Hub repo to apply on the model (unmerged)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--prompt", default=None, help="text to continue; left out: the start of a new document")
     source.add_argument("--prompt_file", default=None, help="file whose whole content is the prompt (UTF-8)")
-    p.add_argument("--max_new_tokens", type=int, default=100, help="tokens to generate per sample at most (EOS stops earlier)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (the most likely token)")
+    p.add_argument("--max_new_tokens", type=int, default=100,
+                   help="tokens to generate per sample at most (EOS stops earlier)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature; 0 = greedy (the most likely token)")
     p.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens; 0 = no limit")
-    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens with this much "
-                                                             "probability; 1 = no limit")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens with this "
+                                                             "much probability; 1 = no limit")
     p.add_argument("--num_samples", type=int, default=1, help="samples to generate, one after another")
     p.add_argument("--seed", type=int, default=42, help="random seed for sampling")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -67,7 +70,8 @@ def read_prompt(args) -> str:
     except FileNotFoundError:
         raise UserError(f"prompt file '{args.prompt_file}' does not exist; check the path") from None
     except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read prompt file '{args.prompt_file}' ({type(err).__name__}); pass a UTF-8 text file") from None
+        raise UserError(f"cannot read prompt file '{args.prompt_file}' ({type(err).__name__}); "
+                        "pass a UTF-8 text file") from None
 
 
 def prompt_ids(tokenizer, prompt: str):
@@ -90,8 +94,9 @@ def generation_kwargs(tokenizer, max_new_tokens: int, temperature: float, top_k:
     return kwargs
 
 
-def continuation(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-                 seed: int = 0, min_new_tokens: int | None = None, skip_special_tokens: bool = True) -> str:
+def continuation(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, seed: int = 0, min_new_tokens: int | None = None,
+                 skip_special_tokens: bool = True) -> str:
     """One continuation of `prompt` (the new text only), from a model already loaded: the recipes' closing sample.
     `min_new_tokens` keeps EOS from being picked before that many tokens (a model that would end the document at
     once still shows text)."""
@@ -103,7 +108,8 @@ def continuation(model, tokenizer, prompt: str, max_new_tokens: int, temperature
     set_seed(seed)
     model.eval()
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), min_new_tokens=min_new_tokens, **kwargs)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), min_new_tokens=min_new_tokens,
+                             **kwargs)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=skip_special_tokens)
 
 
@@ -141,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     if n_prompt + args.max_new_tokens > context:
         room = context - n_prompt
         fix = f"lower --max_new_tokens to {room}" if room >= 1 else f"shorten the prompt below {context} tokens"
-        raise UserError(f"the prompt ({n_prompt} tokens) plus --max_new_tokens {args.max_new_tokens} exceeds the model's "
-                        f"context of {context} tokens; {fix}")
+        raise UserError(f"the prompt ({n_prompt} tokens) plus --max_new_tokens {args.max_new_tokens} exceeds the "
+                        f"model's context of {context} tokens; {fix}")
     loaded = load_for_inference(model_name, args.adapter, adapter_cfg, args.dtype, args.device, args.token)
     print(f"generating with {loaded.name} ({loaded.dtype}, {loaded.device})", file=sys.stderr, flush=True)
     generate(loaded.model, loaded.tokenizer, prompt, args)

@@ -50,7 +50,8 @@ def _check_repo_id(repo_id: str | None, option: str = "the repo id") -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
-        raise UserError(f"{option} '{repo_id}' is not a Hub repo id; use the form user/name (letters, digits, - _ .)") from None
+        raise UserError(f"{option} '{repo_id}' is not a Hub repo id; "
+                        "use the form user/name (letters, digits, - _ .)") from None
     if "/" not in repo_id:
         raise UserError(f"{option} '{repo_id}' has no namespace; pass user/{repo_id} (or org/{repo_id})")
 
@@ -62,7 +63,8 @@ def push_folder(folder: str, repo_id: str, private: bool = False, commit_message
     from huggingface_hub.errors import HfHubHTTPError
 
     if not os.path.isdir(folder) or not os.listdir(folder):
-        raise UserError(f"'{folder}' is not a folder with files to push; pass the output_dir of a recipe or a model folder")
+        raise UserError(f"'{folder}' is not a folder with files to push; "
+                        "pass the output_dir of a recipe or a model folder")
     _check_repo_id(repo_id)
     note = fix_card_base_model(folder)
     if note:
@@ -76,13 +78,16 @@ def push_folder(folder: str, repo_id: str, private: bool = False, commit_message
         status = err.response.status_code if err.response is not None else None
         if status == 401:
             raise UserError(
-                "the Hub refused the token (401); log in with `hf auth login` or set HF_TOKEN to a token with write access"
+                "the Hub refused the token (401); log in with `hf auth login` or set HF_TOKEN to a token with "
+                "write access"
             ) from None
         if status == 403:
-            raise UserError(f"no write access to '{repo_id}' (403); use a namespace you own or a token with write access") from None
+            raise UserError(f"no write access to '{repo_id}' (403); "
+                            "use a namespace you own or a token with write access") from None
         raise UserError(f"the Hub refused the upload to '{repo_id}' ({status}): {_first_line(err)}") from None
     except ValueError as err:  # huggingface_hub's README metadata check
-        raise UserError(f"the Hub rejected README.md metadata: {_first_line(err)}; fix the card and push again") from None
+        raise UserError(f"the Hub rejected README.md metadata: {_first_line(err)}; "
+                        "fix the card and push again") from None
     except OSError as err:  # connection refused, DNS, timeouts
         raise UserError(f"cannot reach the Hub ({type(err).__name__}); check the network or HF_ENDPOINT, then run "
                         f"`toolkit push {folder} {repo_id}` again") from None
@@ -107,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="create the repo private (an existing repo keeps its visibility)")
     parser.add_argument("--commit_message", default="Upload with gpt2-toolkit")
     parser.add_argument("--revision", default=None, help="branch to push to (default: main)")
-    parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login); never printed")
+    parser.add_argument("--token", default=None,
+                        help="Hub token (default: HF_TOKEN or the stored login); never printed")
     args = parser.parse_args(argv)
     push_folder(args.folder, args.repo_id, private=args.private, commit_message=args.commit_message,
                 token=args.token, revision=args.revision)

@@ -1,4 +1,5 @@
-"""Load a model (and optionally a LoRA/QLoRA adapter on it) to generate from or evaluate: `toolkit generate`, `toolkit eval`.
+"""Load a model (and optionally a LoRA/QLoRA adapter on it) to generate from or evaluate: `toolkit generate`,
+`toolkit eval`.
 
 The model is any `from_pretrained` folder or Hub name: pretrain.py, onefile_train.py and `toolkit merge` outputs.
 It runs in bf16 on a GPU that has it and in fp32 on a CPU (bf16 matmuls are many times slower on CPUs without
@@ -42,11 +43,13 @@ def adapter_config(adapter: str, token: str | None = None) -> dict:
     if os.path.isdir(adapter):
         path = os.path.join(adapter, "adapter_config.json")
         if not os.path.isfile(path):
-            raise UserError(f"'{adapter}' has no adapter_config.json; pass the output_dir of recipes/lora.py or recipes/qlora.py")
+            raise UserError(f"'{adapter}' has no adapter_config.json; "
+                            "pass the output_dir of recipes/lora.py or recipes/qlora.py")
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     if os.path.sep in adapter or adapter.startswith("."):
-        raise UserError(f"adapter folder '{adapter}' does not exist; pass the output_dir of recipes/lora.py or recipes/qlora.py")
+        raise UserError(f"adapter folder '{adapter}' does not exist; "
+                        "pass the output_dir of recipes/lora.py or recipes/qlora.py")
     from peft import PeftConfig
 
     try:
@@ -82,7 +85,8 @@ def model_context(model_name: str, token: str | None = None) -> int:
         config = AutoConfig.from_pretrained(model_name, token=token)
     except (OSError, ValueError) as err:
         raise UserError(f"could not load the config of model '{model_name}' ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0][:160]}); pass a save_pretrained folder or a reachable Hub name") from None
+                        f"{str(err).splitlines()[0][:160]}); "
+                        "pass a save_pretrained folder or a reachable Hub name") from None
     for key in ("n_positions", "max_position_embeddings", "n_ctx"):
         if getattr(config, key, None):
             return int(getattr(config, key))
@@ -97,8 +101,8 @@ def _same_model(a: str | None, b: str | None) -> bool:
     return a.rstrip("/") == b.rstrip("/")
 
 
-def load_for_inference(model_name: str, adapter: str | None = None, adapter_cfg: dict | None = None, dtype: str = "auto",
-                       device: str = "auto", token: str | None = None) -> Loaded:
+def load_for_inference(model_name: str, adapter: str | None = None, adapter_cfg: dict | None = None,
+                       dtype: str = "auto", device: str = "auto", token: str | None = None) -> Loaded:
     """The model in eval mode on `device` (with the adapter applied, unmerged), and its tokenizer."""
     import torch
 
@@ -119,10 +123,11 @@ def load_for_inference(model_name: str, adapter: str | None = None, adapter_cfg:
         try:
             model = PeftModel.from_pretrained(model, adapter, token=token)
         except RuntimeError:  # load_state_dict: size mismatch
-            raise UserError(f"adapter '{adapter}' does not fit model '{model_name}' (tensor shapes differ: it was trained on "
-                            f"another base); {fix}") from None
+            raise UserError(f"adapter '{adapter}' does not fit model '{model_name}' (tensor shapes differ: it was "
+                            f"trained on another base); {fix}") from None
         except ValueError as err:  # peft: target modules not found
-            raise UserError(f"adapter '{adapter}' does not fit model '{model_name}' ({str(err).splitlines()[0][:160]}); {fix}") from None
+            raise UserError(f"adapter '{adapter}' does not fit model '{model_name}' "
+                            f"({str(err).splitlines()[0][:160]}); {fix}") from None
         if not _same_model(recorded, model_name):
             print(f"note: adapter '{adapter}' was trained on '{recorded}'; applied to '{model_name}'", file=sys.stderr)
         name = f"{model_name} + {adapter}"

@@ -57,7 +57,8 @@ def task_manager(tasks: list[str], include_path: str | None = None):
     if not tasks:
         raise UserError("--tasks is empty; name lm-eval tasks, e.g. --tasks hellaswag,lambada_openai")
     if include_path and not os.path.isdir(include_path):
-        raise UserError(f"--include_path '{include_path}' is not a folder; pass the folder that holds your task YAML files")
+        raise UserError(f"--include_path '{include_path}' is not a folder; "
+                        "pass the folder that holds your task YAML files")
     with _quiet_harness():
         if include_path:
             manager = TaskManager(include_path=include_path, include_defaults=False)
@@ -66,13 +67,14 @@ def task_manager(tasks: list[str], include_path: str | None = None):
         manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if not _known(manager, t)]
     if unknown:
-        raise UserError(f"unknown lm-eval task(s): {', '.join(unknown)}; list the names with `lm-eval ls tasks`, or pass "
-                        "--include_path DIR with your own task YAML")
+        raise UserError(f"unknown lm-eval task(s): {', '.join(unknown)}; list the names with `lm-eval ls tasks`, "
+                        "or pass --include_path DIR with your own task YAML")
     return manager
 
 
-def run_tasks(model, tokenizer, tasks: list[str], manager, *, limit: float | None = None, num_fewshot: int | None = None,
-              batch_size: int = 8, mixed_precision_dtype=None, bootstrap_iters: int = 100000, seeds: bool = True) -> dict:
+def run_tasks(model, tokenizer, tasks: list[str], manager, *, limit: float | None = None,
+              num_fewshot: int | None = None, batch_size: int = 8, mixed_precision_dtype=None,
+              bootstrap_iters: int = 100000, seeds: bool = True) -> dict:
     """lm_eval.simple_evaluate on the loaded model; returns the harness's result dict (its 'results', 'versions', ...).
 
     `seeds=False` leaves Python's, NumPy's and torch's global random state untouched (for use inside training).
@@ -81,15 +83,18 @@ def run_tasks(model, tokenizer, tasks: list[str], manager, *, limit: float | Non
     from lm_eval.models.huggingface import HFLM
 
     with _quiet_harness():
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, mixed_precision_dtype=mixed_precision_dtype)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                  mixed_precision_dtype=mixed_precision_dtype)
         seed_kwargs = {} if seeds else {"random_seed": None, "numpy_random_seed": None, "torch_random_seed": None}
         try:
-            results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                                              bootstrap_iters=bootstrap_iters, log_samples=False, **seed_kwargs)
+            results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                              num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters,
+                                              log_samples=False, **seed_kwargs)
         except (ConnectionError, OSError) as err:  # the task's data is fetched from the Hub on first use
             raise UserError(f"could not load the data of task(s) {', '.join(tasks)} ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0][:160] if str(err) else ''}); lm-eval downloads it from the Hub "
-                            "on first use: check the connection (or unset HF_DATASETS_OFFLINE / HF_HUB_OFFLINE)") from None
+                            f"{str(err).splitlines()[0][:160] if str(err) else ''}); lm-eval downloads it from the "
+                            "Hub on first use: check the connection "
+                            "(or unset HF_DATASETS_OFFLINE / HF_HUB_OFFLINE)") from None
     return results
 
 
@@ -101,7 +106,8 @@ def scores(results: dict) -> dict[str, dict[str, float]]:
         for task, metrics in (results.get(section) or {}).items():
             row = out.setdefault(task, {})
             for key, value in metrics.items():
-                if not isinstance(value, (int, float)) or isinstance(value, bool) or key in ("sample_len", "sample_count"):
+                if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                        or key in ("sample_len", "sample_count")):
                     continue
                 metric, _, filt = key.partition(",")
                 row[metric if filt in ("", "none") else f"{metric}_{filt}"] = float(value)
@@ -149,8 +155,10 @@ class BenchmarkDuringTraining:
                  torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
         was_training = model.training
         try:
-            results = run_tasks(model, tokenizer, self.tasks, self.manager, limit=self.limit, batch_size=self.batch_size,
-                                mixed_precision_dtype=torch.bfloat16 if self.bf16 else None, bootstrap_iters=0, seeds=False)
+            results = run_tasks(model, tokenizer, self.tasks, self.manager, limit=self.limit,
+                                batch_size=self.batch_size,
+                                mixed_precision_dtype=torch.bfloat16 if self.bf16 else None,
+                                bootstrap_iters=0, seeds=False)
         finally:
             model.train(was_training)
             random.setstate(state[0])
@@ -158,5 +166,6 @@ class BenchmarkDuringTraining:
             torch.random.set_rng_state(state[2])
             if state[3] is not None:
                 torch.cuda.set_rng_state_all(state[3])
-        self.last = {task: {m: v for m, v in row.items() if not m.endswith("_stderr")} for task, row in scores(results).items()}
+        self.last = {task: {m: v for m, v in row.items() if not m.endswith("_stderr")}
+                     for task, row in scores(results).items()}
         return flat_scores(results)

@@ -3,7 +3,8 @@
 Nats per token cannot be compared between runs with different tokenizers (a larger vocabulary puts more text
 in each token); bits per byte can. One definition, used by `toolkit eval` and by recipes/pretrain.py:
 
-    bits per byte = (sum of the scored tokens' negative log-likelihoods, in nats) / (ln 2 x UTF-8 bytes of those tokens)
+    bits per byte = (sum of the scored tokens' negative log-likelihoods, in nats)
+                    / (ln 2 x UTF-8 bytes of those tokens)
 
 The bytes are those the scored (target) tokens decode to. A byte-level BPE (GPT-2's, and the one pretrain.py
 trains) maps every token to a fixed byte string, so a table of byte lengths per token id gives the exact count

@@ -118,7 +118,8 @@ def default_base_model() -> str:
     from toolkit.args.pretrain import DEFAULT_OUTPUT_DIR
 
     if os.path.isfile(os.path.join(DEFAULT_OUTPUT_DIR, "config.json")):
-        print(f"base: no --model_name_or_path given: fine-tuning {DEFAULT_OUTPUT_DIR} (written by recipes/pretrain.py)")
+        print(f"base: no --model_name_or_path given: fine-tuning {DEFAULT_OUTPUT_DIR} "
+              "(written by recipes/pretrain.py)")
         return DEFAULT_OUTPUT_DIR
     from transformers.utils import cached_file
 
@@ -135,7 +136,8 @@ def default_base_model() -> str:
 def check_base_model(name_or_path: str | None) -> str:
     """A base is a Hub name or a save_pretrained folder (pretrain.py / onefile_train.py outputs are)."""
     if not name_or_path:
-        raise UserError("no base model; pass --model_name_or_path (a Hub name such as gpt2, or a save_pretrained folder)")
+        raise UserError("no base model; pass --model_name_or_path "
+                        "(a Hub name such as gpt2, or a save_pretrained folder)")
     if is_local_path(name_or_path):
         if not os.path.isdir(name_or_path):
             raise UserError(
@@ -272,7 +274,8 @@ def load_quantized_base_model(name_or_path: str, quantization_config, dtype, dev
             read = safe_open(f, framework="pt", device="cpu", backend="pread")
             handles += [mapped, read]
             for key in mapped.keys():
-                state_dict[key] = (read if _will_be_quantized(key, mapped.get_slice(key).get_shape()) else mapped).get_slice(key)
+                state_dict[key] = (read if _will_be_quantized(key, mapped.get_slice(key).get_shape())
+                                   else mapped).get_slice(key)
         with large_blocks_from_mmap():
             model = model_class.from_pretrained(None, config=config, state_dict=state_dict, **common)
         del state_dict
@@ -293,7 +296,8 @@ def load_quantized_base_model(name_or_path: str, quantization_config, dtype, dev
 
 def _will_be_quantized(key: str, shape) -> bool:
     """bitsandbytes quantizes the 2-D weights of the linear layers, not embeddings or the head."""
-    return len(shape) == 2 and key.endswith(".weight") and not any(k in key for k in ("wte", "wpe", "embed", "lm_head"))
+    return (len(shape) == 2 and key.endswith(".weight")
+            and not any(k in key for k in ("wte", "wpe", "embed", "lm_head")))
 
 
 def keep_training_layout(model) -> None:
@@ -337,5 +341,6 @@ def quantization_summary(args: QuantizationArguments, dtype) -> dict:
     """For the model card."""
     if args.load_in_8bit:
         return {"quantization": "bitsandbytes 8-bit (LLM.int8)"}
-    return {"quantization": f"bitsandbytes 4-bit {args.bnb_4bit_quant_type}", "double_quantization": args.use_bnb_nested_quant,
+    return {"quantization": f"bitsandbytes 4-bit {args.bnb_4bit_quant_type}",
+            "double_quantization": args.use_bnb_nested_quant,
             "compute_dtype": str(dtype).replace("torch.", "")}

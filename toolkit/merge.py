@@ -20,13 +20,15 @@ def _adapter_config(adapter: str, token: str | None) -> dict:
     if os.path.isdir(adapter):
         path = os.path.join(adapter, "adapter_config.json")
         if not os.path.isfile(path):
-            raise UserError(f"'{adapter}' has no adapter_config.json; pass the output_dir of recipes/lora.py or recipes/qlora.py")
+            raise UserError(f"'{adapter}' has no adapter_config.json; "
+                            "pass the output_dir of recipes/lora.py or recipes/qlora.py")
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     try:
         return PeftConfig.from_pretrained(adapter, token=token).to_dict()
     except (OSError, ValueError) as err:
-        raise UserError(f"could not load adapter '{adapter}' ({type(err).__name__}); pass a local adapter folder or a reachable Hub repo") from None
+        raise UserError(f"could not load adapter '{adapter}' ({type(err).__name__}); "
+                        "pass a local adapter folder or a reachable Hub repo") from None
 
 
 def merge_adapter(adapter: str, output_dir: str, base_model: str | None = None, dtype: str = "float32",
@@ -39,7 +41,8 @@ def merge_adapter(adapter: str, output_dir: str, base_model: str | None = None, 
     from toolkit.tokenizer import load_tokenizer
 
     if os.path.isfile(os.path.join(output_dir, "config.json")) and not overwrite:
-        raise UserError(f"'{output_dir}' already holds a model; pass --overwrite_output_dir or choose another --output_dir")
+        raise UserError(f"'{output_dir}' already holds a model; "
+                        "pass --overwrite_output_dir or choose another --output_dir")
     config = _adapter_config(adapter, token)
     if config.get("peft_type") not in (None, "LORA"):
         raise UserError(f"'{adapter}' is a {config.get('peft_type')} adapter; toolkit merge merges LoRA adapters only")
@@ -73,7 +76,8 @@ def merge_adapter(adapter: str, output_dir: str, base_model: str | None = None, 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineArgumentParser(prog="toolkit merge", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--adapter", required=True, help="adapter folder (recipes/lora.py or qlora.py output_dir) or Hub repo")
+    parser.add_argument("--adapter", required=True,
+                        help="adapter folder (recipes/lora.py or qlora.py output_dir) or Hub repo")
     parser.add_argument("--output_dir", required=True, help="where to save the merged model folder")
     parser.add_argument("--base_model_name_or_path", default=None,
                         help="the base the adapter was trained on (default: the one recorded in adapter_config.json)")
@@ -87,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.push_to_hub and not args.hub_model_id:
         raise UserError("--push_to_hub needs --hub_model_id user/name")
-    merge_adapter(args.adapter, args.output_dir, args.base_model_name_or_path, args.dtype, args.token, args.overwrite_output_dir)
+    merge_adapter(args.adapter, args.output_dir, args.base_model_name_or_path, args.dtype, args.token,
+                  args.overwrite_output_dir)
     if args.push_to_hub:
         from toolkit.hub import push_folder
 

@@ -41,7 +41,8 @@ def reproduce_command(script: str, argv: list[str]) -> str:
             hide_next = False
             continue
         flag = arg.split("=", 1)[0]
-        if flag.startswith("--") and any(word in _SECRET_WORDS for word in flag[2:].lower().replace("-", "_").split("_")):
+        if flag.startswith("--") and any(word in _SECRET_WORDS
+                                         for word in flag[2:].lower().replace("-", "_").split("_")):
             if "=" in arg:
                 out.append(f"{flag}=<redacted>")
             else:
@@ -67,7 +68,8 @@ def write_model_card(output_dir: str, *, title: str, base_model: str, base_model
     from huggingface_hub import ModelCard, ModelCardData
 
     hub_base = card_base_model(base_model, base_model_hub_id)
-    tags = ["peft", "lora", "gpt2", "trl", "sft", "gpt2-toolkit"] + (["qlora", "bitsandbytes"] if "QLoRA" in method else [])
+    tags = (["peft", "lora", "gpt2", "trl", "sft", "gpt2-toolkit"]
+            + (["qlora", "bitsandbytes"] if "QLoRA" in method else []))
     data = ModelCardData(
         base_model=hub_base,
         library_name="peft",
@@ -75,7 +77,8 @@ def write_model_card(output_dir: str, *, title: str, base_model: str, base_model
         tags=tags,
         datasets=[dataset_hub_id] if dataset_hub_id and is_hub_model_id(dataset_hub_id) else None,
     )
-    base_line = f"[{hub_base}](https://huggingface.co/{hub_base})" if hub_base else f"a local model folder (`{base_model}`)"
+    base_line = (f"[{hub_base}](https://huggingface.co/{hub_base})" if hub_base
+                 else f"a local model folder (`{base_model}`)")
     lines = [
         "---", data.to_yaml(), "---", "",
         f"# {title}", "",
@@ -83,7 +86,8 @@ def write_model_card(output_dir: str, *, title: str, base_model: str, base_model
     ]
     if not hub_base:
         lines += ["", "The base model was loaded from a local folder, so the card names no Hub `base_model`; "
-                  "load the adapter onto the same weights (pass `--base_model_hub_id` when training to record a Hub id)."]
+                  "load the adapter onto the same weights (pass `--base_model_hub_id` when training to record a "
+                  "Hub id)."]
     lines += [
         "", "## Data", "",
         f"- source: `{data_source}`",
@@ -124,15 +128,17 @@ def _benchmark_results(model_name: str, benchmarks: dict[str, dict[str, float]])
     for task, row in benchmarks.items():
         for metric, value in row.items():
             if not metric.endswith("_stderr"):
-                results.append(EvalResult(task_type="text-generation", dataset_type=task, dataset_name=task, metric_type=metric,
-                                          metric_value=round(float(value), 4), source_name="lm-evaluation-harness",
+                results.append(EvalResult(task_type="text-generation", dataset_type=task, dataset_name=task,
+                                          metric_type=metric, metric_value=round(float(value), 4),
+                                          source_name="lm-evaluation-harness",
                                           source_url="https://github.com/EleutherAI/lm-evaluation-harness"))
     return results or None
 
 
 def write_pretrained_model_card(output_dir: str, *, title: str, architecture: dict, n_params: int, tokenizer: str,
-                                data: dict, hyperparameters: dict, metrics: dict, benchmarks: dict | None, command: str,
-                                base_model: str | None = None, dataset_hub_id: str | None = None, sample: str | None = None,
+                                data: dict, hyperparameters: dict, metrics: dict, benchmarks: dict | None,
+                                command: str, base_model: str | None = None, dataset_hub_id: str | None = None,
+                                sample: str | None = None,
                                 repo_id: str | None = None, loss_curve: str | None = "loss_curve.png") -> str:
     """Write OUTPUT_DIR/README.md for a model trained by recipes/pretrain.py and return its path.
 
@@ -171,9 +177,10 @@ def write_pretrained_model_card(output_dir: str, *, title: str, architecture: di
               "| metric | value |", "| --- | --- |"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
     if benchmarks:
-        lines += ["", ("Benchmarks (lm-evaluation-harness, run during training; `--eval_tasks_limit` may have limited them "
-                       "to part of each task):"), "", "| task | metric | value |", "| --- | --- | --- |"]
-        lines += [f"| {task} | {metric} | {value:.4f} |" for task, row in benchmarks.items() for metric, value in row.items()
+        lines += ["", ("Benchmarks (lm-evaluation-harness, run during training; `--eval_tasks_limit` may have "
+                       "limited them to part of each task):"), "", "| task | metric | value |", "| --- | --- | --- |"]
+        lines += [f"| {task} | {metric} | {value:.4f} |"
+                  for task, row in benchmarks.items() for metric, value in row.items()
                   if not metric.endswith("_stderr")]
     if loss_curve and os.path.isfile(os.path.join(output_dir, loss_curve)):
         lines += ["", "## Loss curve", "", f"![training and validation loss]({loss_curve})"]
@@ -199,9 +206,10 @@ def write_pretrained_model_card(output_dir: str, *, title: str, architecture: di
     return path
 
 
-def write_pretrain_card(args, model_args, data_args, config, tokenizer, n_params: int, steps: int, tokens_per_step: int,
-                        metrics: dict, benchmark, sample: str, push_to_hub: bool) -> str:
-    """OUTPUT_DIR/README.md for a recipes/pretrain.py run: the facts of the run, as write_pretrained_model_card takes them."""
+def write_pretrain_card(args, model_args, data_args, config, tokenizer, n_params: int, steps: int,
+                        tokens_per_step: int, metrics: dict, benchmark, sample: str, push_to_hub: bool) -> str:
+    """OUTPUT_DIR/README.md for a recipes/pretrain.py run: the facts of the run, as write_pretrained_model_card
+    takes them."""
     import sys
 
 
@@ -210,29 +218,35 @@ def write_pretrain_card(args, model_args, data_args, config, tokenizer, n_params
     elif model_args.model_name_or_path:
         tokenizer_note = f"The tokenizer of `{model_args.model_name_or_path}` ({len(tokenizer):,} tokens)."
     else:
-        tokenizer_note = (f"A byte-level BPE with {len(tokenizer):,} tokens (EOS `{tokenizer.eos_token}` ends every document), "
-                          "trained on the training text by this run; saved in this folder.")
+        tokenizer_note = (f"A byte-level BPE with {len(tokenizer):,} tokens (EOS `{tokenizer.eos_token}` ends every "
+                          "document), trained on the training text by this run; saved in this folder.")
     if data_args.dataset_name:
-        source = f"{data_args.dataset_name}" + (f" ({data_args.dataset_config_name})" if data_args.dataset_config_name else "")
+        source = f"{data_args.dataset_name}" + (f" ({data_args.dataset_config_name})"
+                                                if data_args.dataset_config_name else "")
         source += ", streamed" if data_args.streaming else ""
     else:
         source = data_args.train_file or "the embedded corpus (Python's documentation topics)"
     validation = (data_args.validation_file or (f"the first {data_args.streaming_eval_blocks} blocks of the stream"
-                  if data_args.streaming else f"the last {data_args.validation_split_percentage}% of the training blocks"))
+                  if data_args.streaming
+                  else f"the last {data_args.validation_split_percentage}% of the training blocks"))
     data = {"training data": source, "validation data": validation, "tokens seen in training": steps * tokens_per_step,
             "sequence length (block_size)": data_args.block_size,
             "packing": "documents joined with EOS between them, cut into blocks"}
     hyperparameters = {
         "optimizer steps": steps, "tokens per step": tokens_per_step, "processes": args.world_size,
-        "peak learning rate": args.learning_rate, "schedule": args.lr_scheduler_type, "warmup_steps": args.warmup_steps,
-        "optimizer": "Muon (hidden matrices) + AdamW" if getattr(args, "muon", False) else str(getattr(args.optim, "value", args.optim)),
-        "weight_decay": args.weight_decay, "adam betas": (args.adam_beta1, args.adam_beta2), "max_grad_norm": args.max_grad_norm,
+        "peak learning rate": args.learning_rate, "schedule": args.lr_scheduler_type,
+        "warmup_steps": args.warmup_steps,
+        "optimizer": ("Muon (hidden matrices) + AdamW" if getattr(args, "muon", False)
+                      else str(getattr(args.optim, "value", args.optim))),
+        "weight_decay": args.weight_decay, "adam betas": (args.adam_beta1, args.adam_beta2),
+        "max_grad_norm": args.max_grad_norm,
         "precision": "bf16 mixed" if args.bf16 else "fp32", "dropout": config.resid_pdrop, "seed": args.seed,
     }
     keys = ("eval_loss", "eval_perplexity", "eval_bits_per_byte")
     shape = {k: getattr(config, k) for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")}
     return write_pretrained_model_card(
-        args.output_dir, title=os.path.basename(os.path.abspath(args.output_dir)) if not push_to_hub else args.hub_model_id,
+        args.output_dir,
+        title=os.path.basename(os.path.abspath(args.output_dir)) if not push_to_hub else args.hub_model_id,
         architecture=shape, n_params=n_params, tokenizer=tokenizer_note, data=data, hyperparameters=hyperparameters,
         metrics={k: metrics[k] for k in keys if k in metrics}, benchmarks=benchmark.last if benchmark else None,
         command=reproduce_command("recipes/pretrain.py", sys.argv[1:]), base_model=model_args.model_name_or_path,

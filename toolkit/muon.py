@@ -57,13 +57,15 @@ class MuonWithAdamW(torch.optim.Optimizer):
     def __init__(self, muon_params, adamw_groups, *, lr: float, muon_lr: float, weight_decay: float, betas=(0.9, 0.95),
                  eps: float = 1e-8, fused: bool | None = None, fan_out_dim: int = 0):
         # fan_out_dim: 0 for nn.Linear weights (out, in), 1 for transformers' Conv1D weights (in, out)
-        muon_group = {"params": list(muon_params), "lr": muon_lr, "weight_decay": weight_decay, "fan_out_dim": fan_out_dim}
+        muon_group = {"params": list(muon_params), "lr": muon_lr, "weight_decay": weight_decay,
+                      "fan_out_dim": fan_out_dim}
         super().__init__([muon_group], {"lr": lr, "weight_decay": weight_decay})
         self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, eps=eps, fused=fused)
         self._share_with_adamw()
 
     def _share_with_adamw(self) -> None:
-        # The AdamW's groups and state are this optimizer's: the schedule, state_dict and load_state_dict see one object.
+        # The AdamW's groups and state are this optimizer's: the schedule, state_dict and load_state_dict see one
+        # object.
         self.param_groups[1:] = self.adamw.param_groups
         self.adamw.param_groups = self.param_groups[1:]
         self.adamw.state = self.state

@@ -159,7 +159,7 @@ def build_store(
             _split_only_document(*pending, tokenizer, validation_fraction, validation_max_tokens, train, val)
             manifest["validation"]["rule"] = "tail of the only document"
         if validation_corpus is not None:
-            for (ids, lengths, nbytes, _), batch in encoded_batches(
+            for (ids, lengths, nbytes, _), _batch in encoded_batches(
                 validation_corpus.batches(batch_chars=batch_chars), backend, eos_id, dtype, num_proc
             ):
                 val.add(ids, np.cumsum(lengths), nbytes, 0)

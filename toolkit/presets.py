@@ -62,7 +62,8 @@ def parse_config_overrides(text: str | None) -> dict[str, object]:
 
 def preset_fields(name: str) -> dict[str, int]:
     if name not in PRESETS:
-        raise UserError(f"unknown model preset '{name}'; choose one of: {', '.join(PRESETS)} (or pass --model_name_or_path)")
+        raise UserError(f"unknown model preset '{name}'; choose one of: {', '.join(PRESETS)} "
+                        "(or pass --model_name_or_path)")
     return dict(PRESETS[name])
 
 
@@ -120,7 +121,8 @@ def build_gpt2_config(
         if value is None:
             continue
         if key not in GPT2Config().to_dict() and key not in ("n_layer", "n_head", "n_embd", "n_positions"):
-            raise UserError(f"unknown GPT-2 config field '{key}' in overrides; valid fields are those of transformers.GPT2Config")
+            raise UserError(f"unknown GPT-2 config field '{key}' in overrides; "
+                            "valid fields are those of transformers.GPT2Config")
         fields[key] = value
     fields["vocab_size"] = pad_vocab(vocab_size, pad_vocab_to_multiple_of)
     if bos_token_id is not None:
@@ -147,13 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     from toolkit.args.parser import AT_LEAST_1, check_ranges
 
     parser = OneLineArgumentParser(prog="toolkit presets", description="List the GPT-2 model presets.")
-    parser.add_argument("--vocab_size", type=int, default=GPT2_VOCAB_SIZE, help="tokenizer size (default: GPT-2's 50257)")
+    parser.add_argument("--vocab_size", type=int, default=GPT2_VOCAB_SIZE,
+                        help="tokenizer size (default: GPT-2's 50257)")
     parser.add_argument("--pad_vocab_to_multiple_of", type=int, default=64,
                         help="pad the embedding rows to a multiple of this (1 = the exact vocabulary)")
     args = parser.parse_args(argv)
     check_ranges(vars(args), {"vocab_size": AT_LEAST_1, "pad_vocab_to_multiple_of": AT_LEAST_1})
     vocab = pad_vocab(args.vocab_size, args.pad_vocab_to_multiple_of)
-    print(f"{'preset':<12} {'n_layer':>7} {'n_head':>6} {'n_embd':>6} {'n_pos':>5} {'params (vocab ' + str(vocab) + ')':>24}")
+    print(f"{'preset':<12} {'n_layer':>7} {'n_head':>6} {'n_embd':>6} {'n_pos':>5} "
+          f"{'params (vocab ' + str(vocab) + ')':>24}")
     for name, f in PRESETS.items():
         n = count_parameters(f["n_layer"], f["n_embd"], vocab, f["n_positions"])
         print(f"{name:<12} {f['n_layer']:>7} {f['n_head']:>6} {f['n_embd']:>6} {f['n_positions']:>5} {n:>24,}")

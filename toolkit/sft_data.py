@@ -69,20 +69,22 @@ def _load(args):
         exts = set()
         for split, path in files.items():
             if not os.path.isfile(path):
-                raise UserError(f"--{'train' if split == 'train' else 'validation'}_file '{path}' does not exist; pass an existing file")
+                raise UserError(f"--{'train' if split == 'train' else 'validation'}_file '{path}' does not exist; "
+                                "pass an existing file")
             exts.add(os.path.splitext(path)[1].lower())
         builders = {FILE_BUILDERS.get(ext) for ext in exts}
         if None in builders or len(builders) != 1:
             raise UserError(
-                f"cannot read {' and '.join(sorted(exts))} files; use .txt (plain text), .jsonl/.json, .csv or .parquet, "
-                f"the same kind for --train_file and --validation_file"
+                f"cannot read {' and '.join(sorted(exts))} files; use .txt (plain text), .jsonl/.json, .csv or "
+                f".parquet, the same kind for --train_file and --validation_file"
             )
         builder = builders.pop()
         kwargs = {"sample_by": args.text_sample_by} if builder == "text" else {}
         try:
             return load_dataset(builder, data_files=files, **kwargs)
         except Exception as err:  # datasets raises many types for unreadable files
-            raise UserError(f"could not read {args.train_file} as {builder} ({type(err).__name__}: {err}); check the file format") from None
+            raise UserError(f"could not read {args.train_file} as {builder} ({type(err).__name__}: {err}); "
+                            "check the file format") from None
     try:
         data = load_dataset(args.dataset_name, args.dataset_config_name)
     except (OSError, ValueError, ConnectionError) as err:
@@ -92,7 +94,8 @@ def _load(args):
         ) from None
     if not isinstance(data, DatasetDict) or args.dataset_train_split not in data:
         splits = list(data) if isinstance(data, DatasetDict) else []
-        raise UserError(f"dataset '{args.dataset_name}' has no split '{args.dataset_train_split}' (it has: {', '.join(splits)}); pass --dataset_train_split")
+        raise UserError(f"dataset '{args.dataset_name}' has no split '{args.dataset_train_split}' "
+                        f"(it has: {', '.join(splits)}); pass --dataset_train_split")
     if args.validation_file:
         raise UserError("--validation_file goes with --train_file; with --dataset_name use --dataset_test_split")
     out = {"train": data[args.dataset_train_split]}
@@ -110,7 +113,8 @@ def detect_format(columns: list[str], text_field: str = "text") -> str:
         return "text"
     raise UserError(
         f"the data has columns {', '.join(columns)}; expected '{text_field}' (plain text), 'prompt' + 'completion' "
-        f"(loss on the completion), or 'messages' (chat turns with role/content); rename the columns or pass --dataset_text_field"
+        f"(loss on the completion), or 'messages' (chat turns with role/content); rename the columns or pass "
+        f"--dataset_text_field"
     )
 
 
@@ -131,8 +135,8 @@ def load_sft_datasets(args, seed: int, text_field: str = "text"):
     else:
         if len(train) < 2:
             raise UserError(
-                f"the training data has {len(train)} example(s), too few to hold one out for eval; pass --validation_file, "
-                f"or for a .txt file --text_sample_by paragraph or line"
+                f"the training data has {len(train)} example(s), too few to hold one out for eval; "
+                f"pass --validation_file, or for a .txt file --text_sample_by paragraph or line"
             )
         n_eval = max(1, int(len(train) * args.validation_split_percentage / 100))
         split = train.train_test_split(test_size=n_eval, seed=seed, shuffle=True)

@@ -91,7 +91,8 @@ def expand_paths(paths: list[str]) -> list[str]:
         elif os.path.isfile(path):
             ext = os.path.splitext(path)[1].lower()
             if ext not in TEXT_SUFFIXES and ext not in TABLE_BUILDERS:
-                raise UserError(f"unsupported file type '{ext}' ('{path}'); use .txt, .md, .json, .jsonl, .parquet or .csv")
+                raise UserError(f"unsupported file type '{ext}' ('{path}'); "
+                                "use .txt, .md, .json, .jsonl, .parquet or .csv")
             if os.path.getsize(path) == 0:
                 raise UserError(f"text file '{path}' is empty; pass a file with text to evaluate")
             files.append(path)
@@ -112,7 +113,8 @@ def file_pieces(files: list[str], text_column: str = "text"):
             try:
                 rows = datasets.load_dataset(TABLE_BUILDERS[ext], data_files=[path], split="train")
             except Exception as err:  # noqa: BLE001 - datasets raises many types for a malformed file
-                raise UserError(f"could not read '{path}' as {TABLE_BUILDERS[ext]} ({type(err).__name__}); check the file's format") from None
+                raise UserError(f"could not read '{path}' as {TABLE_BUILDERS[ext]} ({type(err).__name__}); "
+                                "check the file's format") from None
             pieces = _table_pieces(rows, text_column, path)
         try:
             for texts, ends, fraction in pieces:
@@ -127,12 +129,14 @@ def dataset_pieces(name: str, config: str | None, split: str | None, text_column
     try:
         splits = datasets.load_dataset(name, config, token=token)
     except Exception as err:  # noqa: BLE001 - the Hub client raises many types; the user needs the name
-        raise UserError(f"could not load dataset '{name}' ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}); "
+        raise UserError(f"could not load dataset '{name}' "
+                        f"({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}); "
                         "check the name and --dataset_config_name, or use --text_file") from None
     if split is None:
         split = next((s for s in ("validation", "valid", "test") if s in splits), None)
         if split is None:
-            raise UserError(f"dataset '{name}' has no validation or test split (it has {list(splits)}); pass --dataset_split")
+            raise UserError(f"dataset '{name}' has no validation or test split (it has {list(splits)}); "
+                            "pass --dataset_split")
     if split not in splits:
         raise UserError(f"dataset '{name}' has no '{split}' split (it has {list(splits)}); pass --dataset_split")
     print(f"evaluating split '{split}' of {name} ({len(splits[split]):,} rows)", file=sys.stderr)

@@ -26,7 +26,8 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: in
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 257:
-        raise UserError(f"--vocab_size {vocab_size} is too small for a byte-level BPE; use at least 257 (256 bytes + EOS)")
+        raise UserError(f"--vocab_size {vocab_size} is too small for a byte-level BPE; "
+                        "use at least 257 (256 bytes + EOS)")
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -48,7 +49,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     if is_local_path(name_or_path) and not os.path.isdir(name_or_path):
-        raise UserError(f"tokenizer folder '{name_or_path}' does not exist; pass a folder with tokenizer files or a Hub name")
+        raise UserError(f"tokenizer folder '{name_or_path}' does not exist; "
+                        "pass a folder with tokenizer files or a Hub name")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -57,7 +59,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
             f"tokenizer.json or vocab.json+merges.txt, or a Hub name reachable from this machine"
         ) from None
     if tokenizer.eos_token is None:
-        raise UserError(f"tokenizer '{name_or_path}' has no EOS token; documents must be separated by one, choose another tokenizer")
+        raise UserError(f"tokenizer '{name_or_path}' has no EOS token; documents must be separated by one, "
+                        "choose another tokenizer")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     # Packed blocks are cut to block_size by us, so the tokenizer's own length warning is noise.

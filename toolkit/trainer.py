@@ -24,8 +24,8 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
-from toolkit.lm_metrics import bits_per_byte_from_mean, perplexity
 from toolkit.errors import UserError
+from toolkit.lm_metrics import bits_per_byte_from_mean, perplexity
 
 STAGING_DIR = ".incomplete"
 
@@ -60,7 +60,8 @@ class CrashSafeCheckpoints:
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 shutil.rmtree(os.path.join(staging_root, name), ignore_errors=True)
                 raise UserError(f"disk full while saving {name} to {final_root}; earlier checkpoints are intact: free "
-                                "space (or lower --save_total_limit) and rerun with --resume_from_checkpoint auto") from None
+                                "space (or lower --save_total_limit) and rerun with "
+                                "--resume_from_checkpoint auto") from None
             raise
         finally:
             del self._get_output_dir  # back to the class method
@@ -99,8 +100,8 @@ class CausalLMLoss:
 
 class PretrainTrainer(CausalLMLoss, CrashSafeCheckpoints, Trainer):
     """`eval_bytes_per_token`: UTF-8 bytes per scored validation token (lm_metrics.eval_bytes_per_token), to
-    report eval_bits_per_byte; `benchmark`: a callable (model, tokenizer) -> {name: score} run on the main process at every
-    evaluation (lm_eval_tasks.BenchmarkDuringTraining), its scores logged as eval_<name>."""
+    report eval_bits_per_byte; `benchmark`: a callable (model, tokenizer) -> {name: score} run on the main process at
+    every evaluation (lm_eval_tasks.BenchmarkDuringTraining), its scores logged as eval_<name>."""
 
     def __init__(self, *args, flops_per_token: float, peak_flops: float | None, tokens_per_step: int,
                  eval_bytes_per_token: float | None = None, benchmark=None, **kwargs):
@@ -127,7 +128,8 @@ class PretrainTrainer(CausalLMLoss, CrashSafeCheckpoints, Trainer):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.optimizer = MuonWithAdamW(
             [p for n, p in named if n in hidden],
-            [{"params": [p for n, p in named if n not in hidden and n in decay], "weight_decay": self.args.weight_decay},
+            [{"params": [p for n, p in named if n not in hidden and n in decay],
+              "weight_decay": self.args.weight_decay},
              {"params": [p for n, p in named if n not in hidden and n not in decay], "weight_decay": 0.0}],
             lr=self.args.learning_rate, muon_lr=self.args.muon_learning_rate, weight_decay=self.args.weight_decay,
             eps=self.args.adam_epsilon, betas=(self.args.adam_beta1, self.args.adam_beta2),

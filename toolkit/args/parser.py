@@ -77,7 +77,8 @@ RANGES: dict[str, Range] = {
     "per_device_train_batch_size": AT_LEAST_1, "per_device_eval_batch_size": AT_LEAST_1,
     "gradient_accumulation_steps": AT_LEAST_1, "global_batch_size": AT_LEAST_1,
     "max_steps": Range(1, also=(-1,)), "num_train_epochs": POSITIVE,
-    "learning_rate": POSITIVE, "muon_learning_rate": POSITIVE, "warmup_steps": AT_LEAST_0, "warmup_ratio": FRACTION, "weight_decay": AT_LEAST_0,
+    "learning_rate": POSITIVE, "muon_learning_rate": POSITIVE, "warmup_steps": AT_LEAST_0, "warmup_ratio": FRACTION,
+    "weight_decay": AT_LEAST_0,
     "adam_beta1": BETA, "adam_beta2": BETA, "adam_epsilon": POSITIVE, "max_grad_norm": AT_LEAST_0,
     "logging_steps": POSITIVE, "eval_steps": POSITIVE, "save_steps": POSITIVE, "save_total_limit": AT_LEAST_1,
     "seed": AT_LEAST_0, "ddp_timeout": AT_LEAST_1, "dataloader_num_workers": AT_LEAST_0,
@@ -86,7 +87,8 @@ RANGES: dict[str, Range] = {
     "n_layer": AT_LEAST_1, "n_head": AT_LEAST_1, "n_embd": AT_LEAST_1, "n_positions": AT_LEAST_1,
     "dropout": FRACTION, "vocab_size": Range(257), "pad_vocab_to_multiple_of": AT_LEAST_1,
     # data
-    "block_size": Range(2), "validation_split_percentage": Range(0, 50, low_open=True), "validation_max_tokens": AT_LEAST_1, "streaming_eval_blocks": AT_LEAST_1,
+    "block_size": Range(2), "validation_split_percentage": Range(0, 50, low_open=True),
+    "validation_max_tokens": AT_LEAST_1, "streaming_eval_blocks": AT_LEAST_1,
     "preprocessing_num_workers": AT_LEAST_1, "max_length": Range(2), "max_train_samples": AT_LEAST_1,
     "max_eval_samples": AT_LEAST_1,
     # LoRA
@@ -103,8 +105,8 @@ def check_ranges(values: dict, ranges: dict[str, Range] | None = None) -> None:
         if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         if not allowed.holds(value):
-            raise UserError(f"--{name} {value:g} is out of range: it must be {allowed.describe()}; pass a value in range "
-                            f"(see --help)")
+            raise UserError(f"--{name} {value:g} is out of range: it must be {allowed.describe()}; "
+                            f"pass a value in range (see --help)")
 
 
 def _canonical_name(name: str, value: str | None, fields: set[str]) -> str:
@@ -158,7 +160,8 @@ class _Parser:
                 if action.dest == name:
                     action.default, action.required = value, False
         if unknown:
-            raise UserError(f"unknown key(s) in {source}: {', '.join(unknown)}; remove them or fix the spelling (see --help)")
+            raise UserError(f"unknown key(s) in {source}: {', '.join(unknown)}; "
+                            "remove them or fix the spelling (see --help)")
 
 
 def load_yaml_config(path: str) -> dict:
@@ -178,7 +181,8 @@ def load_yaml_config(path: str) -> dict:
     if config is None:
         return {}
     if not isinstance(config, dict):
-        raise UserError(f"config file '{path}' must hold a mapping of option: value lines, not a {type(config).__name__}")
+        raise UserError(f"config file '{path}' must hold a mapping of option: value lines, "
+                        f"not a {type(config).__name__}")
     env = config.pop("env", {})  # trl's convention: environment variables for the run
     if not isinstance(env, dict):
         raise UserError(f"'env' in config file '{path}' must be a mapping of NAME: value")
