@@ -8,6 +8,13 @@ file size, model memory (get_memory_footprint of the base as the recipe loads it
 the kernel's high-water mark, and anonymous memory sampled every 0.1 s), s/step (train_runtime / steps) and eval loss
 after N steps.
 
+Every method runs with the same batch, sequence length and activation checkpointing (off, or on with
+--gradient_checkpointing, which writes section 4b): the recipes' own defaults differ (qlora.py checkpoints by
+default), and a step-time comparison is only fair like for like. s/step is the median time between consecutive
+training log lines (one per step) after the first two, so start-up and the first steps' warm-up are left out.
+Two LoRA variants show what per-step extras cost: lora+metrics (--token_metrics: trl's entropy and top-1 accuracy
+through its fused LM head) and lora-nodrop (--lora_dropout 0: no dropout copies of the adapted inputs).
+
     python benchmarks/finetune.py                         # 124M and 350M shapes, updates docs/benchmarks.md
     python benchmarks/finetune.py --shapes 124M --steps 10 --base_steps 20
     python benchmarks/finetune.py --quick --doc ''        # smoke version (tiny base)
@@ -26,6 +33,9 @@ import harness
 
 SHAPES = {"124M": ["--preset", "gpt2"], "350M": ["--preset", "gpt2-medium"],
           "tiny": ["--preset", "gpt2-nano"]}
+# method -> (recipe, extra flags)
+METHODS = {"lora": ("lora", []), "qlora": ("qlora", []), "full": ("pretrain", []),
+           "lora+metrics": ("lora", ["--token_metrics", "true"]), "lora-nodrop": ("lora", ["--lora_dropout", "0"])}
 
 
 def split_data(src: Path, workdir: Path, quick: bool) -> tuple[str, str]:
@@ -63,9 +73,9 @@ def random_base(out: Path) -> None:
 
 def finetune(method: str, base: Path, train: str, val: str, out: Path, steps: int, batch: int, block: int, lr: float,
              echo: bool, checkpointing: bool = False) -> dict:
+    recipe, extra = METHODS[method]
     common = ["--model_name_or_path", str(base), "--train_file", train, "--validation_file", val,
-              "--max_steps", str(steps),
-              *(["--gradient_checkpointing", "true"] if checkpointing else []),
+              "--max_steps", str(steps), "--gradient_checkpointing", "true" if checkpointing else "false",
               "--per_device_train_batch_size", str(batch), "--per_device_eval_batch_size", str(batch),
               "--logging_steps", "1", "--report_to", "none", "--output_dir", str(out), "--learning_rate", str(lr)]
     if method == "full":
@@ -73,11 +83,12 @@ def finetune(method: str, base: Path, train: str, val: str, out: Path, steps: in
                "--lr_scheduler_type", "linear", "--eval_strategy", "no", "--save_strategy", "no",
                "--sample_max_new_tokens", "1"]
     else:
-        cmd = [sys.executable, str(harness.REPO / "recipes" / f"{method}.py"), *common, "--text_sample_by", "document",
-               "--max_length", str(block), "--sample_max_new_tokens", "1"]
+        cmd = [sys.executable, str(harness.REPO / "recipes" / f"{recipe}.py"), *common, "--text_sample_by", "document",
+               "--max_length", str(block), "--sample_max_new_tokens", "1", *extra]
     r = harness.run(cmd, echo=echo).check()
     logs = harness.trainer_logs(r)
-    train_runtime = next(d["train_runtime"] for _, d in logs if "train_runtime" in d)
+    step_times = [t for t, d in logs if "loss" in d]
+    step_s = harness.median([b - a for a, b in zip(step_times[2:], step_times[3:])])
     if method == "full":
         eval_loss = json.loads((out / "eval_results.json").read_text())["eval_loss"]
         trainable = None  # all parameters: filled in by the caller
@@ -91,7 +102,7 @@ def finetune(method: str, base: Path, train: str, val: str, out: Path, steps: in
         adapter = os.path.getsize(out / "adapter_model.safetensors")
     script = Path(cmd[1]).name
     return {"method": method, "trainable": trainable, "saved_bytes": adapter, "eval_loss": eval_loss,
-            "s_per_step": train_runtime / steps, "peak_rss": max(r.rank_peaks(script) or [0]),
+            "s_per_step": step_s, "peak_rss": max(r.rank_peaks(script) or [0]),
             "recipe_peak_rss_mb": recipe_peak,
             "peak_anon": max(r.rank_anon_peaks(script) or [0]),
             "command": harness.shown(cmd)}
@@ -121,8 +132,8 @@ def main(argv=None) -> list[dict]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     harness.add_common_args(p)
     p.add_argument("--shapes", nargs="+", default=["124M", "350M"], choices=list(SHAPES))
-    p.add_argument("--methods", nargs="+", default=["lora", "qlora", "full"], choices=["lora", "qlora", "full"])
-    p.add_argument("--steps", type=int, default=8, help="fine-tuning steps (N)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--steps", type=int, default=12, help="fine-tuning steps (N); s/step is timed over the last N-3")
     p.add_argument("--base_steps", type=int, default=10,
                    help="pretraining steps of the base (CPU budget: a short pretraining)")
     p.add_argument("--batch", type=int, default=4)
@@ -136,7 +147,7 @@ def main(argv=None) -> list[dict]:
         sys.exit(f"error: needs {harness.SHAKESPEARE} and {harness.GPT2_TOKENIZER} "
                  "(../shared/data beside the checkout)")
     if args.quick:
-        args.shapes, args.steps, args.base_steps, args.batch, args.block = ["tiny"], 2, 2, 2, 32
+        args.shapes, args.steps, args.base_steps, args.batch, args.block = ["tiny"], 5, 2, 2, 32
     load = harness.load_average()
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
@@ -174,10 +185,12 @@ def main(argv=None) -> list[dict]:
                      f"{r['peak_rss'] / 2**20:,.0f}", f"{r['peak_rss'] / ref['peak_rss']:.2f}" if ref else "",
                      f"{r['peak_anon'] / 2**20:,.0f}",
                      f"{r['peak_anon'] / ref['peak_anon']:.2f}" if ref and ref["peak_anon"] else "",
-                     f"{r['s_per_step']:.2f}", f"{r['eval_loss']:.4f}",
+                     f"{r['s_per_step']:.2f}", f"{r['s_per_step'] / ref['s_per_step']:.2f}" if ref else "",
+                     f"{r['eval_loss']:.4f}",
                      f"{100 * (r['eval_loss'] / ref['eval_loss'] - 1):+.2f}%" if ref else ""])
     headers = ["shape", "method", "trainable params", "saved MiB (adapter / full model)", "model memory MiB",
                "peak RSS MiB", "peak RSS vs LoRA", "peak anonymous MiB", "anonymous vs LoRA", "s/step",
+               "s/step vs LoRA",
                f"eval loss after {args.steps} steps", "eval loss vs LoRA"]
     out = harness.table(headers, rows)
     print(out)

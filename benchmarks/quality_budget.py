@@ -7,15 +7,15 @@ schedule decays to it), so each model shape's fp32 step time is probed in this p
 same GPT2LMHeadModel after 2 warm-up steps, /0.95 for the Trainer's overhead) and max_steps = budget / step time; the
 table reports the training time each run really took. Token budget: max_steps = tokens / (batch x block).
 
-Bits per byte = eval_loss (nats per predicted token) x predicted tokens / (ln 2 x UTF-8 bytes of those tokens), over
-the validation blocks exactly as pretrain.py packs them (last 5% of the blocks, block_size - 1 predictions each).
+Bits per byte: what pretrain.py logs (eval_bits_per_byte: the validation tokens' nats over ln 2 x their UTF-8
+bytes, toolkit/lm_metrics.py); the same tokens-per-byte ratio turns the training-loss curve into bits per byte.
 
     python benchmarks/quality_budget.py                                  # default grid, 60 s budget, updates docs
     python benchmarks/quality_budget.py --budget_s 150 --configs "micro-bpe:preset=gpt2-micro,tok=bpe"
     python benchmarks/quality_budget.py --quick --doc ''                 # smoke version
 
 A config is NAME:key=value,... with keys preset, tok (gpt2|bpe), vocab (BPE size), lr, batch, block, warmup,
-and any n_layer/n_head/n_embd override.
+opt (adamw|muon), muon_lr, and any n_layer/n_head/n_embd override.
 """
 
 from __future__ import annotations
@@ -31,24 +31,26 @@ from pathlib import Path
 import harness
 
 DEFAULT_CONFIGS = [
-    "micro-gpt2:preset=gpt2-micro,tok=gpt2,lr=1e-3,batch=16,block=128",
-    "micro-bpe:preset=gpt2-micro,tok=bpe,lr=1e-3,batch=16,block=128",
-    "micro-bpe-lr3e-3:preset=gpt2-micro,tok=bpe,lr=3e-3,batch=16,block=128",
-    "nano-bpe-lr3e-3:preset=gpt2-nano,tok=bpe,lr=3e-3,batch=16,block=128",
-    "mini-bpe:preset=gpt2-mini,tok=bpe,lr=1e-3,batch=8,block=128",
+    "micro-adamw:preset=gpt2-micro,tok=bpe,lr=3e-3,batch=16,block=128",
+    "micro-muon:preset=gpt2-micro,tok=bpe,lr=3e-3,batch=16,block=128,opt=muon,muon_lr=0.05",
+    "micro-muon-lr0.02:preset=gpt2-micro,tok=bpe,lr=3e-3,batch=16,block=128,opt=muon,muon_lr=0.02",
+    "nano-adamw:preset=gpt2-nano,tok=bpe,lr=3e-3,batch=16,block=128",
+    "nano-muon:preset=gpt2-nano,tok=bpe,lr=3e-3,batch=16,block=128,opt=muon,muon_lr=0.05",
+    "mini-adamw:preset=gpt2-mini,tok=bpe,lr=1e-3,batch=8,block=128",
+    "mini-muon:preset=gpt2-mini,tok=bpe,lr=1e-3,batch=8,block=128,opt=muon,muon_lr=0.05",
 ]
-TOKEN_BUDGET_CONFIGS = ["micro-gpt2", "micro-bpe"]
+TOKEN_BUDGET_CONFIGS = ["micro-adamw", "micro-muon"]
 QUICK_CONFIGS = ["q-gpt2:preset=gpt2-nano,tok=gpt2,lr=3e-3,batch=8,block=64",
-                 "q-bpe:preset=gpt2-nano,tok=bpe,vocab=512,lr=3e-3,batch=8,block=64"]
+                 "q-bpe:preset=gpt2-nano,tok=bpe,vocab=512,lr=3e-3,batch=8,block=64,opt=muon"]
 
 
 def parse_config(spec: str) -> dict:
     name, _, body = spec.partition(":")
     cfg = {"name": name, "preset": "gpt2-micro", "tok": "bpe", "vocab": 4096, "lr": 1e-3, "batch": 16, "block": 128,
-           "warmup": None}
+           "warmup": None, "opt": "adamw", "muon_lr": 0.05}
     for item in filter(None, body.split(",")):
         k, v = item.split("=", 1)
-        cfg[k] = v if k in ("preset", "tok") else float(v) if k == "lr" else int(v)
+        cfg[k] = v if k in ("preset", "tok", "opt") else float(v) if k in ("lr", "muon_lr") else int(v)
     return cfg
 
 
@@ -71,7 +73,16 @@ def probe_step_seconds(cfg: dict, vocab: int) -> float:
     model = GPT2LMHeadModel(GPT2Config(**model_shape(cfg), vocab_size=pad_vocab(vocab, 64), resid_pdrop=0,
                                        embd_pdrop=0, attn_pdrop=0, activation_function=NEW_MODEL_ACTIVATION,
                                        bos_token_id=0, eos_token_id=0))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    if cfg["opt"] == "muon":  # the optimizer's cost is part of the step: Muon's iterations cost more than AdamW
+        from toolkit.muon import MuonWithAdamW, hidden_matrices
+
+        hidden = set(hidden_matrices(model))
+        named = list(model.named_parameters())
+        rest = [{"params": [p for n, p in named if n not in hidden]}]
+        opt = MuonWithAdamW([p for n, p in named if n in hidden], rest, lr=1e-4, muon_lr=1e-3, weight_decay=0.1,
+                            fused=True, fan_out_dim=1)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randint(0, vocab, (cfg["batch"], cfg["block"]))
     times = []
     for _ in range(6):
@@ -82,20 +93,6 @@ def probe_step_seconds(cfg: dict, vocab: int) -> float:
         opt.zero_grad()
         times.append(time.perf_counter() - t)
     return harness.median(times[2:]) / 0.95  # the Trainer's own per-step cost: a few percent (section 1)
-
-
-def validation_bytes_per_token(tokenizer_dir: str, train_file: str, block: int, val_pct: int = 5) -> tuple[int, int]:
-    """(predicted tokens, their UTF-8 bytes) over the validation blocks, packed as pretrain.py packs them."""
-    import numpy as np
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    ids = tok(Path(train_file).read_text(encoding="utf-8"))["input_ids"] + [tok.eos_token_id]
-    n_blocks = len(ids) // block
-    n_val = max(1, int(n_blocks * val_pct / 100))
-    blocks = np.array(ids[: n_blocks * block]).reshape(n_blocks, block)[-n_val:]
-    n_bytes = sum(len(tok.decode(b[1:].tolist(), skip_special_tokens=True).encode("utf-8")) for b in blocks)
-    return n_val * (block - 1), n_bytes
 
 
 def pretrain(cfg: dict, steps: int, train_file: str, workdir: Path, echo: bool) -> dict:
@@ -109,6 +106,8 @@ def pretrain(cfg: dict, steps: int, train_file: str, workdir: Path, echo: bool) 
            "--learning_rate", str(cfg["lr"]), "--warmup_steps", str(warmup), "--max_steps", str(steps),
            "--logging_steps", str(max(1, steps // 20)), "--eval_strategy", "no",
            "--save_strategy", "no", "--report_to", "none", "--sample_max_new_tokens", "1", "--output_dir", str(out)]
+    if cfg["opt"] == "muon":
+        cmd += ["--optim", "muon", "--muon_learning_rate", str(cfg["muon_lr"])]
     if cfg["tok"] == "gpt2":
         cmd += ["--tokenizer_name", str(harness.GPT2_TOKENIZER)]
     else:
@@ -116,14 +115,14 @@ def pretrain(cfg: dict, steps: int, train_file: str, workdir: Path, echo: bool) 
     r = harness.run(cmd, echo=echo, sample_memory=False).check()
     logs = harness.trainer_logs(r)
     runtime = next(d["train_runtime"] for _, d in logs if "train_runtime" in d)
-    eval_loss = json.loads((out / "eval_results.json").read_text())["eval_loss"]
-    n_tok, n_bytes = validation_bytes_per_token(str(out), train_file, cfg["block"])
-    to_bpb = n_tok / (math.log(2) * n_bytes)
+    results = json.loads((out / "eval_results.json").read_text())
+    eval_loss, bpb = results["eval_loss"], results["eval_bits_per_byte"]
+    to_bpb = bpb / eval_loss  # tokens per byte / ln 2
     t0 = next(t for t, d in logs if "loss" in d or "eval_loss" in d)
     curve = [(t - t0, d["loss"] * to_bpb) for t, d in logs if "loss" in d]
     return {"config": cfg["name"], "steps": steps, "tokens": steps * cfg["batch"] * cfg["block"],
             "train_runtime_s": runtime,
-            "eval_loss": eval_loss, "bpb": eval_loss * to_bpb, "tokens_per_byte": n_tok / n_bytes,
+            "eval_loss": eval_loss, "bpb": bpb, "tokens_per_byte": to_bpb * math.log(2),
             "command": harness.shown(cmd, workdir), "train_curve": curve}
 
 
@@ -193,7 +192,7 @@ def main(argv=None) -> list[dict]:
         link = Path(args.plot).relative_to(docs) if Path(args.plot).is_relative_to(docs) else args.plot
         plot_note = f"\n\n![training loss in bits/byte against time]({link})"
     configs_text = "\n".join(f"- `{c}`" for c in args.configs)
-    body = (f"{out}\n\nData `{Path(args.train_file).name}` (one document; last 5% of the blocks validate), fp32, "
+    body = (f"{out}\n\nData `{Path(args.train_file).name}` (one document; its last 5% of tokens validate), fp32, "
             f"1 process. Configs:\n{configs_text}\n\nThe BPE (`tok=bpe`) is trained by pretrain.py on the training "
             "file, which is the whole file: the validation text is in its training data (the GPT-2 tokenizer never "
             "saw it).\n\n"

@@ -49,7 +49,7 @@ def commands(shape, tokenizer: str, workdir: Path, tag: str, both: list[str], ex
               "--per_device_eval_batch_size", str(batch), "--max_steps", str(steps), "--logging_steps", str(log_every),
               "--eval_strategy", "steps", "--eval_steps", str(eval_every), "--save_strategy", "no",
               "--validation_split_percentage", str(val_pct), "--warmup_steps", "2", *both]
-    onefile = [sys.executable, str(harness.ONEFILE), *common, "--sample_tokens", "0",
+    onefile = [sys.executable, str(harness.ONEFILE), *common, "--sample_max_new_tokens", "0",
                "--output_dir", str(workdir / f"onefile-{tag}")]
     pretrain = [sys.executable, str(harness.PRETRAIN), *common, "--sample_max_new_tokens", "1",
                 "--output_dir", str(workdir / f"pretrain-{tag}"), *extra]

@@ -103,13 +103,14 @@ def test_quality_quick(tmp_path):
     for r in results:
         assert 0 < r["bpb"] < 8  # a random 8-bit predictor scores 8 bits per byte
     assert by["q-bpe"]["tokens"] == 4096 and (tmp_path / "curve.png").stat().st_size > 0
+    assert "--optim muon" in by["q-bpe"]["command"] and "--optim" not in by["q-gpt2"]["command"]
     assert "## 3. Quality" in doc and "Best at the wall-clock budget" in doc
 
 
 @needs_shared
 @pytest.mark.slow
 def test_finetune_quick(tmp_path):
-    results, rows, doc, _ = run_quick("finetune", tmp_path, "--methods", "lora", "full")
+    results, rows, doc, _ = run_quick("finetune", tmp_path, "--methods", "lora", "full", "lora+metrics")
     by = {r["method"]: r for r in results}
     assert by["lora"]["trainable"] < by["full"]["trainable"] / 2  # adapters train a fraction of the weights
     assert by["lora"]["saved_bytes"] < by["full"]["saved_bytes"]
@@ -118,6 +119,9 @@ def test_finetune_quick(tmp_path):
     if sys.platform.startswith("linux"):
         assert all(r["peak_rss"] / 2 < r["peak_anon"] <= r["peak_rss"] for r in results)
     assert rows[0]["eval loss vs LoRA"].endswith("%") and "## 4. Fine-tuning" in doc
+    # every method with the same checkpointing (the recipes' defaults differ), and the variant's flag reaches it
+    assert all("--gradient_checkpointing false" in r["command"] for r in results)
+    assert "--token_metrics true" in by["lora+metrics"]["command"] and "--token_metrics" not in by["lora"]["command"]
 
 
 @pytest.mark.slow

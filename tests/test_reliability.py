@@ -312,7 +312,7 @@ BAD_INPUTS = [
     ("empty data file", ["--train_file", "{root}/empty.txt"], "is empty"),
     ("unreadable data file", ["--train_file", "{root}/binary.txt"], "could not read"),
     ("unsupported file type", ["--train_file", "{root}/data.xyz"], r"unsupported data file type \['.xyz'\]"),
-    ("table without the text column", ["--train_file", "{root}/content.jsonl"], "no 'text' column.*--text_column"),
+    ("table without the text column", ["--train_file", "{root}/content.jsonl"], "no 'text' (column|field).*--text_column"),
     ("data smaller than a block", ["--train_file", "{root}/short.txt", "--block_size", "64"],
      "shorter than one block"),
     ("fewer blocks than one batch", ["--per_device_train_batch_size", "100000"],
