@@ -74,7 +74,8 @@ def core_runs(work, init124):
     eager, fsdp, resumed, offload = (work / name for name in ("eager", "fsdp", "resumed", "offload"))
     onefile = kit.python("recipes/onefile_train.py", "--init_from", init124, "--tokenizer_name", kit.tokenizer_dir(),
                          "--train_file", kit.shakespeare(), "--block_size", "1024",
-                         "--per_device_train_batch_size", "8", "--max_steps", "20", "--warmup_steps", "5", "--logging_steps", "1", "--seed", "0",
+                         "--per_device_train_batch_size", "8", "--max_steps", "20", "--warmup_steps", "5",
+                         "--logging_steps", "1", "--seed", "0",
                          "--eval_strategy", "no", "--save_strategy", "no", "--sample_max_new_tokens", "0",
                          "--overwrite_output_dir", "--output_dir", work / "onefile")  # eager's settings
     checkpoints = ["--save_strategy", "steps", "--save_steps", "5", "--save_total_limit", "3"]
