@@ -227,11 +227,11 @@ def ours_timeline(run: harness.Run) -> dict:
         return calls[call][which] if calls else None
 
     def total(name, within=(0.0, math.inf)):
-        return sum(e - b for b, e in s.get(name, []) if e is not None and within[0] <= b <= within[1])
+        return sum(e - b for b, e in s.get(name, []) if e is not None and within[0] <= b < within[1])
 
     train_start, train_end = at("PretrainTrainer.train"), at("PretrainTrainer.train", 1)
     evals = s.get("PretrainTrainer.evaluate", [])
-    final_evals = [(b, e) for b, e in evals if train_end is not None and b > train_end]
+    final_evals = [(b, e) for b, e in evals if train_end is not None and b >= train_end]
     boundaries = [
         ("imports and argument parsing", 0.0),
         ("heavy imports (torch, transformers models, Trainer)", at("parse", 1)),
