@@ -195,6 +195,6 @@ def test_section_has_both_runs_the_verdict_and_no_machine_paths(tmp_path):
     text = doc.read_text()
     rows = harness.parse_table(text[text.index("| run |"):])
     assert [(r["run"], r["val bits/byte (whole text)"]) for r in rows] == [("nanoGPT", "2.7400"), ("ours", "2.4100")]
-    assert "## 7. The main job against nanoGPT" in text and "**0.92x**" in text and "**met**" in text
+    assert "## 9. The main job against nanoGPT" in text and "**0.92x**" in text and "**met**" in text
     assert "--nanogpt ../nanoGPT" in text
     assert str(REPO) not in text and "/tmp/" not in text
