@@ -235,8 +235,8 @@ def ours_timeline(run: harness.Run) -> dict:
     boundaries = [
         ("imports and argument parsing", 0.0),
         ("heavy imports (torch, transformers models, Trainer)", at("parse", 1)),
-        ("data: read text, train the BPE, tokenize and pack", at("load_documents") or at("train_bpe_tokenizer")),
-        ("model init, FLOP peak probe, Trainer set-up", at("packed_blocks", 1)),
+        ("data: read text, train the BPE, tokenize and pack", at("training_corpus") or at("train_bpe_tokenizer")),
+        ("model init, FLOP peak probe, Trainer set-up", at("cached_store", 1)),
         ("Trainer.train() until the first step", train_start),
         ("first training step", at("PretrainTrainer.training_step")),
         ("training steps (2nd to last)", at("PretrainTrainer.training_step", 1)),
@@ -261,7 +261,7 @@ def ours_timeline(run: harness.Run) -> dict:
     out["first_step_start_s"] = at("PretrainTrainer.training_step")
     out["first_step_done_s"] = at("PretrainTrainer.training_step", 1)
     out["details"] = {"peak_flops_probe_s": total("peak_flops"), "bpe_training_s": total("train_bpe_tokenizer"),
-                      "read_documents_s": total("load_documents"), "tokenize_and_pack_s": total("packed_blocks"),
+                      "read_documents_s": total("training_corpus"), "tokenize_and_pack_s": total("cached_store"),
                       "trainer_init_s": total("PretrainTrainer.__init__"), "evaluations": len(evals),
                       "checkpoint_saves": len(s.get("PretrainTrainer._save_checkpoint", [])),
                       "export_s": total("export_full_model"), "model_card_s": total("write_pretrain_card"),

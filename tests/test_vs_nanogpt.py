@@ -119,9 +119,9 @@ def test_every_marked_toolkit_function_still_exists():
 
 def ours_run_lines():
     """The marker and log lines of a short run of ours, at made-up arrival times (seconds)."""
-    events = [(4.0, "parse start"), (4.5, "parse end"), (5.0, "load_documents start"), (5.2, "load_documents end"),
-              (5.2, "train_bpe_tokenizer start"), (5.7, "train_bpe_tokenizer end"), (5.8, "packed_blocks start"),
-              (6.0, "packed_blocks end"), (6.1, "peak_flops start"), (6.9, "peak_flops end"),
+    events = [(4.0, "parse start"), (4.5, "parse end"), (5.0, "training_corpus start"), (5.2, "training_corpus end"),
+              (5.2, "train_bpe_tokenizer start"), (5.7, "train_bpe_tokenizer end"), (5.8, "cached_store start"),
+              (6.0, "cached_store end"), (6.1, "peak_flops start"), (6.9, "peak_flops end"),
               (7.0, "PretrainTrainer.train start"), (7.3, "PretrainTrainer.training_step start"),
               (7.6, "PretrainTrainer.training_step end"), (20.0, "PretrainTrainer.evaluate start"),
               (21.0, "PretrainTrainer.evaluate end"), (21.0, "PretrainTrainer._save_checkpoint start"),
