@@ -27,11 +27,15 @@ from __future__ import annotations
 import sys
 
 from toolkit.errors import exit_on_user_error
+from toolkit.fast_exit import exit_now
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None, recipe: str = "lora") -> dict:
     from toolkit import args as arguments
+
+    if arguments.print_cached_help(recipe, argv):  # without importing transformers (seconds) when it is cached
+        return {}
     from toolkit.args.finetune import (
         DataArguments,
         FinetuneConfig,
@@ -44,7 +48,7 @@ def main(argv: list[str] | None = None, recipe: str = "lora") -> dict:
     #    have it; qlora: 4-bit base, checkpointing, paged AdamW on CUDA); then check everything before any work
     model_args, lora_args, quant_args, data_args, training_args = arguments.parse(
         [ModelArguments, LoraArguments, QuantizationArguments, DataArguments, FinetuneConfig], argv,
-        defaults=arguments.resolve_defaults(recipe))
+        defaults=arguments.resolve_defaults(recipe), recipe=recipe)
     arguments.derive_settings(training_args)
 
     from transformers import set_seed
@@ -111,3 +115,4 @@ def main(argv: list[str] | None = None, recipe: str = "lora") -> dict:
 
 if __name__ == "__main__":
     main()
+    exit_now()  # skip the interpreter's slow teardown (toolkit/fast_exit.py)

@@ -261,6 +261,7 @@ def save_hf(model: GPT, tokenizer, eos_id: int, folder: str) -> None:
         resid_pdrop=cfg.get("dropout", 0.0), embd_pdrop=cfg.get("dropout", 0.0), attn_pdrop=cfg.get("dropout", 0.0),
         layer_norm_epsilon=cfg["layer_norm_epsilon"], initializer_range=0.02, scale_attn_weights=True,
         tie_word_embeddings=True, bos_token_id=eos_id, eos_token_id=eos_id, use_cache=True, dtype="float32",
+        training_block_size=cfg.get("block_size"),  # `toolkit eval` scores windows of the trained length
     )
     tensors = {}
     for name, t in model.state_dict().items():
@@ -598,6 +599,7 @@ def main(argv=None):
         model = GPT(dict(vocab_size=math.ceil(vocab / 64) * 64, n_positions=args.n_positions, n_embd=args.n_embd,
                          n_layer=args.n_layer, n_head=args.n_head, layer_norm_epsilon=1e-5, dropout=args.dropout))
     cfg = model.cfg
+    cfg["block_size"] = T
     if T > cfg["n_positions"]:
         die(f"--block_size {T} exceeds the model's n_positions={cfg['n_positions']}; "
             "lower --block_size or raise --n_positions")
@@ -708,8 +710,8 @@ def main(argv=None):
         factor = lr_factor(step, args.warmup_steps, args.max_steps, args.min_lr_rate)
         lr = args.learning_rate * factor
         for opt, peaks in zip(optimizers, peak_lrs):
-            for group, peak in zip(opt.param_groups, peaks):
-                group["lr"] = peak * factor
+            for group, peak_lr in zip(opt.param_groups, peaks):
+                group["lr"] = peak_lr * factor
         for i, idx in enumerate(micro):
             x = train_blocks[idx].to(device, non_blocking=True)
             # Gradient accumulation: gradients of the micro-batches add up in .grad; dividing each loss by

@@ -31,11 +31,15 @@ from __future__ import annotations
 import os
 
 from toolkit.errors import UserError, exit_on_user_error
+from toolkit.fast_exit import exit_now
 
 
 @exit_on_user_error
 def main() -> None:
     from toolkit import args as arguments
+
+    if arguments.print_cached_help("pretrain"):  # without importing transformers (seconds) once it is cached
+        return
     from toolkit import distributed, peer_failures
     from toolkit.args.pretrain import DataArguments, ModelArguments, PretrainArguments
 
@@ -44,7 +48,8 @@ def main() -> None:
     #    turned into real FSDP2 before TrainingArguments sets up accelerate; a no-op everywhere else.)
     distributed.enable_cpu_fsdp2()
     model_args, data_args, training_args = arguments.parse([ModelArguments, DataArguments, PretrainArguments],
-                                                           defaults=arguments.resolve_defaults("pretrain"))
+                                                           defaults=arguments.resolve_defaults("pretrain"),
+                                                           recipe="pretrain")
     arguments.derive_settings(training_args)  # accumulation from --global_batch_size; the cosine's 10% floor
     distributed.check_distributed_launch(training_args)
     if training_args.cpu_keep_freed_memory and training_args.device.type == "cpu":
@@ -146,6 +151,7 @@ def main() -> None:
                                            model_args.pad_vocab_to_multiple_of,
                                            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     presets.validate_config(config, data_args.block_size, len(tokenizer))
+    config.training_block_size = data_args.block_size  # saved in config.json: `toolkit eval` scores windows of this
     if training_args.learning_rate is None:  # by width: 3e-3 suits gpt2-micro, GPT-2 124M wants 6e-4
         training_args.learning_rate = presets.default_learning_rate(config.n_embd)
     if resume_from:
@@ -219,14 +225,16 @@ def main() -> None:
 
     # 9. Evaluate (loss, perplexity, bits per byte, --eval_tasks), save a from_pretrained-ready folder with its model
     #    card (README.md) and loss curve, show a sample.
-    metrics = trainer.evaluate()
+    last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), {})
+    evaluated_at_end = last.get("step") == trainer.state.global_step  # eval_steps divides max_steps: no second pass
+    metrics = {k: v for k, v in last.items() if k.startswith("eval_")} if evaluated_at_end else trainer.evaluate()
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
     trainer.save_state()
     distributed.export_full_model(trainer, training_args.output_dir, tokenizer)
     if training_args.process_index == 0:
-        # with the final eval
-        plot_loss_curve(trainer.state.log_history, os.path.join(training_args.output_dir, "loss_curve.png"))
+        if not evaluated_at_end:  # LossCurveCallback drew it when training ended, before this evaluation
+            plot_loss_curve(trainer.state.log_history, os.path.join(training_args.output_dir, "loss_curve.png"))
         sample = generate_sample(training_args.output_dir, training_args.sample_prompt,
                                  training_args.sample_max_new_tokens, training_args.seed)
         write_pretrain_card(training_args, model_args, data_args, config, tokenizer, n_params,
@@ -260,3 +268,4 @@ def generate_sample(model_dir: str, prompt: str, max_new_tokens: int, seed: int)
 
 if __name__ == "__main__":
     main()
+    exit_now()  # skip the interpreter's slow teardown (toolkit/fast_exit.py)

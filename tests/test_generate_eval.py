@@ -404,7 +404,9 @@ def test_pretrain_logs_bits_per_byte_that_toolkit_eval_reproduces_and_writes_a_c
 
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     evals = [h for h in history if "eval_loss" in h]
-    assert len(evals) >= 2 and all("eval_bits_per_byte" in h and "eval_perplexity" in h for h in evals)
+    # one evaluation at step 20: the last step's evaluation is the final one (pretrain.py does not evaluate twice)
+    assert [h["step"] for h in evals] == [20]
+    assert all("eval_bits_per_byte" in h and "eval_perplexity" in h for h in evals)
     assert all("eval_tiny_hellaswag_acc_norm" in h for h in evals)  # lm-eval ran at every evaluation
     final = json.loads((out / "eval_results.json").read_text())
 

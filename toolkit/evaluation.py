@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="split to score (default: validation, else valid, else test)")
     text.add_argument("--text_column", default="text", help="column holding the text in tables and datasets")
     text.add_argument("--block_size", type=int, default=None,
-                      help="window length in tokens (default: the model's context)")
+                      help="window length in tokens (default: the block size the model was trained on, when "
+                           "recipes/pretrain.py recorded it in config.json, else the model's context)")
     text.add_argument("--stride", type=int, default=None,
                       help="advance windows by this many tokens and score only the new ones (default: block_size, "
                            "no overlap)")
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     model_name, adapter_cfg = resolve_model(args.model, args.adapter, args.token)
     context = model_context(model_name, args.token)
     check_options(args, context)
-    args.block_size = args.block_size or context
+    args.block_size = args.block_size or model_context(model_name, args.token, trained=True)
     if args.text_file:
         from toolkit.text_stream import expand_paths
 

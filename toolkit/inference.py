@@ -77,8 +77,10 @@ def resolve_model(model: str | None, adapter: str | None, token: str | None = No
     return model, config
 
 
-def model_context(model_name: str, token: str | None = None) -> int:
-    """The model's context length (n_positions), read from config.json before loading any weights."""
+def model_context(model_name: str, token: str | None = None, trained: bool = False) -> int:
+    """The model's context length (n_positions), read from config.json before loading any weights. With `trained`:
+    the block size it was trained on when recipes/pretrain.py recorded it (a gpt2-micro has 256 positions but is
+    trained on 128-token blocks by default; the positions beyond were never trained), else the context."""
     from transformers import AutoConfig
 
     try:
@@ -87,10 +89,10 @@ def model_context(model_name: str, token: str | None = None) -> int:
         raise UserError(f"could not load the config of model '{model_name}' ({type(err).__name__}: "
                         f"{str(err).splitlines()[0][:160]}); "
                         "pass a save_pretrained folder or a reachable Hub name") from None
-    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
-        if getattr(config, key, None):
-            return int(getattr(config, key))
-    return 1024
+    context = next((int(getattr(config, key)) for key in ("n_positions", "max_position_embeddings", "n_ctx")
+                    if getattr(config, key, None)), 1024)
+    trained_block = getattr(config, "training_block_size", None)
+    return min(int(trained_block), context) if trained and trained_block else context
 
 
 def _same_model(a: str | None, b: str | None) -> bool:

@@ -3,6 +3,6 @@
 recipe (`toolkit.args.defaults`)."""
 
 from toolkit.args.defaults import derive_settings, resolve_defaults
-from toolkit.args.parser import RANGES, Range, check_ranges, parse
+from toolkit.args.parser import RANGES, Range, check_ranges, parse, print_cached_help
 
-__all__ = ["RANGES", "Range", "check_ranges", "derive_settings", "parse", "resolve_defaults"]
+__all__ = ["RANGES", "Range", "check_ranges", "derive_settings", "parse", "print_cached_help", "resolve_defaults"]

@@ -191,12 +191,65 @@ def load_yaml_config(path: str) -> dict:
     return config
 
 
-def parse(dataclass_types, argv: list[str] | None = None, defaults: dict | None = None) -> tuple:
-    """Parse `--config file.yaml` + command-line overrides into instances of `dataclass_types`, in that order."""
+HELP_FLAGS = ("-h", "--help")
+
+
+def _help_cache(recipe: str) -> str:
+    """Where this recipe's --help text is kept: one file per version of the options (the argument modules' source,
+    transformers and trl) and machine (its defaults are in the text)."""
+    import glob
+    import hashlib
+    import importlib.metadata
+    import platform
+
+    digest = hashlib.sha256(f"{recipe} {sys.version} {platform.node()}".encode())
+    for dist in ("transformers", "trl", "torch"):
+        try:
+            digest.update(importlib.metadata.version(dist).encode())
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(__file__), "*.py"))):
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    name = f"{recipe}-{digest.hexdigest()[:16]}.txt"
+    return os.path.join(os.path.expanduser("~"), ".cache", "gpt2-toolkit", "help", name)
+
+
+def print_cached_help(recipe: str, argv: list[str] | None = None) -> bool:
+    """--help answered from the text a previous --help of the same version wrote, without importing transformers and
+    torch (seconds): True when it was printed."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not any(flag in argv for flag in HELP_FLAGS):
+        return False
+    try:
+        with open(_help_cache(recipe), encoding="utf-8") as f:
+            print(f.read(), end="")
+        return True
+    except OSError:
+        return False
+
+
+def parse(dataclass_types, argv: list[str] | None = None, defaults: dict | None = None,
+          recipe: str | None = None) -> tuple:
+    """Parse `--config file.yaml` + command-line overrides into instances of `dataclass_types`, in that order;
+    `recipe` names the --help text kept for print_cached_help."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _Parser(dataclass_types)
     if defaults:
         parser.set_defaults(defaults, "the recipe's defaults")
+    if any(flag in argv for flag in HELP_FLAGS):
+        text = parser.hf.format_help()
+        if recipe:  # kept for print_cached_help: the next --help needs no transformers import
+            try:
+                path = _help_cache(recipe)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path + ".tmp", "w", encoding="utf-8") as f:
+                    f.write(text)
+                os.replace(path + ".tmp", path)
+            except OSError:
+                pass  # a read-only home: --help is only slower
+        print(text, end="")
+        raise SystemExit(0)
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
