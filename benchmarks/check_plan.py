@@ -205,6 +205,7 @@ def recipe_command(name: str, c: dict, work: Path, base_model: Path | None) -> t
                 "--max_steps", str(steps), "--warmup_steps", "1", "--logging_steps", "1", "--eval_strategy", "no",
                 "--save_strategy", "no", "--report_to", "none", "--output_dir", str(out),
                 "--overwrite_output_dir", "true", "--sample_max_new_tokens", "1",
+                "--optim", "adamw_torch_fused",  # the planner's optimizer state is AdamW's (auto: Muon, small presets)
                 "--data_cache_dir", str(out / "data_cache" / "packed")]
         if c["task"] == "full" and SHAKESPEARE.exists():
             args += ["--train_file", str(SHAKESPEARE)]

@@ -49,6 +49,7 @@ def command(launch: str, model: list[str], tokenizer: list[str], batch: int, blo
            # metrics["eval_loss"])
            "--per_device_eval_batch_size", str(batch), "--max_steps", str(steps), "--logging_steps", str(log_every),
            "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--sample_max_new_tokens", "1",
+           "--optim", "adamw_torch_fused",  # one optimizer under every launch (auto: Muon, which FSDP cannot shard)
            "--output_dir", str(out)]
     return cmd + (["--use_cpu", "true"] if launch != "1 process" else [])
 

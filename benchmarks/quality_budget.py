@@ -106,8 +106,8 @@ def pretrain(cfg: dict, steps: int, train_file: str, workdir: Path, echo: bool) 
            "--learning_rate", str(cfg["lr"]), "--warmup_steps", str(warmup), "--max_steps", str(steps),
            "--logging_steps", str(max(1, steps // 20)), "--eval_strategy", "no",
            "--save_strategy", "no", "--report_to", "none", "--sample_max_new_tokens", "1", "--output_dir", str(out)]
-    if cfg["opt"] == "muon":
-        cmd += ["--optim", "muon", "--muon_learning_rate", str(cfg["muon_lr"])]
+    cmd += (["--optim", "muon", "--muon_learning_rate", str(cfg["muon_lr"])] if cfg["opt"] == "muon"
+            else ["--optim", "adamw_torch_fused"])  # explicit: the default for small presets is Muon
     if cfg["tok"] == "gpt2":
         cmd += ["--tokenizer_name", str(harness.GPT2_TOKENIZER)]
     else:

@@ -55,6 +55,7 @@ def die(message: str) -> None:
 # Peak learning rate by model width when --learning_rate is not given, as in toolkit/presets.py: 3e-3 for the small
 # CPU models (best for gpt2-micro at a fixed CPU budget), 1e-3 up to 512 wide, then GPT-3's values for GPT-2's widths.
 LEARNING_RATE_BY_WIDTH = ((256, 3e-3), (512, 1e-3), (768, 6e-4), (1024, 3e-4), (1280, 2.5e-4), (10**9, 2e-4))
+MUON_UP_TO_WIDTH = 512  # --optim auto picks Muon up to this width, as pretrain.py does (toolkit/presets.py)
 PRESETS = {  # (n_layer, n_head, n_embd, n_positions), as in toolkit/presets.py
     "gpt2-nano": (2, 2, 64, 256), "gpt2-micro": (4, 4, 128, 256), "gpt2-mini": (6, 6, 384, 256),
     "gpt2": (12, 12, 768, 1024), "gpt2-medium": (24, 16, 1024, 1024), "gpt2-large": (36, 20, 1280, 1024),
@@ -95,8 +96,8 @@ def parse_args(argv=None):
     a("--max_steps", "--steps", type=int, default=600, help="optimizer updates")
     a("--learning_rate", type=float, help="peak learning rate; default by model width, as in pretrain.py "
       "(LEARNING_RATE_BY_WIDTH)")
-    a("--optim", choices=["adamw", "muon"], default="adamw",
-      help="muon: Muon for the blocks' matrices, AdamW for the rest")
+    a("--optim", choices=["auto", "adamw_torch_fused", "muon"], default="auto",
+      help="muon: Muon for the blocks' matrices, AdamW for the rest; auto: muon up to MUON_UP_TO_WIDTH wide")
     a("--muon_learning_rate", type=float, default=0.05, help="peak learning rate of Muon's matrices (--optim muon)")
     a("--warmup_steps", type=float, default=50, help="linear warmup updates (a value below 1: fraction of max_steps)")
     a("--min_lr_rate", type=float, default=0.1, help="the cosine ends at learning_rate * min_lr_rate")
@@ -621,6 +622,8 @@ def main(argv=None):
     params = [p for p in raw_model.parameters() if p.requires_grad]  # the tied head appears once
     if args.learning_rate is None:  # wider models need a smaller step (see LEARNING_RATE_BY_WIDTH)
         args.learning_rate = next(lr for width, lr in LEARNING_RATE_BY_WIDTH if cfg["n_embd"] <= width)
+    if args.optim == "auto":  # Muon for the small models, where it beat AdamW at equal CPU time (toolkit/presets.py)
+        args.optim = "muon" if cfg["n_embd"] <= MUON_UP_TO_WIDTH else "adamw_torch_fused"
     hidden = {id(p) for n, p in raw_model.named_parameters() if args.optim == "muon" and ".h." in n and p.dim() == 2}
     groups = [{"params": [p for p in params if p.dim() >= 2 and id(p) not in hidden],
                "weight_decay": args.weight_decay},

@@ -103,7 +103,7 @@ def test_quality_quick(tmp_path):
     for r in results:
         assert 0 < r["bpb"] < 8  # a random 8-bit predictor scores 8 bits per byte
     assert by["q-bpe"]["tokens"] == 4096 and (tmp_path / "curve.png").stat().st_size > 0
-    assert "--optim muon" in by["q-bpe"]["command"] and "--optim" not in by["q-gpt2"]["command"]
+    assert "--optim muon" in by["q-bpe"]["command"] and "--optim adamw_torch_fused" in by["q-gpt2"]["command"]
     assert "## 3. Quality" in doc and "Best at the wall-clock budget" in doc
 
 

@@ -362,6 +362,28 @@ def test_default_learning_rate_shrinks_with_width_and_onefile_agrees():
         assert next(lr for w, lr in onefile.LEARNING_RATE_BY_WIDTH if width <= w) == default_learning_rate(width)
 
 
+def test_default_optimizer_is_muon_for_the_cpu_presets_in_both_recipes():
+    """Muon for the small presets (it beat AdamW at equal CPU time, docs/benchmarks.md section 3), AdamW for GPT-2's
+    sizes; onefile_train.py keeps the same threshold."""
+    import importlib.util
+
+    from conftest import REPO
+
+    from toolkit.presets import MUON_UP_TO_WIDTH, PRESETS, default_optimizer
+
+    chosen = {name: default_optimizer(shape["n_embd"]) for name, shape in PRESETS.items()}
+    assert chosen == {"gpt2-nano": "muon", "gpt2-micro": "muon", "gpt2-mini": "muon", "gpt2": "adamw",
+                      "gpt2-medium": "adamw", "gpt2-large": "adamw", "gpt2-xl": "adamw"}
+    _, _, train = _parse(["--output_dir", "unused"])
+    assert train.optim_auto and not train.muon  # resolved by pretrain.py once the model's width is known
+    _, _, train = _parse(["--optim", "muon", "--output_dir", "unused"])
+    assert train.muon and not train.optim_auto and train.optim == "adamw_torch_fused"  # the AdamW part
+    spec = importlib.util.spec_from_file_location("onefile_train", REPO / "recipes" / "onefile_train.py")
+    onefile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(onefile)
+    assert onefile.MUON_UP_TO_WIDTH == MUON_UP_TO_WIDTH
+
+
 # ---------- the `toolkit` command ----------
 
 def test_python_m_toolkit_presets_lists_every_preset_with_its_parameter_count():

@@ -33,6 +33,7 @@ def recipe_args(tokenizer_dir, text_file, cache_dir, output_dir, *extra: str) ->
         "--train_file", str(text_file), "--data_cache_dir", str(cache_dir), "--block_size", "32",
         "--learning_rate", "3e-3", "--warmup_steps", "2", "--max_steps", str(STEPS), "--logging_steps", "1",
         "--eval_strategy", "no", "--report_to", "none", "--sample_max_new_tokens", "4", "--seed", "0",
+        "--optim", "adamw_torch_fused",  # one optimizer for every launch: auto picks Muon, which FSDP cannot shard
         "--output_dir", str(output_dir), *extra,
     ]
 

@@ -143,7 +143,8 @@ def test_same_loss_curve_as_pretrain(tmp_path, tiny_model_dir, small_text_file, 
     same = ["--train_file", str(small_text_file), "--block_size", "64", "--per_device_train_batch_size", "4",
             "--max_steps", "20", "--learning_rate", "1e-3", "--warmup_steps", "5", "--weight_decay", "0.1",
             "--adam_beta2", "0.95", "--max_grad_norm", "1.0", "--seed", "42", "--logging_steps", "1",
-            "--eval_strategy", "steps", "--eval_steps", "20", "--save_strategy", "no"]
+            "--eval_strategy", "steps", "--eval_steps", "20", "--save_strategy", "no",
+            "--optim", "adamw_torch_fused"]  # AdamW here (the small presets' default is Muon: the test below)
     onefile.main(["--init_from", str(tiny_model_dir), *same, "--sample_max_new_tokens", "0",
                   "--output_dir", str(tmp_path / "onefile")])
     r = run_script([str(REPO / "recipes" / "pretrain.py"), "--model_name_or_path", str(tiny_model_dir), *same,

@@ -52,33 +52,29 @@ def hidden_matrices(model) -> list[str]:
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
-    """Group 0: Muon over `muon_params`; the other groups: AdamW (`adamw_groups`, with their own weight decay)."""
+    """The last group: Muon over `muon_params`; the others: AdamW (`adamw_groups`, with their own weight decay).
+    AdamW's come first, so the learning rate the Trainer logs (group 0's) is --learning_rate's, as without Muon."""
 
     def __init__(self, muon_params, adamw_groups, *, lr: float, muon_lr: float, weight_decay: float, betas=(0.9, 0.95),
                  eps: float = 1e-8, fused: bool | None = None, fan_out_dim: int = 0):
         # fan_out_dim: 0 for nn.Linear weights (out, in), 1 for transformers' Conv1D weights (in, out)
+        self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, eps=eps, fused=fused)
         muon_group = {"params": list(muon_params), "lr": muon_lr, "weight_decay": weight_decay,
                       "fan_out_dim": fan_out_dim}
-        super().__init__([muon_group], {"lr": lr, "weight_decay": weight_decay})
-        self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, eps=eps, fused=fused)
-        self._share_with_adamw()
-
-    def _share_with_adamw(self) -> None:
-        # The AdamW's groups and state are this optimizer's: the schedule, state_dict and load_state_dict see one
-        # object.
-        self.param_groups[1:] = self.adamw.param_groups
-        self.adamw.param_groups = self.param_groups[1:]
+        # The same group dicts and state as the AdamW's: the schedule, state_dict and load_state_dict see one
+        # optimizer.
+        super().__init__([*self.adamw.param_groups, muon_group], {"lr": lr, "weight_decay": weight_decay})
         self.adamw.state = self.state
 
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)  # rebuilds the group dicts and the state: share them again
-        self.adamw.param_groups = self.param_groups[1:]
+        self.adamw.param_groups = self.param_groups[:-1]
         self.adamw.state = self.state
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        group = self.param_groups[0]
+        group = self.param_groups[-1]
         out_dim = group["fan_out_dim"]
         for p in group["params"]:
             if p.grad is None:

@@ -99,6 +99,16 @@ def default_learning_rate(n_embd: int) -> float:
     return next((lr for width, lr in LEARNING_RATE_BY_WIDTH if n_embd <= width), LARGEST_WIDTH_LEARNING_RATE)
 
 
+# The optimizer by model width when the user gives none: Muon (toolkit/muon.py) for the small presets, where it beat
+# AdamW at the same CPU time at every size measured (docs/benchmarks.md section 3); AdamW for GPT-2's sizes until Muon
+# is measured there on a GPU (the GPU acceptance kit). recipes/onefile_train.py repeats this rule.
+MUON_UP_TO_WIDTH = 512
+
+
+def default_optimizer(n_embd: int) -> str:
+    return "muon" if n_embd <= MUON_UP_TO_WIDTH else "adamw"
+
+
 def build_gpt2_config(
     preset: str,
     vocab_size: int,

@@ -141,11 +141,14 @@ class PretrainArguments(TrainingArguments):
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (0.95 as in GPT-3/nanoGPT)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     optim: str = field(
-        default="adamw_torch_fused",
+        default="auto",
         metadata={"help": "Optimizer: muon (Muon for the hidden matrices + AdamW for the rest, toolkit/muon.py; 1 "
-                          "process or DDP) or any of transformers' OptimizerNames (adamw_torch_fused: fused AdamW)."},
+                          "process or DDP) or any of transformers' OptimizerNames (adamw_torch_fused: fused AdamW). "
+                          "Default (auto): muon up to 512 wide (the CPU presets; docs/benchmarks.md section 3), fused "
+                          "AdamW for GPT-2's sizes and under FSDP."},
     )
     muon: bool = field(default=False, init=False, metadata={"help": "Set from --optim muon."})
+    optim_auto: bool = field(default=False, init=False, metadata={"help": "Set when --optim was left to auto."})
     muon_learning_rate: float = field(
         default=0.05,
         metadata={"help": "Peak learning rate of Muon's hidden matrices with --optim muon (the rest keeps "
@@ -220,8 +223,9 @@ class PretrainArguments(TrainingArguments):
 
     def __post_init__(self):
         # "muon" is built by PretrainTrainer (toolkit/muon.py), not by transformers, whose check of `optim` knows only
-        # its own names: it checks the AdamW that Muon pairs with, and `muon` keeps the choice.
-        self.muon = self.optim == MUON
-        if self.muon:
+        # its own names: it checks the AdamW that Muon pairs with, and `muon` keeps the choice. "auto" is resolved by
+        # the recipe once the model's width is known (presets.default_optimizer).
+        self.muon, self.optim_auto = self.optim == MUON, self.optim == "auto"
+        if self.muon or self.optim_auto:
             self.optim = "adamw_torch_fused"
         super().__post_init__()
