@@ -141,6 +141,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--time_configs", nargs="*", default=None, help="names run at --budget_s (default: all)")
     p.add_argument("--plot", default=str(harness.REPO / "docs" / "img" / "quality_budget.png"),
                    help="loss-curve PNG ('' = none)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs already in --json (same budget and config) and run only the missing ones")
     args = p.parse_args(argv)
     if not Path(args.train_file).exists() or not harness.GPT2_TOKENIZER.exists():
         sys.exit(f"error: needs {args.train_file} and {harness.GPT2_TOKENIZER}; put ../shared/data beside the "
@@ -151,11 +153,21 @@ def main(argv=None) -> list[dict]:
         args.time_configs = ["q-gpt2"]
     load = harness.load_average()
     configs = [parse_config(c) for c in args.configs]
+    done = {}
+    if args.resume:
+        if not args.json or not Path(args.json).exists():
+            sys.exit("error: --resume reads the runs already done from --json FILE; give the file of the earlier run")
+        saved = json.loads(Path(args.json).read_text())
+        load = saved["load"]  # the machine's state when the measurements began
+        done = {(r["budget"], r["config"]): r for r in saved["results"]}
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         workdir = Path(tmp)
         for cfg in configs:
             if args.time_configs and cfg["name"] not in args.time_configs:
+                continue
+            if (budget := f"{args.budget_s:.0f} s", cfg["name"]) in done:
+                results.append(done[budget, cfg["name"]])
                 continue
             vocab = 50257 if cfg["tok"] == "gpt2" else cfg["vocab"]
             step_s = probe_step_seconds(cfg, vocab)
@@ -170,10 +182,14 @@ def main(argv=None) -> list[dict]:
                   f"trained {r['train_runtime_s']:.0f} s", flush=True)
         for name in args.token_configs if args.token_budget else []:
             cfg = next(c for c in configs if c["name"] == name)
+            if (budget := f"{args.token_budget:,} tokens", name) in done:
+                results.append(done[budget, name])
+                continue
             steps = max(2, args.token_budget // (cfg["batch"] * cfg["block"]))
             print(f"[token budget {args.token_budget:,}] {name}: {steps} steps", flush=True)
             r = pretrain(cfg, steps, args.train_file, workdir, args.echo)
             results.append({"budget": f"{args.token_budget:,} tokens", **r})
+            harness.save_json(args.json, {"load": load, "partial": True, "results": results})
             print(f"    eval loss {r['eval_loss']:.4f} nats/token, {r['bpb']:.4f} bits/byte", flush=True)
 
     rows = [[r["budget"], r["config"], r["steps"], f"{r['tokens']:,}", f"{r['train_runtime_s']:.0f}",

@@ -55,7 +55,7 @@ def die(message: str) -> None:
 # Peak learning rate by model width when --learning_rate is not given, as in toolkit/presets.py: 3e-3 for the small
 # CPU models (best for gpt2-micro at a fixed CPU budget), 1e-3 up to 512 wide, then GPT-3's values for GPT-2's widths.
 LEARNING_RATE_BY_WIDTH = ((256, 3e-3), (512, 1e-3), (768, 6e-4), (1024, 3e-4), (1280, 2.5e-4), (10**9, 2e-4))
-MUON_UP_TO_WIDTH = 512  # --optim auto picks Muon up to this width, as pretrain.py does (toolkit/presets.py)
+MUON_UP_TO_WIDTH = 256  # --optim auto picks Muon up to this width, as pretrain.py does (toolkit/presets.py)
 PRESETS = {  # (n_layer, n_head, n_embd, n_positions), as in toolkit/presets.py
     "gpt2-nano": (2, 2, 64, 256), "gpt2-micro": (4, 4, 128, 256), "gpt2-mini": (6, 6, 384, 256),
     "gpt2": (12, 12, 768, 1024), "gpt2-medium": (24, 16, 1024, 1024), "gpt2-large": (36, 20, 1280, 1024),

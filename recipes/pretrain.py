@@ -154,7 +154,7 @@ def main() -> None:
     config.training_block_size = data_args.block_size  # saved in config.json: `toolkit eval` scores windows of this
     if training_args.learning_rate is None:  # by width: 3e-3 suits gpt2-micro, GPT-2 124M wants 6e-4
         training_args.learning_rate = presets.default_learning_rate(config.n_embd)
-    if training_args.optim_auto:  # by width too: Muon for the CPU presets, AdamW for GPT-2's sizes and under FSDP
+    if training_args.optim_auto:  # by width too: Muon up to 256 wide, AdamW from gpt2-mini up and under FSDP
         fsdp = distributed.fsdp_requested(training_args)
         training_args.muon = presets.default_optimizer(config.n_embd) == "muon" and not fsdp
     if resume_from:

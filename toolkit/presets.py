@@ -99,10 +99,12 @@ def default_learning_rate(n_embd: int) -> float:
     return next((lr for width, lr in LEARNING_RATE_BY_WIDTH if n_embd <= width), LARGEST_WIDTH_LEARNING_RATE)
 
 
-# The optimizer by model width when the user gives none: Muon (toolkit/muon.py) for the small presets, where it beat
-# AdamW at the same CPU time at every size measured (docs/benchmarks.md section 3); AdamW for GPT-2's sizes until Muon
-# is measured there on a GPU (the GPU acceptance kit). recipes/onefile_train.py repeats this rule.
-MUON_UP_TO_WIDTH = 512
+# The optimizer by model width when the user gives none: Muon (toolkit/muon.py) up to 256 wide (gpt2-nano,
+# gpt2-micro), where it beat AdamW at the same CPU time (docs/benchmarks.md section 3). At gpt2-mini (384 wide) its
+# Newton-Schulz iterations, a cost per matrix and not per token, doubled the CPU step at batch 8 x 128 and AdamW ended
+# ahead at the same time; AdamW for GPT-2's sizes until Muon is measured there on a GPU (the GPU acceptance kit).
+# recipes/onefile_train.py repeats this rule.
+MUON_UP_TO_WIDTH = 256
 
 
 def default_optimizer(n_embd: int) -> str:

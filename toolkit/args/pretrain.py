@@ -144,7 +144,7 @@ class PretrainArguments(TrainingArguments):
         default="auto",
         metadata={"help": "Optimizer: muon (Muon for the hidden matrices + AdamW for the rest, toolkit/muon.py; 1 "
                           "process or DDP) or any of transformers' OptimizerNames (adamw_torch_fused: fused AdamW). "
-                          "Default (auto): muon up to 512 wide (the CPU presets; docs/benchmarks.md section 3), fused "
+                          "Default (auto): muon up to 256 wide (gpt2-nano, gpt2-micro; docs/benchmarks.md section 3), fused "
                           "AdamW for GPT-2's sizes and under FSDP."},
     )
     muon: bool = field(default=False, init=False, metadata={"help": "Set from --optim muon."})
