@@ -93,7 +93,7 @@ def parse_args(argv=None):
     a("--per_device_train_batch_size", dest="batch_size", type=int, default=16)
     a("--per_device_eval_batch_size", dest="eval_batch_size", type=int, default=32)
     a("--gradient_accumulation_steps", type=int, default=1)
-    a("--max_steps", "--steps", type=int, default=600, help="optimizer updates")
+    a("--max_steps", "--steps", type=int, default=400, help="optimizer updates")
     a("--learning_rate", type=float, help="peak learning rate; default by model width, as in pretrain.py "
       "(LEARNING_RATE_BY_WIDTH)")
     a("--optim", choices=["auto", "adamw_torch_fused", "muon"], default="auto",

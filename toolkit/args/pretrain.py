@@ -121,7 +121,7 @@ class PretrainArguments(TrainingArguments):
         metadata={"help": "Allow writing into an output_dir that already holds a run (otherwise refused)."},
     )
     max_steps: int = field(
-        default=600, metadata={"help": "Optimizer steps to train (overrides num_train_epochs when > 0)."}
+        default=400, metadata={"help": "Optimizer steps to train (overrides num_train_epochs when > 0)."}
     )
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Sequences per device per micro-batch."})
     per_device_eval_batch_size: int = field(default=32, metadata={"help": "Sequences per device per eval batch."})
