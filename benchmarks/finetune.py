@@ -8,12 +8,14 @@ file size, model memory (get_memory_footprint of the base as the recipe loads it
 the kernel's high-water mark, and anonymous memory sampled every 0.1 s), s/step (train_runtime / steps) and eval loss
 after N steps.
 
-Every method runs with the same batch, sequence length and activation checkpointing (off, or on with
---gradient_checkpointing, which writes section 4b): the recipes' own defaults differ (qlora.py checkpoints by
+Every method runs with the same batch, sequence length, activation checkpointing (off, or on with
+--gradient_checkpointing, which writes section 4b) and CPU allocator setting (freed memory kept for the next step,
+--cpu_keep_freed_memory true): the recipes' own defaults differ (qlora.py checkpoints and hands freed memory back by
 default), and a step-time comparison is only fair like for like. s/step is the median time between consecutive
 training log lines (one per step) after the first two, so start-up and the first steps' warm-up are left out.
 Two LoRA variants show what per-step extras cost: lora+metrics (--token_metrics: trl's entropy and top-1 accuracy
-through its fused LM head) and lora-nodrop (--lora_dropout 0: no dropout copies of the adapted inputs).
+through its fused LM head) and lora+dropout (--lora_dropout 0.05: a mask and a dropped copy of every adapted input;
+the recipes' default is 0).
 
     python benchmarks/finetune.py                         # 124M and 350M shapes, updates docs/benchmarks.md
     python benchmarks/finetune.py --shapes 124M --steps 10 --base_steps 20
@@ -35,7 +37,7 @@ SHAPES = {"124M": ["--preset", "gpt2"], "350M": ["--preset", "gpt2-medium"],
           "tiny": ["--preset", "gpt2-nano"]}
 # method -> (recipe, extra flags)
 METHODS = {"lora": ("lora", []), "qlora": ("qlora", []), "full": ("pretrain", []),
-           "lora+metrics": ("lora", ["--token_metrics", "true"]), "lora-nodrop": ("lora", ["--lora_dropout", "0"])}
+           "lora+metrics": ("lora", ["--token_metrics", "true"]), "lora+dropout": ("lora", ["--lora_dropout", "0.05"])}
 
 
 def split_data(src: Path, workdir: Path, quick: bool) -> tuple[str, str]:
@@ -77,7 +79,8 @@ def finetune(method: str, base: Path, train: str, val: str, out: Path, steps: in
     common = ["--model_name_or_path", str(base), "--train_file", train, "--validation_file", val,
               "--max_steps", str(steps), "--gradient_checkpointing", "true" if checkpointing else "false",
               "--per_device_train_batch_size", str(batch), "--per_device_eval_batch_size", str(batch),
-              "--logging_steps", "1", "--report_to", "none", "--output_dir", str(out), "--learning_rate", str(lr)]
+              "--logging_steps", "1", "--report_to", "none", "--output_dir", str(out), "--learning_rate", str(lr),
+              "--cpu_keep_freed_memory", "true"]
     if method == "full":
         cmd = [sys.executable, str(harness.PRETRAIN), *common, "--block_size", str(block), "--warmup_steps", "0",
                "--lr_scheduler_type", "linear", "--eval_strategy", "no", "--save_strategy", "no",
@@ -105,7 +108,7 @@ def finetune(method: str, base: Path, train: str, val: str, out: Path, steps: in
             "s_per_step": step_s, "peak_rss": max(r.rank_peaks(script) or [0]),
             "recipe_peak_rss_mb": recipe_peak,
             "peak_anon": max(r.rank_anon_peaks(script) or [0]),
-            "command": harness.shown(cmd)}
+            "command": harness.shown(cmd, out.parent)}  # the work folder as $TMP
 
 
 def model_memory(base: Path) -> dict[str, int]:
@@ -198,15 +201,16 @@ def main(argv=None) -> list[dict]:
             + ("Every method with `--gradient_checkpointing true`. " if args.gradient_checkpointing else "")
             + f"Base: pretrained by `recipes/pretrain.py` for {args.base_steps} steps (batch 8 x {args.block}, "
             f"lr 1e-3, GPT-2 tokenizer) on the training file; fine-tuning: {args.steps} steps, batch {args.batch} x "
-            f"{args.block} tokens, LoRA/QLoRA lr {args.lr} (recipe defaults otherwise: r 16, alpha 32, NF4 + double "
-            "quantization, fp32 compute; qlora.py checkpoints activations by default, lora.py on CPU does not), full "
+            f"{args.block} tokens, LoRA/QLoRA lr {args.lr} (recipe defaults otherwise: r 16, alpha 32, NF4 "
+            "+ double quantization, fp32 compute), every method with the same checkpointing and freed memory kept "
+            "(`--cpu_keep_freed_memory true`; qlora.py's own defaults checkpoint and hand freed memory back), full "
             f"fine-tuning lr {args.full_lr} linear decay. Peak RSS = highest resident memory of the recipe's process "
             "(the kernel's VmHWM, read every 0.1 s) (the LoRA/QLoRA recipes' own ru_maxrss figures are in the JSON); "
             "peak anonymous = the same without file-backed pages (Linux RssAnon): RSS also counts the pages of the "
             "memory-mapped checkpoint that loading touched, which the kernel drops under memory pressure (they are "
             "page cache, not the process's own memory). Model memory = `get_memory_footprint()` of the base as the "
             "recipe loads it.\n\nCommands (in `$TMP`):\n"
-            + "\n".join(f"- `{r['command'].replace(tmp, '$TMP')}`" for r in results))
+            + "\n".join(f"- `{r['command']}`" for r in results))
     if args.gradient_checkpointing:
         harness.write_section("finetune_checkpointing", "4b. Fine-tuning with gradient checkpointing", body, load=load,
                               doc=args.doc or None)

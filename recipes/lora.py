@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None, recipe: str = "lora") -> dict:
 
     from transformers import set_seed
 
-    from toolkit import distributed, finetune, lora, peer_failures
+    from toolkit import cpu_allocator, distributed, finetune, lora, peer_failures
     from toolkit.sft_data import load_sft_datasets, sample_prompt
     from toolkit.tokenizer import load_tokenizer
 
@@ -80,6 +80,11 @@ def main(argv: list[str] | None = None, recipe: str = "lora") -> dict:
         model = lora.load_base_model(model_args.model_name_or_path, revision=model_args.model_revision,
                                      trust_remote_code=training_args.trust_remote_code,
                                      attn_implementation=model_args.attn_implementation)
+    # On CPU, once the base has loaded: training steps reuse their large tensors instead of faulting them in afresh
+    # (toolkit/cpu_allocator.py; lora.py's default, qlora.py's with --cpu_keep_freed_memory true)
+    note = cpu_allocator.for_training(training_args, fsdp=distributed.fsdp_requested(training_args))
+    if note and training_args.process_index == 0:
+        print(f"CPU memory: {note}")
     finetune.prepare_for_data(training_args, fmt, tokenizer, model.config)
     peft_config = lora.build_lora_config(lora_args, model, quantized=quantized)
 

@@ -52,15 +52,13 @@ def main() -> None:
                                                            recipe="pretrain")
     arguments.derive_settings(training_args)  # accumulation from --global_batch_size; the cosine's 10% floor
     distributed.check_distributed_launch(training_args)
-    if training_args.cpu_keep_freed_memory and training_args.device.type == "cpu":
-        from toolkit.cpu_allocator import keep_freed_memory
+    from toolkit import cpu_allocator
 
-        # Large tensors reused between steps, not faulted in afresh (toolkit/cpu_allocator.py). Not under FSDP: its
-        # per-step all-gather buffers would leave holes in the heap and cost more than sharding saves.
-        fsdp = distributed.fsdp_requested(training_args)
-        note = keep_freed_memory() if not fsdp else "glibc defaults kept under FSDP (memory first)"
-        if training_args.process_index == 0:
-            print(f"CPU memory: {note}")
+    # Large tensors reused between steps, not faulted in afresh (toolkit/cpu_allocator.py). Not under FSDP: its
+    # per-step all-gather buffers would leave holes in the heap and cost more than sharding saves.
+    note = cpu_allocator.for_training(training_args, fsdp=distributed.fsdp_requested(training_args))
+    if note and training_args.process_index == 0:
+        print(f"CPU memory: {note}")
 
     # Heavy imports after parsing, so --help and config errors come back fast.
     import torch

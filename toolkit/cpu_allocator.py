@@ -1,5 +1,5 @@
-"""glibc malloc settings on CPU: keep freed memory for the next training step (pretrain.py), or hand it back at
-once while a 4-bit model loads (the QLoRA loader, toolkit/lora.py).
+"""glibc malloc settings on CPU: keep freed memory for the next training step (pretrain.py, lora.py), or hand it
+back at once while a 4-bit model loads (the QLoRA loader, toolkit/lora.py).
 
 Why by hand: on CPU, PyTorch allocates every tensor with plain malloc and frees it with free (there is no caching
 allocator like CUDA's), and neither torch, accelerate nor transformers exposes glibc's knobs. By default glibc
@@ -14,8 +14,9 @@ both documented in `man mallopt`), so freed blocks stay in the heap and the next
 memory: the resident set stays at the heap's high-water mark, and large blocks can leave holes the heap grows
 around (measured: +3% peak RSS for the default job, +22% at 124M).
 
-recipes/pretrain.py applies it on CPU unless the run uses FSDP: there the per-step all-gather buffers
-leave holes that cost more than sharding saves (measured: FSDP2 x2 ranks used more RSS per rank than DDP).
+recipes/pretrain.py and recipes/lora.py (qlora.py only when asked: memory first) apply it on CPU unless the run
+uses FSDP (`for_training`): there the per-step all-gather buffers leave holes that cost more than sharding
+saves (measured: FSDP2 x2 ranks used more RSS per rank than DDP).
 
 A user who set the allocator through the environment (MALLOC_*_ variables, GLIBC_TUNABLES with malloc settings,
 or another malloc through LD_PRELOAD) keeps their choice.
@@ -32,8 +33,8 @@ import sys
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
-# The same two settings in environment form, for a process that does not call keep_freed_memory() (onefile_train.py,
-# the fine-tuning recipes): GLIBC_TUNABLES=... python ...
+# The same two settings in environment form, for a process that does not call keep_freed_memory() (onefile_train.py):
+# GLIBC_TUNABLES=... python ...
 KEEP_FREED_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1000000000000000000"
 
 _ENV_CHOICES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TOP_PAD_",
@@ -67,6 +68,14 @@ def keep_freed_memory() -> str:
     if not ok:
         return "allocator left as is (no glibc mallopt)"
     return "glibc keeps freed memory for reuse (--cpu_keep_freed_memory false to hand it back to the OS)"
+
+
+def for_training(training_args, fsdp: bool) -> str | None:
+    """The recipes' rule: keep freed memory when --cpu_keep_freed_memory is on and the run trains on CPU without
+    FSDP. Returns the line to log, or None when the option is off or the run is on a GPU."""
+    if not training_args.cpu_keep_freed_memory or training_args.device.type != "cpu":
+        return None
+    return keep_freed_memory() if not fsdp else "glibc defaults kept under FSDP (memory first)"
 
 
 @contextlib.contextmanager

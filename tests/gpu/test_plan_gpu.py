@@ -3,7 +3,7 @@ recipes, and the LoRA vs QLoRA benchmark (step time and peak memory at 124M and 
 
 Nine configurations, bf16 autocast, sequences of 1024 tokens, one GPU: full pretraining at 124M (micro-batch 8 and
 16, and 16 with gradient checkpointing) and 350M (4 and 8); LoRA and QLoRA at 124M and 350M (micro-batch 8, the
-recipes' GPU defaults: activation checkpointing on, r 16 on every projection, dropout 0.05, Hub-like bases with
+recipes' GPU defaults: activation checkpointing on, r 16 on every projection, no LoRA dropout, Hub-like bases with
 dropout 0.1). tests/gpu/plan_runner.py runs them one after another in one process (alone on the GPU, so the step
 times are the benchmark's) and records, from the second optimizer step on, each step's peak allocated memory.
 

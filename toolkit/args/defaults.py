@@ -24,7 +24,9 @@ def resolve_defaults(recipe: str) -> dict:
     - Fine-tuning: activation checkpointing on with CUDA, and for QLoRA everywhere (memory is QLoRA's point, as in
       peft's prepare_model_for_kbit_training and the QLoRA paper); LoRA on CPU favours speed (~30% faster steps).
       Paged AdamW for a 4-bit base on CUDA (optimizer state pages to CPU under memory spikes); paging means
-      nothing on a CPU.
+      nothing on a CPU. On CPU, LoRA keeps freed memory for the next step (faster steps, toolkit/cpu_allocator.py)
+      and QLoRA hands it back (its dequantized weights leave holes in a heap that keeps everything: measured at
+      350M, more anonymous memory than LoRA's; docs/benchmarks.md section 4).
     """
     import torch
 
@@ -44,6 +46,7 @@ def resolve_defaults(recipe: str) -> dict:
         load_in_4bit=quantized,
         activation_checkpointing=cuda or quantized,
         optim="paged_adamw_32bit" if quantized and cuda else "adamw_torch",
+        cpu_keep_freed_memory=not quantized,
     )
     return defaults
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
+from toolkit.presets import LORA_DROPOUT
+
 
 @dataclass
 class ModelArguments:
@@ -71,7 +73,11 @@ class LoraArguments:
 
     lora_r: int = field(default=16, metadata={"help": "LoRA rank r."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch input."})
+    lora_dropout: float = field(
+        default=LORA_DROPOUT,
+        metadata={"help": "Dropout on the LoRA branch input (default 0, peft's: dropout's masks and copies cost "
+                          "6-10%% of a CPU step; 0.05-0.1 regularizes long runs on little data)."},
+    )
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["all"],
         metadata={
@@ -148,6 +154,13 @@ class FinetuneConfig(SFTConfig):
     )
     save_strategy: str = field(default="no", metadata={"help": "Checkpoints during training: no / steps / epoch."})
     report_to: str | None = field(default="none", metadata={"help": "Loggers: none, tensorboard, wandb, ..."})
+    cpu_keep_freed_memory: bool = field(
+        default=True,
+        metadata={"help": "On CPU: tell glibc to keep freed memory for the next step instead of unmapping it and "
+                          "faulting it in again (faster steps, more peak RSS; docs/benchmarks.md section 4). Default: "
+                          "on for lora.py, off for qlora.py (memory first). Ignored on GPU, under FSDP and when "
+                          "MALLOC_* or GLIBC_TUNABLES is set."},
+    )
     token_metrics: bool = field(
         default=False,
         metadata={"help": "Also log per-token entropy and top-1 accuracy (trl's fused LM head, which computes the "

@@ -144,8 +144,8 @@ class PretrainArguments(TrainingArguments):
         default="auto",
         metadata={"help": "Optimizer: muon (Muon for the hidden matrices + AdamW for the rest, toolkit/muon.py; 1 "
                           "process or DDP) or any of transformers' OptimizerNames (adamw_torch_fused: fused AdamW). "
-                          "Default (auto): muon up to 256 wide (gpt2-nano, gpt2-micro; docs/benchmarks.md section 3), fused "
-                          "AdamW for GPT-2's sizes and under FSDP."},
+                          "Default (auto): muon up to 256 wide (gpt2-nano, gpt2-micro; docs/benchmarks.md section "
+                          "3), fused AdamW from gpt2-mini up and under FSDP."},
     )
     muon: bool = field(default=False, init=False, metadata={"help": "Set from --optim muon."})
     optim_auto: bool = field(default=False, init=False, metadata={"help": "Set when --optim was left to auto."})

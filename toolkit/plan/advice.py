@@ -14,7 +14,7 @@ from toolkit.plan.calibration import CPU_DEFAULT_MALLOC_MARGIN, GiB
 from toolkit.plan.memory import LORA_MODULES, Estimate, Setup, estimate
 from toolkit.plan.shapes import Shape
 from toolkit.plan.speed import throughput
-from toolkit.presets import GPT2_VOCAB_SIZE, pad_vocab
+from toolkit.presets import GPT2_VOCAB_SIZE, LORA_DROPOUT, pad_vocab
 
 
 def candidates(s: Setup) -> list[tuple[str, bool]]:
@@ -172,7 +172,7 @@ def command_for(shape: Shape, s: Setup, est: Estimate) -> tuple[str, str]:
         args.append(f"--lora_r {s.lora_r}")
         if tuple(s.lora_targets) != LORA_MODULES:
             args.append(f"--lora_target_modules {' '.join(s.lora_targets)}")
-        if s.lora_dropout != 0.05:
+        if s.lora_dropout != LORA_DROPOUT:
             args.append(f"--lora_dropout {s.lora_dropout:g}")
         if not s.double_quant and s.task == "qlora":
             args.append("--no_use_bnb_nested_quant")

@@ -20,7 +20,7 @@ from toolkit.plan.advice import Plan, make_plan
 from toolkit.plan.calibration import GiB, MiB
 from toolkit.plan.memory import OPTIMIZERS, STRATEGIES, TASKS, Estimate, Setup, resolve_lora_targets
 from toolkit.plan.shapes import Shape, load_shape
-from toolkit.presets import PRESETS, parse_config_overrides
+from toolkit.presets import LORA_DROPOUT, PRESETS, parse_config_overrides
 
 # Memory of well-known cards (GiB), so `--gpu A100-40GB` works without --device_memory.
 GPU_MEMORY_GIB = {"H200": 141, "H100": 80, "A100-80GB": 80, "A100-40GB": 40, "A100": 80, "L40S": 48, "A10G": 24,
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lora_targets", default="all",
                    help="recipes/lora.py preset (all, attention, attention-qv, mlp) or "
                         "module names, comma-separated (c_attn,c_proj,c_fc; default all)")
-    t.add_argument("--lora_dropout", type=float, default=0.05)
+    t.add_argument("--lora_dropout", type=float, default=LORA_DROPOUT)
     t.add_argument("--no_double_quant", action="store_true", help="QLoRA without double quantisation of the absmax")
     h = p.add_argument_group("hardware (default: detect)")
     h.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))

@@ -28,6 +28,7 @@ from toolkit.plan.calibration import (
     GiB,
 )
 from toolkit.plan.shapes import Shape
+from toolkit.presets import LORA_DROPOUT
 
 TASKS = ("pretrain", "full", "lora", "qlora")
 STRATEGIES = ("single", "ddp", "fsdp", "fsdp_offload")
@@ -56,9 +57,9 @@ class Setup:
     gradient_checkpointing: bool = False
     optimizer: str = "adamw"
     attn: str = "sdpa"  # sdpa | eager
-    lora_r: int = 16  # recipes/lora.py defaults: r 16, dropout 0.05, all projections
+    lora_r: int = 16  # recipes/lora.py defaults: r 16, no dropout, all projections
     lora_targets: tuple[str, ...] = LORA_MODULES
-    lora_dropout: float = 0.05
+    lora_dropout: float = LORA_DROPOUT
     double_quant: bool = True
     cpu_ram: float = 0.0  # host RAM (for offload / the CPU side); 0 = unknown
 
