@@ -312,13 +312,14 @@ def test_lora_target_presets_match_the_recipe():
         assert set(kinds) == {m for m in plan.LORA_MODULES if any(m == t or m.endswith("." + t) for t in expanded)}
 
 
-@pytest.mark.parametrize("task,activation,attn,dropout", [
-    ("pretrain", "gelu_new", "sdpa", 0.0),
-    ("pretrain", "gelu_pytorch_tanh", "eager", 0.0),
-    ("full", "gelu_new", "sdpa", 0.1),  # a Hub checkpoint's dropout: masks, and sdpa's math fallback on CPU
-    ("lora", "gelu_new", "sdpa", 0.1),  # frozen Conv1Ds keep nothing; LoRA branches and lora_dropout do
+@pytest.mark.parametrize("task,activation,attn,dropout,lora_dropout", [
+    ("pretrain", "gelu_new", "sdpa", 0.0, 0.0),
+    ("pretrain", "gelu_pytorch_tanh", "eager", 0.0, 0.0),
+    ("full", "gelu_new", "sdpa", 0.1, 0.0),  # a Hub checkpoint's dropout: masks, and sdpa's math fallback on CPU
+    ("lora", "gelu_new", "sdpa", 0.1, 0.05),  # frozen Conv1Ds keep nothing; LoRA branches and lora_dropout do
+    ("lora", "gelu_new", "sdpa", 0.0, 0.0),  # the recipes' default: no LoRA dropout, no dropped copies
 ])
-def test_activation_formula_matches_what_autograd_saves(task, activation, attn, dropout):
+def test_activation_formula_matches_what_autograd_saves(task, activation, attn, dropout, lora_dropout):
     """The per-block formula is the byte count of the tensors autograd keeps for backward (tiny GPT-2, fp32 CPU)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -331,7 +332,7 @@ def test_activation_formula_matches_what_autograd_saves(task, activation, attn, 
     if task == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=lora_dropout,
                                                  target_modules=["c_attn", "c_proj", "c_fc"],
                                                  fan_in_fan_out=True, task_type="CAUSAL_LM"))
     model.train()
@@ -350,7 +351,7 @@ def test_activation_formula_matches_what_autograd_saves(task, activation, attn, 
 
     sh = plan.Shape(n_layer=L, n_embd=d, n_head=a, vocab_size=V, n_positions=T, activation_function=activation,
                     resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
-    s = setup(task=task, device="cpu", precision="fp32", attn=attn, batch_size=b, seq_len=T)
+    s = setup(task=task, device="cpu", precision="fp32", attn=attn, batch_size=b, seq_len=T, lora_dropout=lora_dropout)
     terms = plan.activation_terms(sh, s, b, False)
     u = b * T * d
     head = 4 * u + (4 * u if task != "lora" else 0) + 4 * b * T * V  # ln_f input, lm_head input, log-softmax output

@@ -8,27 +8,10 @@ without peft, and that recipes/lora.py or pretrain.py can start from again.
 
 from __future__ import annotations
 
-import json
 import os
 
 from toolkit.errors import OneLineArgumentParser, UserError, exit_on_user_error
-
-
-def _adapter_config(adapter: str, token: str | None) -> dict:
-    from peft import PeftConfig
-
-    if os.path.isdir(adapter):
-        path = os.path.join(adapter, "adapter_config.json")
-        if not os.path.isfile(path):
-            raise UserError(f"'{adapter}' has no adapter_config.json; "
-                            "pass the output_dir of recipes/lora.py or recipes/qlora.py")
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    try:
-        return PeftConfig.from_pretrained(adapter, token=token).to_dict()
-    except (OSError, ValueError) as err:
-        raise UserError(f"could not load adapter '{adapter}' ({type(err).__name__}); "
-                        "pass a local adapter folder or a reachable Hub repo") from None
+from toolkit.inference import adapter_config
 
 
 def merge_adapter(adapter: str, output_dir: str, base_model: str | None = None, dtype: str = "float32",
@@ -43,7 +26,7 @@ def merge_adapter(adapter: str, output_dir: str, base_model: str | None = None, 
     if os.path.isfile(os.path.join(output_dir, "config.json")) and not overwrite:
         raise UserError(f"'{output_dir}' already holds a model; "
                         "pass --overwrite_output_dir or choose another --output_dir")
-    config = _adapter_config(adapter, token)
+    config = adapter_config(adapter, token)
     if config.get("peft_type") not in (None, "LORA"):
         raise UserError(f"'{adapter}' is a {config.get('peft_type')} adapter; toolkit merge merges LoRA adapters only")
     base = base_model or config.get("base_model_name_or_path")
