@@ -98,6 +98,46 @@ def test_fineweb_parquet_jsonl_csv_and_txt_sources_give_the_same_documents(tmp_p
         list(Corpus.from_files(str(tmp_path / "parquet"), text_column="body").texts())
 
 
+def test_jsonl_is_read_in_pieces_of_whole_lines_with_memory_bounded_by_the_piece(tmp_path, monkeypatch):
+    """A jsonl file is parsed a piece of whole lines at a time (pyarrow's streaming reader read ahead and held
+    ~1.5x the file): pieces cut between lines, a line longer than a piece read whole, the last line without a
+    newline, and pyarrow's pool never holding more than a few pieces, however long the file."""
+    import pyarrow as pa
+
+    from toolkit import corpus as corpus_module
+    from toolkit.corpus import Corpus
+
+    docs = make_documents(400) + ["x" * 5000] + make_documents(100, seed=1)  # one line longer than a piece
+    path = tmp_path / "docs.jsonl"
+    write_jsonl(path, docs)
+    path.write_text(path.read_text(encoding="utf-8").rstrip("\n"), encoding="utf-8")  # no final newline
+    monkeypatch.setattr(corpus_module, "JSON_LINES_BYTES", 2000)
+    pool = pa.default_memory_pool()
+    texts, held = [], []
+    for batch in Corpus.from_files(str(path)).batches(batch_chars=1):
+        texts += batch.texts
+        held.append(pool.bytes_allocated())  # what pyarrow holds while the consumer works: nothing read ahead
+    assert texts == docs
+    assert max(held) < 20_000, max(held)  # pieces of 2 kB (one of 5 kB), not the ~1 MB file
+
+
+def test_a_tokenizer_worker_that_dies_gives_a_one_line_error_not_a_hang(tok):
+    import multiprocessing
+    import signal as signals
+
+    from toolkit.corpus import Batch
+    from toolkit.tokenize_pool import encoded_batches
+
+    batches = (Batch([f"document {i} " * 50], 0.0) for i in range(200))
+    results = encoded_batches(batches, tok.backend_tokenizer.to_str(), tok.eos_token_id, "uint16", 2)
+    next(results)
+    for child in multiprocessing.active_children():  # the pool's workers: as the OOM killer would
+        os.kill(child.pid, signals.SIGKILL)
+    with pytest.raises(UserError, match="worker process died.*rerun the same command"):
+        for _ in results:
+            pass
+
+
 def test_store_holds_every_document_and_cuts_shards_inside_documents(tmp_path, tok):
     from toolkit.corpus import Corpus
     from toolkit.prepare import build_store

@@ -112,8 +112,8 @@ def default_optimizer(n_embd: int) -> str:
 
 
 # LoRA's dropout on the adapted inputs when the user gives none: 0, peft's own default. Each adapted layer otherwise
-# draws a mask and keeps a dropped copy of its input: 6-10% of a CPU step and 11-20% of its anonymous memory at 124M
-# and 350M (docs/benchmarks.md section 4, lora-nodrop), for a regularizer that short fine-tunes rarely need
+# draws a mask and keeps a dropped copy of its input: 2-15% of a CPU step and 7-25% of its anonymous memory at 124M
+# and 350M over two runs (docs/benchmarks.md section 4, lora+dropout), for a regularizer short fine-tunes rarely need
 # (--lora_dropout 0.05 or 0.1, the QLoRA paper's, for long runs on little data). `toolkit plan` assumes the same.
 LORA_DROPOUT = 0.0
 

@@ -13,8 +13,12 @@ import multiprocessing
 import os
 import resource
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
+
+from toolkit.errors import UserError
 
 _WORKER = None
 
@@ -65,18 +69,25 @@ def encoded_batches(batches, backend_json: str, eos_id: int, dtype: str, num_pro
             yield _encode(batch.texts), batch
         return
     context = multiprocessing.get_context("spawn")  # no copy of a parent that may hold torch and a model
-    with context.Pool(num_proc, initializer=_init_worker, initargs=(backend_json, eos_id, dtype, True)) as pool:
+    # concurrent.futures, not multiprocessing.Pool: a worker that dies (the OOM killer) breaks the executor and the
+    # waiting result raises, where Pool would wait for the lost batch forever.
+    pool = ProcessPoolExecutor(num_proc, mp_context=context, initializer=_init_worker,
+                               initargs=(backend_json, eos_id, dtype, True))
+    try:
         in_flight: deque = deque()
         for batch in batches:
-            in_flight.append((pool.apply_async(_encode, (batch.texts,)), batch))
+            in_flight.append((pool.submit(_encode, batch.texts), batch))
             if len(in_flight) >= 2 * num_proc:
-                result, done = in_flight.popleft()
-                yield result.get(), done
+                future, done = in_flight.popleft()
+                yield future.result(), done
         while in_flight:
-            result, done = in_flight.popleft()
-            yield result.get(), done
-        pool.close()
-        pool.join()
+            future, done = in_flight.popleft()
+            yield future.result(), done
+    except BrokenProcessPool:
+        raise UserError("a tokenizer worker process died (killed, or out of memory); rerun the same command: it "
+                        "resumes from the last complete shard (lower --num_proc if memory is short)") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def default_num_proc() -> int:

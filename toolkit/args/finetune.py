@@ -76,7 +76,7 @@ class LoraArguments:
     lora_dropout: float = field(
         default=LORA_DROPOUT,
         metadata={"help": "Dropout on the LoRA branch input (default 0, peft's: dropout's masks and copies cost "
-                          "6-10%% of a CPU step; 0.05-0.1 regularizes long runs on little data)."},
+                          "2-15%% of a CPU step; 0.05-0.1 regularizes long runs on little data)."},
     )
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["all"],
