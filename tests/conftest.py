@@ -36,6 +36,15 @@ needs_shared = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def _recipes_run_in_this_process_exit_through_sys_exit(monkeypatch):
+    """A recipe run here as __main__ (runpy) ends with toolkit.fast_exit.exit_now, whose os._exit would end pytest
+    itself, with status 0 and the remaining tests never run: in the test process it raises SystemExit instead."""
+    from toolkit import fast_exit
+
+    monkeypatch.setattr(fast_exit, "exit_now", lambda code=0: sys.exit(code))
+
+
 def embedded_texts(limit: int | None = None) -> list[str]:
     import pydoc_data.topics as topics
 
