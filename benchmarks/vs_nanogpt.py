@@ -121,9 +121,8 @@ def score_nanogpt(checkout: Path) -> dict:
     spec = importlib.util.spec_from_file_location("nanogpt_model", checkout / "model.py")
     nanogpt = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(nanogpt)
-    # weights_only=False: nanoGPT pickles its config dict with the weights. Only ever this file, which the run
-    # we just started wrote.
-    ckpt = torch.load(checkout / "out-shakespeare-char" / "ckpt.pt", map_location="cpu", weights_only=False)
+    # nanoGPT's checkpoint: tensors, the optimizer state and config dicts of numbers and strings
+    ckpt = torch.load(checkout / "out-shakespeare-char" / "ckpt.pt", map_location="cpu", weights_only=True)
     model = nanogpt.GPT(nanogpt.GPTConfig(**ckpt["model_args"]))
     state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
     model.load_state_dict(state)
