@@ -111,9 +111,9 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = 1800, cwd: Pat
                 try:
                     # VmHWM: the kernel's own high-water mark, so a peak between two samples is not missed
                     rss = max(p.memory_info().rss, proc_status(p.pid, "VmHWM") or 0)
-                    if p.pid not in peaks or rss > peaks[p.pid][1]:
-                        cmdline = peaks[p.pid][0] if p.pid in peaks else " ".join(p.cmdline())
-                        peaks[p.pid] = (cmdline, rss)
+                    # the command line read afresh: a child first seen between fork and exec still shows its
+                    # launcher's (accelerate's ranks, for one), and would be counted as the launcher
+                    peaks[p.pid] = (" ".join(p.cmdline()), max(rss, peaks.get(p.pid, ("", 0))[1]))
                     anon = proc_status(p.pid, "RssAnon")
                     if anon is not None and anon > anon_peaks.get(p.pid, 0):
                         anon_peaks[p.pid] = anon
