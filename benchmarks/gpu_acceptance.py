@@ -38,6 +38,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -1000,7 +1001,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--work", default="/tmp/gpu_kit_work", help="work folder for models and checkpoints (emptied first)"
     )
-    p.add_argument("--site", default="/tmp/site", help="where the carried wheels are installed (emptied first)")
+    p.add_argument("--site", default=os.path.join(tempfile.gettempdir(), "site"),
+                   help="where the carried wheels are installed (emptied first; default $TMP/site)")
     p.add_argument(
         "--budget_s", type=int, default=480, help="overall wall-clock budget in seconds (default 480 = 8 min)"
     )

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
+import tempfile
 
 import pytest
 from conftest import REPO, run_script
@@ -34,7 +36,7 @@ def test_dry_run_lists_every_step_with_its_command_and_the_device_call(acceptanc
         "test_pretrain_gpu.py",
     ):
         assert f"tests/gpu/{test_file}" in out and (REPO / "tests" / "gpu" / test_file).is_file()
-    assert "--child install --site /tmp/site" in out and "-m gpu" in out
+    assert f"--child install --site {os.path.join(tempfile.gettempdir(), 'site')}" in out and "-m gpu" in out
     assert "480 s budget" in out
     assert "timeout_s=560" in out and 'carry=[".whl", ".gpu_kit"]' in out
     assert "$OUT" in acceptance.DEVICE_COMMAND and len(acceptance.DEVICE_COMMAND) <= 2000
