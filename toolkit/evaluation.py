@@ -262,9 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     from toolkit.lm_eval_tasks import parse_tasks, run_tasks, scores, table, task_manager
 
     model_name, adapter_cfg = resolve_model(args.model, args.adapter, args.token)
-    context = model_context(model_name, args.token)
+    context, trained_block = model_context(model_name, args.token)
     check_options(args, context)
-    args.block_size = args.block_size or model_context(model_name, args.token, trained=True)
+    args.block_size = args.block_size or trained_block
     if args.text_file:
         from toolkit.text_stream import expand_paths
 

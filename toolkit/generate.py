@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     from toolkit.tokenizer import load_tokenizer
 
     model_name, adapter_cfg = resolve_model(args.model, args.adapter, args.token)
-    context = model_context(model_name, args.token)
+    context, _ = model_context(model_name, args.token)
     n_prompt = prompt_ids(load_tokenizer(model_name), prompt).shape[1]
     if n_prompt + args.max_new_tokens > context:
         room = context - n_prompt

@@ -77,10 +77,10 @@ def resolve_model(model: str | None, adapter: str | None, token: str | None = No
     return model, config
 
 
-def model_context(model_name: str, token: str | None = None, trained: bool = False) -> int:
-    """The model's context length (n_positions), read from config.json before loading any weights. With `trained`:
-    the block size it was trained on when recipes/pretrain.py recorded it (a gpt2-micro has 256 positions but is
-    trained on 128-token blocks by default; the positions beyond were never trained), else the context."""
+def model_context(model_name: str, token: str | None = None) -> tuple[int, int]:
+    """(the model's context length (n_positions), the block size it was trained on), read from config.json before
+    loading any weights. The second is the context unless recipes/pretrain.py recorded a shorter one (a gpt2-micro has
+    256 positions but is trained on 128-token blocks by default; the positions beyond were never trained)."""
     from transformers import AutoConfig
 
     try:
@@ -92,7 +92,7 @@ def model_context(model_name: str, token: str | None = None, trained: bool = Fal
     context = next((int(getattr(config, key)) for key in ("n_positions", "max_position_embeddings", "n_ctx")
                     if getattr(config, key, None)), 1024)
     trained_block = getattr(config, "training_block_size", None)
-    return min(int(trained_block), context) if trained and trained_block else context
+    return context, min(int(trained_block), context) if trained_block else context
 
 
 def _same_model(a: str | None, b: str | None) -> bool:

@@ -196,7 +196,8 @@ HELP_FLAGS = ("-h", "--help")
 
 def _help_cache(recipe: str) -> str:
     """Where this recipe's --help text is kept: one file per version of the options (the argument modules' source,
-    transformers and trl) and machine (its defaults are in the text)."""
+    toolkit/presets.py whose constants some defaults are, transformers and trl) and machine (its defaults are in the
+    text)."""
     import glob
     import hashlib
     import importlib.metadata
@@ -208,7 +209,8 @@ def _help_cache(recipe: str) -> str:
             digest.update(importlib.metadata.version(dist).encode())
         except importlib.metadata.PackageNotFoundError:
             pass
-    for path in sorted(glob.glob(os.path.join(os.path.dirname(__file__), "*.py"))):
+    here = os.path.dirname(__file__)
+    for path in [*sorted(glob.glob(os.path.join(here, "*.py"))), os.path.join(here, os.pardir, "presets.py")]:
         with open(path, "rb") as f:
             digest.update(f.read())
     name = f"{recipe}-{digest.hexdigest()[:16]}.txt"

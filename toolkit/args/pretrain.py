@@ -77,8 +77,8 @@ class DataArguments:
     text_column: str = field(default="text", metadata={"help": "Column holding the text in tabular data."})
     validation_split_percentage: int = field(
         default=5,
-        metadata={"help": "Percent of the packed training blocks (the last ones) held out when no validation data is "
-                          "given."},
+        metadata={"help": "Percent held out when no validation data is given: every round(100/P)-th document (up to "
+                          "--validation_max_tokens), or the last P%% of tokens of a single document."},
     )
     block_size: int = field(
         default=128, metadata={"help": "Tokens per training sequence (packed, EOS between documents)."}
