@@ -2,7 +2,8 @@
 nanoGPT's prepare.py approach, and the token store's training loader against the 124M model's training rate.
 
 Corpus: jsonl of 2,000-character documents cut from Tiny Shakespeare, repeated up to each size (so every method
-reads the same text). Per size, each in its own process (peak RSS of the whole process tree, from the kernel's
+reads the same text). Per size, prepare and raw alternate --repeats times (medians: the machine's slow
+spells hit both), each in its own process (peak RSS of the whole process tree, from the kernel's
 VmHWM, sampled every 0.1 s; time from process start to exit unless said):
   prepare   `python -m toolkit prepare CORPUS --output_dir STORE --tokenizer_name TOK --num_proc N`
   raw       the same documents through tokenizers' `encode_batch_fast` (its Rayon threads on all cores), timing
@@ -184,6 +185,7 @@ def main(argv=None) -> list[dict]:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     harness.add_common_args(p)
+    p.add_argument("--repeats", type=int, default=2, help="alternating prepare / raw runs per size (medians)")
     p.add_argument("--sizes", nargs=3, type=float, default=[30e6, 100e6, 300e6], help="corpus sizes in tokens (3)")
     p.add_argument("--tokenizer_name", default=str(harness.GPT2_TOKENIZER))
     p.add_argument("--num_proc", type=int, default=len(os.sched_getaffinity(0)), help="processes (default: all cores)")
@@ -206,6 +208,7 @@ def main(argv=None) -> list[dict]:
         return []
     if args.quick:
         args.sizes, args.shard_tokens, args.model, args.block_size = [20e3, 60e3, 200e3], 50_000, "gpt2-nano", 64
+        args.repeats = 1
     load = harness.load_average()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-data-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -218,23 +221,33 @@ def main(argv=None) -> list[dict]:
             corpus_bytes = make_corpus(corpus, size, per_char)
             row = {"target_tokens": size, "corpus_bytes": corpus_bytes}
             store = workdir / f"store-{size:.0e}"
-            shutil.rmtree(store, ignore_errors=True)
-            print(f"[{size:.0e} tokens] toolkit prepare ...", flush=True)
             command = [sys.executable, "-m", "toolkit", "prepare", str(corpus), "--output_dir", str(store),
                        "--tokenizer_name", args.tokenizer_name, "--num_proc", str(args.num_proc),
                        "--shard_tokens", str(args.shard_tokens), "--no_progress"]
-            r = harness.run(command, echo=args.echo).check()
+            pairs = []  # (prepare, raw) tokens/s, alternating, so a slow spell of the machine hits both
+            for repeat in range(args.repeats):
+                shutil.rmtree(store, ignore_errors=True)
+                print(f"[{size:.0e} tokens] toolkit prepare ({repeat + 1}/{args.repeats}) ...", flush=True)
+                r = harness.run(command, echo=args.echo).check()
+                summary = next(line for _, line in r.lines if "tokens tokenized" in line)
+                done = re.search(r"([\d,]+) tokens tokenized in ([\d.]+) s", summary)
+                prepare_rate = int(done.group(1).replace(",", "")) / float(done.group(2))
+                print(f"[{size:.0e} tokens] raw tokenizers ({repeat + 1}/{args.repeats}) ...", flush=True)
+                raw, rr = run_baseline("raw", "--corpus", str(corpus), "--tokenizer_name", args.tokenizer_name)
+                pairs.append((prepare_rate, raw["tokens"] / raw["seconds"]))
             manifest = json.loads((store / "manifest.json").read_text())
             tokens = sum(s["tokens"] for s in manifest["splits"].values())
-            summary = next(line for _, line in r.lines if "tokens tokenized" in line)
-            tokenize_s = float(re.search(r"tokenized in ([\d.]+) s", summary).group(1))
             busy = re.search(r"main process (\d+)% busy", summary)
             store_bytes, largest = folder_bytes(store)
             row.update(
                 tokens=tokens,
                 prepare_wall_s=r.wall_s,
-                prepare_tokens_per_s=tokens / tokenize_s,
+                prepare_tokens_per_s=harness.median([p for p, _ in pairs]),
+                raw_tokens_per_s=harness.median([w for _, w in pairs]),
+                prepare_over_raw=harness.median([p / w for p, w in pairs]),
+                pairs_tokens_per_s=pairs,
                 prepare_peak_rss=tree_peak(r)[0],
+                raw_peak_rss=tree_peak(rr)[0],
                 main_busy=int(busy.group(1)) / 100 if busy else None,
                 store_bytes=store_bytes,
                 largest_file=largest,
@@ -242,9 +255,6 @@ def main(argv=None) -> list[dict]:
                 summary=summary,
             )
             stores.append(store)
-            print(f"[{size:.0e} tokens] raw tokenizers ...", flush=True)
-            raw, rr = run_baseline("raw", "--corpus", str(corpus), "--tokenizer_name", args.tokenizer_name)
-            row.update(raw_tokens_per_s=raw["tokens"] / raw["seconds"], raw_peak_rss=tree_peak(rr)[0])
             print(f"[{size:.0e} tokens] nanoGPT prepare.py approach ...", flush=True)
             nano_dir = workdir / f"nanogpt-{size:.0e}"
             shutil.rmtree(nano_dir, ignore_errors=True)
@@ -260,7 +270,7 @@ def main(argv=None) -> list[dict]:
             )
             shutil.rmtree(nano_dir, ignore_errors=True)
             results.append(row)
-            ratio = row["prepare_tokens_per_s"] / row["raw_tokens_per_s"]
+            ratio = row["prepare_over_raw"]
             print(
                 f"    prepare {row['prepare_tokens_per_s']:,.0f} tok/s ({ratio:.2f}x raw), peak "
                 f"{row['prepare_peak_rss'] / 2**20:,.0f} MiB; nanoGPT {row['nanogpt_tokens_per_s']:,.0f} tok/s, peak "
@@ -295,7 +305,7 @@ def report(results: list[dict], loader: dict, train: float, args) -> str:
             f"{r['corpus_bytes'] / mib:,.0f}",
             f"{r['prepare_tokens_per_s']:,.0f}",
             f"{r['raw_tokens_per_s']:,.0f}",
-            f"{r['prepare_tokens_per_s'] / r['raw_tokens_per_s']:.2f}",
+            f"{r['prepare_over_raw']:.2f}",
             f"{r['nanogpt_tokens_per_s']:,.0f}",
             f"{r['prepare_tokens_per_s'] / r['nanogpt_tokens_per_s']:.2f}",
             f"{r['prepare_peak_rss'] / mib:,.0f}",
@@ -330,9 +340,11 @@ def report(results: list[dict], loader: dict, train: float, args) -> str:
     lines = [table, ""]
     lines.append(
         f"Peak RSS of prepare (main process + workers), largest corpus / smallest: {flat:.2f} "
-        f"({results[-1]['tokens'] / results[0]['tokens']:.0f}x the tokens). Rates: prepare from its first batch to "
-        "its last shard (its summary line; the wall time with Python start and tokenizer loading is in the JSON), "
-        "raw the encode calls only, nanoGPT from load_dataset to the written memmap.\n"
+        f"({results[-1]['tokens'] / results[0]['tokens']:.0f}x the tokens). Rates: prepare from starting its workers "
+        "to its last shard (its summary line; the wall time with Python start and tokenizer loading is in the JSON), "
+        f"raw the encode calls only, nanoGPT from load_dataset to the written memmap. prepare and raw ran "
+        f"{args.repeats} time(s) each, alternating; the table gives the medians (prepare / raw: the median of each "
+        "pair's ratio; every pair is in the JSON).\n"
     )
     rates = ", ".join(f"{k}: {v:,.0f} blocks/s" for k, v in loader.items())
     lines.append(
