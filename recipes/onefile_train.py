@@ -112,7 +112,7 @@ def parse_args(argv=None):
     a("--save_strategy", choices=["steps", "no"], default="steps")
     a("--save_steps", type=int, default=200)
     a("--overwrite_output_dir", action="store_true", help="replace a finished or interrupted run in output_dir")
-    a("--resume", nargs="?", const="", help="continue from OUTPUT_DIR/checkpoint, or from the checkpoint folder given")
+    a("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint (nanoGPT's init_from='resume')")
     a("--seed", type=int, default=42)
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a("--compile", action="store_true", help="torch.compile the model (slow start, faster GPU steps)")
@@ -533,20 +533,15 @@ def main(argv=None):
     # ---- Resume / init: which weights and tokenizer we start from. Checkpoints go to one fixed folder,
     # OUTPUT_DIR/checkpoint (nanoGPT's ckpt.pt), replaced at every save; --resume continues from it.
     ckpt_dir = os.path.join(args.output_dir, "checkpoint")
-    resume_dir = (args.resume or ckpt_dir) if args.resume is not None else None
-    if resume_dir and not os.path.isfile(os.path.join(resume_dir, "training_state.pt")):
-        if args.resume:
-            die(f"--resume: '{args.resume}' holds no training_state.pt; pass a checkpoint folder this script wrote")
-        log(f"--resume: no checkpoint in {ckpt_dir} yet; starting a fresh run")
-        resume_dir = None
-    earlier = [p for p in (ckpt_dir, os.path.join(args.output_dir, "training_state.pt")) if os.path.exists(p)]
-    if earlier and not resume_dir:  # never overwrite a run by accident
-        if not args.overwrite_output_dir:
+    if args.resume and not os.path.isfile(os.path.join(ckpt_dir, "training_state.pt")):
+        die(f"--resume: '{ckpt_dir}' holds no checkpoint; run without --resume to start a new run there")
+    if not args.resume and (os.path.exists(ckpt_dir) or os.path.exists(os.path.join(args.output_dir, "config.json"))):
+        if not args.overwrite_output_dir:  # never overwrite a run by accident
             die(f"'{args.output_dir}' already holds a run; pass --resume to continue it, --overwrite_output_dir to "
                 f"replace it, or another --output_dir")
-        for old in earlier if master else []:
-            shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
-    weights_from = resume_dir or args.init_from
+        if master:  # an old checkpoint must not be resumed into the new run later
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+    weights_from = ckpt_dir if args.resume else args.init_from
     store_tokenizer = os.path.join(args.token_store, "tokenizer") if args.token_store else None
     tok_folder = args.tokenizer_name or weights_from or store_tokenizer
 
@@ -634,13 +629,13 @@ def main(argv=None):
         optimizers.insert(0, Muon([p for p in params if id(p) in hidden], args.muon_learning_rate, args.weight_decay))
     peak_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]  # the schedule scales each group's peak
     step = 0
-    if resume_dir:
-        state = torch.load(os.path.join(resume_dir, "training_state.pt"), map_location=device, weights_only=True)
+    if args.resume:
+        state = torch.load(os.path.join(ckpt_dir, "training_state.pt"), map_location=device, weights_only=True)
         for opt, saved in zip(optimizers, state["optimizers"]):
             opt.load_state_dict(saved)
         step = state["step"]
         torch.set_rng_state(state["rng"].cpu())  # dropout masks continue as if never interrupted
-        log(f"resumed from {resume_dir} at step {step}")
+        log(f"resumed from {ckpt_dir} at step {step}")
 
     # ---- Bookkeeping: throughput, MFU and the metrics file.
     G = args.gradient_accumulation_steps
@@ -655,7 +650,7 @@ def main(argv=None):
         f"peak {peak or 0:.3g} FLOP/s ({peak_src})")
     if master:
         os.makedirs(args.output_dir, exist_ok=True)
-    metrics = open(os.path.join(args.output_dir, "metrics.jsonl"), "a" if resume_dir else "w") if master else None
+    metrics = open(os.path.join(args.output_dir, "metrics.jsonl"), "a" if args.resume else "w") if master else None
 
     def record(entry):
         if master:
@@ -685,17 +680,15 @@ def main(argv=None):
         model.train()
         return (total / count).item()
 
-    def save(folder):
-        """Weights + tokenizer (a save_pretrained folder) and the optimizer state; the checkpoint folder is written
-        beside its old copy and swapped in, so a crash mid-save leaves the previous one."""
+    def save_checkpoint():
+        """Weights + tokenizer (a save_pretrained folder) and the optimizer state, written beside the old checkpoint
+        and swapped in, so a crash mid-save leaves the previous one."""
         if master:
-            tmp = folder + ".tmp" if folder == ckpt_dir else folder
-            save_hf(raw_model, tokenizer, eos_id, tmp)
+            save_hf(raw_model, tokenizer, eos_id, ckpt_dir + ".tmp")
             torch.save({"step": step, "optimizers": [o.state_dict() for o in optimizers],
-                        "rng": torch.get_rng_state()}, os.path.join(tmp, "training_state.pt"))
-            if tmp != folder:
-                shutil.rmtree(folder, ignore_errors=True)
-                os.replace(tmp, folder)
+                        "rng": torch.get_rng_state()}, os.path.join(ckpt_dir + ".tmp", "training_state.pt"))
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            os.replace(ckpt_dir + ".tmp", ckpt_dir)
         if ddp:
             dist.barrier()
 
@@ -755,12 +748,13 @@ def main(argv=None):
             log(f"step {step} | eval loss {val:.4f} | perplexity {math.exp(min(val, 50)):.2f} | "
                 f"bits per byte {bpb:.4f}")
             record(dict(step=step, eval_loss=val, eval_perplexity=math.exp(min(val, 50)), eval_bits_per_byte=bpb))
-        if args.save_strategy == "steps" and step % args.save_steps == 0 and step < args.max_steps:
-            save(ckpt_dir)
+        if args.save_strategy == "steps" and (step % args.save_steps == 0 or step == args.max_steps):
+            save_checkpoint()  # at the last step too: --resume with a larger --max_steps trains on from there
         t_last += time.perf_counter() - t_pause  # evaluating and saving is not training time
 
-    # ---- Save the final model (a save_pretrained-style folder) and show what it learned.
-    save(args.output_dir)
+    # ---- Save the final model (a save_pretrained folder) and show what it learned.
+    if master:
+        save_hf(raw_model, tokenizer, eos_id, args.output_dir)
     if timed_seconds:
         rate = timed_tokens / timed_seconds
         log(f"throughput after warm-up: {rate:,.0f} tok/s"
