@@ -6,7 +6,8 @@ batching, AdamW with weight-decay groups, warmup + cosine schedule, clipping and
 bits per byte), sampling, checkpointing and DDP. Same model config, tokenizer, data, seed and initial weights give
 the same loss curve as pretrain.py (tests/test_onefile.py: 20 steps to 1e-4); docs/training_architecture.md maps
 every section to where it lives in the modular version. Needs torch, numpy, the standard library, `tokenizers`
-(to train/read a tokenizer) and `safetensors` (to write model.safetensors); nothing from toolkit/.
+(to train/read a tokenizer) and `safetensors` (to write model.safetensors); nothing from toolkit/. For a separate
+validation file, a prompt or other sampling settings, use pretrain.py.
 
     python recipes/onefile_train.py                        # gpt2-micro on the embedded pydoc corpus (CPU: minutes)
     python recipes/onefile_train.py --train_file ../shared/data/tinyshakespeare/input.txt \
@@ -51,7 +52,9 @@ def die(message: str) -> None:
 
 # -----------------------------------------------------------------------------------------------------
 # Configuration. Flag names are recipes/pretrain.py's (run_clm.py's) so one command line fits both, and
-# the defaults are its defaults: the gpt2-micro model on the embedded corpus.
+# the defaults are its defaults: the gpt2-micro model on the embedded corpus. The parity tests, the GPU test and the
+# benchmarks pass one flag list to both recipes: that is why --eval_strategy, --save_strategy and the batch sizes'
+# long names are kept here.
 # Peak learning rate by model width when --learning_rate is not given, as in toolkit/presets.py: 3e-3 for the small
 # CPU models (best for gpt2-micro at a fixed CPU budget), 1e-3 up to 512 wide, then GPT-3's values for GPT-2's widths.
 LEARNING_RATE_BY_WIDTH = ((256, 3e-3), (512, 1e-3), (768, 6e-4), (1024, 3e-4), (1280, 2.5e-4), (10**9, 2e-4))
@@ -77,21 +80,20 @@ def parse_args(argv=None):
     a("--output_dir", default="out/onefile")
     a("--train_file", "--data", help=".txt/.md (the whole file is one document) or .json/.jsonl (a 'text' per row); "
       "default: the embedded corpus")
-    a("--validation_file", help="same formats; default: hold out documents of the training data (split_validation)")
     a("--validation_split_percentage", type=int, default=5)
     a("--token_store", help="a folder written by `toolkit prepare` (its train and validation shards and tokenizer)")
     a("--tokenizer_name", help="folder with tokenizer.json, or vocab.json + merges.txt; default: --init_from's, "
       "else train a BPE")
     a("--vocab_size", type=int, default=4096, help="size of the BPE trained when no tokenizer is given")
-    a("--init_from", "--model_name_or_path", dest="init_from", help="start from this save_pretrained GPT-2 folder")
+    a("--init_from", help="start from this save_pretrained GPT-2 folder")
     a("--preset", choices=PRESETS, default="gpt2-micro", help="model shape when training from scratch")
     a("--model", help="other guides' form: a preset name, else a folder to start from (--init_from)")
     for name in ("n_layer", "n_head", "n_embd", "n_positions"):
         a(f"--{name}", type=int, help="override the preset")
     a("--dropout", type=float, default=0.0)
     a("--block_size", type=int, default=128, help="tokens per training sequence")
-    a("--per_device_train_batch_size", dest="batch_size", type=int, default=16)
-    a("--per_device_eval_batch_size", dest="eval_batch_size", type=int, default=32)
+    a("--per_device_train_batch_size", type=int, default=16)
+    a("--per_device_eval_batch_size", type=int, default=32)
     a("--gradient_accumulation_steps", type=int, default=1)
     a("--max_steps", "--steps", type=int, default=400, help="optimizer updates")
     a("--learning_rate", type=float, help="peak learning rate; default by model width, as in pretrain.py "
@@ -104,7 +106,6 @@ def parse_args(argv=None):
     a("--weight_decay", type=float, default=0.1)
     a("--adam_beta1", type=float, default=0.9)
     a("--adam_beta2", type=float, default=0.95)
-    a("--adam_epsilon", type=float, default=1e-8)
     a("--max_grad_norm", type=float, default=1.0)
     a("--logging_steps", type=int, default=10)
     a("--eval_strategy", choices=["steps", "no"], default="steps")
@@ -116,13 +117,10 @@ def parse_args(argv=None):
     a("--seed", type=int, default=42)
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a("--compile", action="store_true", help="torch.compile the model (slow start, faster GPU steps)")
-    a("--sample_max_new_tokens", dest="sample_tokens", type=int, default=64, help="0: no sample")
-    a("--sample_prompt", dest="prompt", default="", help="text to continue (default: a new document)")
-    a("--temperature", type=float, default=0.8)
-    a("--top_k", type=int, default=50)
+    a("--sample_max_new_tokens", type=int, default=64, help="0: no sample")
     args = p.parse_args([dashes_to_underscores(t) for t in (sys.argv[1:] if argv is None else argv)])
-    for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_steps", "logging_steps",
-                 "block_size"):
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                 "max_steps", "logging_steps", "eval_steps", "save_steps", "block_size"):
         if getattr(args, name) < 1:
             die(f"--{name} must be at least 1; pass a positive integer")
     if args.model:
@@ -231,7 +229,7 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=0.8, top_k=50, generator=None):
         """Sample one token at a time, feeding the growing sequence back in (no KV cache: simple, not fast)."""
         for _ in range(max_new_tokens):
             logits = self(idx[:, -self.cfg["n_positions"]:])[:, -1, :] / max(temperature, 1e-6)
@@ -508,6 +506,7 @@ def flops_per_token(cfg, T):
 
 def main(argv=None):
     args = parse_args(argv)
+    B, E = args.per_device_train_batch_size, args.per_device_eval_batch_size  # micro-batch sizes
 
     # ---- Distributed setup. torchrun starts one process per device and sets RANK/WORLD_SIZE; each process
     # trains a full copy of the model on different batches, and DDP averages the gradients during backward.
@@ -564,15 +563,12 @@ def main(argv=None):
         if train_stream.max(initial=0) >= tokenizer.get_vocab_size(with_added_tokens=True):
             die(f"token store '{args.token_store}' holds ids beyond this tokenizer; "
                 "drop --tokenizer_name to use the store's own")
-    elif args.validation_file:
-        train_stream = np.concatenate(token_stream(train_docs, tokenizer, eos_id))
-        val_stream = np.concatenate(token_stream(read_documents(args.validation_file), tokenizer, eos_id))
     else:
         train_stream, val_stream = split_validation(token_stream(train_docs, tokenizer, eos_id),
                                                     args.validation_split_percentage)
     train_blocks, val_blocks = pack(train_stream, T), pack(val_stream, T)
     n_train = len(train_blocks)
-    if n_train < args.batch_size * world or len(val_blocks) == 0:
+    if n_train < B * world or len(val_blocks) == 0:
         die(f"{n_train} training and {len(val_blocks)} validation blocks of {T} tokens: fewer than one batch per "
             f"process or no validation block; use more text or lower --block_size / --per_device_train_batch_size")
     # Bits per byte (comparable across tokenizers): the UTF-8 bytes of the scored validation tokens (every block's
@@ -624,7 +620,7 @@ def main(argv=None):
                "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     optimizers = [torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                    eps=args.adam_epsilon, fused=device.type in ("cuda", "cpu"))]
+                                    fused=device.type in ("cuda", "cpu"))]
     if hidden:
         optimizers.insert(0, Muon([p for p in params if id(p) in hidden], args.muon_learning_rate, args.weight_decay))
     peak_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]  # the schedule scales each group's peak
@@ -639,7 +635,7 @@ def main(argv=None):
 
     # ---- Bookkeeping: throughput, MFU and the metrics file.
     G = args.gradient_accumulation_steps
-    per_rank = (n_train // args.batch_size) // world  # micro-batches per rank per epoch
+    per_rank = (n_train // B) // world  # micro-batches per rank per epoch
     updates_per_epoch = math.ceil(per_rank / G)  # the last update of an epoch may use fewer micro-batches
     fpt = flops_per_token(cfg, T)
     peak, peak_src = peak_flops(device)
@@ -668,8 +664,8 @@ def main(argv=None):
         """Mean cross-entropy over every validation prediction; processes share the batches round-robin."""
         model.eval()
         total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-        for i in range(rank * args.eval_batch_size, len(val_blocks), world * args.eval_batch_size):
-            x = val_blocks[i:i + args.eval_batch_size].to(device)
+        for i in range(rank * E, len(val_blocks), world * E):
+            x = val_blocks[i:i + E].to(device)
             with autocast:
                 _, loss = raw_model(x, labels=x)
             total += loss.float() * x.size(0)
@@ -694,14 +690,14 @@ def main(argv=None):
 
     # ---- The training loop. One iteration = one optimizer update = G micro-batches per process.
     model.train()
-    loss_sum, steps_since_log, timed_tokens, timed_seconds = torch.zeros((), device=device), 0, 0, 0.0
-    tokens_per_step = G * world * args.batch_size * T
+    loss_sum, steps_since_log = torch.zeros((), device=device), 0
+    tokens_per_step = G * world * B * T
     batches, batches_epoch, t_last = None, -1, time.perf_counter()
     while step < args.max_steps:
         # The data position is a pure function of the step, so a resumed run continues the same order.
         epoch, u = divmod(step, updates_per_epoch)
         if epoch != batches_epoch:
-            batches, batches_epoch = epoch_batches(n_train, args.batch_size, args.seed, epoch, rank, world), epoch
+            batches, batches_epoch = epoch_batches(n_train, B, args.seed, epoch, rank, world), epoch
         micro = batches[u * G:(u + 1) * G]
         factor = lr_factor(step, args.warmup_steps, args.max_steps, args.min_lr_rate)
         lr = args.learning_rate * factor
@@ -733,8 +729,6 @@ def main(argv=None):
             seconds = time.perf_counter() - t_last
             tok_s = steps_since_log * tokens_per_step / seconds
             mfu = fpt * tok_s / (peak * world) if peak else None
-            if step > steps_since_log:  # the first interval includes warm-up: leave it out of the run's average
-                timed_tokens, timed_seconds = timed_tokens + steps_since_log * tokens_per_step, timed_seconds + seconds
             log(f"step {step}/{args.max_steps} | loss {loss_val:.4f} | lr {lr:.3e} | {tok_s:,.0f} tok/s"
                 + (f" | mfu {100 * mfu:.2f}%" if mfu is not None else ""))
             record(dict(step=step, loss=loss_val, lr=lr,
@@ -755,18 +749,13 @@ def main(argv=None):
     # ---- Save the final model (a save_pretrained folder) and show what it learned.
     if master:
         save_hf(raw_model, tokenizer, eos_id, args.output_dir)
-    if timed_seconds:
-        rate = timed_tokens / timed_seconds
-        log(f"throughput after warm-up: {rate:,.0f} tok/s"
-            + (f", MFU {100 * fpt * rate / (peak * world):.2f}% of {peak:.3g} FLOP/s per process" if peak else ""))
     log(f"saved to {args.output_dir}")
-    if master and args.sample_tokens > 0:
+    if master and args.sample_max_new_tokens > 0:  # the start of a new document
         raw_model.eval()
-        start = tokenizer.encode(args.prompt, add_special_tokens=False).ids if args.prompt else [eos_id]
         gen = torch.Generator(device=device).manual_seed(args.seed)
         with autocast:
-            out = raw_model.generate(torch.tensor([start], device=device), args.sample_tokens, args.temperature,
-                                     args.top_k, generator=gen)
+            out = raw_model.generate(torch.tensor([[eos_id]], device=device), args.sample_max_new_tokens,
+                                     generator=gen)
         print("sample:", tokenizer.decode(out[0].tolist()))  # decode drops the special EOS
     if metrics:
         metrics.close()
