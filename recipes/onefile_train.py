@@ -5,13 +5,13 @@ model, data and batching, AdamW with weight-decay groups (or Muon), warmup + cos
 evaluation (loss, bits per byte), sampling, checkpoints and DDP, written out by hand with torch, numpy, `tokenizers`
 and `safetensors` (nothing from toolkit/). The same model config, tokenizer, data, seed and initial weights give
 pretrain.py's loss curve (tests/test_onefile.py); docs/training_architecture.md maps each section to the modular
-version. For a separate validation file, parquet or Hub data, FSDP2 or a Hub push, use pretrain.py.
+version. For a separate validation file, a sampling prompt, parquet or Hub data, FSDP2 or a Hub push: pretrain.py.
 
     python recipes/onefile_train.py                        # gpt2-micro on the embedded pydoc corpus (CPU: minutes)
     python recipes/onefile_train.py --train_file ../shared/data/tinyshakespeare/input.txt \
         --tokenizer_name ../shared/data/gpt2-tokenizer --output_dir out/shakespeare
     python recipes/onefile_train.py --token_store data/fineweb --preset gpt2   # a store from `toolkit prepare`
-    python recipes/onefile_train.py --init_from out/onefile --max_steps 100   # start from HF GPT-2 weights
+    python recipes/onefile_train.py --init_from out/onefile --output_dir out/more   # start from HF GPT-2 weights
     python recipes/onefile_train.py --output_dir out/onefile --resume        # continue from OUTPUT_DIR/checkpoint
     torchrun --nproc_per_node 2 recipes/onefile_train.py   # DDP: gloo on CPU, nccl on GPUs
 The output folder loads with transformers' GPT2LMHeadModel / AutoTokenizer.from_pretrained. To compare CPU speed
@@ -35,12 +35,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOS = "<|endoftext|>"
 
 
-def die(message: str) -> None:
-    """User mistakes end with one line naming the problem and the fix, and exit status 2."""
+def die(message: str) -> None:  # user mistakes end with one line naming the problem and the fix, and exit status 2
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -209,8 +210,6 @@ GPT2_SHAPE = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")  # con
 
 
 def save_hf(model: GPT, tokenizer, eos_id: int, folder: str) -> None:
-    from safetensors.torch import save_file
-
     os.makedirs(folder, exist_ok=True)
     cfg, drop = model.cfg, model.cfg.get("dropout", 0.0)
     config = dict(
@@ -232,8 +231,6 @@ def save_hf(model: GPT, tokenizer, eos_id: int, folder: str) -> None:
 
 
 def load_hf(folder: str, dropout: float = 0.0) -> GPT:
-    from safetensors.torch import load_file
-
     cfg_path, weights = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
     if not (os.path.isfile(cfg_path) and os.path.isfile(weights)):
         die(f"'{folder}' lacks config.json or model.safetensors; pass a GPT-2 save_pretrained folder")
@@ -261,8 +258,6 @@ def load_hf(folder: str, dropout: float = 0.0) -> GPT:
 # -----------------------------------------------------------------------------------------------------
 # Tokenizer: a byte-level BPE (GPT-2's scheme: any text round-trips, one special token <|endoftext|>).
 def load_tokenizer(folder: str):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
     file = functools.partial(os.path.join, folder)
     if os.path.isfile(file("tokenizer.json")):
         tok = Tokenizer.from_file(file("tokenizer.json"))
@@ -281,8 +276,6 @@ def load_tokenizer(folder: str):
 def train_tokenizer(documents, vocab_size: int):
     # The same steps as toolkit/tokenizer.py's train_bpe_tokenizer (copied so this file stands alone):
     # identical settings give an identical tokenizer, so default runs of both recipes see the same tokens.
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     if vocab_size < 257:
         die(f"--vocab_size {vocab_size} is too small for a byte-level BPE; use at least 257 (256 bytes + EOS)")
     tok = Tokenizer(models.BPE())
@@ -308,9 +301,9 @@ def read_documents(path):
         text = f.read()
     if not path.endswith((".json", ".jsonl")):
         return [text]
+    lines = [line for line in text.splitlines() if line.strip()]
     try:  # a JSON array, or one JSON object per line
-        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(r) for r in text.splitlines()
-                                                                       if r.strip()]
+        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in lines]
         return [row["text"] for row in rows]
     except (ValueError, KeyError, TypeError):
         die(f"'{path}' is not JSON lines with a 'text' field per row; write one {{\"text\": ...}} object per line")
@@ -449,7 +442,7 @@ def main(argv=None):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     torch.manual_seed(args.seed)  # same seed on every rank: identical initial weights everywhere
 
-    def log(message, **metrics_entry):  # rank 0 prints; a metrics entry also becomes a line of metrics.jsonl
+    def log(message, **metrics_entry):  # rank 0 prints; an entry also goes to metrics.jsonl (opened below)
         if master:
             print(message)
             if metrics_entry:
