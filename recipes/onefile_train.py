@@ -599,7 +599,8 @@ def main(argv=None):
             loss.backward()
             loss_sum += loss.detach()  # stays on the device: no synchronisation per step
         # Clip the global gradient norm to max_grad_norm (0: no clipping): one bad batch cannot blow the weights up.
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm or math.inf)
+        if args.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm)
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -615,7 +616,8 @@ def main(argv=None):
             mfu = flops_per_token * tok_s / (peak * world) if peak else None
             log(f"step {step}/{args.max_steps} | loss {loss_val:.4f} | lr {lr:.3e} | {tok_s:,.0f} tok/s"
                 + (f" | mfu {100 * mfu:.2f}%" if mfu is not None else ""),
-                step=step, loss=loss_val, lr=lr, grad_norm=grad_norm.item(), tokens_per_s=tok_s, mfu=mfu)
+                step=step, loss=loss_val, lr=lr, tokens_per_s=tok_s, mfu=mfu,
+                grad_norm=grad_norm.item() if args.max_grad_norm > 0 else None)
             loss_sum.zero_()
             steps_since_log, t_last = 0, time.perf_counter()
         t_pause = time.perf_counter()
