@@ -1,29 +1,23 @@
 """onefile_train.py: train GPT-2 from scratch in one file you can read from top to bottom.
 
-The educational twin of recipes/pretrain.py (HF Trainer + toolkit/): everything the Trainer, accelerate and
-transformers do there is written out here by hand, in the manner of nanoGPT's train.py: the GPT-2 model, data and
-batching, AdamW with weight-decay groups, warmup + cosine schedule, clipping and accumulation, evaluation (loss and
-bits per byte), sampling, checkpointing and DDP. Same model config, tokenizer, data, seed and initial weights give
-the same loss curve as pretrain.py (tests/test_onefile.py: 20 steps to 1e-4); docs/training_architecture.md maps
-every section to where it lives in the modular version. Needs torch, numpy, the standard library, `tokenizers`
-(to train/read a tokenizer) and `safetensors` (to write model.safetensors); nothing from toolkit/.
+The educational twin of recipes/pretrain.py (HF Trainer + toolkit/), in the manner of nanoGPT's train.py: the GPT-2
+model, data and batching, AdamW with weight-decay groups (or Muon), warmup + cosine schedule, clipping, accumulation,
+evaluation (loss, bits per byte), sampling, checkpoints and DDP, written out by hand with torch, numpy, `tokenizers`
+and `safetensors` (nothing from toolkit/). The same model config, tokenizer, data, seed and initial weights give
+pretrain.py's loss curve (tests/test_onefile.py); docs/training_architecture.md maps each section to the modular
+version. For a separate validation file, a sampling prompt, parquet or Hub data, FSDP2 or a Hub push: pretrain.py.
 
     python recipes/onefile_train.py                        # gpt2-micro on the embedded pydoc corpus (CPU: minutes)
     python recipes/onefile_train.py --train_file ../shared/data/tinyshakespeare/input.txt \
         --tokenizer_name ../shared/data/gpt2-tokenizer --output_dir out/shakespeare
     python recipes/onefile_train.py --token_store data/fineweb --preset gpt2   # a store from `toolkit prepare`
-    python recipes/onefile_train.py --init_from out/onefile --max_steps 100   # start from HF GPT-2 weights
+    python recipes/onefile_train.py --init_from out/onefile --output_dir out/more   # start from HF GPT-2 weights
     python recipes/onefile_train.py --output_dir out/onefile --resume        # continue from OUTPUT_DIR/checkpoint
     torchrun --nproc_per_node 2 recipes/onefile_train.py   # DDP: gloo on CPU, nccl on GPUs
-The output folder loads with transformers' GPT2LMHeadModel / AutoTokenizer.from_pretrained.
-
-Speed on CPU: pretrain.py also tells glibc's malloc to keep freed memory between steps (20-30% faster small-model
-steps, no number changes). To compare the two scripts' speed fairly, run this one with the same setting:
-    GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1000000000000000000 \
-        python recipes/onefile_train.py
+The output folder loads with transformers' GPT2LMHeadModel / AutoTokenizer.from_pretrained. To compare CPU speed
+with pretrain.py (which keeps freed memory: 20-30% faster small steps), run this one with
+GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1000000000000000000.
 """
-
-from __future__ import annotations
 
 import argparse
 import contextlib
@@ -31,107 +25,84 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOS = "<|endoftext|>"
 
 
-def die(message: str) -> None:
-    """User mistakes end with one line naming the problem and the fix, and exit status 2."""
+def die(message: str) -> None:  # user mistakes end with one line naming the problem and the fix, and exit status 2
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
 # -----------------------------------------------------------------------------------------------------
-# Configuration. Flag names are recipes/pretrain.py's (run_clm.py's) so one command line fits both, and
-# the defaults are its defaults: the gpt2-micro model on the embedded corpus.
+# Configuration. Flag names and defaults are recipes/pretrain.py's, so one command line fits both: the parity tests
+# (tests/test_onefile.py), the GPU test and the benchmarks pass the same flags to the two recipes, which is why
+# --eval_strategy, --save_strategy and --per_device_eval_batch_size are here. Default: gpt2-micro, embedded corpus.
 # Peak learning rate by model width when --learning_rate is not given, as in toolkit/presets.py: 3e-3 for the small
 # CPU models (best for gpt2-micro at a fixed CPU budget), 1e-3 up to 512 wide, then GPT-3's values for GPT-2's widths.
 LEARNING_RATE_BY_WIDTH = ((256, 3e-3), (512, 1e-3), (768, 6e-4), (1024, 3e-4), (1280, 2.5e-4), (10**9, 2e-4))
 MUON_UP_TO_WIDTH = 256  # --optim auto picks Muon up to this width, as pretrain.py does (toolkit/presets.py)
-PRESETS = {  # (n_layer, n_head, n_embd, n_positions), as in toolkit/presets.py
-    "gpt2-nano": (2, 2, 64, 256), "gpt2-micro": (4, 4, 128, 256), "gpt2-mini": (6, 6, 384, 256),
-    "gpt2": (12, 12, 768, 1024), "gpt2-medium": (24, 16, 1024, 1024), "gpt2-large": (36, 20, 1280, 1024),
-    "gpt2-xl": (48, 25, 1600, 1024),
-}
-
-
-def dashes_to_underscores(token):
-    """Other guides write options with dashes: --n-layer 48, --max-steps=10 mean --n_layer 48, --max_steps=10."""
-    if not token.startswith("--"):
-        return token
-    name, eq, value = token.partition("=")
-    return "--" + name[2:].replace("-", "_") + eq + value
+PRESETS = {"gpt2-nano": (2, 2, 64, 256), "gpt2-micro": (4, 4, 128, 256), "gpt2-mini": (6, 6, 384, 256),
+           "gpt2": (12, 12, 768, 1024), "gpt2-medium": (24, 16, 1024, 1024), "gpt2-large": (36, 20, 1280, 1024),
+           "gpt2-xl": (48, 25, 1600, 1024)}  # (n_layer, n_head, n_embd, n_positions), as in toolkit/presets.py
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train GPT-2 in one file (see the module docstring).")
     a = p.add_argument
-    a("--output_dir", default="out/onefile")
-    a("--train_file", "--data", help=".txt/.md (the whole file is one document) or .json/.jsonl (a 'text' per row); "
-      "default: the embedded corpus")
-    a("--validation_file", help="same formats; default: hold out documents of the training data (split_validation)")
-    a("--validation_split_percentage", type=int, default=5)
-    a("--token_store", help="a folder written by `toolkit prepare` (its train and validation shards and tokenizer)")
-    a("--tokenizer_name", help="folder with tokenizer.json, or vocab.json + merges.txt; default: --init_from's, "
-      "else train a BPE")
-    a("--vocab_size", type=int, default=4096, help="size of the BPE trained when no tokenizer is given")
-    a("--init_from", "--model_name_or_path", dest="init_from", help="start from this save_pretrained GPT-2 folder")
-    a("--preset", choices=PRESETS, default="gpt2-micro", help="model shape when training from scratch")
+    a("--output_dir", default="out/onefile", help="the final model; OUTPUT_DIR/checkpoint: the latest checkpoint")
+    a("--train_file", "--data", help=".txt/.md (one document) or .json/.jsonl (a 'text' per row); default: pydoc")
+    a("--token_store", help="a folder written by `toolkit prepare` (train and validation shards, tokenizer)")
+    a("--tokenizer_name", help="tokenizer.json or vocab.json + merges.txt folder; default: the model's, or a new BPE")
+    a("--init_from", help="start from this save_pretrained GPT-2 folder")
     a("--model", help="other guides' form: a preset name, else a folder to start from (--init_from)")
+    a("--preset", choices=PRESETS, default="gpt2-micro", help="model shape when training from scratch")
     for name in ("n_layer", "n_head", "n_embd", "n_positions"):
         a(f"--{name}", type=int, help="override the preset")
-    a("--dropout", type=float, default=0.0)
-    a("--block_size", type=int, default=128, help="tokens per training sequence")
-    a("--per_device_train_batch_size", dest="batch_size", type=int, default=16)
-    a("--per_device_eval_batch_size", dest="eval_batch_size", type=int, default=32)
-    a("--gradient_accumulation_steps", type=int, default=1)
     a("--max_steps", "--steps", type=int, default=400, help="optimizer updates")
-    a("--learning_rate", type=float, help="peak learning rate; default by model width, as in pretrain.py "
-      "(LEARNING_RATE_BY_WIDTH)")
+    a("--learning_rate", type=float, help="peak learning rate; default: by model width (LEARNING_RATE_BY_WIDTH)")
     a("--optim", choices=["auto", "adamw_torch_fused", "muon"], default="auto",
       help="muon: Muon for the blocks' matrices, AdamW for the rest; auto: muon up to MUON_UP_TO_WIDTH wide")
-    a("--muon_learning_rate", type=float, default=0.05, help="peak learning rate of Muon's matrices (--optim muon)")
-    a("--warmup_steps", type=float, default=50, help="linear warmup updates (a value below 1: fraction of max_steps)")
-    a("--min_lr_rate", type=float, default=0.1, help="the cosine ends at learning_rate * min_lr_rate")
-    a("--weight_decay", type=float, default=0.1)
-    a("--adam_beta1", type=float, default=0.9)
-    a("--adam_beta2", type=float, default=0.95)
-    a("--adam_epsilon", type=float, default=1e-8)
-    a("--max_grad_norm", type=float, default=1.0)
-    a("--logging_steps", type=int, default=10)
+    a("--warmup_steps", type=float, default=50, help="linear warmup updates (below 1: a fraction of max_steps)")
     a("--eval_strategy", choices=["steps", "no"], default="steps")
-    a("--eval_steps", type=int, default=200)
     a("--save_strategy", choices=["steps", "no"], default="steps")
-    a("--save_steps", type=int, default=200)
     a("--overwrite_output_dir", action="store_true", help="replace a finished or interrupted run in output_dir")
-    a("--resume", nargs="?", const="", help="continue from OUTPUT_DIR/checkpoint, or from the checkpoint folder given")
-    a("--seed", type=int, default=42)
+    a("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint (nanoGPT's init_from='resume')")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a("--compile", action="store_true", help="torch.compile the model (slow start, faster GPU steps)")
-    a("--sample_max_new_tokens", dest="sample_tokens", type=int, default=64, help="0: no sample")
-    a("--sample_prompt", dest="prompt", default="", help="text to continue (default: a new document)")
-    a("--temperature", type=float, default=0.8)
-    a("--top_k", type=int, default=50)
-    args = p.parse_args([dashes_to_underscores(t) for t in (sys.argv[1:] if argv is None else argv)])
-    for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_steps", "logging_steps",
-                 "block_size"):
+    for name, default in (("block_size", 128), ("per_device_train_batch_size", 16), ("per_device_eval_batch_size", 32),
+                          ("gradient_accumulation_steps", 1), ("vocab_size", 4096), ("validation_split_percentage", 5),
+                          ("logging_steps", 10), ("eval_steps", 200), ("save_steps", 200), ("seed", 42),
+                          ("sample_max_new_tokens", 64)):
+        a(f"--{name}", type=int, default=default, help=f"default: {default}")
+    for name, default in (("muon_learning_rate", 0.05), ("min_lr_rate", 0.1), ("weight_decay", 0.1),
+                          ("adam_beta1", 0.9), ("adam_beta2", 0.95), ("max_grad_norm", 1.0), ("dropout", 0.0)):
+        a(f"--{name}", type=float, default=default, help=f"default: {default}")
+    # Other guides write options with dashes: --n-layer 48 and --max-steps=10 mean --n_layer 48 and --max_steps=10.
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args([re.sub(r"^--[\w-]+", lambda m: "--" + m[0][2:].replace("-", "_"), t) for t in argv])
+    for name in ("block_size", "per_device_train_batch_size", "per_device_eval_batch_size",
+                 "gradient_accumulation_steps", "max_steps", "logging_steps", "eval_steps", "save_steps"):
         if getattr(args, name) < 1:
             die(f"--{name} must be at least 1; pass a positive integer")
-    if args.model:
-        args.preset, args.init_from = ((args.model, args.init_from) if args.model in PRESETS
-                                       else (args.preset, args.model))
+    if args.model:  # other guides' --model: a preset name, else a folder to start from
+        setattr(args, "preset" if args.model in PRESETS else "init_from", args.model)
     for name, value in zip(("n_layer", "n_head", "n_embd", "n_positions"), PRESETS[args.preset]):
         setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
-    args.warmup_steps = (int(args.warmup_steps) if args.warmup_steps >= 1
-                         else math.ceil(args.max_steps * args.warmup_steps))
+    w = args.warmup_steps
+    args.warmup_steps = int(w) if w >= 1 else math.ceil(args.max_steps * w)
     return args
 
 
@@ -166,20 +137,15 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * n_embd, n_embd)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x):
-        # GPT-2 uses the tanh approximation of GELU ("gelu_new" in transformers).
+    def forward(self, x):  # GPT-2 uses the tanh approximation of GELU ("gelu_new" in transformers)
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
-class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
-
+class Block(nn.Module):  # pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))
     def __init__(self, n_embd, n_head, dropout, eps):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(n_embd, eps=eps)
-        self.attn = CausalSelfAttention(n_embd, n_head, dropout)
-        self.ln_2 = nn.LayerNorm(n_embd, eps=eps)
-        self.mlp = MLP(n_embd, dropout)
+        self.ln_1, self.attn = nn.LayerNorm(n_embd, eps=eps), CausalSelfAttention(n_embd, n_head, dropout)
+        self.ln_2, self.mlp = nn.LayerNorm(n_embd, eps=eps), MLP(n_embd, dropout)
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
@@ -190,13 +156,13 @@ class GPT(nn.Module):
     def __init__(self, cfg: dict):
         super().__init__()
         self.cfg = cfg
-        d, drop = cfg["n_embd"], cfg.get("dropout", 0.0)
+        d, drop, eps = cfg["n_embd"], cfg.get("dropout", 0.0), cfg["layer_norm_epsilon"]
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg["vocab_size"], d),  # token embeddings
             wpe=nn.Embedding(cfg["n_positions"], d),  # learned position embeddings
             drop=nn.Dropout(drop),
-            h=nn.ModuleList(Block(d, cfg["n_head"], drop, cfg["layer_norm_epsilon"]) for _ in range(cfg["n_layer"])),
-            ln_f=nn.LayerNorm(d, eps=cfg["layer_norm_epsilon"]),
+            h=nn.ModuleList(Block(d, cfg["n_head"], drop, eps) for _ in range(cfg["n_layer"])),
+            ln_f=nn.LayerNorm(d, eps=eps),
         ))
         self.lm_head = nn.Linear(d, cfg["vocab_size"], bias=False)
         # Weight tying: the output projection IS the token embedding (saves V*d parameters, as in GPT-2).
@@ -205,19 +171,14 @@ class GPT(nn.Module):
         # (1, 0); the projections that write into the residual stream (c_proj) get std 0.02/sqrt(2*n_layer)
         # so the residual's variance does not grow with depth (2 residual additions per block).
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg["n_layer"]))
-            elif p.dim() == 2:
-                nn.init.normal_(p, 0.0, 0.02)
-            elif name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-                nn.init.ones_(p)
+            if p.dim() == 2:
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg["n_layer"]) if "c_proj" in name else 0.02)
             else:
-                nn.init.zeros_(p)
+                nn.init.ones_(p) if ".ln_" in name and name.endswith(".weight") else nn.init.zeros_(p)
 
     def forward(self, idx, labels=None):
         """Logits (B, T, V); with labels (== idx for packed blocks), (logits of positions 0..T-2, loss)."""
-        T = idx.size(1)
-        pos = torch.arange(T, device=idx.device)
+        pos = torch.arange(idx.size(1), device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x)
@@ -227,19 +188,16 @@ class GPT(nn.Module):
         # Position t predicts token t+1, so the last position has no target: like HF's shifted loss, the
         # mean cross-entropy over the B*(T-1) predictions (we skip computing the unused last logits).
         logits = self.lm_head(x[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
-        return logits, loss
+        return logits, F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Sample one token at a time, feeding the growing sequence back in (no KV cache: simple, not fast)."""
+    def generate(self, idx, max_new_tokens, temperature=0.8, top_k=50, generator=None):
+        """Sample one token at a time among the top_k likeliest, feeding the sequence back in (no KV cache)."""
         for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.cfg["n_positions"]:])[:, -1, :] / max(temperature, 1e-6)
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                logits = logits.masked_fill(logits < kth, -float("inf"))
-            nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-            idx = torch.cat([idx, nxt], dim=1)
+            logits = self(idx[:, -self.cfg["n_positions"]:])[:, -1, :] / temperature
+            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+            probs = F.softmax(logits.masked_fill(logits < kth, -float("inf")), dim=-1)
+            idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator)], dim=1)
         return idx
 
 
@@ -248,28 +206,20 @@ class GPT(nn.Module):
 # Conv1D (in, out) layout, so transformers.GPT2LMHeadModel.from_pretrained loads what we write and we load
 # what it writes. lm_head.weight is not stored: it is tied to wte, as in HF's own files.
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+GPT2_SHAPE = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")  # config.json's names, and our cfg's
 
 
 def save_hf(model: GPT, tokenizer, eos_id: int, folder: str) -> None:
-    from safetensors.torch import save_file
-
     os.makedirs(folder, exist_ok=True)
-    cfg = model.cfg
+    cfg, drop = model.cfg, model.cfg.get("dropout", 0.0)
     config = dict(
-        architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=cfg["vocab_size"],
-        n_positions=cfg["n_positions"], n_embd=cfg["n_embd"], n_layer=cfg["n_layer"], n_head=cfg["n_head"],
-        n_inner=None, activation_function="gelu_new",
-        resid_pdrop=cfg.get("dropout", 0.0), embd_pdrop=cfg.get("dropout", 0.0), attn_pdrop=cfg.get("dropout", 0.0),
-        layer_norm_epsilon=cfg["layer_norm_epsilon"], initializer_range=0.02, scale_attn_weights=True,
-        tie_word_embeddings=True, bos_token_id=eos_id, eos_token_id=eos_id, use_cache=True, dtype="float32",
+        architectures=["GPT2LMHeadModel"], model_type="gpt2", n_inner=None, activation_function="gelu_new",
+        resid_pdrop=drop, embd_pdrop=drop, attn_pdrop=drop, tie_word_embeddings=True, bos_token_id=eos_id,
+        eos_token_id=eos_id, dtype="float32", **{k: cfg[k] for k in GPT2_SHAPE + ("layer_norm_epsilon",)},
         training_block_size=cfg.get("block_size"),  # `toolkit eval` scores windows of the trained length
     )
-    tensors = {}
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight":
-            continue
-        t = t.detach().float().cpu()
-        tensors[name] = (t.t() if name.endswith(CONV1D) else t).contiguous()
+    tensors = {name: (t.t() if name.endswith(CONV1D) else t).detach().float().cpu().contiguous()
+               for name, t in model.state_dict().items() if name != "lm_head.weight"}
     save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
@@ -281,70 +231,55 @@ def save_hf(model: GPT, tokenizer, eos_id: int, folder: str) -> None:
 
 
 def load_hf(folder: str, dropout: float = 0.0) -> GPT:
-    from safetensors.torch import load_file
-
     cfg_path, weights = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
     if not (os.path.isfile(cfg_path) and os.path.isfile(weights)):
-        die(f"'{folder}' lacks config.json or model.safetensors; pass a GPT-2 save_pretrained folder "
-            "(save it with safe_serialization)")
+        die(f"'{folder}' lacks config.json or model.safetensors; pass a GPT-2 save_pretrained folder")
     with open(cfg_path) as f:
         hf = json.load(f)
-    unsupported = [k for k in ("scale_attn_by_inverse_layer_idx", "add_cross_attention") if hf.get(k)]
-    if hf.get("model_type") != "gpt2" or hf.get("n_inner") not in (None, 4 * hf["n_embd"]) or unsupported \
+    # Only what this GPT computes: no wider MLP, other activation, untied head, scaled or cross attention.
+    if hf.get("model_type") != "gpt2" or hf.get("n_inner") not in (None, 4 * hf["n_embd"]) \
             or hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh") \
-            or not hf.get("tie_word_embeddings", True):
-        die(f"'{folder}' is not a plain GPT-2 (model_type={hf.get('model_type')}, "
-            f"{unsupported or 'n_inner/activation/untied head'}); train it with recipes/pretrain.py instead")
-    cfg = dict(vocab_size=hf["vocab_size"], n_positions=hf["n_positions"], n_embd=hf["n_embd"], n_layer=hf["n_layer"],
-               n_head=hf["n_head"], layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5), dropout=dropout)
-    model = GPT(cfg)
+            or not hf.get("tie_word_embeddings", True) or hf.get("scale_attn_by_inverse_layer_idx") \
+            or hf.get("add_cross_attention"):
+        die(f"'{folder}' is not a plain GPT-2; train it with recipes/pretrain.py instead")
+    model = GPT(dict({k: hf[k] for k in GPT2_SHAPE}, layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+                     dropout=dropout))
     state = {}
     for name, t in load_file(weights).items():
         name = name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name  # OpenAI's files
-        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
-            continue  # old causal-mask buffers; the tied head is wte
-        state[name] = t.t() if name.endswith(CONV1D) else t
+        if not name.endswith((".attn.bias", ".attn.masked_bias")) and name != "lm_head.weight":  # old mask buffers
+            state[name] = t.t() if name.endswith(CONV1D) else t
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if [m for m in missing if m != "lm_head.weight"] or unexpected:
-        die(f"'{folder}' does not match GPT-2's layout (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-            "pass a GPT-2 checkpoint")
+    if [m for m in missing if m != "lm_head.weight"] or unexpected:  # the tied head is wte
+        die(f"'{folder}' does not match GPT-2's layout (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model
 
 
 # -----------------------------------------------------------------------------------------------------
 # Tokenizer: a byte-level BPE (GPT-2's scheme: any text round-trips, one special token <|endoftext|>).
 def load_tokenizer(folder: str):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    if not os.path.isdir(folder):
-        die(f"tokenizer folder '{folder}' does not exist; pass an existing folder to --tokenizer_name")
-    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
-        tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
-    elif os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isfile(os.path.join(folder, "merges.txt")):
+    file = functools.partial(os.path.join, folder)
+    if os.path.isfile(file("tokenizer.json")):
+        tok = Tokenizer.from_file(file("tokenizer.json"))
+    elif os.path.isfile(file("vocab.json")) and os.path.isfile(file("merges.txt")):
         # The original GPT-2 files: rebuild the fast tokenizer transformers builds from them.
-        tok = Tokenizer(models.BPE.from_file(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
+        tok = Tokenizer(models.BPE.from_file(file("vocab.json"), file("merges.txt")))
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
         tok.add_special_tokens([EOS])
     else:
-        die(f"'{folder}' has neither tokenizer.json nor vocab.json + merges.txt; pass a GPT-2 tokenizer folder "
-            "with --tokenizer_name")
+        die(f"'{folder}' holds neither tokenizer.json nor vocab.json + merges.txt; pass a GPT-2 tokenizer folder")
     if tok.token_to_id(EOS) is None:
-        die(f"the tokenizer in '{folder}' has no {EOS} token; documents must be separated by it, "
-            "choose a GPT-2 style tokenizer")
+        die(f"the tokenizer in '{folder}' has no {EOS} token to separate documents; use a GPT-2 style tokenizer")
     return tok
 
 
 def train_tokenizer(documents, vocab_size: int):
     # The same steps as toolkit/tokenizer.py's train_bpe_tokenizer (copied so this file stands alone):
     # identical settings give an identical tokenizer, so default runs of both recipes see the same tokens.
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     if vocab_size < 257:
         die(f"--vocab_size {vocab_size} is too small for a byte-level BPE; use at least 257 (256 bytes + EOS)")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(documents, trainer=trainer)
@@ -354,33 +289,24 @@ def train_tokenizer(documents, vocab_size: int):
 # -----------------------------------------------------------------------------------------------------
 # Data: documents -> token stream (EOS after every document) -> fixed-length blocks.
 def read_documents(path):
-    """A .txt file is ONE document (like datasets' text loader with sample_by='document'); .json/.jsonl
-    rows are documents (their 'text' field); no file: the standard library's pydoc topics, one per topic."""
+    """A .txt/.md file is ONE document (like datasets' text loader with sample_by='document'); .json/.jsonl rows
+    are documents (their 'text' field); no file: the standard library's pydoc topics, one per topic."""
     if path is None:
         import pydoc_data.topics as topics
 
         return [topics.topics[k] for k in sorted(topics.topics)]
-    if not os.path.isfile(path):
-        die(f"data file '{path}' does not exist; pass an existing .txt/.json/.jsonl file")
+    if not os.path.isfile(path) or not path.endswith((".txt", ".text", ".md", ".json", ".jsonl")):
+        die(f"'{path}' is not an existing .txt/.md/.json/.jsonl file; use recipes/pretrain.py for parquet or Hub data")
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    if path.endswith((".txt", ".text", ".md")):
-        return [text]
     if not path.endswith((".json", ".jsonl")):
-        die(f"'{path}': onefile_train.py reads .txt, .json and .jsonl; "
-            "use recipes/pretrain.py for parquet or Hub datasets")
-    try:
-        rows = (json.loads(text) if text.lstrip().startswith("[")
-                else [json.loads(line) for line in text.splitlines() if line.strip()])
+        return [text]
+    lines = [line for line in text.splitlines() if line.strip()]
+    try:  # a JSON array, or one JSON object per line
+        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in lines]
         return [row["text"] for row in rows]
     except (ValueError, KeyError, TypeError):
         die(f"'{path}' is not JSON lines with a 'text' field per row; write one {{\"text\": ...}} object per line")
-
-
-def token_stream(documents, tokenizer, eos_id):
-    """Each document's token ids followed by EOS (one array per document)."""
-    return [np.append(np.asarray(e.ids, dtype=np.int64), eos_id)
-            for e in tokenizer.encode_batch(documents, add_special_tokens=False)]
 
 
 def split_validation(streams, percentage, max_tokens=5_000_000):
@@ -400,8 +326,7 @@ def split_validation(streams, percentage, max_tokens=5_000_000):
 
 
 def read_store(store, split):
-    """A token store from `toolkit prepare`: manifest.json + raw little-endian token shards; a split's stream is its
-    shards one after another (the same few lines of numpy nanoGPT reads its .bin files with)."""
+    """A `toolkit prepare` store: manifest.json + raw token shards, read one after another as nanoGPT reads .bin."""
     path = os.path.join(store, "manifest.json")
     if not os.path.isfile(path):
         die(f"'{store}' has no manifest.json; pass a folder written by `toolkit prepare`")
@@ -409,23 +334,21 @@ def read_store(store, split):
         manifest = json.load(f)
     if not manifest.get("complete"):
         die(f"token store '{store}' is incomplete; rerun the `toolkit prepare` command that writes it to finish it")
-    shards = manifest["splits"][split]["shards"]
     return np.concatenate([np.memmap(os.path.join(store, s["file"]), dtype=manifest["dtype"], mode="r")
-                           for s in shards]).astype(np.int64)
+                           for s in manifest["splits"][split]["shards"]]).astype(np.int64)
 
 
 def pack(stream, block_size):
-    """Cut a token stream into (n_blocks, block_size) rows; the tail that does not fill a block is dropped. The same
-    blocks serve as inputs and labels."""
+    """Cut a token stream into (n_blocks, block_size) rows, inputs and labels at once; a partial tail is dropped."""
     n = len(stream) // block_size
     return torch.from_numpy(stream[: n * block_size].reshape(n, block_size))
 
 
+@functools.lru_cache(maxsize=1)  # one epoch's order, kept for its steps
 def epoch_batches(n_train, batch_size, seed, epoch, rank, world):
-    """The block indices of this rank's batches in one epoch, exactly as HF Trainer + accelerate order them:
-    a fresh permutation per epoch seeded with seed + epoch, consecutive slices of batch_size (the last
-    partial batch dropped), and batch i*world + r going to rank r (leftover batches that cannot go to
-    every rank are dropped too)."""
+    """The block indices of this rank's batches in one epoch, exactly as HF Trainer + accelerate order them (the
+    parity tests need it): a permutation seeded with seed + epoch, consecutive slices of batch_size (a partial last
+    batch dropped), batch i*world + r to rank r (leftover batches that cannot go to every rank dropped too)."""
     perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed + epoch))
     n_per_rank = (n_train // batch_size) // world
     return [perm[(i * world + rank) * batch_size:(i * world + rank + 1) * batch_size] for i in range(n_per_rank)]
@@ -470,11 +393,10 @@ def lr_factor(k, warmup, max_steps, min_lr_rate):
 # -----------------------------------------------------------------------------------------------------
 # MFU (model FLOPs utilisation): training FLOPs per token are 6N for the weight matmuls (2N forward,
 # 4N backward; N without the position table, which is only indexed) plus 12*L*d*T for attention
-# (PaLM appendix B). The peak is the dense bf16 data-sheet figure on GPUs, a measured fp32 matmul on CPU.
-GPU_PEAK_BF16 = {  # dense bf16 FLOP/s from the data sheets; toolkit/flops.py holds the same table (a test pins them)
-    "H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
-    "A10G": 125e12, "L4": 121e12, "L40S": 362e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
-}
+# (PaLM appendix B): 6N + 12LdT. The peak is the dense bf16 data-sheet figure on GPUs, a measured fp32 matmul on CPU.
+GPU_PEAK_BF16 = {"H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
+                 "A100": 312e12, "A10G": 125e12, "L4": 121e12, "L40S": 362e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
+                 "V100": 125e12, "T4": 65e12}  # dense bf16 FLOP/s, data sheets; toolkit/flops.py's (a test pins it)
 
 
 def gpu_peak(name):
@@ -489,8 +411,7 @@ def gpu_peak(name):
 def peak_flops(device) -> tuple[float | None, str]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        peak = gpu_peak(name)
-        return peak, f"{name} bf16 data sheet" if peak else f"{name}: unknown peak"
+        return gpu_peak(name), f"{name} bf16 data sheet" if gpu_peak(name) else f"{name}: unknown peak"
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     torch.mm(a, b)  # warm-up
     n, start = 0, time.perf_counter()
@@ -500,90 +421,73 @@ def peak_flops(device) -> tuple[float | None, str]:
     return 2 * 2048**3 * n / (time.perf_counter() - start), "CPU fp32 2048x2048 matmul, measured"
 
 
-def flops_per_token(cfg, T):
-    d, L = cfg["n_embd"], cfg["n_layer"]
-    n_matmul = cfg["vocab_size"] * d + L * (12 * d * d + 13 * d) + 2 * d  # all parameters but wpe
-    return 6 * n_matmul + 12 * L * d * T
-
-
 def main(argv=None):
     args = parse_args(argv)
+    B, T, G = args.per_device_train_batch_size, args.block_size, args.gradient_accumulation_steps
 
     # ---- Distributed setup. torchrun starts one process per device and sets RANK/WORLD_SIZE; each process
     # trains a full copy of the model on different batches, and DDP averages the gradients during backward.
-    ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    rank, world, local_rank = 0, 1, int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)  # before the process group: NCCL works on the current device
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if ddp:
-        import torch.distributed as dist
-
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     master = rank == 0
-    log = print if master else (lambda *a, **k: None)
     # bf16 autocast on GPUs that have it (weights and optimizer stay fp32); plain fp32 on CPU, where bf16 is slow.
     bf16 = use_cuda and torch.cuda.is_bf16_supported()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     torch.manual_seed(args.seed)  # same seed on every rank: identical initial weights everywhere
 
+    def log(message, **metrics_entry):  # rank 0 prints; an entry also goes to metrics.jsonl (opened below)
+        if master:
+            print(message)
+            if metrics_entry:
+                print(json.dumps(metrics_entry), file=metrics)  # line-buffered: on disk at once
+
     # ---- Resume / init: which weights and tokenizer we start from. Checkpoints go to one fixed folder,
     # OUTPUT_DIR/checkpoint (nanoGPT's ckpt.pt), replaced at every save; --resume continues from it.
     ckpt_dir = os.path.join(args.output_dir, "checkpoint")
-    resume_dir = (args.resume or ckpt_dir) if args.resume is not None else None
-    if resume_dir and not os.path.isfile(os.path.join(resume_dir, "training_state.pt")):
-        if args.resume:
-            die(f"--resume: '{args.resume}' holds no training_state.pt; pass a checkpoint folder this script wrote")
-        log(f"--resume: no checkpoint in {ckpt_dir} yet; starting a fresh run")
-        resume_dir = None
-    earlier = [p for p in (ckpt_dir, os.path.join(args.output_dir, "training_state.pt")) if os.path.exists(p)]
-    if earlier and not resume_dir:  # never overwrite a run by accident
-        if not args.overwrite_output_dir:
+    if args.resume and not os.path.isfile(os.path.join(ckpt_dir, "training_state.pt")):
+        die(f"--resume: '{ckpt_dir}' holds no checkpoint; run without --resume to start a new run there")
+    if not args.resume and (os.path.exists(ckpt_dir) or os.path.exists(os.path.join(args.output_dir, "config.json"))):
+        if not args.overwrite_output_dir:  # never overwrite a run by accident
             die(f"'{args.output_dir}' already holds a run; pass --resume to continue it, --overwrite_output_dir to "
-                f"replace it, or another --output_dir")
-        for old in earlier if master else []:
-            shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
-    weights_from = resume_dir or args.init_from
-    store_tokenizer = os.path.join(args.token_store, "tokenizer") if args.token_store else None
-    tok_folder = args.tokenizer_name or weights_from or store_tokenizer
+                "replace it, or another --output_dir")
+        if master:  # an old checkpoint must not be resumed into the new run later
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+    weights_from = ckpt_dir if args.resume else args.init_from
+    tok_folder = args.tokenizer_name or weights_from or (args.token_store and f"{args.token_store}/tokenizer")
 
     # ---- Data and tokenizer: documents -> tokens with EOS after each -> a training and a validation stream -> blocks.
-    train_docs = None if args.token_store else read_documents(args.train_file)
-    if tok_folder:
-        tokenizer = load_tokenizer(tok_folder)
-    else:
-        # Rank 0 trains the BPE and the others read its file: one tokenizer however many processes run.
+    docs = None if args.token_store else read_documents(args.train_file)
+    if not tok_folder:  # rank 0 trains the BPE and the others read its file: one tokenizer however many processes run
+        tok_folder = args.output_dir
         if master:
             os.makedirs(args.output_dir, exist_ok=True)
-            train_tokenizer(train_docs, args.vocab_size).save(os.path.join(args.output_dir, "tokenizer.json"))
+            train_tokenizer(docs, args.vocab_size).save(os.path.join(args.output_dir, "tokenizer.json"))
         if ddp:
             dist.barrier()
-        tokenizer = load_tokenizer(args.output_dir)
-    eos_id = tokenizer.token_to_id(EOS)
-    T = args.block_size
+    tokenizer = load_tokenizer(tok_folder)
+    eos_id, vocab = tokenizer.token_to_id(EOS), tokenizer.get_vocab_size(with_added_tokens=True)
     if args.token_store:
         train_stream, val_stream = read_store(args.token_store, "train"), read_store(args.token_store, "validation")
-        if train_stream.max(initial=0) >= tokenizer.get_vocab_size(with_added_tokens=True):
-            die(f"token store '{args.token_store}' holds ids beyond this tokenizer; "
-                "drop --tokenizer_name to use the store's own")
-    elif args.validation_file:
-        train_stream = np.concatenate(token_stream(train_docs, tokenizer, eos_id))
-        val_stream = np.concatenate(token_stream(read_documents(args.validation_file), tokenizer, eos_id))
+        if train_stream.max(initial=0) >= vocab:
+            die(f"'{args.token_store}' holds ids beyond this tokenizer; drop --tokenizer_name to use the store's own")
     else:
-        train_stream, val_stream = split_validation(token_stream(train_docs, tokenizer, eos_id),
-                                                    args.validation_split_percentage)
+        streams = [np.array(e.ids + [eos_id], dtype=np.int64)  # each document's ids, then EOS
+                   for e in tokenizer.encode_batch(docs, add_special_tokens=False)]
+        train_stream, val_stream = split_validation(streams, args.validation_split_percentage)
     train_blocks, val_blocks = pack(train_stream, T), pack(val_stream, T)
-    n_train = len(train_blocks)
-    if n_train < args.batch_size * world or len(val_blocks) == 0:
-        die(f"{n_train} training and {len(val_blocks)} validation blocks of {T} tokens: fewer than one batch per "
-            f"process or no validation block; use more text or lower --block_size / --per_device_train_batch_size")
-    # Bits per byte (comparable across tokenizers): the UTF-8 bytes of the scored validation tokens (every block's
-    # tokens but its first). A byte-level BPE writes each byte as one character, so a token's bytes = its length;
-    # EOS encodes no text.
-    token_bytes = torch.zeros(tokenizer.get_vocab_size(with_added_tokens=True), dtype=torch.long)
+    if len(train_blocks) < B * world or len(val_blocks) == 0:
+        die(f"{len(train_blocks)} training, {len(val_blocks)} validation blocks of {T} tokens: under a batch per "
+            "process or no validation block; use more text or lower --block_size / --per_device_train_batch_size")
+    # Bits per byte (comparable across tokenizers) needs the UTF-8 bytes of the scored validation tokens (all but each
+    # block's first). A byte-level BPE writes each byte as one character, so a token's bytes = its length; EOS has 0.
+    token_bytes = torch.zeros(vocab, dtype=torch.long)
     for piece, i in tokenizer.get_vocab(with_added_tokens=True).items():
         token_bytes[i] = 0 if i == eos_id else len(piece)
     val_bytes_per_token = token_bytes[val_blocks[:, 1:]].sum().item() / val_blocks[:, 1:].numel()
@@ -592,29 +496,21 @@ def main(argv=None):
     # (nanoGPT: 50304 instead of 50257 makes GPU matmuls faster); the extra rows never appear as targets.
     if weights_from:
         model = load_hf(weights_from, args.dropout)
+    elif args.n_embd % args.n_head:
+        die(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}; pick an n_head that divides n_embd")
     else:
-        if args.n_embd % args.n_head:
-            die(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}; "
-                "pick an n_head that divides n_embd")
-        vocab = tokenizer.get_vocab_size(with_added_tokens=True)
         model = GPT(dict(vocab_size=math.ceil(vocab / 64) * 64, n_positions=args.n_positions, n_embd=args.n_embd,
                          n_layer=args.n_layer, n_head=args.n_head, layer_norm_epsilon=1e-5, dropout=args.dropout))
     cfg = model.cfg
     cfg["block_size"] = T
-    if T > cfg["n_positions"]:
-        die(f"--block_size {T} exceeds the model's n_positions={cfg['n_positions']}; "
-            "lower --block_size or raise --n_positions")
-    if tokenizer.get_vocab_size(with_added_tokens=True) > cfg["vocab_size"]:
-        die(f"the tokenizer has more tokens than the model's vocab_size={cfg['vocab_size']}; "
-            "pass the model's own tokenizer")
-    model.to(device)
-    raw_model = model  # unwrapped, for saving and sampling
+    if T > cfg["n_positions"] or vocab > cfg["vocab_size"]:
+        die(f"--block_size {T} or the tokenizer's {vocab} tokens exceed the model's n_positions {cfg['n_positions']} "
+            f"or vocab_size {cfg['vocab_size']}; lower --block_size (or raise --n_positions), or use its tokenizer")
+    raw_model = model.to(device)  # unwrapped, for evaluating, saving and sampling
     if args.compile:
         model = torch.compile(model)
     if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(model, device_ids=[local_rank] if use_cuda else None)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None)
 
     # ---- Optimizer: AdamW with weight decay on the matrices (embeddings and the four Linear weights per
     # block) only; biases and LayerNorm weights are not decayed. p.dim() >= 2 picks exactly the set that
@@ -624,97 +520,74 @@ def main(argv=None):
         args.learning_rate = next(lr for width, lr in LEARNING_RATE_BY_WIDTH if cfg["n_embd"] <= width)
     if args.optim == "auto":  # Muon for the small models, where it beat AdamW at equal CPU time (toolkit/presets.py)
         args.optim = "muon" if cfg["n_embd"] <= MUON_UP_TO_WIDTH else "adamw_torch_fused"
+    # With Muon, the blocks' matrices move with Muon (listed first, as pretrain.py's MuonWithAdamW), the rest AdamW.
     hidden = {id(p) for n, p in raw_model.named_parameters() if args.optim == "muon" and ".h." in n and p.dim() == 2}
-    groups = [{"params": [p for p in params if p.dim() >= 2 and id(p) not in hidden],
-               "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [dict(params=[p for p in params if p.dim() >= 2 and id(p) not in hidden], weight_decay=args.weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
     optimizers = [torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                    eps=args.adam_epsilon, fused=device.type in ("cuda", "cpu"))]
+                                    fused=device.type in ("cuda", "cpu"))]
     if hidden:
         optimizers.insert(0, Muon([p for p in params if id(p) in hidden], args.muon_learning_rate, args.weight_decay))
     peak_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]  # the schedule scales each group's peak
     step = 0
-    if resume_dir:
-        state = torch.load(os.path.join(resume_dir, "training_state.pt"), map_location=device, weights_only=True)
+    if args.resume:
+        state = torch.load(os.path.join(ckpt_dir, "training_state.pt"), map_location=device, weights_only=True)
         for opt, saved in zip(optimizers, state["optimizers"]):
             opt.load_state_dict(saved)
         step = state["step"]
         torch.set_rng_state(state["rng"].cpu())  # dropout masks continue as if never interrupted
-        log(f"resumed from {resume_dir} at step {step}")
 
-    # ---- Bookkeeping: throughput, MFU and the metrics file.
-    G = args.gradient_accumulation_steps
-    per_rank = (n_train // args.batch_size) // world  # micro-batches per rank per epoch
-    updates_per_epoch = math.ceil(per_rank / G)  # the last update of an epoch may use fewer micro-batches
-    fpt = flops_per_token(cfg, T)
-    peak, peak_src = peak_flops(device)
-    n_params = sum(p.numel() for p in params)
-    log(f"model: {cfg['n_layer']} layers, {cfg['n_head']} heads, width {cfg['n_embd']}, vocab {cfg['vocab_size']}: "
-        f"{n_params:,} parameters | peak lr {args.learning_rate:g} | data: {n_train} train / {len(val_blocks)} val "
-        f"blocks of {T} tokens | {world} process(es) on {device.type}{' (bf16 autocast)' if bf16 else ''} | "
-        f"peak {peak or 0:.3g} FLOP/s ({peak_src})")
+    # ---- Bookkeeping: throughput, MFU and the metrics file (appended to when resuming).
+    updates_per_epoch = math.ceil((len(train_blocks) // B) // world / G)  # the last update may use fewer micro-batches
+    n_params, (peak, peak_src) = sum(p.numel() for p in params), peak_flops(device)
+    flops_per_token = 6 * (n_params - cfg["n_positions"] * cfg["n_embd"]) + 12 * cfg["n_layer"] * cfg["n_embd"] * T
     if master:
         os.makedirs(args.output_dir, exist_ok=True)
-    metrics = open(os.path.join(args.output_dir, "metrics.jsonl"), "a" if resume_dir else "w") if master else None
-
-    def record(entry):
-        if master:
-            metrics.write(json.dumps(entry) + "\n")
-            metrics.flush()
-
-    def reduce_mean(t):  # average a scalar over processes (only at log/eval time: it synchronises)
-        if ddp:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            t /= world
-        return t
+        metrics = open(os.path.join(args.output_dir, "metrics.jsonl"), "a" if args.resume else "w", buffering=1)
+    log(f"model: {cfg['n_layer']} layers, {cfg['n_head']} heads, width {cfg['n_embd']}, vocab {cfg['vocab_size']}: "
+        f"{n_params:,} parameters | peak lr {args.learning_rate:g} | data: {len(train_blocks)} train / "
+        f"{len(val_blocks)} val blocks of {T} tokens | {world} process(es) on {device.type}"
+        f"{' (bf16 autocast)' if bf16 else ''} | peak {peak or 0:.3g} FLOP/s ({peak_src})"
+        + (f" | resumed from {ckpt_dir} at step {step}" if args.resume else ""))
 
     @torch.no_grad()
     def evaluate():
         """Mean cross-entropy over every validation prediction; processes share the batches round-robin."""
         model.eval()
-        total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-        for i in range(rank * args.eval_batch_size, len(val_blocks), world * args.eval_batch_size):
-            x = val_blocks[i:i + args.eval_batch_size].to(device)
+        E, total = args.per_device_eval_batch_size, torch.zeros((), device=device)
+        for i in range(rank * E, len(val_blocks), world * E):
+            x = val_blocks[i:i + E].to(device)
             with autocast:
-                _, loss = raw_model(x, labels=x)
-            total += loss.float() * x.size(0)
-            count += x.size(0)
+                total += raw_model(x, labels=x)[1].float() * len(x)  # every block has T-1 predictions
         if ddp:
             dist.all_reduce(total)
-            dist.all_reduce(count)
         model.train()
-        return (total / count).item()
+        return total.item() / len(val_blocks)
 
-    def save(folder):
-        """Weights + tokenizer (a save_pretrained folder) and the optimizer state; the checkpoint folder is written
-        beside its old copy and swapped in, so a crash mid-save leaves the previous one."""
+    def save_checkpoint():
+        """Weights + tokenizer (a save_pretrained folder) and the optimizer state, written beside the old checkpoint
+        and swapped in, so a crash mid-save leaves the previous one."""
         if master:
-            tmp = folder + ".tmp" if folder == ckpt_dir else folder
-            save_hf(raw_model, tokenizer, eos_id, tmp)
+            save_hf(raw_model, tokenizer, eos_id, ckpt_dir + ".tmp")
             torch.save({"step": step, "optimizers": [o.state_dict() for o in optimizers],
-                        "rng": torch.get_rng_state()}, os.path.join(tmp, "training_state.pt"))
-            if tmp != folder:
-                shutil.rmtree(folder, ignore_errors=True)
-                os.replace(tmp, folder)
+                        "rng": torch.get_rng_state()}, os.path.join(ckpt_dir + ".tmp", "training_state.pt"))
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            os.replace(ckpt_dir + ".tmp", ckpt_dir)
         if ddp:
             dist.barrier()
 
     # ---- The training loop. One iteration = one optimizer update = G micro-batches per process.
     model.train()
-    loss_sum, steps_since_log, timed_tokens, timed_seconds = torch.zeros((), device=device), 0, 0, 0.0
-    tokens_per_step = G * world * args.batch_size * T
-    batches, batches_epoch, t_last = None, -1, time.perf_counter()
+    loss_sum, steps_since_log, tokens_per_step = torch.zeros((), device=device), 0, G * world * B * T
+    t_last = time.perf_counter()
     while step < args.max_steps:
         # The data position is a pure function of the step, so a resumed run continues the same order.
         epoch, u = divmod(step, updates_per_epoch)
-        if epoch != batches_epoch:
-            batches, batches_epoch = epoch_batches(n_train, args.batch_size, args.seed, epoch, rank, world), epoch
-        micro = batches[u * G:(u + 1) * G]
-        factor = lr_factor(step, args.warmup_steps, args.max_steps, args.min_lr_rate)
-        lr = args.learning_rate * factor
+        micro = epoch_batches(len(train_blocks), B, args.seed, epoch, rank, world)[u * G:(u + 1) * G]
+        lr_scale = lr_factor(step, args.warmup_steps, args.max_steps, args.min_lr_rate)
         for opt, peaks in zip(optimizers, peak_lrs):
             for group, peak_lr in zip(opt.param_groups, peaks):
-                group["lr"] = peak_lr * factor
+                group["lr"] = peak_lr * lr_scale
         for i, idx in enumerate(micro):
             x = train_blocks[idx].to(device, non_blocking=True)
             # Gradient accumulation: gradients of the micro-batches add up in .grad; dividing each loss by
@@ -722,11 +595,10 @@ def main(argv=None):
             # all-reduce (an average over processes) runs only on the last micro-batch; no_sync skips it before.
             sync = not ddp or i == len(micro) - 1
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                _, loss = model(x, labels=x)
-                loss = loss / len(micro)
+                loss = model(x, labels=x)[1] / len(micro)
             loss.backward()
             loss_sum += loss.detach()  # stays on the device: no synchronisation per step
-        # Clip the global gradient norm to max_grad_norm: one bad batch cannot blow the weights up.
+        # Clip the global gradient norm to max_grad_norm (0: no clipping): one bad batch cannot blow the weights up.
         if args.max_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm)
         for opt in optimizers:
@@ -736,46 +608,39 @@ def main(argv=None):
         steps_since_log += 1
 
         if step % args.logging_steps == 0 or step == args.max_steps:
-            loss_val = reduce_mean(loss_sum / steps_since_log).item()  # .item() waits for the device
-            seconds = time.perf_counter() - t_last
-            tok_s = steps_since_log * tokens_per_step / seconds
-            mfu = fpt * tok_s / (peak * world) if peak else None
-            if step > steps_since_log:  # the first interval includes warm-up: leave it out of the run's average
-                timed_tokens, timed_seconds = timed_tokens + steps_since_log * tokens_per_step, timed_seconds + seconds
+            if ddp:  # the mean over processes; only at log time, as it synchronises
+                dist.all_reduce(loss_sum)
+            loss_val, lr = loss_sum.item() / steps_since_log / world, args.learning_rate * lr_scale
+            # tokens/s over the steps since the last log line; MFU = the FLOP/s that makes / the peak
+            tok_s = steps_since_log * tokens_per_step / (time.perf_counter() - t_last)
+            mfu = flops_per_token * tok_s / (peak * world) if peak else None
             log(f"step {step}/{args.max_steps} | loss {loss_val:.4f} | lr {lr:.3e} | {tok_s:,.0f} tok/s"
-                + (f" | mfu {100 * mfu:.2f}%" if mfu is not None else ""))
-            record(dict(step=step, loss=loss_val, lr=lr,
-                        grad_norm=grad_norm.item() if args.max_grad_norm > 0 else None, tokens_per_s=tok_s, mfu=mfu))
+                + (f" | mfu {100 * mfu:.2f}%" if mfu is not None else ""),
+                step=step, loss=loss_val, lr=lr, tokens_per_s=tok_s, mfu=mfu,
+                grad_norm=grad_norm.item() if args.max_grad_norm > 0 else None)
             loss_sum.zero_()
             steps_since_log, t_last = 0, time.perf_counter()
         t_pause = time.perf_counter()
         if args.eval_strategy == "steps" and (step % args.eval_steps == 0 or step == args.max_steps):
             val = evaluate()
-            bpb = val / (math.log(2) * val_bytes_per_token)  # nats per token -> bits per byte
-            log(f"step {step} | eval loss {val:.4f} | perplexity {math.exp(min(val, 50)):.2f} | "
-                f"bits per byte {bpb:.4f}")
-            record(dict(step=step, eval_loss=val, eval_perplexity=math.exp(min(val, 50)), eval_bits_per_byte=bpb))
-        if args.save_strategy == "steps" and step % args.save_steps == 0 and step < args.max_steps:
-            save(ckpt_dir)
+            ppl, bpb = math.exp(min(val, 50)), val / (math.log(2) * val_bytes_per_token)  # nats/token -> bits/byte
+            log(f"step {step} | eval loss {val:.4f} | perplexity {ppl:.2f} | bits per byte {bpb:.4f}",
+                step=step, eval_loss=val, eval_perplexity=ppl, eval_bits_per_byte=bpb)
+        if args.save_strategy == "steps" and (step % args.save_steps == 0 or step == args.max_steps):
+            save_checkpoint()  # at the last step too: --resume with a larger --max_steps trains on from there
         t_last += time.perf_counter() - t_pause  # evaluating and saving is not training time
 
-    # ---- Save the final model (a save_pretrained-style folder) and show what it learned.
-    save(args.output_dir)
-    if timed_seconds:
-        rate = timed_tokens / timed_seconds
-        log(f"throughput after warm-up: {rate:,.0f} tok/s"
-            + (f", MFU {100 * fpt * rate / (peak * world):.2f}% of {peak:.3g} FLOP/s per process" if peak else ""))
-    log(f"saved to {args.output_dir}")
-    if master and args.sample_tokens > 0:
-        raw_model.eval()
-        start = tokenizer.encode(args.prompt, add_special_tokens=False).ids if args.prompt else [eos_id]
-        gen = torch.Generator(device=device).manual_seed(args.seed)
-        with autocast:
-            out = raw_model.generate(torch.tensor([start], device=device), args.sample_tokens, args.temperature,
-                                     args.top_k, generator=gen)
-        print("sample:", tokenizer.decode(out[0].tolist()))  # decode drops the special EOS
-    if metrics:
+    # ---- Save the final model (a save_pretrained folder) and show what it learned: the start of a new document.
+    if master:
+        save_hf(raw_model, tokenizer, eos_id, args.output_dir)
         metrics.close()
+        print(f"saved to {args.output_dir}")
+        if args.sample_max_new_tokens > 0:
+            raw_model.eval()
+            with autocast:
+                out = raw_model.generate(torch.tensor([[eos_id]], device=device), args.sample_max_new_tokens,
+                                         generator=torch.Generator(device=device).manual_seed(args.seed))
+            print("sample:", tokenizer.decode(out[0].tolist()))  # decode drops the special EOS
     if ddp:
         dist.destroy_process_group()
 

@@ -107,20 +107,20 @@ def test_gpt2_vocab_and_merges_tokenize_like_transformers(onefile):
 
 def test_resume_continues_the_same_run(tmp_path, tiny_model_dir, small_text_file, onefile):
     common = ["--init_from", str(tiny_model_dir), "--train_file", str(small_text_file), "--block_size", "64",
-              "--per_device_train_batch_size", "4", "--max_steps", "6", "--warmup_steps", "2",
-              "--learning_rate", "2e-3", "--eval_strategy", "no", "--sample_max_new_tokens", "0",
-              "--logging_steps", "1"]
-    onefile.main([*common, "--output_dir", str(tmp_path / "a"), "--save_steps", "3"])
-    # Resume from the checkpoint saved at step 3 (weights + optimizer + step) into a new folder: steps 4-6 repeat
-    # exactly.
-    onefile.main([*common, "--output_dir", str(tmp_path / "b"), "--save_strategy", "no",
-                  "--resume", str(tmp_path / "a" / "checkpoint")])
+              "--per_device_train_batch_size", "4", "--warmup_steps", "2", "--learning_rate", "2e-3",
+              "--eval_strategy", "no", "--sample_max_new_tokens", "0", "--logging_steps", "1", "--save_steps", "3"]
+    onefile.main([*common, "--max_steps", "6", "--output_dir", str(tmp_path / "a")])
+    # Stop after 3 updates (the checkpoint is written at the last step), then --resume with --max_steps 6: steps 4-6
+    # repeat the 6-step run exactly. Updates 1-3 have the same learning rates under either --max_steps (warmup 2:
+    # 0, lr/2, then the cosine starts at lr), so only the checkpoint (weights + optimizer + step) carries the run on.
+    onefile.main([*common, "--max_steps", "3", "--output_dir", str(tmp_path / "b")])
+    onefile.main([*common, "--max_steps", "6", "--output_dir", str(tmp_path / "b"), "--resume"])
     with pytest.raises(SystemExit) as exc:  # the finished run is not overwritten by accident
-        onefile.main([*common, "--output_dir", str(tmp_path / "a")])
+        onefile.main([*common, "--max_steps", "6", "--output_dir", str(tmp_path / "a")])
     assert exc.value.code == 2
     full, resumed = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
-    assert [e["step"] for e in resumed] == [4, 5, 6]
-    for a, b in zip(full[3:], resumed):
+    assert [e["step"] for e in resumed] == [1, 2, 3, 4, 5, 6]  # metrics.jsonl goes on where it stopped
+    for a, b in zip(full, resumed):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-6) and b["lr"] == a["lr"]
 
 
@@ -131,9 +131,10 @@ def test_bad_input_is_one_line_error(tmp_path, tiny_tokenizer_dir, capsys, onefi
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "--block_size" in err and "\n" not in err
-    with pytest.raises(SystemExit) as exc:
-        onefile.main(["--resume", str(tmp_path / "nothing")])
-    assert exc.value.code == 2 and "training_state.pt" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # --resume with no checkpoint in the output folder
+        onefile.main(["--resume", "--output_dir", str(tmp_path / "nothing")])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.startswith("error: --resume") and "checkpoint" in err and "\n" not in err
 
 
 @pytest.mark.slow
