@@ -227,11 +227,13 @@ def main(argv=None) -> list[dict]:
             pairs = []  # (prepare, raw) tokens/s, alternating, so a slow spell of the machine hits both
             for repeat in range(args.repeats):
                 shutil.rmtree(store, ignore_errors=True)
+                os.sync()  # the corpus (or the last store) written back first: the kernel's flush is no one's cost
                 print(f"[{size:.0e} tokens] toolkit prepare ({repeat + 1}/{args.repeats}) ...", flush=True)
                 r = harness.run(command, echo=args.echo).check()
                 summary = next(line for _, line in r.lines if "tokens tokenized" in line)
                 done = re.search(r"([\d,]+) tokens tokenized in ([\d.]+) s", summary)
                 prepare_rate = int(done.group(1).replace(",", "")) / float(done.group(2))
+                os.sync()
                 print(f"[{size:.0e} tokens] raw tokenizers ({repeat + 1}/{args.repeats}) ...", flush=True)
                 raw, rr = run_baseline("raw", "--corpus", str(corpus), "--tokenizer_name", args.tokenizer_name)
                 pairs.append((prepare_rate, raw["tokens"] / raw["seconds"]))
@@ -259,6 +261,7 @@ def main(argv=None) -> list[dict]:
             nano_dir = workdir / f"nanogpt-{size:.0e}"
             shutil.rmtree(nano_dir, ignore_errors=True)
             nano_dir.mkdir()
+            os.sync()
             env = harness.env_for_runs()
             env["HF_DATASETS_CACHE"] = str(nano_dir / "datasets-cache")
             nano, nr = run_baseline("nanogpt", "--corpus", str(corpus), "--tokenizer_name", args.tokenizer_name,
