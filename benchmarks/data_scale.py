@@ -349,6 +349,10 @@ def report(results: list[dict], loader: dict, train: float, args) -> str:
         f"{args.repeats} time(s) each, alternating; the table gives the medians (prepare / raw: the median of each "
         "pair's ratio; every pair is in the JSON).\n"
     )
+    pairs = "; ".join(
+        f"{r['tokens'] / 1e6:,.1f}M: " + ", ".join(f"{p / w:.2f}" for p, w in r["pairs_tokens_per_s"]) for r in results
+    )
+    lines.append(f"prepare / raw of each pair, in run order: {pairs}.\n")
     rates = ", ".join(f"{k}: {v:,.0f} blocks/s" for k, v in loader.items())
     lines.append(
         f"Loader (blocks of {args.block_size} tokens, batches of 8, random order): {rates}; the {args.model} model "
