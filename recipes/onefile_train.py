@@ -411,7 +411,8 @@ def gpu_peak(name):
 def peak_flops(device) -> tuple[float | None, str]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        return gpu_peak(name), f"{name} bf16 data sheet" if gpu_peak(name) else f"{name}: unknown peak"
+        peak = gpu_peak(name)
+        return peak, f"{name} bf16 data sheet" if peak else f"{name}: unknown peak"
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     torch.mm(a, b)  # warm-up
     n, start = 0, time.perf_counter()

@@ -27,9 +27,9 @@ def _init_worker(backend_json: str, eos_id: int, dtype: str, single_thread: bool
     from tokenizers import Tokenizer
 
     global _WORKER
-    if single_thread:  # the pool is the parallelism: one core per worker, no Rayon threads on top
-        # One Rayon thread, not TOKENIZERS_PARALLELISM=false: the same encode runs ~15% faster on a Rayon thread
-        # than serially on the calling thread (measured: docs/benchmarks.md, findings).
+    if single_thread:  # the pool is the parallelism: one core per worker, so one Rayon thread each
+        # Not TOKENIZERS_PARALLELISM=false: the same encode runs ~15% faster on one Rayon thread than serially on the
+        # calling thread (measured: docs/benchmarks.md, findings).
         os.environ["TOKENIZERS_PARALLELISM"] = "true"
         os.environ["RAYON_NUM_THREADS"] = "1"
     tokenizer = Tokenizer.from_str(backend_json)
