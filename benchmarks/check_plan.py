@@ -3,7 +3,7 @@ print prediction vs measurement, and write the table into docs/training_strategi
 
     python benchmarks/check_plan.py                    # all configurations (~15 min on 2 cores)
     python benchmarks/check_plan.py --only nano-1p,124m-ddp
-    python benchmarks/check_plan.py --quick --doc ''   # small version: one calibration, one check (the tests run it)
+    python benchmarks/check_plan.py --quick --doc ''   # small: a calibration and a check per recipe (the tests run it)
     python benchmarks/check_plan.py --write-calibration            # refit the planner's CPU runtime term
     python benchmarks/check_plan.py --replan rows.json --write-calibration   # ... from a saved run, no new runs
 
@@ -170,9 +170,14 @@ def configurations(work: Path, quick: bool) -> dict[str, dict]:
     base = ["--preset", "gpt2"] + gpt2_tok
     if quick:
         # the runtime term on this machine, then a shape and batch no calibration used (tensors ~half of the peak)
+        # the same for qlora.py (4-bit base, its default checkpointing, the model's own loss head)
         return {"quick-nano-1p": {"task": "pretrain", "procs": 1, "model": nano, "batch": 8, "seq": 128, "steps": 3,
                                   "calibration": True},
-                "quick-mini-1p": {"task": "pretrain", "procs": 1, "model": mini, "batch": 16, "seq": 128, "steps": 3}}
+                "quick-mini-1p": {"task": "pretrain", "procs": 1, "model": mini, "batch": 16, "seq": 128, "steps": 3},
+                "quick-nano-qlora-1p": {"task": "qlora", "procs": 1, "model": None, "base": "gpt2-nano", "batch": 8,
+                                        "seq": 128, "steps": 3, "calibration": True},
+                "quick-mini-qlora-1p": {"task": "qlora", "procs": 1, "model": None, "base": "gpt2-mini", "batch": 16,
+                                        "seq": 128, "steps": 3, "ckpt": True}}
     # The nano-* runs calibrate toolkit.plan's constant runtime term (CPU_OVERHEAD: python, torch, HF libraries,
     # Trainer) per recipe kind and for a 2-rank launch: their tensors are a few MiB, so peak RSS there is the runtime.
     # Every other row is a held-out check of the formulas. CALIBRATION_ROWS names them for --write-calibration.
@@ -191,7 +196,9 @@ def configurations(work: Path, quick: bool) -> dict[str, dict]:
     for name in ("lora", "qlora"):
         configs[f"nano-{name}-1p"] = {"task": name, "procs": 1, "model": None, "base": "gpt2-nano", "batch": 8,
                                       "seq": 128, "calibration": True}
-        configs[f"124m-{name}-1p"] = {"task": name, "procs": 1, "model": None, "batch": 4, "seq": 256}
+        # each recipe's own default: qlora.py checkpoints activations everywhere, lora.py on CUDA only
+        configs[f"124m-{name}-1p"] = {"task": name, "procs": 1, "model": None, "batch": 4, "seq": 256,
+                                      "ckpt": name == "qlora"}
     return configs
 
 
@@ -230,7 +237,9 @@ def lora_args(c: dict, base_model: Path, out: Path, steps: int) -> list[str]:
     args = ["--model_name_or_path", str(base_model), "--per_device_train_batch_size", str(c["batch"]),
             "--max_length", str(c["seq"]), "--max_steps", str(steps), "--logging_steps", "1",
             "--save_strategy", "no", "--report_to", "none", "--output_dir", str(out), "--overwrite_output_dir", "true",
-            "--max_eval_samples", "8", "--sample_max_new_tokens", "1"]
+            "--max_eval_samples", "8", "--sample_max_new_tokens", "1",
+            # said either way: the recipes' defaults differ (qlora.py checkpoints everywhere, lora.py on CUDA only)
+            "--gradient_checkpointing", "true" if c.get("ckpt") else "false"]
     if SHAKESPEARE.exists():
         args += ["--train_file", str(SHAKESPEARE)]
     return args + c.get("extra", [])
@@ -301,7 +310,8 @@ def machine() -> str:
         cpu = "AVX512" if " avx512f" in flags else "AVX2" if " avx2" in flags else cpu
     except OSError:
         pass
-    return f"{os.cpu_count()}-core {cpu} CPU, torch {torch.__version__.split('+')[0]} CPU"
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU"
+    return f"{os.cpu_count()}-core {cpu} CPU, torch {torch.__version__.split('+')[0]} {build}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default="", help="comma-separated configuration names")
     p.add_argument("--quick", action="store_true",
-                   help="two small runs: a calibration row and a held-out check (the test suite runs this)")
+                   help="four small runs: a calibration row and a held-out check each for pretrain.py and qlora.py "
+                        "(the test suite runs this)")
     p.add_argument("--doc", default=str(DOC), help="markdown file to write the table into ('' = don't)")
     p.add_argument("--work_dir", default=None, help="where run outputs go (default: a temporary folder)")
     p.add_argument("--default_malloc", action="store_true",
@@ -457,6 +468,20 @@ def write_calibration(path: Path, rows: list[dict], runtime: dict[str, float], m
         return
     # to 5 MiB, like the values fitted before: finer would only record how this run's heap happened to fall
     mib = {task: 5 * round(value / MiB / 5) for task, value in runtime.items()}
+    if meta.get("torch_cuda_build"):
+        # a CUDA build of torch: only what it adds to the CPU build's term (measured with a CPU build) is refitted
+        from toolkit.plan.calibration import CPU_DISTRIBUTED_OVERHEAD, CPU_OVERHEAD
+
+        extra = {t: mib[t] - round(CPU_OVERHEAD[t] / MiB) for t in ("pretrain", "full", "lora", "qlora")}
+        ranks = mib["distributed"] - round(CPU_DISTRIBUTED_OVERHEAD / MiB)
+        update_section("cpu_runtime_cuda_build", {"extra_mib": extra}, **source,
+                       notes=f"What a CUDA build of torch adds to cpu_runtime's term when training on a CPU (its CUDA "
+                             f"libraries are resident too): this run's runtime term {mib} minus cpu_runtime's (a CPU "
+                             f"build); a 2-rank launch's extra per rank differed from the CPU build's by "
+                             f"{ranks:+d} MiB (not applied). MALLOC_MMAP_THRESHOLD_=131072, rounded to 5 MiB{refit}.",
+                       path=path)
+        print(f"calibration: CUDA-build extra {extra} written to {path}")
+        return
     implied = ", ".join(f"{CALIBRATION_ROWS.get(t, t)} {v / MiB:.0f} MiB" for t, v in runtime.items() if t != "full")
     update_section("cpu_runtime", {"overhead_mib": {t: mib[t] for t in ("pretrain", "full", "lora", "qlora")},
                                    "distributed_overhead_mib": mib["distributed"]}, **source,
@@ -474,6 +499,7 @@ def run_all(args, names: list[str]) -> tuple[dict, list[dict]]:
     import psutil
 
     from toolkit.flops import measure_cpu_peak_flops
+    from toolkit.plan.cli import torch_is_cuda_build
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="check_plan_"))
     configs = {k: v for k, v in configurations(work, args.quick).items() if k in names}
@@ -481,7 +507,8 @@ def run_all(args, names: list[str]) -> tuple[dict, list[dict]]:
         (f" --only {args.only}" if args.only else "") + (" --default_malloc" if args.default_malloc else "")
     meta = {"date": datetime.date.today().isoformat(), "machine": machine(),
             "ram": float(psutil.virtual_memory().total),
-            "peak_flops": measure_cpu_peak_flops(), "default_malloc": args.default_malloc, "command": cmd}
+            "peak_flops": measure_cpu_peak_flops(), "default_malloc": args.default_malloc, "command": cmd,
+            "torch_cuda_build": torch_is_cuda_build()}
     rows = []
     for name, c in configs.items():
         base_model = None
@@ -519,7 +546,7 @@ def replan(row: dict, meta: dict) -> None:
     shape = plan.shape_from_config(row["config"], "recorded config")
     s = plan.Setup(task=row["task"], device="cpu", num_devices=row["procs"], device_memory=meta["ram"],
                    batch_size=row["batch"], seq_len=row["seq"], precision="fp32", gradient_checkpointing=row["ckpt"],
-                   attn=row["attn"])
+                   attn=row["attn"], torch_cuda_build=meta.get("torch_cuda_build", False))
     est = plan.estimate(shape, s, {"single": "single", "ddp": "ddp", "fsdp": "fsdp"}[row["launch"]])
     # the whole machine's measured peak, shared by the processes
     tps = plan.throughput(shape, s, est, meta["peak_flops"] / row["procs"])["tokens_per_s"]

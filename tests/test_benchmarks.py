@@ -115,9 +115,11 @@ def test_finetune_quick(tmp_path):
     assert by["lora"]["trainable"] < by["full"]["trainable"] / 2  # adapters train a fraction of the weights
     assert by["lora"]["saved_bytes"] < by["full"]["saved_bytes"]
     assert all(r["peak_rss"] > 100 * 2**20 and r["eval_loss"] > 0 and r["s_per_step"] > 0 for r in results)
-    # RssAnon: part of the RSS, and most of it (torch's own tensors are anonymous)
     if sys.platform.startswith("linux"):
-        assert all(r["peak_rss"] / 2 < r["peak_anon"] <= r["peak_rss"] for r in results)
+        # RssAnon is the RSS less its file-backed pages (a CUDA build of torch maps ~600 MiB of libraries even on CPU)
+        assert all(0 < r["peak_anon"] <= r["peak_rss"] for r in results)
+        # full fine-tuning holds AdamW's two fp32 moments of every weight, LoRA those of its adapters only
+        assert by["full"]["peak_anon"] - by["lora"]["peak_anon"] > 8 * by["full"]["trainable"]
     assert rows[0]["eval loss vs LoRA"].endswith("%") and "## 4. Fine-tuning" in doc
     # every method with the same checkpointing (the recipes' defaults differ), and the variant's flag reaches it
     assert all("--gradient_checkpointing false" in r["command"] for r in results)

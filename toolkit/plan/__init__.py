@@ -19,6 +19,7 @@ One concern per module:
 from toolkit.plan.advice import Plan, candidates, command_for, make_plan
 from toolkit.plan.calibration import (
     ASSUMED_MFU,
+    CPU_CUDA_BUILD_EXTRA,
     CPU_DEFAULT_MALLOC_MARGIN,
     CPU_DISTRIBUTED_OVERHEAD,
     CPU_OVERHEAD,
@@ -57,6 +58,7 @@ from toolkit.plan.speed import throughput
 __all__ = [
     "ASSUMED_MFU",
     "CPU_DEFAULT_MALLOC_MARGIN",
+    "CPU_CUDA_BUILD_EXTRA",
     "CPU_DISTRIBUTED_OVERHEAD",
     "CPU_OVERHEAD",
     "GPU_ALLOCATOR_SLACK",

@@ -176,6 +176,8 @@ def command_for(shape: Shape, s: Setup, est: Estimate) -> tuple[str, str]:
             args.append(f"--lora_dropout {s.lora_dropout:g}")
         if not s.double_quant and s.task == "qlora":
             args.append("--no_use_bnb_nested_quant")
+        if s.token_metrics:
+            args.append("--token_metrics true")
         if (not cpu or s.task == "qlora") and not est.gradient_checkpointing:
             # the LoRA recipes checkpoint by default on CUDA, qlora.py on CPU too
             args.append("--gradient_checkpointing false")

@@ -37,6 +37,8 @@ def constants(data: dict) -> dict:
         # Framework/runtime memory of one training process, not counted by the tensor formulas.
         "CPU_OVERHEAD": {task: mib * MiB for task, mib in cpu["overhead_mib"].items()},
         "CPU_DISTRIBUTED_OVERHEAD": cpu["distributed_overhead_mib"] * MiB,
+        # What a CUDA build of torch (PyPI's default on Linux) adds to it on a CPU: its CUDA libraries are resident.
+        "CPU_CUDA_BUILD_EXTRA": {task: mib * MiB for task, mib in sec["cpu_runtime_cuda_build"]["extra_mib"].items()},
         "CPU_DEFAULT_MALLOC_MARGIN": sec["cpu_default_malloc_margin"]["fraction"],
         "TRL_CPU_HEAD_TILES": sec["cpu_trl_head"]["fallback_live_tiles"],
         "GPU_CONTEXT": gpu["context_gib"] * GiB,
@@ -73,6 +75,7 @@ def update_section(name: str, values: dict, *, date: str, machine: str, command:
 _CONSTANTS = constants(read())
 CPU_OVERHEAD: dict[str, float] = _CONSTANTS["CPU_OVERHEAD"]
 CPU_DISTRIBUTED_OVERHEAD: float = _CONSTANTS["CPU_DISTRIBUTED_OVERHEAD"]
+CPU_CUDA_BUILD_EXTRA: dict[str, float] = _CONSTANTS["CPU_CUDA_BUILD_EXTRA"]
 CPU_DEFAULT_MALLOC_MARGIN: float = _CONSTANTS["CPU_DEFAULT_MALLOC_MARGIN"]
 TRL_CPU_HEAD_TILES: float = _CONSTANTS["TRL_CPU_HEAD_TILES"]
 GPU_CONTEXT: float = _CONSTANTS["GPU_CONTEXT"]

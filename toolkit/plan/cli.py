@@ -55,6 +55,16 @@ def detect_hardware() -> dict:
     return info
 
 
+def torch_is_cuda_build() -> bool:
+    """Whether the installed torch is a CUDA build (PyPI's default wheel on Linux), with or without a GPU: on a CPU its
+    CUDA libraries still add to every training process's resident memory."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.version.cuda is not None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(
         prog="toolkit plan",
@@ -89,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "module names, comma-separated (c_attn,c_proj,c_fc; default all)")
     t.add_argument("--lora_dropout", type=float, default=LORA_DROPOUT)
     t.add_argument("--no_double_quant", action="store_true", help="QLoRA without double quantisation of the absmax")
+    t.add_argument("--token_metrics", action="store_true",
+                   help="LoRA/QLoRA with --token_metrics: trl's fused LM head (in tiles) instead of the model's loss")
     h = p.add_argument_group("hardware (default: detect)")
     h.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     h.add_argument("--num_devices", type=int, default=None, help="GPUs (or CPU processes)")
@@ -149,7 +161,8 @@ def setup_from_args(args) -> tuple[Shape, Setup, float | None]:
               grad_accum=args.grad_accum,
               precision=precision, gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
               attn=args.attn, lora_r=args.lora_r, lora_targets=targets, lora_dropout=args.lora_dropout,
-              double_quant=not args.no_double_quant, cpu_ram=cpu_ram if device == "cuda" else 0.0)
+              double_quant=not args.no_double_quant, cpu_ram=cpu_ram if device == "cuda" else 0.0,
+              torch_cuda_build=device == "cpu" and torch_is_cuda_build(), token_metrics=args.token_metrics)
     peak = None
     if device == "cuda":
         from toolkit.flops import GPU_PEAK_BF16_FLOPS, gpu_peak_flops

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from toolkit.errors import UserError
 from toolkit.plan.calibration import (
+    CPU_CUDA_BUILD_EXTRA,
     CPU_DISTRIBUTED_OVERHEAD,
     CPU_OVERHEAD,
     GPU_ALLOCATOR_SLACK,
@@ -62,6 +63,8 @@ class Setup:
     lora_dropout: float = LORA_DROPOUT
     double_quant: bool = True
     cpu_ram: float = 0.0  # host RAM (for offload / the CPU side); 0 = unknown
+    torch_cuda_build: bool = False  # CPU: the installed torch is a CUDA build, whose libraries add resident memory
+    token_metrics: bool = False  # lora.py/qlora.py --token_metrics: trl's fused LM head instead of the model's loss
 
 
 @dataclass
@@ -120,7 +123,8 @@ def activation_terms(shape: Shape, s: Setup, batch_size: int, checkpointing: boo
     inputs are bf16 copies; LayerNorm, residual stream, pow and tanh stay fp32 (CUDA autocast op lists); a QLoRA
     base in bf16 makes the residual stream bf16 too. Dropout > 0 (GPT-2 checkpoints have 0.1) keeps masks.
     Loss head: transformers' loss keeps ln_f/lm_head inputs and, at the start of backward, three logits-sized fp32
-    tensors (log-softmax output, its gradient, the logits gradient); trl's fused head (LoRA recipes) works in tiles.
+    tensors (log-softmax output, its gradient, the logits gradient), the LoRA recipes too; with --token_metrics
+    they score through trl's fused head, which works in tiles.
     """
     b, T, d, L, V, a = batch_size, s.seq_len, shape.n_embd, shape.n_layer, shape.vocab_size, shape.n_head
     u = b * T * d
@@ -161,8 +165,8 @@ def activation_terms(shape: Shape, s: Setup, batch_size: int, checkpointing: boo
     embd_drop = mask * u if shape.embd_pdrop > 0 else 0
 
     n_tok = b * (T - 1)
-    if lora:
-        # trl's SFTTrainer scores tokens through a chunked, fused LM head: tiles of up to 4096 tokens x 32768 vocab,
+    if lora and s.token_metrics:
+        # --token_metrics: trl's chunked, fused LM head scores tokens in tiles of up to 4096 tokens x 32768 vocab,
         # never the whole logits. Without Triton (CPU) its torch fallback keeps ~8.3 fp32 tiles alive in backward
         # (measured: TRL_CPU_HEAD_TILES); with Triton, one bf16 tile plus the fp32 hidden-state gradient.
         tile = min(n_tok, 4096) * min(V, 32768)
@@ -170,7 +174,8 @@ def activation_terms(shape: Shape, s: Setup, batch_size: int, checkpointing: boo
         head_peak = 2 * tile + 4 * n_tok * d if mixed else TRL_CPU_HEAD_TILES * 4 * tile
         logits = 0.0
     else:
-        head_inputs = res * u + low * u  # ln_f input, lm_head input
+        # the model's own loss (toolkit.trainer.CausalLMLoss, also the fine-tuning recipes' default): full logits
+        head_inputs = res * u + (0 if lora else low * u)  # ln_f input, lm_head input (saved for a trained head only)
         logits = 4 * b * T * V
         head_peak = 3 * logits  # log-softmax output, its gradient, the logits gradient (fp32)
     # With checkpointing each block keeps only its input; during its backward one block is recomputed in full.
@@ -277,6 +282,9 @@ def estimate(shape: Shape, s: Setup, strategy: str, checkpointing: bool | None =
     if s.device == "cpu":
         overhead = CPU_OVERHEAD[s.task] + (CPU_DISTRIBUTED_OVERHEAD if n > 1 else 0)
         details["overhead"] = "python + torch + HF libraries + Trainer (measured RSS)"
+        if s.torch_cuda_build:
+            overhead += CPU_CUDA_BUILD_EXTRA[s.task]
+            details["overhead"] += f", +{CPU_CUDA_BUILD_EXTRA[s.task] / 2**20:.0f} MiB for torch's CUDA build"
     else:
         overhead = GPU_CONTEXT + GPU_ALLOCATOR_SLACK * tensors
         details["overhead"] = "CUDA context + allocator slack (estimate)"
