@@ -194,10 +194,17 @@ def test_check_plan_predicts_a_configuration_no_calibration_used(tmp_path):
     16 x 128 (a shape and batch no calibration row uses; tensors are half its peak) is predicted within 1% with it,
     and within 5% with the shipped constants, as docs/training_strategies.md claims. The same for qlora.py (4-bit
     base, activation checkpointing, the model's own loss head) on Hub-like gpt2-nano and gpt2-mini bases, within 2%
-    and 5%."""
+    and 5%.
+
+    With a CUDA build of torch (PyPI's default on Linux; CI installs the CPU build) the shipped constants add that
+    build's measured extra, its CUDA libraries' pages as mapped with a warm page cache: with a colder one up to
+    ~180 MiB fewer are resident, so there the shipped constants may predict up to 20% high, never more than 5% low."""
+    import torch
+
+    shipped_low, shipped_high = (0.95, 1.20) if torch.version.cuda else (0.95, 1.05)
     out = tmp_path / "rows.json"
     r = subprocess.run([sys.executable, "benchmarks/check_plan.py", "--quick", "--doc", "", "--work_dir",
-                        str(tmp_path), "--json", str(out), "--tolerance", "0.05"],
+                        str(tmp_path), "--json", str(out), "--tolerance", f"{shipped_high - 1:.2f}"],
                        capture_output=True, text=True, timeout=600, cwd=REPO, check=False)
     assert r.returncode == 0, r.stdout + r.stderr  # 0: every check within --tolerance
     rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
@@ -205,11 +212,11 @@ def test_check_plan_predicts_a_configuration_no_calibration_used(tmp_path):
     assert rows["quick-nano-1p"]["calibration"] and not check["calibration"]
     assert check["measured"][0] > 800 * MiB  # a real process: the runtime alone is ~0.6 GiB
     assert check["ratio_recalibrated"][0] == pytest.approx(1, abs=0.01), check
-    assert check["ratio"][0] == pytest.approx(1, abs=0.05), check
+    assert shipped_low <= check["ratio"][0] <= shipped_high, check
     qlora = rows["quick-mini-qlora-1p"]
     assert rows["quick-nano-qlora-1p"]["calibration"] and not qlora["calibration"] and qlora["ckpt"]
     assert qlora["ratio_recalibrated"][0] == pytest.approx(1, abs=0.02), qlora
-    assert qlora["ratio"][0] == pytest.approx(1, abs=0.05), qlora
+    assert shipped_low <= qlora["ratio"][0] <= shipped_high, qlora
 
 
 def _check_plan_module():
