@@ -11,7 +11,7 @@ What is compared: the planner's tensor memory (its total minus the CUDA-context 
 max_memory_allocated does not see) against the measured steady-state peak; the target is within 15% for every
 configuration. The planner's whole total is also set against max_memory_reserved + this process's non-PyTorch device
 memory (the CUDA context, measured with NVML), what `nvidia-smi` would show, so GPU_CONTEXT and GPU_ALLOCATOR_SLACK in
-toolkit/plan.py can be recalibrated from the record.
+toolkit/plan/calibration.json (section "gpu") can be refit from the record.
 """
 
 from __future__ import annotations
