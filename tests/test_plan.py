@@ -1,7 +1,7 @@
 """`toolkit plan`: the memory formulas, the recommendation and the command-line behaviour.
 
 Unit tests call the planner in-process (no training); one slow test runs benchmarks/check_plan.py --quick, two
-real pretrain.py runs whose measured peaks are compared with the prediction.
+real pretrain.py and two real qlora.py runs whose measured peaks are compared with the prediction.
 """
 
 from __future__ import annotations
