@@ -196,6 +196,25 @@ def test_validation_cap_and_the_one_document_corpus(tmp_path, tok):
     assert manifest["validation"]["rule"] == "tail of the only document"
 
 
+def test_a_validation_file_is_the_whole_validation_split_with_its_own_progress_bar(tmp_path, tok, capsys):
+    from toolkit.corpus import Corpus
+    from toolkit.prepare import build_store
+
+    docs, held_out = make_documents(120), make_documents(30, seed=1)
+    write_jsonl(tmp_path / "train.jsonl", docs)
+    write_jsonl(tmp_path / "valid.jsonl", held_out)
+    manifest = build_store(Corpus.from_files(str(tmp_path / "train.jsonl")), tok, str(tmp_path / "store"),
+                           validation_corpus=Corpus.from_files(str(tmp_path / "valid.jsonl")), progress=True)
+    train, _ = expected_streams(docs, tok, every=0)
+    val, _ = expected_streams(held_out, tok, every=0)
+    assert split_tokens(tmp_path / "store", "train") == train  # nothing held out of the training corpus
+    assert split_tokens(tmp_path / "store", "validation") == val
+    assert manifest["validation"]["rule"] == "documents from --validation_file"
+    err = capsys.readouterr().err
+    assert "prepare store:" in err and "prepare store (validation):" in err  # one bar per source
+    assert f"{len(train) + len(val):,} tokens tokenized" in manifest["_summary"]  # the summary counts both
+
+
 def test_prepare_resumes_after_sigkill_with_identical_bytes(tmp_path, tok, tiny_tokenizer_dir):
     """A real `toolkit prepare` process (2 workers) killed with SIGKILL mid-run, then the same command again: the
     store equals one made in one go (and by one process)."""

@@ -158,10 +158,13 @@ def build_store(
         if pending is not None:
             _split_only_document(*pending, tokenizer, validation_fraction, validation_max_tokens, train, val)
             manifest["validation"]["rule"] = "tail of the only document"
-        if validation_corpus is not None:
-            for (ids, lengths, nbytes, _), _batch in encoded_batches(
+        if validation_corpus is not None:  # its own bar after the training one; its tokens count in the summary
+            meter.close()
+            meter = _Progress(validation_corpus, progress, output_dir, meter, "validation")
+            for (ids, lengths, nbytes, peak), batch in encoded_batches(
                 validation_corpus.batches(batch_chars=batch_chars), backend, eos_id, dtype, num_proc
             ):
+                meter.update(batch, len(ids), peak if num_proc > 1 else 0)
                 val.add(ids, np.cumsum(lengths), nbytes, 0)
         if doc == 0 and pending is None and not train.shards and not train.fill:
             raise UserError("the corpus has no documents; point the source at data with text")
@@ -223,7 +226,8 @@ def _split_only_document(ids, lengths, nbytes, tokenizer, fraction, max_tokens, 
 class _Progress:
     """A tqdm bar over the source (bytes of files, or documents) with tokens/s and MB/s of text."""
 
-    def __init__(self, corpus: Corpus, enabled: bool, output_dir: str):
+    def __init__(self, corpus: Corpus, enabled: bool, output_dir: str, before: _Progress | None = None,
+                 split: str = ""):
         from tqdm.auto import tqdm
 
         total, unit = corpus.progress_total()
@@ -232,12 +236,15 @@ class _Progress:
             unit=unit,
             unit_scale=True,
             disable=not enabled,
-            desc=f"prepare {os.path.basename(output_dir)}",
+            desc=f"prepare {os.path.basename(output_dir)}" + (f" ({split})" if split else ""),
             dynamic_ncols=True,
             smoothing=0.1,
         )
-        self.tokens = self.chars = self.worker_peak_kib = 0
-        self.start = time.time()
+        # a later source's bar (the --validation_file) carries the counts on, so the summary covers both
+        self.tokens, self.chars, self.worker_peak_kib = (
+            (before.tokens, before.chars, before.worker_peak_kib) if before else (0, 0, 0)
+        )
+        self.start = before.start if before else time.time()
         self.position = None
 
     def update(self, batch, tokens: int, worker_peak_kib: int) -> None:
