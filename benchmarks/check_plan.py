@@ -470,10 +470,11 @@ def write_calibration(path: Path, rows: list[dict], runtime: dict[str, float], m
     mib = {task: 5 * round(value / MiB / 5) for task, value in runtime.items()}
     if meta.get("torch_cuda_build"):
         # a CUDA build of torch: only what it adds to the CPU build's term (measured with a CPU build) is refitted
-        from toolkit.plan.calibration import CPU_DISTRIBUTED_OVERHEAD, CPU_OVERHEAD
+        from toolkit.plan.calibration import read
 
-        extra = {t: mib[t] - round(CPU_OVERHEAD[t] / MiB) for t in ("pretrain", "full", "lora", "qlora")}
-        ranks = mib["distributed"] - round(CPU_DISTRIBUTED_OVERHEAD / MiB)
+        cpu = read(path)["sections"]["cpu_runtime"]["values"]  # the file being refit, not the imported copy
+        extra = {t: mib[t] - cpu["overhead_mib"][t] for t in ("pretrain", "full", "lora", "qlora")}
+        ranks = mib["distributed"] - cpu["distributed_overhead_mib"]
         update_section("cpu_runtime_cuda_build", {"extra_mib": extra}, **source,
                        notes=f"What a CUDA build of torch adds to cpu_runtime's term when training on a CPU (its CUDA "
                              f"libraries are resident too): this run's runtime term {mib} minus cpu_runtime's (a CPU "

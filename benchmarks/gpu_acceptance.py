@@ -1020,6 +1020,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.budget_s < 60:
         p.error(f"--budget_s {args.budget_s} is too short to run anything; give at least 60 (default 480)")
+    # absolute: they go into PYTHONPATH and commands of processes that may run in other folders
+    args.site, args.work = os.path.abspath(args.site), os.path.abspath(args.work)
     if args.child:
         child = {"install": child_install, "env": child_env_report, "mfu": child_mfu, "mfu_shape": child_mfu_shape}[
             args.child
