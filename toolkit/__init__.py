@@ -31,6 +31,7 @@ Each module owns one concern:
   evaluation - `toolkit eval`: loss, perplexity, bits per byte over any text, in streamed windows
   text_stream - text to evaluate as token id arrays: read in pieces, tokenized on a background thread
   lm_eval_tasks - lm-evaluation-harness benchmarks on a loaded model (toolkit eval --tasks, pretrain --eval_tasks)
+  third_party - what the libraries underneath may fetch or print: Hub kernels from the cache, no foreign noise
   hub        - `toolkit push` and the pre-training push checks
   plan       - `toolkit plan`: memory per device, recipe and command
   cli        - the `toolkit` console command and its subcommands
@@ -38,8 +39,7 @@ Each module owns one concern:
 
 __version__ = "0.1.0"
 
-import logging as _logging
+from toolkit import third_party as _third_party
 
-# bitsandbytes tries to fetch an optional CPU 4-bit kernel from the Hub on import and warns when it
-# can't (always, offline); the built-in kernel is used instead, so the warning is only noise.
-_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
+# Before transformers, peft or bitsandbytes are imported: what they may fetch or print (toolkit/third_party.py).
+_third_party.quiet()

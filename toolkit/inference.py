@@ -108,7 +108,7 @@ def load_for_inference(model_name: str, adapter: str | None = None, adapter_cfg:
     """The model in eval mode on `device` (with the adapter applied, unmerged), and its tokenizer."""
     import torch
 
-    from toolkit.lora import compute_dtype, load_base_model
+    from toolkit.lora import compute_dtype, load_adapter, load_base_model
     from toolkit.tokenizer import load_tokenizer
 
     device = resolve_device(device)
@@ -118,12 +118,10 @@ def load_for_inference(model_name: str, adapter: str | None = None, adapter_cfg:
     model = load_base_model(model_name, dtype=torch_dtype)
     name = model_name
     if adapter:
-        from peft import PeftModel
-
         recorded = (adapter_cfg or {}).get("base_model_name_or_path")
         fix = "pass as MODEL the base it was trained on (or leave MODEL out to use the one it records)"
         try:
-            model = PeftModel.from_pretrained(model, adapter, token=token)
+            model = load_adapter(model, adapter, token=token)
         except RuntimeError:  # load_state_dict: size mismatch
             raise UserError(f"adapter '{adapter}' does not fit model '{model_name}' (tensor shapes differ: it was "
                             f"trained on another base); {fix}") from None
@@ -137,5 +135,10 @@ def load_for_inference(model_name: str, adapter: str | None = None, adapter_cfg:
     if adapter and os.path.isfile(os.path.join(adapter, "tokenizer_config.json")):
         tokenizer = load_tokenizer(adapter)  # the adapter folder keeps the tokenizer it was trained with
     tokenizer = tokenizer or load_tokenizer(model_name)
+    # GPT-2 pads with its EOS, and a prompt that starts a document starts with EOS: transformers' "input_ids may be
+    # padded" check (the config's pad id first or last, the all-ones mask dropped before the forward) would misfire
+    # on it. Nothing loaded here is ever padded; generation takes its pad id from generation_config.
+    if model.config.pad_token_id is not None and model.config.pad_token_id == model.config.eos_token_id:
+        model.config.pad_token_id = None
     model.to(device).eval()
     return Loaded(model, tokenizer, name, str(torch_dtype).replace("torch.", ""), device)

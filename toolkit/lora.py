@@ -20,6 +20,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from toolkit import third_party
 from toolkit.cpu_allocator import large_blocks_from_mmap, release_freed_memory
 from toolkit.distributed import fsdp_requested
 from toolkit.errors import UserError
@@ -89,6 +90,19 @@ def build_lora_config(args: LoraArguments, model, quantized: bool):
         # GPT-2 ties head and embedding: train them as one matrix, as the base has them.
         ensure_weight_tying=bool(modules_to_save) and getattr(model.config, "tie_word_embeddings", True),
     )
+
+
+def load_adapter(model, adapter: str, token: str | None = None):
+    """peft's PeftModel.from_pretrained with `fan_in_fan_out` set for the layers this base has: a QLoRA adapter
+    (trained on bitsandbytes' Linear layers) on a full-precision GPT-2 (Conv1D layers) needs True, a LoRA adapter on
+    a 4-bit base False. peft flips it itself too, but with a warning on every load."""
+    from peft import PeftConfig, PeftModel
+    from transformers.pytorch_utils import Conv1D
+
+    config = PeftConfig.from_pretrained(adapter, token=token)
+    if hasattr(config, "fan_in_fan_out"):
+        config.fan_in_fan_out = any(isinstance(m, Conv1D) for m in model.modules())
+    return PeftModel.from_pretrained(model, adapter, config=config, token=token)
 
 
 def trainable_parameters_line(model) -> str:
@@ -252,6 +266,8 @@ def load_quantized_base_model(name_or_path: str, quantization_config, dtype, dev
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     check_base_model(name_or_path)
+    if getattr(quantization_config, "load_in_4bit", False) and device_map in (None, "cpu", {"": "cpu"}):
+        third_party.note_4bit_on_cpu()
     try:
         config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
         files = _checkpoint_files(name_or_path, revision)

@@ -18,9 +18,8 @@ def merge_adapter(adapter: str, output_dir: str, base_model: str | None = None, 
                   token: str | None = None, overwrite: bool = False) -> str:
     """Load base (full precision) + adapter, merge_and_unload, save_pretrained; return output_dir."""
     import torch
-    from peft import PeftModel
 
-    from toolkit.lora import load_base_model
+    from toolkit.lora import load_adapter, load_base_model
     from toolkit.tokenizer import load_tokenizer
 
     if os.path.isfile(os.path.join(output_dir, "config.json")) and not overwrite:
@@ -34,7 +33,7 @@ def merge_adapter(adapter: str, output_dir: str, base_model: str | None = None, 
         raise UserError("the adapter does not record its base model; pass --base_model_name_or_path")
     model = load_base_model(base, dtype=getattr(torch, dtype))
     try:
-        model = PeftModel.from_pretrained(model, adapter, token=token)
+        model = load_adapter(model, adapter, token=token)
     except RuntimeError:  # load_state_dict: size mismatch
         raise UserError(
             f"adapter '{adapter}' does not fit base '{base}' (tensor shapes differ: it was trained on another base); "
