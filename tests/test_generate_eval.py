@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import GPT2_TOKENIZER, REPO, embedded_texts, needs_shared, run_script
+from conftest import GPT2_TOKENIZER, REPO, embedded_texts, needs_shared, require_dev, run_script
 
 ENGLISH = ("The quick brown fox jumps over the lazy dog. "
            "A stitch in time saves nine; the early bird catches the worm.\n"
@@ -346,7 +346,7 @@ def hellaswag_rows(right_is_favoured: bool) -> list[dict]:
 
 
 def test_lm_eval_scores_a_hellaswag_format_task_offline(tiny_model_dir, tmp_path, capsys):
-    pytest.importorskip("lm_eval", reason="lm-eval is part of the [dev] extra")
+    require_dev("lm_eval")
     from toolkit import evaluation
 
     tasks = tmp_path / "tasks"
@@ -366,7 +366,7 @@ def test_lm_eval_scores_a_hellaswag_format_task_offline(tiny_model_dir, tmp_path
 
 
 def test_unknown_task_is_one_line(tiny_model_dir, tmp_path, capsys):
-    pytest.importorskip("lm_eval", reason="lm-eval is part of the [dev] extra")
+    require_dev("lm_eval")
     from toolkit import evaluation
 
     code, _, err = run_main(evaluation, [str(tiny_model_dir), "--tasks", "hellaswagg",
@@ -381,7 +381,7 @@ def test_unknown_task_is_one_line(tiny_model_dir, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_pretrain_logs_bits_per_byte_that_toolkit_eval_reproduces_and_writes_a_card(tmp_path, small_text_file, capsys):
-    pytest.importorskip("lm_eval", reason="lm-eval is part of the [dev] extra")
+    require_dev("lm_eval")
     from huggingface_hub import ModelCard
 
     from toolkit import evaluation

@@ -16,7 +16,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import pytest
-
 from conftest import PROGRESS_BAR, REPO, run_script, script_env
 
 pytestmark = pytest.mark.slow
@@ -86,7 +85,8 @@ def test_the_line_check_tells_ours_from_theirs():
             "prepare store: 100%|██████████| 34.0/34.0 [00:00<00:00, 719B/s]"]
     theirs = ["Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because Hugging Face "
               "Hub is in offline mode.",
-              "[transformers] We strongly recommend passing in an `attention_mask` since your input_ids may be padded.",
+              "[transformers] We strongly recommend passing in an `attention_mask` since your input_ids may be "
+              "padded.",
               "/x/transformers/modeling_utils.py:3314: FutureWarning: `is_gradient_checkpointing` is deprecated",
               "  warnings.warn("]
     assert foreign_lines("\n".join(ours)) == []
@@ -98,13 +98,11 @@ def main_jobs(tmp_path_factory):
     """The README's main job and the fine-tuning recipes after it, in a fresh folder: {name: CompletedProcess}."""
     cwd = tmp_path_factory.mktemp("main-jobs")
     short = ["--max_steps", "4"]
+    few = ["--max_train_samples", "16", "--max_eval_samples", "4"]
     runs = {}
-    for name, args in [
-        ("pretrain", [str(REPO / "recipes" / "pretrain.py"), *short, "--eval_steps", "2"]),
-        ("lora", [str(REPO / "recipes" / "lora.py"), *short, "--max_train_samples", "16", "--max_eval_samples", "4"]),
-        ("qlora", [str(REPO / "recipes" / "qlora.py"), *short, "--max_train_samples", "16", "--max_eval_samples", "4"]),
-    ]:
-        runs[name] = run_script(args, cwd=cwd)
+    for name, args in [("pretrain", [*short, "--eval_steps", "2"]), ("lora", [*short, *few]),
+                       ("qlora", [*short, *few])]:
+        runs[name] = run_script([str(REPO / "recipes" / f"{name}.py"), *args], cwd=cwd)
         assert runs[name].returncode == 0, f"{name} failed:\n{runs[name].stderr[-3000:]}"
     return cwd, runs
 
