@@ -326,7 +326,8 @@ def split_validation(streams, percentage, max_tokens=5_000_000):
 
 
 def read_store(store, split):
-    """A `toolkit prepare` store: manifest.json + raw token shards, read one after another as nanoGPT reads .bin."""
+    """A `toolkit prepare` store: manifest.json + raw token shards, memory-mapped as nanoGPT maps its .bin (read
+    only when a batch needs them)."""
     path = os.path.join(store, "manifest.json")
     if not os.path.isfile(path):
         die(f"'{store}' has no manifest.json; pass a folder written by `toolkit prepare`")
@@ -334,24 +335,44 @@ def read_store(store, split):
         manifest = json.load(f)
     if not manifest.get("complete"):
         die(f"token store '{store}' is incomplete; rerun the `toolkit prepare` command that writes it to finish it")
-    return np.concatenate([np.memmap(os.path.join(store, s["file"]), dtype=manifest["dtype"], mode="r")
-                           for s in manifest["splits"][split]["shards"]]).astype(np.int64)
+    return [np.memmap(os.path.join(store, s["file"]), dtype=manifest["dtype"], mode="r")
+            for s in manifest["splits"][split]["shards"]]
 
 
-def pack(stream, block_size):
-    """Cut a token stream into (n_blocks, block_size) rows, inputs and labels at once; a partial tail is dropped."""
-    n = len(stream) // block_size
-    return torch.from_numpy(stream[: n * block_size].reshape(n, block_size))
+class Blocks:
+    """A token stream kept in pieces (a store's shards, or one array) cut into rows of block_size tokens, inputs and
+    labels at once; a partial tail is dropped. Rows are read per batch, so a 10B-token store trains in flat memory."""
+
+    def __init__(self, pieces, block_size):
+        self.pieces, self.T = pieces, block_size
+        self.starts = np.cumsum([0] + [len(p) for p in pieces])  # where each piece begins in the stream
+        self.n = int(self.starts[-1]) // block_size
+
+    def __len__(self):
+        return self.n
+
+    def row(self, i):  # a block may span two shards
+        start, end = i * self.T, (i + 1) * self.T
+        k = int(np.searchsorted(self.starts, start, side="right")) - 1
+        parts = []
+        while start < end:
+            take = min(end, int(self.starts[k + 1])) - start
+            parts.append(self.pieces[k][start - self.starts[k]:start - self.starts[k] + take])
+            start, k = start + take, k + 1
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def __getitem__(self, index):  # a slice or a tensor of block indices -> (n, block_size) int64
+        rows = range(self.n)[index] if isinstance(index, slice) else index.tolist()
+        return torch.from_numpy(np.stack([self.row(i) for i in rows]).astype(np.int64))
 
 
 @functools.lru_cache(maxsize=1)  # one epoch's order, kept for its steps
-def epoch_batches(n_train, batch_size, seed, epoch, rank, world):
-    """The block indices of this rank's batches in one epoch, exactly as HF Trainer + accelerate order them (the
-    parity tests need it): a permutation seeded with seed + epoch, consecutive slices of batch_size (a partial last
-    batch dropped), batch i*world + r to rank r (leftover batches that cannot go to every rank dropped too)."""
-    perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed + epoch))
-    n_per_rank = (n_train // batch_size) // world
-    return [perm[(i * world + rank) * batch_size:(i * world + rank + 1) * batch_size] for i in range(n_per_rank)]
+def epoch_order(n_train, seed, epoch):
+    """The block order of one epoch exactly as HF Trainer + accelerate draw it (the parity tests need it): a
+    permutation seeded with seed + epoch. Batch b of rank r is its slice (b * world + r) * B ... + B: consecutive
+    slices of B blocks dealt round-robin to the ranks, a partial last batch and leftovers that cannot go to every rank
+    dropped (see batches_per_rank)."""
+    return torch.randperm(n_train, generator=torch.Generator().manual_seed(seed + epoch))
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -475,14 +496,14 @@ def main(argv=None):
     tokenizer = load_tokenizer(tok_folder)
     eos_id, vocab = tokenizer.token_to_id(EOS), tokenizer.get_vocab_size(with_added_tokens=True)
     if args.token_store:
-        train_stream, val_stream = read_store(args.token_store, "train"), read_store(args.token_store, "validation")
-        if train_stream.max(initial=0) >= vocab:
+        train_pieces, val_pieces = read_store(args.token_store, "train"), read_store(args.token_store, "validation")
+        if max(shard.max(initial=0) for shard in train_pieces) >= vocab:  # one pass through the maps, page by page
             die(f"'{args.token_store}' holds ids beyond this tokenizer; drop --tokenizer_name to use the store's own")
     else:
         streams = [np.array(e.ids + [eos_id], dtype=np.int64)  # each document's ids, then EOS
                    for e in tokenizer.encode_batch(docs, add_special_tokens=False)]
-        train_stream, val_stream = split_validation(streams, args.validation_split_percentage)
-    train_blocks, val_blocks = pack(train_stream, T), pack(val_stream, T)
+        train_pieces, val_pieces = ([stream] for stream in split_validation(streams, args.validation_split_percentage))
+    train_blocks, val_blocks = Blocks(train_pieces, T), Blocks(val_pieces, T)
     if len(train_blocks) < B * world or len(val_blocks) == 0:
         die(f"{len(train_blocks)} training, {len(val_blocks)} validation blocks of {T} tokens: under a batch per "
             "process or no validation block; use more text or lower --block_size / --per_device_train_batch_size")
@@ -491,7 +512,8 @@ def main(argv=None):
     token_bytes = torch.zeros(vocab, dtype=torch.long)
     for piece, i in tokenizer.get_vocab(with_added_tokens=True).items():
         token_bytes[i] = 0 if i == eos_id else len(piece)
-    val_bytes_per_token = token_bytes[val_blocks[:, 1:]].sum().item() / val_blocks[:, 1:].numel()
+    scored = val_blocks[:][:, 1:]  # the validation split is small (toolkit prepare caps it at 5M tokens)
+    val_bytes_per_token = token_bytes[scored].sum().item() / scored.numel()
 
     # ---- Model: from a checkpoint, or fresh with GPT-2 init. The embedding is padded to a multiple of 64
     # (nanoGPT: 50304 instead of 50257 makes GPU matmuls faster); the extra rows never appear as targets.
@@ -539,7 +561,8 @@ def main(argv=None):
         torch.set_rng_state(state["rng"].cpu())  # dropout masks continue as if never interrupted
 
     # ---- Bookkeeping: throughput, MFU and the metrics file (appended to when resuming).
-    updates_per_epoch = math.ceil((len(train_blocks) // B) // world / G)  # the last update may use fewer micro-batches
+    batches_per_rank = (len(train_blocks) // B) // world  # per epoch
+    updates_per_epoch = math.ceil(batches_per_rank / G)  # the last update may use fewer micro-batches
     n_params, (peak, peak_src) = sum(p.numel() for p in params), peak_flops(device)
     flops_per_token = 6 * (n_params - cfg["n_positions"] * cfg["n_embd"]) + 12 * cfg["n_layer"] * cfg["n_embd"] * T
     if master:
@@ -584,7 +607,9 @@ def main(argv=None):
     while step < args.max_steps:
         # The data position is a pure function of the step, so a resumed run continues the same order.
         epoch, u = divmod(step, updates_per_epoch)
-        micro = epoch_batches(len(train_blocks), B, args.seed, epoch, rank, world)[u * G:(u + 1) * G]
+        order = epoch_order(len(train_blocks), args.seed, epoch)
+        micro = [order[(b * world + rank) * B:(b * world + rank + 1) * B]
+                 for b in range(u * G, min((u + 1) * G, batches_per_rank))]
         lr_scale = lr_factor(step, args.warmup_steps, args.max_steps, args.min_lr_rate)
         for opt, peaks in zip(optimizers, peak_lrs):
             for group, peak_lr in zip(opt.param_groups, peaks):
