@@ -211,4 +211,5 @@ def push(trainer, repo_id: str) -> str | None:
         return None
     args = trainer.args
     return push_folder(args.output_dir, repo_id, private=bool(args.hub_private_repo), token=args.hub_token,
+                       trained_model=trainer.model,
                        commit_message=f"Upload adapter from {os.path.basename(os.path.abspath(args.output_dir))}")
