@@ -168,8 +168,8 @@ def _uploaded_files(folder: str) -> list[str]:
     return out
 
 
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f} MiB"
+def _size(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n / 1024:.0f} KiB"
 
 
 def _logits(model, ids):
@@ -235,8 +235,8 @@ def check_adapter_folder(folder: str, trained_model=None, base_model: str | None
     implied = 4 * sum(t.numel() for t in expected.values())
     weight_bytes = sum(os.path.getsize(os.path.join(folder, f)) for f in files if f.endswith(WEIGHT_SUFFIXES))
     if weight_bytes > SIZE_FACTOR * implied + SIZE_SLACK:
-        raise UserError(f"'{folder}' holds {_mib(weight_bytes)} of weight files, far more than the {_mib(implied)} "
-                        f"its adapter_config.json implies (r={config.get('r')}, "
+        raise UserError(f"'{folder}' holds {_size(weight_bytes)} of weight files, far more than the "
+                        f"{_size(implied)} its adapter_config.json implies (r={config.get('r')}, "
                         f"{len(config.get('target_modules') or [])} target module name(s)); remove the extra files "
                         "or save the adapter alone, then push again")
     missing = [k for k in expected if k not in saved]
