@@ -95,6 +95,8 @@ RANGES: dict[str, Range] = {
     "lora_r": AT_LEAST_1, "lora_alpha": POSITIVE, "lora_dropout": FRACTION,
     # evaluation during training
     "eval_tasks_limit": POSITIVE,
+    # training guard (toolkit/guard.py)
+    "spike_threshold": Range(1, low_open=True), "max_rollbacks": AT_LEAST_1,
 }
 
 
