@@ -60,7 +60,8 @@ def _pretrain(tmp_path, small_text_file, capsys, *extra):
 
 def _lines(err: str) -> list[str]:
     """stderr's lines, progress bars left out."""
-    return [text for part in re.split(r"[\r\n]", err) if (text := PROGRESS_BAR.sub("", part).strip())]
+    parts = (PROGRESS_BAR.sub("", part).replace("\x1b[A", "").strip() for part in re.split(r"[\r\n]", err))
+    return [text for text in parts if text]
 
 
 def _warnings(err: str) -> list[str]:

@@ -206,11 +206,18 @@ class TrainingGuard:
         checkpoint = get_last_checkpoint(folder) if os.path.isdir(folder) else None
         if checkpoint is None:
             return None
-        if self.is_fsdp_enabled:
-            self._load_from_checkpoint(checkpoint, self.model_wrapped)
-        else:
-            self._load_from_checkpoint(checkpoint)
-        self._load_optimizer_and_scheduler(checkpoint)
+        from transformers.utils import logging
+
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()  # "missing keys: lm_head.weight": tied to the embedding, which is loaded
+        try:
+            if self.is_fsdp_enabled:
+                self._load_from_checkpoint(checkpoint, self.model_wrapped)
+            else:
+                self._load_from_checkpoint(checkpoint)
+            self._load_optimizer_and_scheduler(checkpoint)
+        finally:
+            logging.set_verbosity(verbosity)
         return checkpoint
 
 
