@@ -155,3 +155,88 @@ def test_a_learning_rate_that_makes_the_weights_nan_stops_with_one_line(tmp_path
     error = _error(err)
     assert error.startswith("error: the guard skipped the update 3 times in a row (last: step ")
     assert "not finite); stopping: lower --learning_rate" in error
+
+
+@pytest.mark.slow
+def test_lora_recipe_skips_a_nan_batch(tmp_path, tiny_model_dir, small_text_file, capsys, monkeypatch):
+    from test_lora import FAST_TRAIN, run_recipe
+
+    poison = Poison(monkeypatch, steps=[3], factor=float("nan"))
+    capsys.readouterr()
+    metrics = run_recipe("lora", ["--model_name_or_path", str(tiny_model_dir), "--train_file", str(small_text_file),
+                                  "--output_dir", str(tmp_path / "o"), *FAST_TRAIN, "--gradient_accumulation_steps",
+                                  "1", "--on_spike", "skip"])
+    err = capsys.readouterr().err
+    assert poison.unchanged(3) and not poison.unchanged(2) and not poison.unchanged(4)
+    [line] = _warnings(err)
+    assert line.startswith("warning: non-finite loss at step 3: loss nan, gradient norm nan: not finite; data: "
+                           "samples 16-23 of the run's order; largest gradient norms: transformer.h.")
+    assert line.endswith("update skipped")
+    assert metrics["train_steps"] == 8 and torch.isfinite(torch.tensor(metrics["eval_loss_after"]))
+
+
+# A recipe run under a launcher, with the loss of one rank's batch at one step made NaN; every rank writes the sum of
+# its weights (its shard's, under FSDP2) at the start of each training step to RECORD.<rank>.
+WRAPPER = """
+import functools, json, os, runpy, sys
+from transformers import GPT2LMHeadModel
+
+rank = int(os.environ.get("RANK", "0"))
+record, poison_rank, poison_step = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+real, step = GPT2LMHeadModel.forward, [0]
+
+@functools.wraps(real)
+def forward(model, *args, **kwargs):
+    out = real(model, *args, **kwargs)
+    if model.training:
+        step[0] += 1
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+        total = sum(float(t.detach().double().sum()) for t in local)
+        with open(f"{record}.{rank}", "a") as f:
+            f.write(json.dumps([step[0], total]) + "\\n")
+        if rank == poison_rank and step[0] == poison_step:
+            out.loss = out.loss * float("nan")
+    return out
+
+GPT2LMHeadModel.forward = forward
+sys.argv = ["recipes/pretrain.py", *sys.argv[4:]]
+runpy.run_path("recipes/pretrain.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch", ["ddp", "fsdp2"])
+def test_a_nan_on_one_rank_skips_the_update_on_every_rank(tmp_path, tiny_tokenizer_dir, small_text_file, launch):
+    import json
+
+    from conftest import REPO, free_port, run_script
+
+    wrapper = tmp_path / "poisoned_pretrain.py"
+    wrapper.write_text(WRAPPER)
+    record = tmp_path / "weights"
+    if launch == "ddp":
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    else:
+        launcher = ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" /
+                                                                              "fsdp_cpu.yaml"),
+                    "--main_process_port", str(free_port())]
+    result = run_script([*launcher, str(wrapper), str(record), "1", "4",
+                         "--preset", "gpt2-nano", "--tokenizer_name", str(tiny_tokenizer_dir),
+                         "--train_file", str(small_text_file), "--data_cache_dir", str(tmp_path / "cache"),
+                         "--block_size", "32", "--per_device_train_batch_size", "4", "--max_steps", "6",
+                         "--warmup_steps", "2", "--logging_steps", "1", "--eval_strategy", "no", "--save_strategy",
+                         "no", "--report_to", "none", "--sample_max_new_tokens", "4", "--use_cpu", "true",
+                         "--optim", "adamw_torch_fused", "--output_dir", str(tmp_path / "out")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    [line] = _warnings(result.stderr)  # rank 0 reports it, for every rank
+    assert line.startswith("warning: non-finite loss at step 4: loss nan, gradient norm nan: not finite; data: "
+                           "samples 24-31 of the run's order; train blocks ")
+    assert len(line.split("train blocks ")[1].split(" (")[0].split(", ")) == 8  # both ranks' blocks
+    sums = {}
+    for rank in (0, 1):
+        rows = [json.loads(x) for x in (tmp_path / f"weights.{rank}").read_text().splitlines()]
+        sums[rank] = {step: total for step, total in rows}
+        assert sums[rank][4] == sums[rank][5], (rank, sums[rank])  # step 4's update skipped on this rank too
+        assert sums[rank][3] != sums[rank][4] and sums[rank][5] != sums[rank][6]
+    if launch == "ddp":
+        assert sums[0] == sums[1]  # the replicas stayed identical
