@@ -198,8 +198,8 @@ HELP_FLAGS = ("-h", "--help")
 
 def _help_cache(recipe: str) -> str:
     """Where this recipe's --help text is kept: one file per version of the options (the argument modules' source,
-    toolkit/presets.py whose constants some defaults are, transformers and trl) and machine (its defaults are in the
-    text)."""
+    toolkit/presets.py and toolkit/guard.py whose constants some defaults are, transformers and trl) and machine (its
+    defaults are in the text)."""
     import glob
     import hashlib
     import importlib.metadata
@@ -212,7 +212,8 @@ def _help_cache(recipe: str) -> str:
         except importlib.metadata.PackageNotFoundError:
             pass
     here = os.path.dirname(__file__)
-    for path in [*sorted(glob.glob(os.path.join(here, "*.py"))), os.path.join(here, os.pardir, "presets.py")]:
+    for path in [*sorted(glob.glob(os.path.join(here, "*.py"))), os.path.join(here, os.pardir, "presets.py"),
+                 os.path.join(here, os.pardir, "guard.py")]:
         with open(path, "rb") as f:
             digest.update(f.read())
     name = f"{recipe}-{digest.hexdigest()[:16]}.txt"
