@@ -145,7 +145,8 @@ class TrainingGuard:
             stats = self.accelerator.reduce(stats, reduction="mean")
         loss_value, norm_value = stats.tolist()
         step = self.state.global_step + 1  # the step being taken
-        if getattr(self.accelerator, "scaler", None) is not None and math.isfinite(loss_value):
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and math.isfinite(loss_value) and not math.isfinite(norm_value):
             return  # fp16: inf gradients with a finite loss are the loss scaler's overflows; it skips the step itself
         finite = math.isfinite(loss_value) and math.isfinite(norm_value)
         median = statistics.median(self._guard_history) if len(self._guard_history) >= SPIKE_MIN_HISTORY else None
