@@ -66,6 +66,7 @@ def main() -> None:
 
     from toolkit import data, flops, presets
     from toolkit.callbacks import GracefulStopCallback, LossCurveCallback, plot_loss_curve
+    from toolkit.guard import WithPosition
     from toolkit.lm_metrics import eval_bytes_per_token as eval_bytes_per_token_of
     from toolkit.model_card import write_pretrain_card
     from toolkit.run_dir import check_resume_compatible, load_pretrained_model, prepare_output_dir
@@ -196,7 +197,7 @@ def main() -> None:
     trainer = PretrainTrainer(
         model=model,
         args=training_args,
-        train_dataset=train_dataset,
+        train_dataset=train_dataset if streaming else WithPosition(train_dataset, data_args.block_size),  # guard
         eval_dataset=eval_dataset,
         data_collator=default_data_collator,
         processing_class=tokenizer,

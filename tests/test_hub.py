@@ -56,8 +56,9 @@ IDS = torch.arange(20).reshape(1, 20)
 @pytest.mark.slow
 def test_push_then_download_gives_the_same_logits(tmp_path, tiny_model_dir, small_text_file):
     """One fresh process (HF_ENDPOINT -> the test server, HF_TOKEN set): the lora recipe's command line with
-    --config + overrides + --push_to_hub; `toolkit push` of another adapter into a private repo; then both
-    adapters downloaded with PeftModel.from_pretrained from that endpoint."""
+    --config + overrides + --push_to_hub; `toolkit push` of another adapter into a private repo, and of a folder
+    holding its base (refused before upload); then both adapters downloaded with PeftModel.from_pretrained from that
+    endpoint."""
     out = tmp_path / "run"
     recipe_argv = ["--config", "recipes/configs/lora_gpt2.yaml",
                    "--model_name_or_path", str(tiny_model_dir), "--train_file", str(small_text_file),
@@ -79,6 +80,14 @@ sys.argv = ["recipes/lora.py", *{recipe_argv!r}]
 runpy.run_path("recipes/lora.py", run_name="__main__")
 from toolkit.cli import main
 assert main(["push", {str(adapter)!r}, "someone/tiny-lora", "--private"]) == 0
+import shutil
+shutil.copytree({str(adapter)!r}, {str(tmp_path / "bad")!r})
+shutil.copy({str(tiny_model_dir / "model.safetensors")!r}, {str(tmp_path / "bad")!r})
+try:
+    main(["push", {str(tmp_path / "bad")!r}, "someone/bad-lora"])
+    raise AssertionError("pushed an adapter folder holding its base")
+except SystemExit as exc:
+    assert exc.code == 2
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 for repo in ("someone/run-lora", "someone/tiny-lora"):
@@ -93,6 +102,11 @@ for repo in ("someone/run-lora", "someone/tiny-lora"):
         assert result.returncode == 0, result.stderr[-3000:]
         assert TOKEN not in result.stdout + result.stderr
         assert f"{hub.url}/someone/run-lora" in result.stdout and "removed base_model" in result.stdout
+        # both adapters were checked before upload; the folder holding the base was refused and never sent
+        assert f"checked {out}: reloaded on its base, outputs match the trained model" in result.stdout
+        assert f"checked {adapter}: " in result.stdout and "tensors reload on their base" in result.stdout
+        assert "error: '" in result.stderr and "holds base model weights (model.safetensors)" in result.stderr
+        assert "someone/bad-lora" not in hub.repos
 
         # the recipe pushed its finished folder: adapter, tokenizer, card, metrics
         run = hub.repos["someone/run-lora"]
@@ -142,6 +156,122 @@ def test_push_refuses_bad_input_before_contacting_the_hub(tmp_path, capsys):
     (tmp_path / "a" / "adapter_config.json").write_text("{}")
     assert "not a Hub repo id" in err([str(tmp_path / "a"), "some one/x!"])
     assert "no namespace" in err([str(tmp_path / "a"), "justaname"])
+
+
+def _adapter_error(folder, **kwargs) -> str:
+    from toolkit.errors import UserError
+    from toolkit.hub import check_adapter_folder
+
+    with pytest.raises(UserError) as exc:
+        check_adapter_folder(str(folder), **kwargs)
+    message = str(exc.value)
+    assert "\n" not in message
+    return message
+
+
+def test_an_adapter_is_checked_before_it_is_pushed(tmp_path, tiny_model_dir):
+    """The checks `toolkit push` and --push_to_hub run on an adapter folder before any upload: it reloads on its base
+    with the values saved (and the outputs of the model it was saved from); base weights, extra bulk, a partial save
+    or a folder that does not match the trained model are refused with one line."""
+    import shutil
+
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    from toolkit import lora
+    from toolkit.hub import check_adapter_folder
+
+    good = tmp_path / "good"
+    _tiny_adapter(tiny_model_dir, good)
+    assert "reload on their base" in check_adapter_folder(str(good))
+    trained = PeftModel.from_pretrained(lora.load_base_model(str(tiny_model_dir)), good, is_trainable=True)
+    trained.train()
+    before = _model_logits(trained)
+    note = check_adapter_folder(str(good), trained_model=trained)
+    assert "outputs match the trained model" in note
+    # the trained model is left as it was: same outputs, its adapter active, in training mode
+    assert trained.active_adapter == "default" and list(trained.peft_config) == ["default"] and trained.training
+    assert torch.equal(_model_logits(trained), before)
+
+    def variant(name):
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        return folder
+
+    # the full base saved beside the adapter (transformers#28297)
+    folder = variant("with-base")
+    shutil.copy(tiny_model_dir / "model.safetensors", folder / "model.safetensors")
+    assert "holds base model weights (model.safetensors) beside its adapter" in _adapter_error(folder)
+    # base tensors inside adapter_model.safetensors
+    folder = variant("base-inside")
+    tensors = load_file(folder / "adapter_model.safetensors")
+    tensors["base_model.model.transformer.wte.weight"] = load_file(tiny_model_dir / "model.safetensors")[
+        "transformer.wte.weight"]
+    save_file(tensors, folder / "adapter_model.safetensors")
+    assert "holds 1 tensor(s) that are not part of the adapter" in _adapter_error(folder)
+    # a folder far larger than its config implies: a stray training-state dump of 2 MiB
+    folder = variant("bulky")
+    (folder / "global_step8").mkdir()
+    torch.save({"state": torch.zeros(1 << 19)}, folder / "global_step8" / "mp_rank_00_model_states.pt")
+    err = _adapter_error(folder)
+    assert "MiB of weight files, far more than the" in err and "its adapter_config.json implies (r=4" in err
+    # half the tensors (one rank's shard, accelerate#4206)
+    folder = variant("partial")
+    tensors = load_file(folder / "adapter_model.safetensors")
+    save_file(dict(list(tensors.items())[: len(tensors) // 2]), folder / "adapter_model.safetensors")
+    kept = len(tensors) // 2
+    assert f"lacks {len(tensors) - kept} of the adapter's {len(tensors)} tensors" in _adapter_error(folder)
+    # the folder holds another adapter than the one trained: refused with the figure
+    other = tmp_path / "other"
+    _tiny_adapter(tiny_model_dir, other)
+    tensors = load_file(other / "adapter_model.safetensors")
+    save_file({k: v * 1.5 for k, v in tensors.items()}, other / "adapter_model.safetensors")
+    err = _adapter_error(other, trained_model=trained)
+    assert err.startswith(f"the adapter in '{other}' does not reload as trained: its outputs differ from the trained "
+                          "model's by ")
+    assert float(err.split(" by ")[1].split(" ")[0]) > 1e-4
+    assert torch.equal(_model_logits(trained), before)
+    # a config that scales the update otherwise than the one trained
+    folder = variant("other-alpha")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["lora_alpha"] = 2 * config["lora_alpha"]
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    err = _adapter_error(folder, trained_model=trained)
+    assert err.startswith(f"'{folder}' adapter_config.json does not match the trained adapter (lora_alpha ")
+
+
+def test_toolkit_push_checks_an_adapter_on_the_base_given_or_not_at_all(tmp_path, tiny_model_dir, capsys):
+    """`toolkit push`: --base_model_name_or_path names the base when the recorded one moved; --no_verify skips the
+    check (here the suite's offline Hub is what stops it)."""
+    from toolkit import hub
+
+    def err(argv):
+        with pytest.raises(SystemExit) as exc:
+            hub.main(argv)
+        assert exc.value.code == 2
+        return capsys.readouterr().err.strip()
+
+    folder = tmp_path / "adapter"
+    _tiny_adapter(tiny_model_dir, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "moved")
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    assert "does not exist" in err([str(folder), "someone/x"])
+    capsys.readouterr()
+    # with the base named, the check passes and the push goes on to the (offline) Hub
+    assert "cannot reach the Hub" in err([str(folder), "someone/x", "--base_model_name_or_path", str(tiny_model_dir)])
+    (folder / "model.safetensors").write_bytes((tiny_model_dir / "model.safetensors").read_bytes())
+    assert "holds base model weights" in err([str(folder), "someone/x"])
+    assert "cannot reach the Hub" in err([str(folder), "someone/x", "--no_verify"])
+
+
+def _model_logits(model):
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=IDS).logits
+    model.train(was_training)
+    return out
 
 
 def test_recipe_refuses_push_without_a_repo_id(tmp_path, tiny_model_dir, small_text_file, capsys):

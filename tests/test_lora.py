@@ -214,6 +214,40 @@ def test_merge_gives_same_logits_as_base_plus_adapter(tmp_path, tiny_model_dir, 
     assert type(merged.transformer.h[0].attn.c_attn).__name__ == "Conv1D"  # a plain GPT-2 again
     torch.testing.assert_close(_logits(merged, ids), _logits(reference, ids), rtol=0, atol=1e-5)
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
+    # the merge check ran and its figure is in the merged model's card
+    card = (tmp_path / "merged" / "README.md").read_text()
+    figure = float(card.split("differ from base + adapter by ")[1].split(" ")[0])
+    assert 0 <= figure <= merge.MERGE_TOLERANCE["float32"] and "tolerance 0.0001 for float32" in card
+
+
+def test_merge_check_refuses_a_merge_that_changes_the_model(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """A merge that loses the adapter's update (as unsloth#1089 / peft#1388 report) is refused with both figures and
+    nothing written; --no_verify writes it and the card says the check was skipped; a real bf16 merge passes."""
+    from peft.tuners.lora import LoraModel
+
+    from toolkit import merge
+
+    model = _lora_model(tiny_model_dir, quantized=False)
+    model.save_pretrained(tmp_path / "adapter")
+    argv = ["--adapter", str(tmp_path / "adapter"), "--output_dir", str(tmp_path / "merged")]
+
+    assert merge.main([*argv[:3], str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    assert "for bfloat16" in (tmp_path / "bf16" / "README.md").read_text()
+
+    # a merge that drops the adapter: the base comes back unchanged
+    monkeypatch.setattr(LoraModel, "merge_and_unload", LoraModel.unload)
+    err = user_error(capsys, merge.main, argv)
+    assert err.startswith("error: merge check failed: the merged model's logits differ from base + adapter by ")
+    relative = float(err.split(" by ")[1].split(" ")[0])
+    assert relative > merge.MERGE_TOLERANCE["float32"] and "tolerance 0.0001 for float32" in err
+    merged_loss, reference_loss = (float(x) for x in
+                                   err.split("loss on the sample text ")[1].split(" base + adapter")[0]
+                                   .split(" merged vs "))
+    assert merged_loss != reference_loss and "--no_verify" in err
+    assert not (tmp_path / "merged").exists()
+
+    assert merge.main([*argv, "--no_verify"]) == 0
+    assert "Merge check: skipped (`--no_verify`)" in (tmp_path / "merged" / "README.md").read_text()
 
 
 # ----------------------------------------------------------------------------------------- data formats

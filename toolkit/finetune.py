@@ -54,9 +54,10 @@ def make_trainer(**kwargs):
 
     from toolkit.callbacks import GracefulStopCallback
     from toolkit.distributed import DistributedSetupCallback
+    from toolkit.guard import TrainingGuard
     from toolkit.trainer import CausalLMLoss, CrashSafeCheckpoints, mark_causal_lm_loss
 
-    class FinetuneTrainer(CausalLMLoss, CrashSafeCheckpoints, SFTTrainer):
+    class FinetuneTrainer(TrainingGuard, CausalLMLoss, CrashSafeCheckpoints, SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.args.token_metrics:  # trl's fused head: entropy and top-1 accuracy in the logs, at a cost
                 return SFTTrainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
@@ -211,4 +212,5 @@ def push(trainer, repo_id: str) -> str | None:
         return None
     args = trainer.args
     return push_folder(args.output_dir, repo_id, private=bool(args.hub_private_repo), token=args.hub_token,
+                       trained_model=trainer.model,
                        commit_message=f"Upload adapter from {os.path.basename(os.path.abspath(args.output_dir))}")

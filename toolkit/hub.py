@@ -3,10 +3,16 @@
 Also `push_folder()`, used by the recipes' --push_to_hub. The token comes from where huggingface_hub
 looks for it (HF_TOKEN, `hf auth login`'s stored token) or --token; it is sent to the Hub only and
 never printed or logged. HF_ENDPOINT (read when huggingface_hub is imported) selects another Hub.
+
+An adapter folder is checked before anything is uploaded (`check_adapter_folder`): no base model weights in it
+(transformers#28297), no more weight bytes than its adapter_config.json implies (trl#1287), and it reloads on its
+base with the weights, and the outputs, of the model that was trained (accelerate#4206 saved a shard only).
 """
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import os
 
 from toolkit.errors import OneLineArgumentParser, UserError, exit_on_user_error
@@ -14,6 +20,14 @@ from toolkit.errors import OneLineArgumentParser, UserError, exit_on_user_error
 # Never uploaded: pickled training state and bulky checkpoints (the folder keeps them locally).
 IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "runs/**", "training_args.bin", "optimizer.pt", "scheduler.pt",
                    "rng_state*.pth", "*.lock", ".cache/**"]
+BASE_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                     "pytorch_model.bin.index.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+# An adapter folder may hold up to this many times the weight bytes its config implies at fp32 (plus SIZE_SLACK):
+# a saved adapter is that size or half of it (bf16); more means something else was saved with it.
+SIZE_FACTOR = 2
+SIZE_SLACK = 1 << 20
+RELOAD_TOLERANCE = 1e-4  # relative logit difference, reloaded vs trained: the same weights give the same logits
 
 
 def fix_card_base_model(folder: str) -> str | None:
@@ -57,8 +71,12 @@ def _check_repo_id(repo_id: str | None, option: str = "the repo id") -> None:
 
 
 def push_folder(folder: str, repo_id: str, private: bool = False, commit_message: str = "Upload with gpt2-toolkit",
-                token: str | None = None, revision: str | None = None) -> str:
-    """Create `repo_id` if needed and upload `folder` to it in one commit; return the repo URL."""
+                token: str | None = None, revision: str | None = None, trained_model=None, verify: bool = True,
+                base_model: str | None = None) -> str:
+    """Create `repo_id` if needed and upload `folder` to it in one commit; return the repo URL.
+
+    An adapter folder (adapter_config.json) is checked first (check_adapter_folder) unless verify=False;
+    `trained_model` is the PeftModel it was saved from, whose outputs the reloaded adapter must give."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -66,6 +84,8 @@ def push_folder(folder: str, repo_id: str, private: bool = False, commit_message
         raise UserError(f"'{folder}' is not a folder with files to push; "
                         "pass the output_dir of a recipe or a model folder")
     _check_repo_id(repo_id)
+    if verify and os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        print(check_adapter_folder(folder, trained_model, base_model, token))
     note = fix_card_base_model(folder)
     if note:
         print(note)
@@ -114,9 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--revision", default=None, help="branch to push to (default: main)")
     parser.add_argument("--token", default=None,
                         help="Hub token (default: HF_TOKEN or the stored login); never printed")
+    parser.add_argument("--base_model_name_or_path", default=None,
+                        help="an adapter's base, for the reload check (default: the one in adapter_config.json)")
+    parser.add_argument("--no_verify", action="store_true",
+                        help="push an adapter folder without checking that it reloads on its base")
     args = parser.parse_args(argv)
     push_folder(args.folder, args.repo_id, private=args.private, commit_message=args.commit_message,
-                token=args.token, revision=args.revision)
+                token=args.token, revision=args.revision, verify=not args.no_verify,
+                base_model=args.base_model_name_or_path)
     return 0
 
 
@@ -130,3 +155,133 @@ def check_push_ready(repo_id: str | None, token: str | None = None) -> None:
     _check_repo_id(repo_id, "--hub_model_id")
     if not (token or get_token()):
         raise UserError("--push_to_hub but no Hub token found; run `hf auth login` or set HF_TOKEN, then start again")
+
+
+def _uploaded_files(folder: str) -> list[str]:
+    """The folder's files (relative paths) that upload_folder sends: IGNORE_PATTERNS left out."""
+    out = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+            if not any(fnmatch.fnmatch(rel, pattern) for pattern in IGNORE_PATTERNS):
+                out.append(rel)
+    return out
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n / 1024:.0f} KiB"
+
+
+def _logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=ids.to(model.device)).logits.float().cpu()
+
+
+def _relative_difference(a, b) -> float:
+    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
+
+
+def _is_sharded(model) -> bool:
+    """FSDP2 parameters are DTensors: a forward on one rank alone would wait for the others."""
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def check_adapter_folder(folder: str, trained_model=None, base_model: str | None = None,
+                         token: str | None = None) -> str:
+    """Refuse (one line) an adapter folder holding base weights, far larger than its config implies, or that does
+    not reload on its base as `trained_model` (the in-memory PeftModel the recipe trained, if given) computes;
+    return a note on what was checked."""
+    import torch
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    files = _uploaded_files(folder)
+    base_files = [f for f in files if f in BASE_WEIGHT_FILES or fnmatch.fnmatch(f, "model-*-of-*.safetensors")]
+    if base_files:
+        raise UserError(f"'{folder}' holds base model weights ({base_files[0]}) beside its adapter; remove them (the "
+                        "adapter loads on its base) or push the merged model (toolkit merge) to its own repo")
+    weights = os.path.join(folder, "adapter_model.safetensors")
+    if not os.path.isfile(weights):
+        raise UserError(f"'{folder}' has adapter_config.json but no adapter_model.safetensors; "
+                        "save the adapter with save_pretrained (safetensors) and push again")
+    with open(os.path.join(folder, "adapter_config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    sharded = trained_model is not None and _is_sharded(trained_model)
+    if trained_model is None or sharded:
+        from toolkit.lora import load_adapter, load_base_model
+
+        base = base_model or config.get("base_model_name_or_path")
+        if not base:
+            raise UserError(f"'{folder}' does not record its base model; pass --base_model_name_or_path to check "
+                            "it reloads (or --no_verify)")
+        try:
+            model = load_adapter(load_base_model(base), folder, token=token)
+        except (RuntimeError, ValueError):  # shapes or target modules do not fit
+            raise UserError(f"adapter '{folder}' does not reload on its base '{base}' (it does not fit: trained "
+                            "on another base?); pass --base_model_name_or_path with the model it was trained on"
+                            ) from None
+    else:
+        model = trained_model
+    expected = get_peft_model_state_dict(model)
+    with safe_open(weights, "pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+    extra = [k for k in saved if k not in expected]
+    if extra:
+        raise UserError(f"'{folder}' adapter_model.safetensors holds {len(extra)} tensor(s) that are not part of the "
+                        f"adapter its config describes (such as {extra[0]}: base model weights?); save the adapter "
+                        "alone with save_pretrained of the PeftModel and push again")
+    implied = 4 * sum(t.numel() for t in expected.values())
+    weight_bytes = sum(os.path.getsize(os.path.join(folder, f)) for f in files if f.endswith(WEIGHT_SUFFIXES))
+    if weight_bytes > SIZE_FACTOR * implied + SIZE_SLACK:
+        raise UserError(f"'{folder}' holds {_size(weight_bytes)} of weight files, far more than the "
+                        f"{_size(implied)} its adapter_config.json implies (r={config.get('r')}, "
+                        f"{len(config.get('target_modules') or [])} target module name(s)); remove the extra files "
+                        "or save the adapter alone, then push again")
+    missing = [k for k in expected if k not in saved]
+    if missing:
+        raise UserError(f"'{folder}' adapter_model.safetensors lacks {len(missing)} of the adapter's "
+                        f"{len(expected)} tensors (such as {missing[0]}: a save from one rank's shard?); save the "
+                        "whole adapter (on rank 0 after gathering) and push again")
+    if trained_model is None or sharded:
+        for key, tensor in saved.items():  # the reload put the saved values in the model
+            if not torch.equal(expected[key].cpu().to(tensor.dtype), tensor):
+                raise UserError(f"'{folder}' did not reload as saved ({key} differs after loading); "
+                                "save it again with save_pretrained")
+        return f"checked {folder}: {len(saved)} adapter tensors reload on their base"
+    return _compare_with_trained(folder, model, config, saved)
+
+
+def _compare_with_trained(folder: str, model, config: dict, saved: dict) -> str:
+    """Load the folder's config and weights into the trained model's own adapter, compare the logits with the
+    trained ones, then put the trained weights back: same base, device and dtype, no second copy of the model."""
+    import torch
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    active = model.active_adapter
+    trained_config = model.peft_config[active].to_dict()
+    for key in ("peft_type", "r", "lora_alpha", "use_rslora", "fan_in_fan_out", "target_modules", "modules_to_save"):
+        mine, theirs = trained_config.get(key), config.get(key)
+        if isinstance(mine, (list, set, tuple)) or isinstance(theirs, (list, set, tuple)):
+            mine, theirs = sorted(mine or []), sorted(theirs or [])
+        if mine != theirs:
+            raise UserError(f"'{folder}' adapter_config.json does not match the trained adapter ({key} {theirs} vs "
+                            f"{mine}); save it again with save_pretrained and push with `toolkit push`")
+    ids = torch.arange(32).reshape(1, 32) % model.config.vocab_size
+    was_training = model.training
+    model.eval()
+    trained_weights = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    try:
+        trained = _logits(model, ids)
+        set_peft_model_state_dict(model, saved, adapter_name=active)
+        reloaded = _logits(model, ids)
+    finally:
+        set_peft_model_state_dict(model, trained_weights, adapter_name=active)
+        model.train(was_training)
+    difference = _relative_difference(reloaded, trained)
+    if not difference <= RELOAD_TOLERANCE:
+        raise UserError(f"the adapter in '{folder}' does not reload as trained: its outputs differ from the trained "
+                        f"model's by {difference:.3g} (relative; tolerance {RELOAD_TOLERANCE:g}); nothing pushed. "
+                        "Save it again with save_pretrained and push with `toolkit push`")
+    return f"checked {folder}: reloaded on its base, outputs match the trained model (difference {difference:.2g})"

@@ -251,3 +251,27 @@ def write_pretrain_card(args, model_args, data_args, config, tokenizer, n_params
         metrics={k: metrics[k] for k in keys if k in metrics}, benchmarks=benchmark.last if benchmark else None,
         command=reproduce_command("recipes/pretrain.py", sys.argv[1:]), base_model=model_args.model_name_or_path,
         dataset_hub_id=data_args.dataset_name, sample=sample, repo_id=args.hub_model_id if push_to_hub else None)
+
+
+def write_merged_model_card(output_dir: str, *, adapter: str, base_model: str, dtype: str,
+                            check: dict | None) -> str:
+    """OUTPUT_DIR/README.md for `toolkit merge`: what was merged, and the merge check's figure (or that it was
+    skipped)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    hub_base = card_base_model(base_model)
+    data = ModelCardData(base_model=hub_base, library_name="transformers", pipeline_tag="text-generation",
+                         tags=["gpt2", "merge", "lora", "gpt2-toolkit"])
+    if check:
+        check_line = (f"Merge check: on {check['tokens']} tokens of built-in sample text the merged model's logits "
+                      f"differ from base + adapter by {check['relative_logit_difference']:.3g} (max, relative to the "
+                      f"largest logit; tolerance {check['tolerance']:g} for {dtype}); loss "
+                      f"{check['loss_merged']:.4f} merged vs {check['loss_base_plus_adapter']:.4f} base + adapter.")
+    else:
+        check_line = "Merge check: skipped (`--no_verify`); the merged logits were not compared with base + adapter."
+    lines = ["---", data.to_yaml(), "---", "", f"# {os.path.basename(os.path.abspath(output_dir))}", "",
+             f"The LoRA adapter `{adapter}` merged into `{base_model}` ({dtype}) with `toolkit merge` (gpt2-toolkit); "
+             "a plain transformers model, loadable without peft.", "", check_line, ""]
+    path = os.path.join(output_dir, "README.md")
+    ModelCard("\n".join(lines)).save(path)
+    return path

@@ -11,6 +11,8 @@
   bits per byte do not: toolkit/lm_metrics.py), and optionally lm-eval benchmark scores, in the same log
   record, so they reach the console, tensorboard and trainer_state.json. (A TrainerCallback's on_evaluate runs
   after that record is logged, so the additions are made here.)
+- A non-finite loss or gradient never reaches the weights, and loss spikes are reported and handled per --on_spike
+  (toolkit/guard.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
 from toolkit.errors import UserError
+from toolkit.guard import TrainingGuard
 from toolkit.lm_metrics import bits_per_byte_from_mean, perplexity
 
 STAGING_DIR = ".incomplete"
@@ -98,7 +101,7 @@ class CausalLMLoss:
                                     num_items_in_batch=num_items_in_batch)
 
 
-class PretrainTrainer(CausalLMLoss, CrashSafeCheckpoints, Trainer):
+class PretrainTrainer(TrainingGuard, CausalLMLoss, CrashSafeCheckpoints, Trainer):
     """`eval_bytes_per_token`: UTF-8 bytes per scored validation token (lm_metrics.eval_bytes_per_token), to
     report eval_bits_per_byte; `benchmark`: a callable (model, tokenizer) -> {name: score} run on the main process at
     every evaluation (lm_eval_tasks.BenchmarkDuringTraining), its scores logged as eval_<name>."""

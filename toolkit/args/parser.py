@@ -95,6 +95,8 @@ RANGES: dict[str, Range] = {
     "lora_r": AT_LEAST_1, "lora_alpha": POSITIVE, "lora_dropout": FRACTION,
     # evaluation during training
     "eval_tasks_limit": POSITIVE,
+    # training guard (toolkit/guard.py)
+    "spike_threshold": Range(1, low_open=True), "max_rollbacks": AT_LEAST_1,
 }
 
 
@@ -196,8 +198,8 @@ HELP_FLAGS = ("-h", "--help")
 
 def _help_cache(recipe: str) -> str:
     """Where this recipe's --help text is kept: one file per version of the options (the argument modules' source,
-    toolkit/presets.py whose constants some defaults are, transformers and trl) and machine (its defaults are in the
-    text)."""
+    toolkit/presets.py and toolkit/guard.py whose constants some defaults are, transformers and trl) and machine (its
+    defaults are in the text)."""
     import glob
     import hashlib
     import importlib.metadata
@@ -210,7 +212,8 @@ def _help_cache(recipe: str) -> str:
         except importlib.metadata.PackageNotFoundError:
             pass
     here = os.path.dirname(__file__)
-    for path in [*sorted(glob.glob(os.path.join(here, "*.py"))), os.path.join(here, os.pardir, "presets.py")]:
+    for path in [*sorted(glob.glob(os.path.join(here, "*.py"))), os.path.join(here, os.pardir, "presets.py"),
+                 os.path.join(here, os.pardir, "guard.py")]:
         with open(path, "rb") as f:
             digest.update(f.read())
     name = f"{recipe}-{digest.hexdigest()[:16]}.txt"
