@@ -166,6 +166,12 @@ class FinetuneConfig(SFTConfig):
         metadata={"help": "Also log per-token entropy and top-1 accuracy (trl's fused LM head, which computes the "
                           "head again in the backward pass: slower steps; off by default)."},
     )
+    skip_memory_check: bool = field(
+        default=False,
+        metadata={"help": "Start even when `toolkit plan`'s formulas say the run does not fit the memory (GPU memory, or "
+                          "the CPU RAM available); by default the recipe stops before any work with what it needs, "
+                          "what there is and the planner's fix (toolkit/preflight.py)."},
+    )
     sample_prompt: str | None = field(
         default=None, metadata={"help": "Prompt for the generated sample (default: from the eval data)."}
     )
