@@ -168,8 +168,8 @@ class FinetuneConfig(SFTConfig):
     )
     skip_memory_check: bool = field(
         default=False,
-        metadata={"help": "Start even when `toolkit plan`'s formulas say the run does not fit the memory (GPU memory, or "
-                          "the CPU RAM available); by default the recipe stops before any work with what it needs, "
+        metadata={"help": "Start even when `toolkit plan`'s formulas say the run does not fit the memory (GPU memory "
+                          "or the CPU RAM available); by default the recipe stops before any work with what it needs, "
                           "what there is and the planner's fix (toolkit/preflight.py)."},
     )
     sample_prompt: str | None = field(
