@@ -38,7 +38,7 @@ class DataArguments:
         default=None, metadata={"help": "Hub dataset name or local dataset folder (datasets.load_dataset)."}
     )
     dataset_config_name: str | None = field(
-        default=None, metadata={"help": "Dataset configuration name (also --dataset_config)."}
+        default=None, metadata={"help": "Dataset configuration name."}
     )
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_test_split: str = field(
@@ -46,7 +46,7 @@ class DataArguments:
     )
     train_file: str | None = field(
         default=None,
-        metadata={"help": "A .txt / .json / .jsonl / .csv / .parquet file (also --data). Default, with no "
+        metadata={"help": "A .txt / .json / .jsonl / .csv / .parquet file. Default, with no "
                           "--dataset_name either: the embedded Python documentation corpus as plain text."},
     )
     validation_file: str | None = field(
@@ -135,7 +135,7 @@ class FinetuneConfig(SFTConfig):
     )
     activation_checkpointing: bool = field(
         default=False,
-        metadata={"help": "Recompute activations in the backward pass (also --gradient_checkpointing). Default: on "
+        metadata={"help": "Recompute activations in the backward pass. Default: on "
                           "with CUDA and for qlora.py; lora.py on CPU: off, ~30%% faster steps."},
     )
     activation_checkpointing_kwargs: dict | str | None = field(
