@@ -127,8 +127,9 @@ def first_fix(run, plan) -> str:
     if choice is None:
         task = plan.setup.task
         if task in ("pretrain", "full"):
+            more = "more GPUs" if plan.setup.device == "cuda" else "a machine with more RAM"
             return ("nothing fits even at micro-batch 1 with gradient checkpointing: a smaller model "
-                    "(--preset or smaller --n_layer/--n_embd) or more devices")
+                    f"(--preset or smaller --n_layer/--n_embd) or {more}")
         if task == "lora":
             return "nothing fits even at micro-batch 1 with gradient checkpointing: recipes/qlora.py or a smaller base"
         return "nothing fits even at micro-batch 1 with gradient checkpointing: a smaller base"
