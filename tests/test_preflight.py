@@ -199,15 +199,67 @@ def test_the_guides_multi_process_scenarios_stop_on_every_rank_with_the_planners
     if launch == "torchrun":
         cmd = ["-m", "torch.distributed.run", "--nproc_per_node=4", "--master_port", str(free_port()),
                "recipes/pretrain.py", "--n-layer", "48", "--n-head", "16", "--n-embd", "1600"]
-        where = "DDP"
+        where, ranks = "DDP", 4
     else:
         cmd = ["-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/fsdp_cpu.yaml",
                "--main_process_port", str(free_port()), "recipes/pretrain.py", "--model", "gpt2-xl"]
-        where = "FSDP2"
+        where, ranks = "FSDP2", 2
     result = run_script([*cmd, "--output_dir", str(tmp_path / "o")], env={"GPT2_TOOLKIT_MEMORY": "8GB"},
                         timeout=300)
     assert result.returncode != 0
     lines = [x for x in result.stderr.splitlines() if "out of memory before it starts" in x]
     assert lines and all(f"({where}, micro-batch 16 x 128 tokens)" in x for x in lines), result.stderr[-3000:]
-    assert "processes" in lines[0] and "Traceback" not in result.stderr
+    # the launcher ends the other ranks once one has stopped: at least one line, each the same verdict
+    assert 1 <= len(lines) <= ranks and all(f"x {ranks} processes" in x for x in lines)
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------- adapters others can load
+
+
+@pytest.mark.slow
+def test_an_adapter_trained_on_a_local_base_loads_from_the_hub_on_its_pushed_base(tmp_path, tiny_model_dir,
+                                                                                  small_text_file):
+    """The base pushed first (`toolkit push`), the adapter trained on the local folder and pushed with
+    --base_model_hub_id; then, as someone else would, AutoPeftModelForCausalLM.from_pretrained(adapter repo) from
+    the local Hub server: it finds the base there and gives the logits of the local adapter on the local base."""
+    import torch
+    from hub_server import HubServer
+    from test_hub import TOKEN, hub_env
+
+    out = tmp_path / "adapter"
+    recipe_argv = ["--model_name_or_path", str(tiny_model_dir), "--train_file", str(small_text_file),
+                   "--output_dir", str(out), "--max_steps", "2", "--lora_r", "2", *TINY_FINETUNE,
+                   "--push_to_hub", "--hub_model_id", "someone/tiny-adapter", "--base_model_hub_id",
+                   "someone/tiny-base"]
+    script = f"""
+import runpy, sys, torch
+from toolkit import fast_exit
+fast_exit.exit_now = lambda code=0: None  # the script goes on after the recipe (its os._exit would end it here)
+from toolkit.cli import main
+assert main(["push", {str(tiny_model_dir)!r}, "someone/tiny-base"]) == 0
+sys.argv = ["recipes/lora.py", *{recipe_argv!r}]
+runpy.run_path("recipes/lora.py", run_name="__main__")
+from peft import AutoPeftModelForCausalLM
+model = AutoPeftModelForCausalLM.from_pretrained("someone/tiny-adapter")
+model.eval()
+with torch.no_grad():
+    torch.save(model(input_ids=torch.arange(20).reshape(1, 20)).logits, {str(tmp_path / "hub.pt")!r})
+"""
+    with HubServer() as hub:
+        result = run_script(["-c", script], env=hub_env(hub, tmp_path), timeout=420)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert TOKEN not in result.stdout + result.stderr
+        card = hub.repos["someone/tiny-adapter"].files["README.md"].decode()
+    assert "base_model: someone/tiny-base" in card
+    assert "AutoPeftModelForCausalLM.from_pretrained('someone/tiny-adapter')" in card
+    assert "path/to/this/adapter" not in card.split("## Use")[1].split("```")[1]
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    local = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out))
+    local.eval()
+    with torch.no_grad():
+        expected = local(input_ids=torch.arange(20).reshape(1, 20)).logits
+    torch.testing.assert_close(torch.load(tmp_path / "hub.pt", weights_only=True), expected, rtol=0, atol=1e-6)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)

@@ -148,7 +148,7 @@ def first_fix(run, plan) -> str:
     from toolkit.plan import GiB
 
     how = " ".join(changes) or choice.name
-    return f"{how}: {choice.name}, {choice.total / GiB:.1f} GiB, fits ({plan.setup.device} plan of `toolkit plan`)"
+    return f"{how}, {choice.total / GiB:.1f} GiB ({choice.name}: `toolkit plan`'s first choice)"
 
 
 # ------------------------------------------------------------------------------------------------ the recipes
