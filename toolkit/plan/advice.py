@@ -13,7 +13,7 @@ from toolkit.errors import UserError
 from toolkit.plan.calibration import CPU_DEFAULT_MALLOC_MARGIN, GiB
 from toolkit.plan.memory import LORA_MODULES, Estimate, Setup, estimate
 from toolkit.plan.shapes import Shape
-from toolkit.plan.speed import throughput
+from toolkit.plan.speed import speedups, throughput
 from toolkit.presets import GPT2_VOCAB_SIZE, LORA_DROPOUT, PRESETS, pad_vocab
 
 
@@ -49,6 +49,7 @@ class Plan:
     command: str = ""
     accelerate_config: str = ""
     throughput: dict = field(default_factory=dict)
+    speedups: dict = field(default_factory=dict)  # the guide's ratios by the planner's speed model
 
 
 def make_plan(shape: Shape, s: Setup, strategy: str = "auto", peak_flops: float | None = None) -> Plan:
@@ -124,6 +125,7 @@ def make_plan(shape: Shape, s: Setup, strategy: str = "auto", peak_flops: float 
     if choice is not None:
         plan.accelerate_config, plan.command = command_for(shape, s, choice)
         plan.throughput = throughput(shape, s, choice, peak_flops)
+        plan.speedups = speedups(shape, s, peak_flops)
     return plan
 
 
