@@ -168,6 +168,19 @@ def preflight_example() -> str:
     return f"```text\nerror: {line}\n```"
 
 
+def speed_check_table() -> str:
+    """benchmarks/fit_speed.py's comparison: the speed model's ratios against the CPU measurements."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fit_speed", REPO / "benchmarks" / "fit_speed.py")
+    fit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit)
+    rows = ["| measurement (docs/benchmarks.md) | measured | speed model | error |", "|---|---:|---:|---:|"]
+    for m, predicted in fit.compare():
+        rows.append(f"| {m['what']} | {m['measured']:.3f} | {predicted:.3f} | {predicted / m['measured'] - 1:+.1%} |")
+    return "\n".join(rows)
+
+
 def scenarios_table() -> str:
     rows = ["| scenario | command | verdict |", "|---|---|---|"]
     for what, argv in SCENARIOS:
@@ -177,7 +190,8 @@ def scenarios_table() -> str:
 
 TABLES = {
     "docs/training_strategies.md": {"pretrain": pretrain_table, "finetune": finetune_table, "speed": speed_table,
-                                    "scenarios": scenarios_table, "preflight": preflight_example},
+                                    "scenarios": scenarios_table, "preflight": preflight_example,
+                                    "speed-check": speed_check_table},
     "docs/benchmarks.md": {"qlora-vs-lora-cpu": qlora_vs_lora_cpu},
 }
 INLINE = {"qlora-vs-lora-cpu"}  # a fragment of a sentence; the others are tables on lines of their own
