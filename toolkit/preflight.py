@@ -161,13 +161,13 @@ def pretrain(model_args, data_args, training_args) -> None:
     note = choose_pretrain_tokenizer(model_args, data_args)
     if note and training_args.process_index == 0:
         print(note)
-    shape = pretrain_shape(model_args)
+    shape = pretrain_shape(model_args, data_args)
     if shape is not None:
         task = "full" if model_args.model_name_or_path else "pretrain"
         check(shape, task, training_args, data_args.block_size, attn=model_args.attn_implementation)
 
 
-def pretrain_shape(model_args):
+def pretrain_shape(model_args, data_args=None):
     """The shape pretrain.py will build (None when its config cannot be read here: the recipe then says why)."""
     from toolkit.plan import load_shape
     from toolkit.presets import parse_config_overrides
@@ -179,7 +179,7 @@ def pretrain_shape(model_args):
             return load_shape(source, "full")
         overrides.update({k: v for k, v in parse_config_overrides(model_args.config_overrides).items()
                           if k != "vocab_size"})
-        vocab = _tokenizer_size(model_args) or model_args.vocab_size
+        vocab = _tokenizer_size(model_args, data_args) or model_args.vocab_size
         floor = parse_config_overrides(model_args.config_overrides).get("vocab_size")
         vocab = max(vocab, int(floor)) if isinstance(floor, int) else vocab
         return load_shape(model_args.preset, "pretrain", overrides, vocab, model_args.pad_vocab_to_multiple_of)
@@ -187,15 +187,30 @@ def pretrain_shape(model_args):
         return None
 
 
-def _tokenizer_size(model_args) -> int | None:
+def _tokenizer_size(model_args, data_args=None) -> int | None:
+    """The given tokenizer's size (a token store's from its manifest); None when the recipe trains a BPE."""
+    store = getattr(data_args, "token_store", None) if not model_args.tokenizer_name else None
+    if store:
+        import json
+
+        from toolkit.token_store import MANIFEST
+
+        try:
+            with open(os.path.join(store, MANIFEST), encoding="utf-8") as f:
+                return int(json.load(f)["tokenizer"]["vocab_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # the recipe reports a broken store when it opens it
     if not model_args.tokenizer_name:
         return None
-    from toolkit.tokenizer import load_tokenizer
+    from transformers import AutoTokenizer
 
-    try:
-        return len(load_tokenizer(model_args.tokenizer_name, model_args.trust_remote_code))
-    except UserError:
-        return None  # the recipe reports it when it loads the tokenizer
+    from toolkit.presets import GPT2_VOCAB_SIZE
+
+    try:  # a folder, or the local Hub cache: no request here (the recipe loads it, or says why, next)
+        return len(AutoTokenizer.from_pretrained(model_args.tokenizer_name, local_files_only=True,
+                                                 trust_remote_code=model_args.trust_remote_code))
+    except (OSError, ValueError):
+        return GPT2_VOCAB_SIZE  # not here yet: plan for GPT-2's, the usual Hub tokenizer
 
 
 def finetune(model_args, lora_args, quant_args, training_args, push_to: str | None) -> None:
