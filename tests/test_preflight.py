@@ -11,7 +11,7 @@ import json
 import sys
 
 import pytest
-from conftest import REPO, free_port, one_error_line, run_script
+from conftest import GPT2_TOKENIZER, REPO, free_port, needs_shared, one_error_line, run_script
 from test_args import parse
 
 TINY_RUN = ["--block_size", "32", "--per_device_train_batch_size", "2", "--eval_steps", "2", "--save_strategy", "no",
@@ -87,6 +87,30 @@ def test_a_gpt2_shape_trains_with_gpt2s_positions_and_vocabulary_and_says_which_
     config = json.loads((out / "config.json").read_text())
     assert (config["n_layer"], config["n_embd"], config["n_positions"]) == (2, 64, 1024)
     assert config["vocab_size"] == 50304  # GPT-2's 50,257 rows padded to 64, though the BPE has fewer tokens
+
+
+@pytest.mark.slow
+@needs_shared
+def test_a_gpt2_shape_takes_gpt2s_tokenizer_from_the_local_hub_cache(tmp_path, small_text_file):
+    """With GPT-2's tokenizer in the local Hub cache (laid out as a download leaves it), the same command trains with
+    it, offline."""
+    import shutil
+
+    snapshot = tmp_path / "hf-home" / "hub" / "models--gpt2" / "snapshots" / ("0" * 40)
+    shutil.copytree(GPT2_TOKENIZER, snapshot)
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 50257}))
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    out = tmp_path / "run"
+    result = run_script(["recipes/pretrain.py", "--n-layer", "1", "--n-head", "2", "--n-embd", "64", "--data",
+                         str(small_text_file), "--steps", "1", "--output_dir", str(out), *TINY_RUN],
+                        env={"HF_HOME": str(tmp_path / "hf-home")}, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Tokenizer: GPT-2's (gpt2, from the local Hub cache)" in result.stdout
+    from transformers import AutoTokenizer
+
+    assert len(AutoTokenizer.from_pretrained(out)) == 50257
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 50304
 
 
 # ---------------------------------------------------------------------------------- preflight

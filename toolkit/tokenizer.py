@@ -75,7 +75,8 @@ def gpt2_tokenizer_cached() -> bool:
     """Whether the local Hub cache holds GPT-2's tokenizer (no request: works offline)."""
     from huggingface_hub import try_to_load_from_cache
 
-    return isinstance(try_to_load_from_cache(GPT2_TOKENIZER, "tokenizer.json"), str)
+    files = ("tokenizer.json", "vocab.json")  # the fast tokenizer's file, or the slow one's (with merges.txt)
+    return any(isinstance(try_to_load_from_cache(GPT2_TOKENIZER, name), str) for name in files)
 
 
 def choose_pretrain_tokenizer(model_args, data_args) -> str | None:
