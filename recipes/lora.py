@@ -53,12 +53,13 @@ def main(argv: list[str] | None = None, recipe: str = "lora") -> dict:
 
     from transformers import set_seed
 
-    from toolkit import cpu_allocator, distributed, finetune, lora, peer_failures
+    from toolkit import cpu_allocator, distributed, finetune, lora, peer_failures, preflight
     from toolkit.sft_data import load_sft_datasets, sample_prompt
     from toolkit.tokenizer import load_tokenizer
 
     quantized = quant_args.load_in_4bit or quant_args.load_in_8bit
     push_to = finetune.check_args(model_args, training_args)  # a base, output_dir not finished, push target valid
+    preflight.finetune(model_args, lora_args, quant_args, training_args, push_to)  # fits the memory? (toolkit/plan)
     set_seed(training_args.seed)
 
     # 2. data: text / prompt-completion / messages, with a held-out split

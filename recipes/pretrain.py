@@ -40,7 +40,7 @@ def main() -> None:
 
     if arguments.print_cached_help("pretrain"):  # without importing transformers (seconds) once it is cached
         return
-    from toolkit import distributed, peer_failures
+    from toolkit import distributed, peer_failures, preflight
     from toolkit.args.pretrain import DataArguments, ModelArguments, PretrainArguments
 
     # 1. Parse: YAML (--config) + command-line overrides over this machine's defaults (bf16 on GPUs that have it,
@@ -52,6 +52,7 @@ def main() -> None:
                                                            recipe="pretrain")
     arguments.derive_settings(training_args)  # accumulation from --global_batch_size; the cosine's 10% floor
     distributed.check_distributed_launch(training_args)
+    preflight.pretrain(model_args, data_args, training_args)  # which tokenizer; fits the memory? (toolkit/plan)
     from toolkit import cpu_allocator
 
     # Large tensors reused between steps, not faulted in afresh (toolkit/cpu_allocator.py). Not under FSDP: its

@@ -9,6 +9,7 @@ endpoints those calls really use, the way the Hub answers them:
   POST /api/{type}s/{repo_id}/preupload/{revision}     upload modes: everything "regular" (inline)
   POST /api/{type}s/{repo_id}/commit/{revision}        NDJSON commit: header + base64 files
   GET  /api/{type}s/{repo_id}[/revision/{revision}]    repo info with the file list
+  GET  /api/{type}s/{repo_id}/tree/{revision}[/{path}] list_repo_tree (transformers looks for chat templates)
   HEAD/GET /{repo_id}/resolve/{revision}/{path}        file metadata (ETag, X-Repo-Commit) and bytes
 
 Like the Hub it rejects a model card whose `base_model` is not a model id (transformers#33922) and
@@ -192,6 +193,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve_get(self, head: bool):
         self._record()
         path = unquote(urlsplit(self.path).path)
+        match = re.match(r"^/api/(?:model|dataset|space)s/([^/]+(?:/[^/]+)?)/tree/([^/]+)(?:/(.*))?$", path)
+        if match:
+            repo = self._visible_repo(match.group(1))
+            if repo is None:
+                return self._error(404, "Repository not found", head=head, code="RepoNotFound")
+            return self._tree(repo, (match.group(3) or "").strip("/"), head)
         match = re.match(r"^/api/(model|dataset|space)s/(.+?)(?:/revision/([^/]+))?$", path)
         if match:
             repo = self._visible_repo(match.group(2))
@@ -213,6 +220,23 @@ class _Handler(BaseHTTPRequestHandler):
             headers = {"ETag": f'"{etag}"', "X-Repo-Commit": repo.head, "Content-Type": "application/octet-stream"}
             return self._send(200, data, headers=headers, head=head)
         return self._error(404, f"no route for GET {path}", head=head)
+
+
+    def _tree(self, repo: Repo, folder: str, head: bool):
+        """list_repo_tree, not recursive: the files and folders directly in `folder`; a folder with nothing in it
+        does not exist, and the Hub answers 404 EntryNotFound (transformers looks for additional_chat_templates/)."""
+        prefix = f"{folder}/" if folder else ""
+        entries: dict[str, dict] = {}
+        for name, data in sorted(repo.files.items()):
+            if not name.startswith(prefix):
+                continue
+            child, _, rest = name[len(prefix):].partition("/")
+            path = prefix + child
+            entries[path] = ({"type": "directory", "oid": "", "path": path} if rest else
+                             {"type": "file", "oid": hashlib.sha1(data).hexdigest(), "size": len(data), "path": path})
+        if folder and not entries:
+            return self._error(404, "Entry not found", head=head, code="EntryNotFound")
+        return self._send(200, list(entries.values()), head=head)
 
 
 class HubServer:

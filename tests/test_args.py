@@ -205,3 +205,21 @@ def test_config_names_match_a_recipe():
     assert PRETRAIN_CONFIGS and FINETUNE_CONFIGS and ACCELERATE_CONFIGS
     for config in PRETRAIN_CONFIGS + FINETUNE_CONFIGS:
         assert (REPO / "recipes" / f"{config.name.split('_')[0]}.py").is_file(), config.name
+
+
+@pytest.mark.parametrize("recipe", ["pretrain", "lora"])
+def test_help_shows_the_other_guides_names_beside_the_options_they_stand_for(recipe, capsys):
+    import re
+
+    with pytest.raises(SystemExit) as exc:
+        parse(recipe, ["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    flat = re.sub(r"\s+", " ", text)
+    for alias, canonical in (("--data", "--train_file"), ("--steps", "--max_steps"),
+                             ("--gradient_checkpointing", "--activation_checkpointing")):
+        assert re.search(rf"{canonical} .*?\(also {alias}[,)]", flat), (alias, canonical)  # beside the option
+        assert re.search(rf"^  {alias} +(?:[^\n=]*)?= {canonical}$", text, re.M), alias  # and in the list at the end
+    model_line = next(x for x in text.splitlines() if x.startswith("  --model NAME"))
+    assert ("--preset NAME for a preset name" in model_line) == (recipe == "pretrain")
+    assert "--model_name_or_path NAME" in model_line and "--n-layer 48" in text

@@ -111,9 +111,14 @@ for repo in ("someone/run-lora", "someone/tiny-lora"):
         # the recipe pushed its finished folder: adapter, tokenizer, card, metrics
         run = hub.repos["someone/run-lora"]
         assert not run.private
-        for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md",
-                     "all_results.json"):
+        for name in ("adapter_model.safetensors", "tokenizer.json", "README.md", "all_results.json"):
             assert run.files[name] == (out / name).read_bytes(), name
+        # adapter_config.json: the pushed copy names the Hub base, the local one keeps the folder it was trained on
+        pushed_config = json.loads(run.files["adapter_config.json"])
+        local_config = json.loads((out / "adapter_config.json").read_text())
+        assert pushed_config.pop("base_model_name_or_path") == "openai-community/gpt2"
+        assert local_config.pop("base_model_name_or_path") == str(tiny_model_dir)
+        assert pushed_config == local_config
         card = run.files["README.md"].decode()
         assert "base_model: openai-community/gpt2" in card and "python recipes/lora.py --config" in card
         # toolkit push: private repo, pickles left out, the invalid base_model dropped so the Hub accepts the card

@@ -413,3 +413,19 @@ def test_cpu_commands_say_when_the_recipe_default_checkpointing_is_not_wanted():
     assert not q.choice.gradient_checkpointing and "--gradient_checkpointing false" in q.command
     lo = plan.make_plan(shape("gpt2", "lora"), setup(task="lora", **big))
     assert not lo.choice.gradient_checkpointing and "--gradient_checkpointing" not in lo.command
+
+
+def test_the_command_for_a_shape_keeps_its_shape_flags_and_parses_to_the_planned_model(tmp_path):
+    """toolkit plan --n_layer 48 --n_head 16 --n_embd 1600 plans GPT-2 1.5B; the command it prints builds that model
+    (recipes/pretrain.py's parser), and on CPU ranks it needs no --use_cpu (the recipes set it)."""
+    from test_args import parse
+
+    shape = plan.load_shape("gpt2", "pretrain", {"n_layer": 48, "n_head": 16, "n_embd": 1600})
+    s = plan.Setup(task="pretrain", device="cpu", num_devices=2, device_memory=1024 * plan.GiB, batch_size=1,
+                   seq_len=256)
+    p = plan.make_plan(shape, s)
+    argv = p.command.split("recipes/pretrain.py ")[1].split()
+    assert "--use_cpu" not in argv and p.accelerate_config.endswith("_cpu.yaml")
+    model, data, _ = parse("pretrain", [*argv, "--output_dir", str(tmp_path)])
+    assert (model.n_layer, model.n_head, model.n_embd, model.preset) == (48, 16, 1600, "gpt2")
+    assert data.block_size == 256 and model.tokenizer_name == "gpt2"

@@ -201,6 +201,7 @@ def save_run(trainer, *, script: str, argv: list[str] | None, method: str, model
                         if data_args.dataset_name and not os.path.exists(data_args.dataset_name) else None),
         hyperparameters=hparams, metrics=metrics, sample=sample,
         command=reproduce_command(script, sys.argv[1:] if argv is None else argv),
+        adapter_hub_id=args.hub_model_id,
     )
     print(f"saved adapter, tokenizer, README.md and all_results.json to {args.output_dir}")
 

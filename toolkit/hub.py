@@ -80,6 +80,8 @@ def push_folder(folder: str, repo_id: str, private: bool = False, commit_message
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
+    from toolkit.model_card import hub_adapter_config
+
     if not os.path.isdir(folder) or not os.listdir(folder):
         raise UserError(f"'{folder}' is not a folder with files to push; "
                         "pass the output_dir of a recipe or a model folder")
@@ -92,8 +94,13 @@ def push_folder(folder: str, repo_id: str, private: bool = False, commit_message
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        adapter_config = hub_adapter_config(folder)  # an adapter on a local base: name its Hub base instead
+        ignore = IGNORE_PATTERNS + (["adapter_config.json"] if adapter_config else [])
         commit = api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message=commit_message,
-                                   ignore_patterns=IGNORE_PATTERNS, revision=revision)
+                                   ignore_patterns=ignore, revision=revision)
+        if adapter_config:
+            commit = api.upload_file(path_or_fileobj=adapter_config, path_in_repo="adapter_config.json",
+                                     repo_id=repo_id, commit_message=commit_message, revision=revision)
     except HfHubHTTPError as err:
         status = err.response.status_code if err.response is not None else None
         if status == 401:

@@ -31,6 +31,27 @@ def card_base_model(model_name_or_path: str, base_model_hub_id: str | None = Non
     return model_name_or_path if is_hub_model_id(model_name_or_path) else None
 
 
+def hub_adapter_config(folder: str) -> bytes | None:
+    """adapter_config.json as it should be pushed: peft records the base's local path, which nobody else can load;
+    the pushed copy names the card's Hub `base_model` instead (the folder keeps the local path, which `toolkit
+    merge` and `toolkit generate` use). None when there is nothing to change."""
+    import json
+
+    config_path, card_path = os.path.join(folder, "adapter_config.json"), os.path.join(folder, "README.md")
+    if not (os.path.isfile(config_path) and os.path.isfile(card_path)):
+        return None
+    from huggingface_hub import ModelCard
+
+    base = ModelCard.load(card_path).data.get("base_model")
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    recorded = config.get("base_model_name_or_path")
+    if not isinstance(base, str) or not is_hub_model_id(base) or not recorded or is_hub_model_id(recorded):
+        return None
+    config["base_model_name_or_path"] = base
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+
+
 def reproduce_command(script: str, argv: list[str]) -> str:
     """The exact command line, with the value of any --token / --hub_token / --*_password flag replaced (never write a
     token); --sample_max_new_tokens is no secret."""
@@ -63,8 +84,10 @@ def _fmt(value) -> str:
 
 def write_model_card(output_dir: str, *, title: str, base_model: str, base_model_hub_id: str | None,
                      method: str, data_source: str, data_format: str, dataset_hub_id: str | None,
-                     hyperparameters: dict, metrics: dict, sample: dict | None, command: str) -> str:
-    """Write OUTPUT_DIR/README.md and return its path."""
+                     hyperparameters: dict, metrics: dict, sample: dict | None, command: str,
+                     adapter_hub_id: str | None = None) -> str:
+    """Write OUTPUT_DIR/README.md and return its path. `adapter_hub_id`: the repo the adapter is pushed to, which the
+    usage snippet then loads from."""
     from huggingface_hub import ModelCard, ModelCardData
 
     hub_base = card_base_model(base_model, base_model_hub_id)
@@ -101,14 +124,16 @@ def write_model_card(output_dir: str, *, title: str, base_model: str, base_model
     if sample:
         lines += ["", "## Sample (greedy)", "", "Prompt:", "", "```text", sample["prompt"], "```", "",
                   "Continuation:", "", "```text", sample["completion"], "```"]
-    load_id = "path/to/this/adapter"
+    load_id = adapter_hub_id or "path/to/this/adapter"
+    if hub_base:  # peft finds the base in adapter_config.json, which a push makes name the Hub repo
+        use = ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
+               f"model = AutoPeftModelForCausalLM.from_pretrained({load_id!r})  # base: {hub_base}"]
+    else:
+        use = ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+               f"base = AutoModelForCausalLM.from_pretrained({base_model!r})",
+               f"model = PeftModel.from_pretrained(base, {load_id!r})"]
     lines += [
-        "", "## Use", "", "```python",
-        "from peft import PeftModel",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f"base = AutoModelForCausalLM.from_pretrained({(hub_base or base_model)!r})",
-        f"model = PeftModel.from_pretrained(base, {load_id!r})",
+        "", "## Use", "", "```python", *use,
         f"tokenizer = AutoTokenizer.from_pretrained({load_id!r})",
         "```", "",
         "Merge it into the base (full precision, also for a QLoRA adapter): "

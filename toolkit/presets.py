@@ -130,7 +130,7 @@ def build_gpt2_config(
     (no dropout is the better choice for single-pass pretraining, as in nanoGPT)."""
     from transformers import GPT2Config
 
-    fields: dict[str, object] = preset_fields(preset)
+    fields: dict[str, object] = preset_fields(preset)  # no vocab_size: it comes from the tokenizer
     fields.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     # GPT-2's tanh-approximated GELU, computed by one fused kernel instead of transformers' 8-op "gelu_new"
     # (same function to 5e-7); benchmarks/mfu_cpu.py at 124M on an idle 2-core CPU: 93.6% vs 89.3% MFU at 4x256,
@@ -143,7 +143,8 @@ def build_gpt2_config(
             raise UserError(f"unknown GPT-2 config field '{key}' in overrides; "
                             "valid fields are those of transformers.GPT2Config")
         fields[key] = value
-    fields["vocab_size"] = pad_vocab(vocab_size, pad_vocab_to_multiple_of)
+    # an overridden vocab_size is a floor: the model needs at least the tokenizer's rows
+    fields["vocab_size"] = pad_vocab(max(vocab_size, int(fields.get("vocab_size") or 0)), pad_vocab_to_multiple_of)
     if bos_token_id is not None:
         fields["bos_token_id"] = bos_token_id
     if eos_token_id is not None:

@@ -66,3 +66,38 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     # Packed blocks are cut to block_size by us, so the tokenizer's own length warning is noise.
     tokenizer.model_max_length = max(tokenizer.model_max_length or 0, 1_000_000_000)
     return tokenizer
+
+
+GPT2_TOKENIZER = "gpt2"  # the Hub's GPT-2 tokenizer
+
+
+def gpt2_tokenizer_cached() -> bool:
+    """Whether the local Hub cache holds GPT-2's tokenizer (no request: works offline)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    files = ("tokenizer.json", "vocab.json")  # the fast tokenizer's file, or the slow one's (with merges.txt)
+    return any(isinstance(try_to_load_from_cache(GPT2_TOKENIZER, name), str) for name in files)
+
+
+def choose_pretrain_tokenizer(model_args, data_args) -> str | None:
+    """pretrain.py's tokenizer when none is given, and the one line that says which and why (None: nothing to say).
+
+    A GPT-2 shape (shape flags without --preset) takes GPT-2's tokenizer when the local Hub cache has it, else a
+    byte-level BPE of GPT-2's vocabulary size trained on the training text: a tokenizer is never downloaded
+    unasked, so the same command runs offline. Sets model_args.tokenizer_name when it picks GPT-2's."""
+    if model_args.tokenizer_name:
+        return f"Tokenizer: {model_args.tokenizer_name} (--tokenizer_name)"
+    if model_args.model_name_or_path:
+        return f"Tokenizer: {model_args.model_name_or_path}'s own (--model_name_or_path)"
+    if data_args.token_store:
+        return f"Tokenizer: the token store's own ({data_args.token_store})"
+    if getattr(model_args, "gpt2_shape", False):
+        if gpt2_tokenizer_cached():
+            model_args.tokenizer_name = GPT2_TOKENIZER
+            return ("Tokenizer: GPT-2's (gpt2, from the local Hub cache): shape flags without --preset build a GPT-2, "
+                    "vocabulary included")
+        return (f"Tokenizer: a byte-level BPE of up to {model_args.vocab_size:,} tokens trained on the training text "
+                "(GPT-2's vocabulary size: shape flags without --preset build a GPT-2; GPT-2's own tokenizer is not "
+                "in the local Hub cache: pass --tokenizer_name gpt2 to download it)")
+    return (f"Tokenizer: a byte-level BPE of {model_args.vocab_size:,} tokens trained on the training text (the "
+            f"{model_args.preset} preset's default; --tokenizer_name for another)")

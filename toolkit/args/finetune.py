@@ -40,7 +40,7 @@ class DataArguments:
         default=None, metadata={"help": "Hub dataset name or local dataset folder (datasets.load_dataset)."}
     )
     dataset_config_name: str | None = field(
-        default=None, metadata={"help": "Dataset configuration name (also --dataset_config)."}
+        default=None, metadata={"help": "Dataset configuration name."}
     )
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_test_split: str = field(
@@ -48,7 +48,7 @@ class DataArguments:
     )
     train_file: str | None = field(
         default=None,
-        metadata={"help": "A .txt / .json / .jsonl / .csv / .parquet file (also --data). Default, with no "
+        metadata={"help": "A .txt / .json / .jsonl / .csv / .parquet file. Default, with no "
                           "--dataset_name either: the embedded Python documentation corpus as plain text."},
     )
     validation_file: str | None = field(
@@ -137,7 +137,7 @@ class FinetuneConfig(SFTConfig):
     )
     activation_checkpointing: bool = field(
         default=False,
-        metadata={"help": "Recompute activations in the backward pass (also --gradient_checkpointing). Default: on "
+        metadata={"help": "Recompute activations in the backward pass. Default: on "
                           "with CUDA and for qlora.py; lora.py on CPU: off, ~30%% faster steps."},
     )
     activation_checkpointing_kwargs: dict | str | None = field(
@@ -167,6 +167,12 @@ class FinetuneConfig(SFTConfig):
         default=False,
         metadata={"help": "Also log per-token entropy and top-1 accuracy (trl's fused LM head, which computes the "
                           "head again in the backward pass: slower steps; off by default)."},
+    )
+    skip_memory_check: bool = field(
+        default=False,
+        metadata={"help": "Start even when `toolkit plan`'s formulas say the run does not fit the memory (GPU memory "
+                          "or the CPU RAM available); by default the recipe stops before any work with what it needs, "
+                          "what there is and the planner's fix (toolkit/preflight.py)."},
     )
     sample_prompt: str | None = field(
         default=None, metadata={"help": "Prompt for the generated sample (default: from the eval data)."}

@@ -150,6 +150,32 @@ class _Parser:
         self.types = list(dataclass_types)
         self.hf = OneLineErrors(self.types)
         self.fields = {f.name for t in self.types for f in dataclasses.fields(t) if f.init}
+        self._document_aliases()
+
+    def _document_aliases(self) -> None:
+        """--help shows the other guides' forms: beside each option they stand for, and as a list at the end."""
+        import argparse
+
+        others = {name: [alias for alias, canonical in ALIASES.items() if canonical == name] for name in self.fields}
+        others["model_name_or_path"] = ["model"]
+        if "preset" in self.fields:
+            others["preset"] = ["model"]
+        for action in self.hf._actions:
+            if others.get(action.dest) and action.help is not None:
+                action.help += " (also " + ", ".join(f"--{a}" for a in others[action.dest]) + ")"
+        lines = [f"  --{alias:<24} = --{canonical}" for alias, canonical in ALIASES.items()
+                 if canonical in self.fields]
+        if "preset" in self.fields:
+            lines.append(f"  --{'model NAME':<24} = --preset NAME for a preset name, else --model_name_or_path NAME")
+        else:
+            lines.append(f"  --{'model NAME':<24} = --model_name_or_path NAME")
+        lines.append(f"  {'--n-layer 48, ...':<26} = --n_layer 48: any option with dashes for underscores")
+        self.hf.epilog = "other names of options (the command forms of other GPT-2 guides):\n" + "\n".join(lines)
+
+        class KeepEpilogLines(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+            pass
+
+        self.hf.formatter_class = KeepEpilogLines
 
     def set_defaults(self, values: dict, source: str) -> None:
         unknown = []

@@ -14,8 +14,12 @@ from transformers import TrainingArguments
 
 from toolkit.guard import MAX_IN_A_ROW as GUARD_MAX_IN_A_ROW
 from toolkit.guard import SPIKE_THRESHOLD as GUARD_SPIKE_THRESHOLD
+from toolkit.presets import GPT2_VOCAB_SIZE
 
 DEFAULT_OUTPUT_DIR = "out/pretrain"
+DEFAULT_PRESET = "gpt2-micro"  # minutes on a CPU
+GPT2_SHAPE_PRESET = "gpt2"  # what shape flags without --preset start from
+DEFAULT_BPE_VOCAB = 4096  # the trained BPE's size for the CPU presets (docs/benchmarks.md section 3)
 MUON = "muon"  # the main job's output; lora.py / qlora.py fine-tune it when given no base
 
 @dataclass
@@ -25,10 +29,12 @@ class ModelArguments:
         metadata={"help": "Continue training a pretrained GPT-2 (Hub name or local save_pretrained folder). "
                           "Leave empty to train from scratch from --preset."},
     )
-    preset: str = field(
-        default="gpt2-micro",
+    preset: Optional[str] = field(
+        default=None,
         metadata={"help": "Model size when training from scratch: gpt2-nano, gpt2-micro, gpt2-mini (CPU-sized), "
-                          "gpt2 (124M), gpt2-medium, gpt2-large, gpt2-xl. `toolkit presets` lists them."},
+                          "gpt2 (124M), gpt2-medium, gpt2-large, gpt2-xl. `toolkit presets` lists them. Default: "
+                          "gpt2-micro; with --n_layer/--n_head/--n_embd, gpt2 (GPT-2's 1,024 positions and "
+                          "50,257-token vocabulary under the given shape)."},
     )
     config_name: Optional[str] = field(
         default=None, metadata={"help": "A config.json folder or Hub name to train from scratch instead of --preset."}
@@ -49,10 +55,14 @@ class ModelArguments:
     tokenizer_name: Optional[str] = field(
         default=None,
         metadata={"help": "Tokenizer (Hub name or folder, e.g. ../shared/data/gpt2-tokenizer). Default: the model's "
-                          "own with --model_name_or_path, else a byte-level BPE trained on the training text."},
+                          "own with --model_name_or_path; GPT-2's (gpt2) for a GPT-2 shape (shape flags without "
+                          "--preset) when the local Hub cache has it, else a byte-level BPE of --vocab_size trained "
+                          "on the training text."},
     )
-    vocab_size: int = field(
-        default=4096, metadata={"help": "Vocabulary size of the BPE trained when no tokenizer is given."}
+    vocab_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Vocabulary size of the BPE trained when no tokenizer is given. Default: 4096; 50257 "
+                          "(GPT-2's) for a GPT-2 shape, whose model keeps GPT-2's 50,257 rows either way."},
     )
     pad_vocab_to_multiple_of: int = field(
         default=64,
@@ -62,6 +72,21 @@ class ModelArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow code from the Hub to run (off by default)."}
     )
+    gpt2_shape: bool = field(default=False, init=False, metadata={"help": "Set when shape flags chose GPT-2."})
+
+    def __post_init__(self):
+        # The guide's `--n-layer 48 --n-head 16 --n-embd 1600` means GPT-2 1.5B: shape flags without a preset start
+        # from GPT-2's own shape (1,024 positions, its vocabulary), not from the CPU-sized default.
+        shape_flags = any(v is not None for v in (self.n_layer, self.n_head, self.n_embd))
+        from_scratch = not (self.model_name_or_path or self.config_name)
+        self.gpt2_shape = self.preset is None and shape_flags and from_scratch
+        if self.preset is None:
+            self.preset = GPT2_SHAPE_PRESET if self.gpt2_shape else DEFAULT_PRESET
+        if self.vocab_size is None:
+            self.vocab_size = GPT2_VOCAB_SIZE if self.gpt2_shape else DEFAULT_BPE_VOCAB
+        if self.gpt2_shape:  # GPT-2's rows even when a BPE trained on a small text ends up with fewer tokens
+            floor = f"vocab_size={GPT2_VOCAB_SIZE}"
+            self.config_overrides = f"{self.config_overrides},{floor}" if self.config_overrides else floor
 
 
 @dataclass
@@ -219,6 +244,12 @@ class PretrainArguments(TrainingArguments):
                           "faulting it in again (20-30%% faster steps for small models, up to ~20%% more peak RSS; "
                           "docs/benchmarks.md section 1). Ignored on GPU, under FSDP and when MALLOC_* or "
                           "GLIBC_TUNABLES is set."},
+    )
+    skip_memory_check: bool = field(
+        default=False,
+        metadata={"help": "Start even when `toolkit plan`'s formulas say the run does not fit the memory (GPU memory "
+                          "or the CPU RAM available); by default the recipe stops before any work with what it needs, "
+                          "what there is and the planner's fix (toolkit/preflight.py)."},
     )
     sample_prompt: str = field(
         default="", metadata={"help": "Prompt for the sample generated at the end (empty: start of a document)."}

@@ -11,7 +11,7 @@ One concern per module:
   shapes       the model's shape from a preset, a config.json (local or Hub) and overrides
   memory       the memory formulas per device and strategy (Setup -> Estimate)
   calibration  the fitted constants, read from calibration.json (date, machine and command of each)
-  speed        the throughput estimate
+  speed        the throughput estimate: compute, collectives, QLoRA's dequantization
   advice       the decision between strategies, the reasons, the exact command
   cli          options, hardware detection, text/JSON/PNG output
 """
@@ -53,7 +53,7 @@ from toolkit.plan.memory import (
     resolve_lora_targets,
 )
 from toolkit.plan.shapes import Shape, load_shape, shape_from_config
-from toolkit.plan.speed import throughput
+from toolkit.plan.speed import GUIDE_SPEEDUPS, INTERCONNECTS, speedups, step_costs, throughput
 
 __all__ = [
     "ASSUMED_MFU",
@@ -92,5 +92,9 @@ __all__ = [
     "setup_from_args",
     "shape_from_config",
     "throughput",
+    "speedups",
+    "step_costs",
+    "GUIDE_SPEEDUPS",
+    "INTERCONNECTS",
     "to_json",
 ]

@@ -13,8 +13,8 @@ from toolkit.errors import UserError
 from toolkit.plan.calibration import CPU_DEFAULT_MALLOC_MARGIN, GiB
 from toolkit.plan.memory import LORA_MODULES, Estimate, Setup, estimate
 from toolkit.plan.shapes import Shape
-from toolkit.plan.speed import throughput
-from toolkit.presets import GPT2_VOCAB_SIZE, LORA_DROPOUT, pad_vocab
+from toolkit.plan.speed import speedups, throughput
+from toolkit.presets import GPT2_VOCAB_SIZE, LORA_DROPOUT, PRESETS, pad_vocab
 
 
 def candidates(s: Setup) -> list[tuple[str, bool]]:
@@ -49,6 +49,7 @@ class Plan:
     command: str = ""
     accelerate_config: str = ""
     throughput: dict = field(default_factory=dict)
+    speedups: dict = field(default_factory=dict)  # the guide's ratios by the planner's speed model
 
 
 def make_plan(shape: Shape, s: Setup, strategy: str = "auto", peak_flops: float | None = None) -> Plan:
@@ -124,6 +125,7 @@ def make_plan(shape: Shape, s: Setup, strategy: str = "auto", peak_flops: float 
     if choice is not None:
         plan.accelerate_config, plan.command = command_for(shape, s, choice)
         plan.throughput = throughput(shape, s, choice, peak_flops)
+        plan.speedups = speedups(shape, s, peak_flops)
     return plan
 
 
@@ -157,6 +159,9 @@ def command_for(shape: Shape, s: Setup, est: Estimate) -> tuple[str, str]:
     model = shape.source.removeprefix("preset ")
     if s.task == "pretrain":
         args += [f"--preset {model}"] if shape.source.startswith("preset ") else [f"--config_name {model}"]
+        preset = PRESETS.get(model, {})
+        args += [f"--{key} {getattr(shape, key)}" for key in ("n_layer", "n_head", "n_embd", "n_positions")
+                 if key in preset and getattr(shape, key) != preset[key]]  # the shape flags it was planned with
         # the planned vocabulary: GPT-2's tokenizer, or a BPE of that size (pretrain.py trains 4096 by default)
         gpt2_vocab = shape.vocab_size in (GPT2_VOCAB_SIZE, pad_vocab(GPT2_VOCAB_SIZE, 64))
         args.append("--tokenizer_name gpt2" if gpt2_vocab else f"--vocab_size {shape.vocab_size}")
@@ -183,8 +188,6 @@ def command_for(shape: Shape, s: Setup, est: Estimate) -> tuple[str, str]:
             args.append("--gradient_checkpointing false")
     if s.attn != "sdpa":
         args.append(f"--attn_implementation {s.attn}")
-    if cpu and est.strategy != "single":
-        args.append("--use_cpu true")
     if not cpu and s.precision == "fp32":
         args.append("--bf16 false")
     return config_path, f"{launch} {' '.join(args)}"

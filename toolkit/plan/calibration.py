@@ -45,6 +45,8 @@ def constants(data: dict) -> dict:
         "GPU_ALLOCATOR_SLACK": gpu["allocator_slack"],
         # Model FLOPs utilisation assumed for the throughput estimate (labelled an estimate everywhere).
         "ASSUMED_MFU": {"cpu": sec["cpu_speed"]["assumed_mfu"], "cuda": gpu["assumed_mfu"]},
+        # Bandwidths (GB/s) and latencies (ms) of the speed model's collectives and QLoRA's dequantization.
+        "SPEED": dict(sec["speed"]),
     }
 
 
@@ -81,3 +83,4 @@ TRL_CPU_HEAD_TILES: float = _CONSTANTS["TRL_CPU_HEAD_TILES"]
 GPU_CONTEXT: float = _CONSTANTS["GPU_CONTEXT"]
 GPU_ALLOCATOR_SLACK: float = _CONSTANTS["GPU_ALLOCATOR_SLACK"]
 ASSUMED_MFU: dict[str, float] = _CONSTANTS["ASSUMED_MFU"]
+SPEED: dict = _CONSTANTS["SPEED"]

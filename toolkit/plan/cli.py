@@ -14,12 +14,13 @@ import os
 import re
 from dataclasses import asdict
 
-from toolkit.args.parser import AT_LEAST_1, FRACTION, check_ranges
+from toolkit.args.parser import AT_LEAST_1, FRACTION, Range, check_ranges
 from toolkit.errors import OneLineArgumentParser, UserError, exit_on_user_error
 from toolkit.plan.advice import Plan, make_plan
 from toolkit.plan.calibration import GiB, MiB
 from toolkit.plan.memory import OPTIMIZERS, STRATEGIES, TASKS, Estimate, Setup, resolve_lora_targets
 from toolkit.plan.shapes import Shape, load_shape
+from toolkit.plan.speed import GUIDE_SPEEDUPS, INTERCONNECTS
 from toolkit.presets import LORA_DROPOUT, PRESETS, parse_config_overrides
 
 # Memory of well-known cards (GiB), so `--gpu A100-40GB` works without --device_memory.
@@ -107,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--device_memory", default=None,
                    help="memory per GPU (e.g. 8GB) or, on CPU, the RAM all processes share")
     h.add_argument("--gpu", default=None, help=f"card name for memory and peak FLOP/s: {', '.join(GPU_MEMORY_GIB)}")
+    h.add_argument("--interconnect", default="nvlink", choices=INTERCONNECTS,
+                   help="what GPUs' collectives run over, for the speed estimate (CPU ranks: gloo, fitted)")
+    h.add_argument("--bandwidth", type=float, default=None,
+                   help="GB/s per device the collectives get, instead of the interconnect's default")
     o = p.add_argument_group("output")
     o.add_argument("--strategy", default="auto", choices=("auto", *STRATEGIES),
                    help="force one strategy instead of choosing")
@@ -162,7 +167,8 @@ def setup_from_args(args) -> tuple[Shape, Setup, float | None]:
               precision=precision, gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
               attn=args.attn, lora_r=args.lora_r, lora_targets=targets, lora_dropout=args.lora_dropout,
               double_quant=not args.no_double_quant, cpu_ram=cpu_ram if device == "cuda" else 0.0,
-              torch_cuda_build=device == "cpu" and torch_is_cuda_build(), token_metrics=args.token_metrics)
+              torch_cuda_build=device == "cpu" and torch_is_cuda_build(), token_metrics=args.token_metrics,
+              interconnect=args.interconnect, bandwidth_gbps=args.bandwidth or 0.0)
     peak = None
     if device == "cuda":
         from toolkit.flops import GPU_PEAK_BF16_FLOPS, gpu_peak_flops
@@ -193,6 +199,7 @@ def _match_gpu(name: str, table: dict | None = None, required: bool = True) -> s
     return None
 
 
+STRATEGY_LABELS = {"ddp": "DDP", "fsdp": "FSDP2", "lora": "LoRA", "qlora": "QLoRA"}
 ROWS = [("parameters", "parameters"), ("gradients", "gradients"), ("optimizer", "optimizer state"),
         ("activations", "activations"), ("quantization", "quantization consts"), ("overhead", "framework/runtime"),
         ("overlap", "not alive at once")]
@@ -229,9 +236,16 @@ def render(plan: Plan) -> str:
         lines += ["  command:", f"    {plan.command}"]
         tp = plan.throughput
         if tp.get("tokens_per_s"):
-            lines.append(f"  throughput (ESTIMATE): ~{tp['tokens_per_s']:,.0f} tokens/s = {tp['devices']} x "
-                         f"{tp['peak_flops_per_device'] / 1e12:.3g} TFLOP/s x assumed MFU {tp['assumed_mfu']:.0%} / "
-                         f"{tp['flops_per_token'] / 1e9:.3g} GFLOP per token")
+            lines.append(f"  throughput (ESTIMATE): ~{tp['tokens_per_s']:,.0f} tokens/s on {tp['devices']} device(s) "
+                         f"at {tp['peak_flops_per_device'] / 1e12:.3g} TFLOP/s x assumed MFU {tp['assumed_mfu']:.0%}, "
+                         f"{tp['flops_per_token'] / 1e9:.3g} GFLOP per token; per optimizer step "
+                         f"{tp['compute_s']:.3g} s compute + {tp['communication_s']:.3g} s collectives "
+                         f"({tp['interconnect']}, {tp['bandwidth_gbps']:g} GB/s) + {tp['dequantization_s']:.3g} s "
+                         f"dequantization")
+        if plan.speedups:
+            ours = ", ".join(f"{STRATEGY_LABELS[k]} {v:.2f}x (guide {GUIDE_SPEEDUPS[k]}x)"
+                             for k, v in plan.speedups.items())
+            lines.append(f"  speed vs 1 device of full training (ESTIMATE, at this batch): {ours}")
     lines.append("")
     lines.append("Details: " + "; ".join(f"{k}: {v}" for k, v in (plan.choice or ests[0]).details.items()))
     return "\n".join(lines)
@@ -269,7 +283,8 @@ def to_json(plan: Plan) -> dict:
         "strategies": [est_dict(e) for e in plan.estimates],
         "recommendation": None if plan.choice is None else {
             **est_dict(plan.choice), "accelerate_config": plan.accelerate_config, "command": plan.command,
-            "reasons": plan.reasons, "throughput": plan.throughput},
+            "reasons": plan.reasons, "throughput": plan.throughput,
+            "speedups": {"planner": plan.speedups, "guide": GUIDE_SPEEDUPS}},
         "reasons": plan.reasons,
     }
 
@@ -308,7 +323,7 @@ def plot(plan: Plan, path: str) -> None:
 RANGES = {"n_layer": AT_LEAST_1, "n_head": AT_LEAST_1, "n_embd": AT_LEAST_1, "n_positions": AT_LEAST_1,
           "vocab_size": AT_LEAST_1, "pad_vocab_to_multiple_of": AT_LEAST_1, "batch_size": AT_LEAST_1,
           "seq_len": AT_LEAST_1, "grad_accum": AT_LEAST_1, "lora_r": AT_LEAST_1, "lora_dropout": FRACTION,
-          "num_devices": AT_LEAST_1}
+          "num_devices": AT_LEAST_1, "bandwidth": Range(0, low_open=True)}
 
 
 @exit_on_user_error

@@ -65,6 +65,8 @@ class Setup:
     cpu_ram: float = 0.0  # host RAM (for offload / the CPU side); 0 = unknown
     torch_cuda_build: bool = False  # CPU: the installed torch is a CUDA build, whose libraries add resident memory
     token_metrics: bool = False  # lora.py/qlora.py --token_metrics: trl's fused LM head instead of the model's loss
+    interconnect: str = "nvlink"  # GPUs: what the collectives run over (speed.py); CPU ranks use gloo
+    bandwidth_gbps: float = 0.0  # GB/s the collectives get, instead of the interconnect's default; 0 = default
 
 
 @dataclass
