@@ -57,6 +57,11 @@ def our_texts() -> tuple[set[str], set[str]]:
 TRAINER_LINES = re.compile(r"^(\{'.*\}|\*{5} \w+ metrics \*{5}|\w+\s+=\s+\S.*)$")  # log dicts, log_metrics' block
 
 
+def _starts_with_text(line: str, text: str) -> bool:
+    """`line` starts with `text`, and not in the middle of a word ('warn' does not start 'warnings.warn(')."""
+    return line.startswith(text) and not (len(line) > len(text) and text[-1].isalnum() and line[len(text)].isalnum())
+
+
 def foreign_lines(output: str) -> list[str]:
     """The lines of `output` that are neither the toolkit's nor a progress bar or the Trainer's log output."""
     starts, inner = our_texts()
@@ -65,7 +70,7 @@ def foreign_lines(output: str) -> list[str]:
         line = PROGRESS_BAR.sub("", part).strip()
         if not line or line in ("[A",) or TRAINER_LINES.match(line):
             continue
-        if any(line.startswith(s) for s in starts) or any(s in line for s in inner if len(s) >= 8):
+        if any(_starts_with_text(line, s) for s in starts) or any(s in line for s in inner if len(s) >= 8):
             continue
         foreign.append(line)
     return foreign

@@ -19,6 +19,7 @@ step is reported.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import statistics
@@ -126,6 +127,7 @@ class TrainingGuard:
             return
         inner = optimizer.step
 
+        @functools.wraps(inner)  # keeps the LR scheduler's mark on step(), or torch warns that it was replaced
         def step(*args, **kwargs):
             if self._guard_skip:
                 self._guard_skip = False
