@@ -69,7 +69,7 @@ MFU_TARGET, QLORA_MEMORY_TARGET, QLORA_TIME_TARGET, PLAN_TOLERANCE = 0.45, 0.6, 
 BUDGET_S = 420
 DEVICE_COMMAND = "PYTHONUNBUFFERED=1 python3 benchmarks/gpu_acceptance.py --out $OUT"
 DEVICE_TIMEOUT_S = 480
-JOB_MARGIN_S = 15  # tests/gpu/kit.py kills its recipe jobs this long before the step's own limit (GPU_KIT_DEADLINE)
+JOB_MARGIN_S = 15  # recipe jobs (tests/gpu/kit.py) are killed this long before their step's limit (GPU_KIT_DEADLINE)
 DEVICE_CARRY = [".whl", ".gpu_kit"]
 
 
@@ -458,7 +458,7 @@ def start_step(step: Step, env: dict, log, note: str = "", limit_s: float | None
     log.write(f"\n===== {step.name}{note}: {shlex.join(step.cmd)}\n")
     log.flush()
     tail: list[str] = []
-    env = dict(env, GPU_KIT_DEADLINE=str(time.time() + (limit_s or step.cap_s)))
+    env = dict(env, GPU_KIT_DEADLINE=str(time.time() + (limit_s or step.cap_s) - JOB_MARGIN_S))
     proc = subprocess.Popen(step.cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             errors="replace", start_new_session=True)
 

@@ -141,6 +141,15 @@ def test_wheel_list_pins_one_version_of_each_missing_package(acceptance):
         "0.50."
     )  # ships libbitsandbytes_cuda130.so (the image's torch is cu130)
     assert {p.name for p in pins if p.override} <= {"transformers", "peft"}
+    # The image's transformers (5.17) is below setup.cfg's floor: the carried one must meet it, or lora.py and
+    # qlora.py stop at argument parsing on the GPU. pynvml (nvidia-ml-py) measures the CUDA context there.
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    floor = next(Requirement(line.strip()) for line in (REPO / "setup.cfg").read_text().splitlines()
+                 if line.strip().startswith("transformers"))
+    assert floor.specifier.contains(Version(versions["transformers"])), (floor, versions["transformers"])
+    assert "nvidia-ml-py" in versions
     assert [(f.name, f.fallback_if) for f in fallbacks] == [("datasets", "pyarrow<24")]
     assert {"torch", "pyarrow", "accelerate", "huggingface-hub"} <= set(image)
 
@@ -194,6 +203,18 @@ def test_jobs_start_after_their_prerequisites_and_a_hung_one_is_killed(tmp_path,
     assert [jobs[n].rc for n in ("first", "second", "broken", "after_broken", "hung")] == [0, 0, 3, -2, -9]
     assert "not started: broken failed" in jobs["after_broken"].log.read_text()
     assert "killed after 1 s" in jobs["hung"].tail() and jobs["hung"].seconds < 30
+
+
+def test_jobs_are_killed_at_the_kit_steps_deadline(tmp_path, monkeypatch):
+    """Inside a kit step every job goes before the step's own limit, so its test fails with the log (and pytest
+    reports it) instead of the whole step being killed with no outcome."""
+    import time
+
+    monkeypatch.setattr(kit, "_WORK", tmp_path)
+    monkeypatch.setenv("GPU_KIT_DEADLINE", str(time.time() + 1.0))
+    jobs = kit.run_jobs([kit.Job("long", [sys.executable, "-c", "import time; time.sleep(60)"], timeout=600)])
+    assert jobs["long"].rc == -9 and jobs["long"].seconds < 30
+    assert "killed at the kit step's deadline" in jobs["long"].tail()
 
 
 def test_targets_are_pass_fail_lines_and_an_unmeasured_one_fails(acceptance):

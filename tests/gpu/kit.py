@@ -11,8 +11,8 @@ Folders (set by benchmarks/gpu_acceptance.py; a fresh temporary folder when pyte
                    repository, which `gpu_acceptance.py --prepare` fills, else ../shared/data)
   GPU_KIT_RESULTS  JSON-lines file that receives every record() and every test outcome
   GPU_KIT_LAUNCHED set by the kit: here a test that cannot run on CUDA fails instead of rehearsing or skipping
-  GPU_KIT_DEADLINE set by the kit per step (epoch seconds): every job is killed before the step's own limit, so
-                   the tests still fail with the job's log and their outcomes are written
+  GPU_KIT_DEADLINE set by the kit per step (epoch seconds, the step's limit less a margin): every job still running
+                   then is killed, so the tests fail with the job's log and their outcomes are written
 
 Where torch sees no CUDA (CI, laptops) and the kit did not launch them, the same tests run as a CPU rehearsal
 (`shape()`): a nano GPT-2 with a 512-token BPE trained on the data, a few steps of short blocks, through the same
@@ -226,9 +226,10 @@ def free_port() -> int:
 
 
 def step_deadline() -> float | None:
-    """The kit's deadline for this step (time.time() seconds), less a margin for the tests to fail and report."""
+    """When the kit wants this step's jobs gone (time.time() seconds): its cap less a margin for the tests to fail
+    and report (benchmarks/gpu_acceptance.py JOB_MARGIN_S)."""
     value = os.environ.get("GPU_KIT_DEADLINE")
-    return float(value) - 15 if value else None
+    return float(value) if value else None
 
 
 @dataclass
