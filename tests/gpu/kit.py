@@ -68,7 +68,7 @@ class Shape:
     pretrain_drop: float  # how far pretrain.py's logged loss must fall over the compiled run
     core_drop: float  # ... over the core runs' `steps` (fsdp, onefile)
     finetune_drop: float  # how far LoRA / QLoRA must lower the held-out loss
-    job_timeout: float
+    job_timeout: float  # by hand; under the kit each step's deadline (GPU_KIT_DEADLINE) comes first
     core_lr: tuple[str, ...] = ()  # pretrain.py's and onefile's learning rate flags (GPU: their default by width)
 
     @property
@@ -83,7 +83,7 @@ class Shape:
 GPU_SHAPE = Shape(device="cuda", preset="gpt2", preset_medium="gpt2-medium", n_layer=12, block=1024, batch=8, steps=10,
                   checkpoint_at=5, warmup=5, compiled_batch=16, compiled_steps=30, log_every=5, finetune_steps=30,
                   finetune_batch=8, finetune_lr=1e-3, plan_steps=10, tokenizer_len=50257, pretrain_drop=1.0,
-                  core_drop=0.5, finetune_drop=0.05, job_timeout=120)
+                  core_drop=0.5, finetune_drop=0.05, job_timeout=300)
 # Seconds on 2 CPU cores: 512-token vocabulary (the head dominates a nano model's step), 64-token blocks, lr 1e-2
 # so that 10 steps leave a base with some structure to fine-tune. A LoRA on a 2-block, 64-wide base with frozen
 # embeddings and head moves the held-out loss by a few hundredths (15 steps of 8 x 64 at lr 2e-2: 0.023), hence 0.01.
