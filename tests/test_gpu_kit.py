@@ -1,11 +1,14 @@
-"""The GPU acceptance kit on a CPU: its dry run, the gpu tests' clean skip, the wheel list, the job scheduler, the
-results summary. (The kit itself runs on a GPU machine: benchmarks/gpu_acceptance.py, docs/gpu_acceptance.md.)"""
+"""The GPU acceptance kit on a CPU: its dry run and plan, a skip under the kit failing its step, the wheel list, the
+job scheduler, the targets and summary. (The kit itself runs on a GPU machine: benchmarks/gpu_acceptance.py,
+docs/gpu_acceptance.md; tests/gpu themselves rehearse on CPU in the default test run.)"""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
+import re
 import sys
 import tempfile
 
@@ -26,7 +29,7 @@ def acceptance():
 def test_dry_run_lists_every_step_with_its_command_and_the_device_call(acceptance, capsys):
     assert acceptance.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
-    for step in ("install", "env", "tests_core", "tests_pretrain", "tests_plan", "bench_mfu"):
+    for step in ("install", "env", "tests_core", "tests_pretrain", "bench_mfu", "tests_plan"):
         assert f"\n{step}  (limit " in out, step
     for test_file in (
         "test_fsdp_gpu.py",
@@ -37,9 +40,11 @@ def test_dry_run_lists_every_step_with_its_command_and_the_device_call(acceptanc
     ):
         assert f"tests/gpu/{test_file}" in out and (REPO / "tests" / "gpu" / test_file).is_file()
     assert f"--child install --site {os.path.join(tempfile.gettempdir(), 'site')}" in out and "-m gpu" in out
-    assert "480 s budget" in out
-    assert "timeout_s=560" in out and 'carry=[".whl", ".gpu_kit"]' in out
+    assert "--junitxml" in out  # each pytest step's verdict comes from its JUnit report
+    assert "420 s budget" in out
+    assert "timeout_s=480" in out and 'carry=[".whl", ".gpu_kit"]' in out
     assert "$OUT" in acceptance.DEVICE_COMMAND and len(acceptance.DEVICE_COMMAND) <= 2000
+    assert "--only tests_plan --budget_s 160" in out  # the rerun command
     # --only keeps install and env, and names its unknown steps
     steps = acceptance.build_steps(
         argparse.Namespace(work="/tmp/w", site="/tmp/s", use_image_versions=False, only="bench_mfu")
@@ -51,6 +56,41 @@ def test_dry_run_lists_every_step_with_its_command_and_the_device_call(acceptanc
         )
 
 
+def test_the_plan_fits_the_window_in_order_of_value(acceptance, capsys):
+    """Caps add up to at most the 420 s budget, each job is killed inside its step's cap, and the recipes' first
+    verdicts (tests_core) come first, then MFU, then the planner."""
+    assert acceptance.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    plan = re.findall(r"^  (\w+) +cap +(\d+) s, starts by +(\d+) s(?:; its recipe jobs are killed \d+ s before the "
+                      r"cap \((\d+) s\))?", out, flags=re.M)
+    assert [name for name, *_ in plan] == ["install", "env", "tests_core", "tests_pretrain", "bench_mfu", "tests_plan"]
+    caps = [int(cap) for _, cap, _, _ in plan]
+    total = int(re.search(r"total of the caps: (\d+) s", out)[1])
+    assert total == sum(caps) <= 420 == acceptance.BUDGET_S, out
+    assert acceptance.DEVICE_TIMEOUT_S > acceptance.BUDGET_S  # room to write results and kill a hung step
+    for name, cap, _start, jobs in plan:
+        assert int(cap) <= 420
+        if name.startswith("tests_"):
+            assert jobs and 0 < int(jobs) < int(cap), (name, cap, jobs)
+    starts = {name: int(start) for name, _, start, _ in plan}
+    assert starts["tests_core"] <= 60 and starts["tests_core"] + caps[2] <= 180  # its verdicts in ~2 minutes
+
+
+def test_rerun_failed_runs_only_the_steps_that_were_not_ok(acceptance, tmp_path, capsys):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"steps": [
+        {"name": "install", "status": "ok"}, {"name": "env", "status": "ok"},
+        {"name": "tests_core", "status": "failed: 1 skipped, 5 passed"}, {"name": "tests_pretrain", "status": "ok"},
+        {"name": "bench_mfu", "status": "timeout"}, {"name": "tests_plan", "status": "ok"},
+    ]}))
+    assert acceptance.failed_steps(results) == ["tests_core", "bench_mfu"]
+    assert acceptance.main(["--dry-run", "--rerun-failed", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "\ntests_core  (limit" in out and "\nbench_mfu  (limit" in out and "\ntests_plan  (limit" not in out
+    with pytest.raises(SystemExit, match="cannot read"):
+        acceptance.failed_steps(tmp_path / "missing.json")
+
+
 def test_bad_options_are_one_line_errors(acceptance, capsys):
     for argv, words in ((["--budget_s", "30"], "--budget_s 30 is too short"), ([], "--out DIR is required")):
         with pytest.raises(SystemExit) as exc:
@@ -59,16 +99,37 @@ def test_bad_options_are_one_line_errors(acceptance, capsys):
         assert words in capsys.readouterr().err
 
 
-def test_gpu_tests_are_collected_and_skipped_with_the_reason_without_cuda():
+def test_under_the_kit_a_gpu_test_that_cannot_run_fails_instead_of_skipping():
+    """Launched by the kit without CUDA, tests/gpu fail with the reason (without the kit they rehearse on CPU)."""
     import torch
 
     if torch.cuda.is_available():
-        pytest.skip("a GPU is here: tests/gpu run instead of skipping")
-    r = run_script(["-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/gpu"], timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:]
-    assert "13 skipped" in r.stdout and "passed" not in r.stdout and "failed" not in r.stdout
-    assert "needs a CUDA GPU (torch.cuda.is_available() is False)" in r.stdout
-    assert "benchmarks/gpu_acceptance.py" in r.stdout  # the reason says where they run
+        pytest.skip("a GPU is here: tests/gpu run for real")
+    r = run_script(["-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "tests/gpu/test_onefile_gpu.py"],
+                   timeout=300, env={"GPU_KIT_LAUNCHED": "1"})
+    assert r.returncode == 1, r.stdout[-3000:]
+    assert "2 errors" in r.stdout and "skipped" not in r.stdout and "passed" not in r.stdout, r.stdout[-3000:]
+    assert "launched by the GPU kit but torch.cuda.is_available() is False" in r.stdout
+
+
+def test_a_skipped_test_makes_its_kit_step_fail(acceptance, tmp_path):
+    """pytest exits 0 when tests skip; the kit reads its JUnit report and fails the step unless every test passed."""
+    (tmp_path / "test_some.py").write_text(
+        "import pytest\n\ndef test_ran():\n    pass\n\ndef test_skipped():\n    pytest.skip('no GPU')\n"
+    )
+    junit = tmp_path / "junit.xml"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml", str(junit),
+           str(tmp_path / "test_some.py")]
+    step = acceptance.Step("tests_x", cmd, 60, "a pytest step")
+    with open(tmp_path / "log.txt", "w") as log:
+        result = acceptance.wait_step(acceptance.start_step(step, dict(os.environ), log), 60, log, junit)
+    assert result["rc"] == 0  # pytest itself calls this a success
+    assert result["status"] == "failed: 1 passed, 1 skipped", result
+    assert acceptance.junit_verdict(tmp_path / "none.xml") == (False, "no JUnit report (pytest did not finish)")
+    junit.write_text('<testsuites><testsuite name="pytest" tests="0"></testsuite></testsuites>')
+    assert acceptance.junit_verdict(junit) == (False, "no tests ran")
+    junit.write_text('<testsuites><testsuite><testcase name="a"/><testcase name="b"/></testsuite></testsuites>')
+    assert acceptance.junit_verdict(junit) == (True, "2 passed")
 
 
 def test_wheel_list_pins_one_version_of_each_missing_package(acceptance):
@@ -80,6 +141,15 @@ def test_wheel_list_pins_one_version_of_each_missing_package(acceptance):
         "0.50."
     )  # ships libbitsandbytes_cuda130.so (the image's torch is cu130)
     assert {p.name for p in pins if p.override} <= {"transformers", "peft"}
+    # The image's transformers (5.17) is below setup.cfg's floor: the carried one must meet it, or lora.py and
+    # qlora.py stop at argument parsing on the GPU. pynvml (nvidia-ml-py) measures the CUDA context there.
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    floor = next(Requirement(line.strip()) for line in (REPO / "setup.cfg").read_text().splitlines()
+                 if line.strip().startswith("transformers"))
+    assert floor.specifier.contains(Version(versions["transformers"])), (floor, versions["transformers"])
+    assert "nvidia-ml-py" in versions
     assert [(f.name, f.fallback_if) for f in fallbacks] == [("datasets", "pyarrow<24")]
     assert {"torch", "pyarrow", "accelerate", "huggingface-hub"} <= set(image)
 
@@ -135,7 +205,19 @@ def test_jobs_start_after_their_prerequisites_and_a_hung_one_is_killed(tmp_path,
     assert "killed after 1 s" in jobs["hung"].tail() and jobs["hung"].seconds < 30
 
 
-def test_targets_and_summary_from_records(acceptance):
+def test_jobs_are_killed_at_the_kit_steps_deadline(tmp_path, monkeypatch):
+    """Inside a kit step every job goes before the step's own limit, so its test fails with the log (and pytest
+    reports it) instead of the whole step being killed with no outcome."""
+    import time
+
+    monkeypatch.setattr(kit, "_WORK", tmp_path)
+    monkeypatch.setenv("GPU_KIT_DEADLINE", str(time.time() + 1.0))
+    jobs = kit.run_jobs([kit.Job("long", [sys.executable, "-c", "import time; time.sleep(60)"], timeout=600)])
+    assert jobs["long"].rc == -9 and jobs["long"].seconds < 30
+    assert "killed at the kit step's deadline" in jobs["long"].tail()
+
+
+def test_targets_are_pass_fail_lines_and_an_unmeasured_one_fails(acceptance):
     records = {
         "pretrain_compiled_124m": [{"mfu_median_after_compile": 0.47}],
         "bench_lora_vs_qlora": [{"350m": {"peak_ratio": 0.55, "step_time_ratio": 1.4}}],
@@ -147,10 +229,18 @@ def test_targets_and_summary_from_records(acceptance):
         }
     }
     targets = acceptance.evaluate_targets(records, mfu)
-    assert [t["met"] for t in targets] == [True, False, True, False, False]
+    assert [t["verdict"] for t in targets] == ["PASS", "FAIL", "PASS", "FAIL", "FAIL"]
+    assert acceptance.target_lines(targets)[0] == (
+        "PASS    pretrain.py 124M bf16+compile 16x1024 MFU (its log): 0.470 (target >= 0.45; step tests_pretrain)"
+    )
+    # a step that ran without producing its figure fails the target; a step not run in this call is "not run"
+    partial = acceptance.evaluate_targets({}, None, steps_run={"tests_pretrain", "tests_core"})
+    assert [t["verdict"] for t in partial] == ["FAIL", "not run", "not run", "not run", "not run"]
+    assert "not measured (target >= 0.45" in acceptance.target_lines(partial)[0]
     results = {
         "machine": {"gpu_name": "NVIDIA H200", "driver": "580", "versions": {"torch": "2.11.0"}},
-        "steps": [{"name": "install", "status": "ok", "seconds": 9.0, "limit_s": 90}],
+        "steps": [{"name": "tests_plan", "status": "failed: 1 failed, 1 skipped", "seconds": 9.0, "limit_s": 90,
+                   "tests": "1 failed, 1 skipped"}],
         "tests": [
             {
                 "test": "tests/gpu/test_plan_gpu.py::test_a",
@@ -170,76 +260,5 @@ def test_targets_and_summary_from_records(acceptance):
     }
     text = acceptance.summary(results)
     assert "NVIDIA H200" in text and "1 failed, 1 skipped" in text and "planner off" in text
-    assert "1 skipped: Skipped: needs a CUDA GPU" in text and "compiled-16" in text and "44.0%" in text
-    assert "QLoRA / LoRA step time at 350M" in text and " NO" in text
-
-
-@pytest.mark.slow
-def test_probe_and_plan_runner_work_with_the_recipes_on_cpu(tmp_path, tiny_tokenizer_dir, small_text_file):
-    """The two harnesses the gpu tests depend on, on a tiny model: the probe records the setup, the first step and
-    the trained model's logits; the plan runner runs two configurations in one process and stops each after
-    training. (On CPU the memory figures are 0: they are torch.cuda's.)"""
-    import json
-
-    def args(out, batch):
-        return [
-            "--preset",
-            "gpt2-nano",
-            "--tokenizer_name",
-            str(tiny_tokenizer_dir),
-            "--train_file",
-            str(small_text_file),
-            "--block_size",
-            "32",
-            "--per_device_train_batch_size",
-            str(batch),
-            "--max_steps",
-            "3",
-            "--logging_steps",
-            "1",
-            "--report_to",
-            "none",
-            "--eval_strategy",
-            "no",
-            "--save_strategy",
-            "no",
-            "--sample_max_new_tokens",
-            "1",
-            "--data_cache_dir",
-            str(tmp_path / "cache"),
-            "--output_dir",
-            str(out),
-        ]
-
-    probe_dir = tmp_path / "probed"
-    r = run_script(
-        [str(kit.PROBE), "--probe_dir", str(probe_dir), "recipes/pretrain.py", *args(probe_dir, 4)],
-        timeout=300,
-        env={"PYTHONPATH": str(REPO)},
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    probe = kit.probe(probe_dir)
-    assert probe["setup"]["n_params"] == 28 and probe["setup"]["optimizer"].endswith("AdamW")
-    assert probe["first_step"] == {"global_step": 0, "optimizer_state_steps": []}
-    assert len(probe["end"]["checksums"]) == 28 and kit.probe_logits(probe_dir).shape == (2, 128, 512)
-    assert (probe_dir / "model.safetensors").exists()  # the recipe went on to export as usual
-
-    specs = [{"name": f"b{b}", "recipe": "recipes/pretrain.py", "args": args(tmp_path / f"b{b}", b)} for b in (2, 4)]
-    (tmp_path / "specs.json").write_text(json.dumps(specs))
-    r = run_script(
-        [
-            str(kit.PROBE.with_name("plan_runner.py")),
-            "--specs",
-            str(tmp_path / "specs.json"),
-            "--out",
-            str(tmp_path / "measured.json"),
-        ],
-        timeout=300,
-        env={"PYTHONPATH": str(REPO)},
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    runs = json.loads((tmp_path / "measured.json").read_text())["runs"]
-    assert sorted(runs) == ["b2", "b4"]
-    for run in runs.values():
-        assert "error" not in run and [s["step"] for s in run["steps"]] == [1, 2, 3], run
-    assert not (tmp_path / "b2" / "model.safetensors").exists()  # stopped after training: no export
+    assert "1 skipped (a failure here): Skipped: needs a CUDA GPU" in text and "compiled-16" in text
+    assert "44.0%" in text and "FAIL    QLoRA / LoRA step time at 350M: 1.400 (target <= 1.2" in text

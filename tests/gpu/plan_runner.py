@@ -77,15 +77,16 @@ def measuring_callback():
     return Measure
 
 
-def device_used_before_cuda() -> int | None:
-    """Device memory in use before this process creates its CUDA context (NVML), so the context can be measured."""
+def device_used_before_cuda() -> tuple[int | None, str]:
+    """Device memory in use before this process creates its CUDA context (NVML), so the context can be measured;
+    None and why where NVML cannot say (no pynvml, no driver): recorded, and the GPU test fails on it."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used)
-    except Exception:  # noqa: BLE001 - no NVML here: the context is simply not measured
-        return None
+        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used), "measured"
+    except Exception as err:  # noqa: BLE001 - recorded with the reason, never silently
+        return None, f"NVML unavailable: {type(err).__name__}: {err}"[:300]
 
 
 def make_base(folder: Path, preset: str, tokenizer: str) -> None:
@@ -112,8 +113,10 @@ def main() -> None:
     p.add_argument("--base", nargs=2, action="append", default=[], metavar=("DIR", "PRESET"))
     p.add_argument("--tokenizer", default=None, help="tokenizer folder for --base")
     args = p.parse_args()
-    used_before = device_used_before_cuda()
+    used_before, nvml = device_used_before_cuda()
+    from probe import rehearse_on_cpu  # tests/gpu is sys.path[0] when this file runs as a script
 
+    rehearse_on_cpu()
     import torch
     import transformers
 
@@ -131,7 +134,7 @@ def main() -> None:
 
     transformers.Trainer.__init__ = init
     gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
-    results = {"device_used_before_cuda_bytes": used_before, "gpu": gpu, "runs": {}}
+    results = {"device_used_before_cuda_bytes": used_before, "nvml": nvml, "gpu": gpu, "runs": {}}
     for spec in json.loads(Path(args.specs).read_text()):
         gc.collect()
         if cuda:

@@ -94,6 +94,9 @@ def describe(trainer, model, optimizer) -> dict:
         "n_dtensor": sum(isinstance(p, DTensor) for p in params),
         "n_trainable": sum(p.numel() for p in trainable),
         "optimizer": f"{type(inner).__module__}.{type(inner).__name__}" if inner is not None else None,
+        # bitsandbytes' paged AdamW is its AdamW class with is_paged=True (transformers' optim="paged_adamw_32bit")
+        "optimizer_is_paged": bool(getattr(inner, "is_paged", False)),
+        "optimizer_bits": getattr(getattr(inner, "args", None), "optim_bits", None),  # bitsandbytes' state bits
         "optimizer_state_steps": optimizer_state_steps(optimizer),
         "four_bit": quant,
         "distributed_type": str(state.distributed_type.value),
@@ -187,6 +190,18 @@ def build_callback(folder: Path, step_stats: bool):
     return Probe
 
 
+def rehearse_on_cpu() -> None:
+    """In the CPU rehearsal (tests/gpu/kit.py sets GPU_KIT_REHEARSAL for its runs), let `--bf16 true` through the
+    recipes' check that refuses bf16 on CPUs where it is slower than fp32: the rehearsal runs the bf16 autocast
+    path for what it does, not for speed."""
+    import os
+
+    if os.environ.get("GPU_KIT_REHEARSAL"):
+        from toolkit import flops
+
+        flops.cpu_bf16_speedup = lambda size=256: 1.0
+
+
 def main() -> None:
     argv = sys.argv[1:]
     if len(argv) < 3 or argv[0] != "--probe_dir":
@@ -196,6 +211,7 @@ def main() -> None:
     argv = argv[1:] if step_stats else argv
     folder.mkdir(parents=True, exist_ok=True)
 
+    rehearse_on_cpu()
     import transformers
 
     probe_class = build_callback(folder, step_stats)
