@@ -207,15 +207,13 @@ def test_sliding_windows_give_a_lower_perplexity_than_non_overlapping_ones():
     assert sliding.bits_per_byte == pytest.approx(sliding.loss / math.log(2))  # one byte per token
 
 
-def test_byte_counts_are_the_utf8_bytes_of_the_text(tiny_tokenizer_dir):
+@pytest.mark.parametrize("which", ["tiny", pytest.param("gpt2", marks=needs_shared)])
+def test_byte_counts_are_the_utf8_bytes_of_the_text(tiny_tokenizer_dir, which):
     from transformers import AutoTokenizer
 
     from toolkit.lm_metrics import ByteCounter
 
-    tokenizers = [AutoTokenizer.from_pretrained(tiny_tokenizer_dir)]
-    if GPT2_TOKENIZER.exists():
-        tokenizers.append(AutoTokenizer.from_pretrained(GPT2_TOKENIZER))
-    for tokenizer in tokenizers:
+    for tokenizer in [AutoTokenizer.from_pretrained(tiny_tokenizer_dir if which == "tiny" else GPT2_TOKENIZER)]:
         ids = tokenizer(ENGLISH, add_special_tokens=False).input_ids
         counter = ByteCounter(tokenizer)
         assert counter.exact
