@@ -345,7 +345,7 @@ def build_steps(args) -> list[Step]:
         Step(
             "tests_pretrain",
             pytest_cmd(work, "tests_pretrain", "test_pretrain_gpu.py"),
-            90,
+            110,
             "item 1: pretrain.py 124M bf16 + sdpa + torch.compile, 30 steps of 16x1024, MFU >= 45% from its log",
         ),
         Step(
@@ -358,7 +358,7 @@ def build_steps(args) -> list[Step]:
         Step(
             "tests_plan",
             pytest_cmd(work, "tests_plan", "test_plan_gpu.py"),
-            120,
+            100,
             "item 5: toolkit plan vs torch.cuda.max_memory_allocated (9 configurations), LoRA vs QLoRA benchmark",
         ),
     ]

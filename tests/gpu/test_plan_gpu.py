@@ -48,7 +48,8 @@ def configurations(work) -> list[dict]:
         ("pretrain-350m-b8", SH.preset_medium, 8, False),
     ):
         folder = work / "plan" / name
-        args = kit.pretrain_args(folder, batch, STEPS, "--preset", preset, "--logging_steps", "5")
+        args = kit.pretrain_args(folder, batch, STEPS, "--preset", preset, "--logging_steps", "5",
+                                 "--data_cache_dir", str(work / "plan" / "cache"))  # one after another: one cache
         args += ["--gradient_checkpointing", "true"] if ckpt else []
         plan = ["--model", preset, "--task", "pretrain", "--batch_size", str(batch)] + (
             ["--gradient_checkpointing"] if ckpt else []
