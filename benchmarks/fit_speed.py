@@ -6,7 +6,7 @@ the other launch or method at the same settings: DDP x2 and FSDP2 x2 against 1 p
 LoRA (sections 4 and 4b). What the model adds to the compute (collectives, dequantization) is what is checked.
 
     python benchmarks/fit_speed.py                        # model vs measured, within 15%?
-    python benchmarks/fit_speed.py --write-calibration    # refit calibration.json's CPU speed constants first
+    python benchmarks/fit_speed.py --write-calibration    # refit calibration.json's cpu_speed_fit first
 
 Nothing is timed here: the measurements are the tables in docs/benchmarks.md.
 """
@@ -116,7 +116,7 @@ def fit() -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write-calibration", action="store_true",
-                        help="refit the CPU speed constants in toolkit/plan/calibration.json first")
+                        help="refit the cpu_speed_fit section of toolkit/plan/calibration.json first")
     args = parser.parse_args(argv)
     if args.write_calibration:
         import datetime
@@ -125,11 +125,12 @@ def main(argv: list[str] | None = None) -> int:
 
         values = fit()
         calibration.update_section(
-            "speed", values, date=datetime.date.today().isoformat(),
+            "cpu_speed_fit", {k.removeprefix("cpu_"): v for k, v in values.items()},
+            date=datetime.date.today().isoformat(),
             machine="fitted to docs/benchmarks.md sections 4, 4b and 5 (2-core AMD EPYC (AVX-512) CPU, torch 2.13.0 "
-                    "CPU)", command="python benchmarks/fit_speed.py --write-calibration", status="fitted")
+                    "CPU)", command="python benchmarks/fit_speed.py --write-calibration")
         calibration.SPEED.update(values)
-        print(f"calibration.json, section speed: {values}")
+        print(f"calibration.json, section cpu_speed_fit: {values}")
     ok = True
     print(f"{'measurement':<48} {'measured':>8} {'model':>8} {'error':>7}")
     for m, p in compare():

@@ -73,6 +73,9 @@ def test_shape_flags_without_a_preset_build_gpt2_15b_as_toolkit_plan_counts_it(t
                                                                                           False, None)
     model, _, _ = parse("pretrain", ["--output_dir", str(tmp_path)])
     assert (model.preset, model.vocab_size) == ("gpt2-micro", 4096)
+    # a vocabulary of the user's own: the model takes the tokenizer's size, GPT-2's shape otherwise
+    model, _, _ = parse("pretrain", ["--n_layer", "2", "--vocab_size", "1024", "--output_dir", str(tmp_path)])
+    assert (model.preset, model.vocab_size, model.config_overrides) == ("gpt2", 1024, None)
 
 
 def test_a_gpt2_shape_trains_with_gpt2s_positions_and_vocabulary_and_says_which_tokenizer(

@@ -62,7 +62,8 @@ class ModelArguments:
     vocab_size: Optional[int] = field(
         default=None,
         metadata={"help": "Vocabulary size of the BPE trained when no tokenizer is given. Default: 4096; 50257 "
-                          "(GPT-2's) for a GPT-2 shape, whose model keeps GPT-2's 50,257 rows either way."},
+                          "(GPT-2's) for a GPT-2 shape, whose model then keeps GPT-2's 50,257 rows even when the BPE "
+                          "ends up with fewer tokens."},
     )
     pad_vocab_to_multiple_of: int = field(
         default=64,
@@ -82,9 +83,10 @@ class ModelArguments:
         self.gpt2_shape = self.preset is None and shape_flags and from_scratch
         if self.preset is None:
             self.preset = GPT2_SHAPE_PRESET if self.gpt2_shape else DEFAULT_PRESET
+        vocabulary_given = self.vocab_size is not None or self.tokenizer_name is not None
         if self.vocab_size is None:
             self.vocab_size = GPT2_VOCAB_SIZE if self.gpt2_shape else DEFAULT_BPE_VOCAB
-        if self.gpt2_shape:  # GPT-2's rows even when a BPE trained on a small text ends up with fewer tokens
+        if self.gpt2_shape and not vocabulary_given:  # GPT-2's rows even when a BPE trained on little text has fewer
             floor = f"vocab_size={GPT2_VOCAB_SIZE}"
             self.config_overrides = f"{self.config_overrides},{floor}" if self.config_overrides else floor
 

@@ -46,7 +46,11 @@ def constants(data: dict) -> dict:
         # Model FLOPs utilisation assumed for the throughput estimate (labelled an estimate everywhere).
         "ASSUMED_MFU": {"cpu": sec["cpu_speed"]["assumed_mfu"], "cuda": gpu["assumed_mfu"]},
         # Bandwidths (GB/s) and latencies (ms) of the speed model's collectives and QLoRA's dequantization.
-        "SPEED": dict(sec["speed"]),
+        "SPEED": {"cpu_collective_gbps": sec["cpu_speed"]["collective_gbps"],
+                  "cpu_collective_latency_ms": sec["cpu_speed_fit"]["collective_latency_ms"],
+                  "cpu_dequant_gbps": sec["cpu_speed_fit"]["dequant_gbps"],
+                  "interconnect_gbps": gpu["interconnect_gbps"],
+                  "gpu_collective_latency_ms": gpu["collective_latency_ms"], "gpu_memory_gbps": gpu["memory_gbps"]},
     }
 
 

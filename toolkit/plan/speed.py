@@ -3,7 +3,8 @@ does not cover: the collectives of DDP and FSDP2 (bytes moved over a bandwidth, 
 QLoRA's dequantization of the 4-bit weights (bytes through memory) in every pass.
 
 It is an estimate, labelled so in every output: the MFU is assumed and the bandwidths are data-sheet figures for
-GPUs and fitted to docs/benchmarks.md sections 4 and 5 on CPU (calibration.json, section "speed").
+GPUs and fitted to docs/benchmarks.md sections 4, 4b and 5 on CPU (calibration.json: sections gpu, cpu_speed and
+cpu_speed_fit).
 
 Per optimizer step, per device:
   compute   tokens x FLOPs per token / (peak x MFU)
