@@ -68,10 +68,13 @@ def parse_args(argv=None):
     a("--tokenizer_name", help="tokenizer.json or vocab.json + merges.txt folder; default: the model's, or a new BPE")
     a("--init_from", help="start from this save_pretrained GPT-2 folder")
     a("--model", help="other guides' form: a preset name, else a folder to start from (--init_from)")
-    a("--preset", choices=PRESETS, default="gpt2-micro", help="model shape when training from scratch")
+    a("--preset", choices=PRESETS, help="model shape when training from scratch (default gpt2-micro; with a shape "
+      "flag, gpt2: the guide's --n_layer 48 --n_head 16 --n_embd 1600 is GPT-2 1.5B, as in pretrain.py)")
     for name in ("n_layer", "n_head", "n_embd", "n_positions"):
         a(f"--{name}", type=int, help="override the preset")
     a("--max_steps", "--steps", type=int, default=400, help="optimizer updates")
+    a("--vocab_size", type=int, help="size of the BPE trained when no tokenizer is given (4096; GPT-2's 50257 for a "
+      "GPT-2 shape, whose embedding keeps GPT-2's rows however many the BPE learns)")
     a("--learning_rate", type=float, help="peak learning rate; default: by model width (LEARNING_RATE_BY_WIDTH)")
     a("--optim", choices=["auto", "adamw_torch_fused", "muon"], default="auto",
       help="muon: Muon for the blocks' matrices, AdamW for the rest; auto: muon up to MUON_UP_TO_WIDTH wide")
@@ -83,7 +86,7 @@ def parse_args(argv=None):
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a("--compile", action="store_true", help="torch.compile the model (slow start, faster GPU steps)")
     for name, default in (("block_size", 128), ("per_device_train_batch_size", 16), ("per_device_eval_batch_size", 32),
-                          ("gradient_accumulation_steps", 1), ("vocab_size", 4096), ("validation_split_percentage", 5),
+                          ("gradient_accumulation_steps", 1), ("validation_split_percentage", 5),
                           ("logging_steps", 10), ("eval_steps", 200), ("save_steps", 200), ("seed", 42),
                           ("sample_max_new_tokens", 64)):
         a(f"--{name}", type=int, default=default, help=f"default: {default}")
@@ -99,6 +102,11 @@ def parse_args(argv=None):
             die(f"--{name} must be at least 1; pass a positive integer")
     if args.model:  # other guides' --model: a preset name, else a folder to start from
         setattr(args, "preset" if args.model in PRESETS else "init_from", args.model)
+    # Shape flags without a preset start from GPT-2's own shape and vocabulary (pretrain.py's rule).
+    args.gpt2_shape = (args.preset is None and not args.init_from
+                       and any(getattr(args, n) is not None for n in ("n_layer", "n_head", "n_embd")))
+    args.preset = args.preset or ("gpt2" if args.gpt2_shape else "gpt2-micro")
+    args.vocab_size = args.vocab_size or (50257 if args.gpt2_shape else 4096)
     for name, value in zip(("n_layer", "n_head", "n_embd", "n_positions"), PRESETS[args.preset]):
         setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
     w = args.warmup_steps
@@ -522,7 +530,8 @@ def main(argv=None):
     elif args.n_embd % args.n_head:
         die(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}; pick an n_head that divides n_embd")
     else:
-        model = GPT(dict(vocab_size=math.ceil(vocab / 64) * 64, n_positions=args.n_positions, n_embd=args.n_embd,
+        rows = max(vocab, args.vocab_size) if args.gpt2_shape and not args.tokenizer_name else vocab
+        model = GPT(dict(vocab_size=math.ceil(rows / 64) * 64, n_positions=args.n_positions, n_embd=args.n_embd,
                          n_layer=args.n_layer, n_head=args.n_head, layer_norm_epsilon=1e-5, dropout=args.dropout))
     cfg = model.cfg
     cfg["block_size"] = T
