@@ -161,8 +161,9 @@ def check_distributed_launch(training_args=None) -> None:
         raise UserError(
             f"{max(launched, group_size)} processes were launched (this is rank {rank}) but accelerate set up a "
             f"single-process run (distributed type {state.distributed_type.value}), so every process would train its "
-            "own copy as rank 0; on a machine without GPUs drop `--use_cpu false` (the recipes set it there, and the "
-            "ranks then join one gloo process group), with GPUs check that torch.cuda.is_available() is True on every rank"
+            "own copy as rank 0; on a machine without GPUs drop `--use_cpu false` (the recipes set it there, and "
+            "the ranks then join one gloo process group), with GPUs check that torch.cuda.is_available() is True on "
+            "every rank"
         )
     if launched == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() in _TRUE and "MASTER_ADDR" in os.environ:
         # accelerate's simple launcher sets MASTER_ADDR only when asked for num_processes > 1 (utils/launch.py:161-163)
