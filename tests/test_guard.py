@@ -2,9 +2,10 @@
 into recipes/pretrain.py (1 process, and one of 2 ranks under DDP and FSDP2) and recipes/lora.py, and a learning rate
 that drives the weights to NaN.
 
-The poison is injected in the model's forward (the runs go in this process): at a chosen training step the loss is
-multiplied by NaN or by 10, as a numerics fault or a bad batch would make it. The assertions read the weights around
-that step: the guard must leave them as they were (skip) or as the last checkpoint has them (rollback).
+The poison is injected in the model's forward (in this process, or by a wrapper script under a launcher): at a chosen
+training step the loss is multiplied by NaN or by 10, as a numerics fault or a bad batch would make it. The assertions
+read the weights around that step: the guard must leave them as they were (skip) or as the last checkpoint has them
+(rollback).
 """
 
 from __future__ import annotations
