@@ -1,9 +1,11 @@
 """The training guard (toolkit/guard.py) in real recipe runs: a poisoned batch (a NaN loss, or a loss spike) injected
-into recipes/pretrain.py and recipes/lora.py, and a learning rate that drives the weights to NaN.
+into recipes/pretrain.py (1 process, and one of 2 ranks under DDP and FSDP2) and recipes/lora.py, and a learning rate
+that drives the weights to NaN.
 
-The poison is injected in the model's forward (the runs go in this process): at a chosen training step the loss is
-multiplied by NaN or by 10, as a numerics fault or a bad batch would make it. The assertions read the weights around
-that step: the guard must leave them as they were (skip) or as the last checkpoint has them (rollback).
+The poison is injected in the model's forward (in this process, or by a wrapper script under a launcher): at a chosen
+training step the loss is multiplied by NaN or by 10, as a numerics fault or a bad batch would make it. The assertions
+read the weights around that step: the guard must leave them as they were (skip) or as the last checkpoint has them
+(rollback).
 """
 
 from __future__ import annotations
@@ -175,14 +177,14 @@ def test_lora_recipe_skips_a_nan_batch(tmp_path, tiny_model_dir, small_text_file
     assert metrics["train_steps"] == 8 and torch.isfinite(torch.tensor(metrics["eval_loss_after"]))
 
 
-# A recipe run under a launcher, with the loss of one rank's batch at one step made NaN; every rank writes the sum of
-# its weights (its shard's, under FSDP2) at the start of each training step to RECORD.<rank>.
+# A recipe run under a launcher, with the loss of one rank's batch at one step multiplied by FACTOR; every rank writes
+# the sum of its weights (its shard's, under FSDP2) at the start of each training step to RECORD.<rank>.
 WRAPPER = """
 import functools, json, os, runpy, sys
 from transformers import GPT2LMHeadModel
 
 rank = int(os.environ.get("RANK", "0"))
-record, poison_rank, poison_step = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+record, poison_rank, poison_step, factor = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 real, step = GPT2LMHeadModel.forward, [0]
 
 @functools.wraps(real)
@@ -195,18 +197,17 @@ def forward(model, *args, **kwargs):
         with open(f"{record}.{rank}", "a") as f:
             f.write(json.dumps([step[0], total]) + "\\n")
         if rank == poison_rank and step[0] == poison_step:
-            out.loss = out.loss * float("nan")
+            out.loss = out.loss * factor
     return out
 
 GPT2LMHeadModel.forward = forward
-sys.argv = ["recipes/pretrain.py", *sys.argv[4:]]
+sys.argv = ["recipes/pretrain.py", *sys.argv[5:]]
 runpy.run_path("recipes/pretrain.py", run_name="__main__")
 """
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("launch", ["ddp", "fsdp2"])
-def test_a_nan_on_one_rank_skips_the_update_on_every_rank(tmp_path, tiny_tokenizer_dir, small_text_file, launch):
+def _launch(tmp_path, tiny_tokenizer_dir, small_text_file, launch, poison_step, factor, *extra):
+    """Run the poisoned pretrain.py on 2 ranks (rank 1 poisoned); return (result, {rank: {step: weight sum}})."""
     import json
 
     from conftest import REPO, free_port, run_script
@@ -220,23 +221,47 @@ def test_a_nan_on_one_rank_skips_the_update_on_every_rank(tmp_path, tiny_tokeniz
         launcher = ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" /
                                                                               "fsdp_cpu.yaml"),
                     "--main_process_port", str(free_port())]
-    result = run_script([*launcher, str(wrapper), str(record), "1", "4",
+    result = run_script([*launcher, str(wrapper), str(record), "1", str(poison_step), str(factor),
                          "--preset", "gpt2-nano", "--tokenizer_name", str(tiny_tokenizer_dir),
                          "--train_file", str(small_text_file), "--data_cache_dir", str(tmp_path / "cache"),
-                         "--block_size", "32", "--per_device_train_batch_size", "4", "--max_steps", "6",
-                         "--warmup_steps", "2", "--logging_steps", "1", "--eval_strategy", "no", "--save_strategy",
-                         "no", "--report_to", "none", "--sample_max_new_tokens", "4", "--use_cpu", "true",
-                         "--optim", "adamw_torch_fused", "--output_dir", str(tmp_path / "out")])
+                         "--block_size", "32", "--per_device_train_batch_size", "4",
+                         "--warmup_steps", "2", "--logging_steps", "1", "--eval_strategy", "no",
+                         "--report_to", "none", "--sample_max_new_tokens", "4", "--use_cpu", "true",
+                         "--optim", "adamw_torch_fused", "--output_dir", str(tmp_path / "out"), *extra])
     assert result.returncode == 0, result.stderr[-3000:]
-    [line] = _warnings(result.stderr)  # rank 0 reports it, for every rank
-    assert line.startswith("warning: non-finite loss at step 4: loss nan, gradient norm nan: not finite; data: "
-                           "samples 24-31 of the run's order; train blocks ")
-    assert len(line.split("train blocks ")[1].split(" (")[0].split(", ")) == 8  # both ranks' blocks
     sums = {}
     for rank in (0, 1):
         rows = [json.loads(x) for x in (tmp_path / f"weights.{rank}").read_text().splitlines()]
         sums[rank] = {step: total for step, total in rows}
+    return result, sums
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch", ["ddp", "fsdp2"])
+def test_a_nan_on_one_rank_skips_the_update_on_every_rank(tmp_path, tiny_tokenizer_dir, small_text_file, launch):
+    result, sums = _launch(tmp_path, tiny_tokenizer_dir, small_text_file, launch, 4, float("nan"),
+                           "--max_steps", "6", "--save_strategy", "no")
+    [line] = _warnings(result.stderr)  # rank 0 reports it, for every rank
+    assert line.startswith("warning: non-finite loss at step 4: loss nan, gradient norm nan: not finite; data: "
+                           "samples 24-31 of the run's order; train blocks ")
+    assert len(line.split("train blocks ")[1].split(" (")[0].split(", ")) == 8  # both ranks' blocks
+    for rank in (0, 1):
         assert sums[rank][4] == sums[rank][5], (rank, sums[rank])  # step 4's update skipped on this rank too
         assert sums[rank][3] != sums[rank][4] and sums[rank][5] != sums[rank][6]
     if launch == "ddp":
         assert sums[0] == sums[1]  # the replicas stayed identical
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch", ["ddp", "fsdp2"])
+def test_a_spike_on_one_rank_rolls_every_rank_back(tmp_path, tiny_tokenizer_dir, small_text_file, launch):
+    """The loss of rank 1's batch x10 at step 12: the mean over the ranks spikes, both ranks reload checkpoint-10
+    (under FSDP2 each its own shard) and go on."""
+    result, sums = _launch(tmp_path, tiny_tokenizer_dir, small_text_file, launch, 12, 10.0,
+                           "--max_steps", "14", "--save_steps", "5", "--on_spike", "rollback")
+    [line] = _warnings(result.stderr)
+    assert line.startswith("warning: spike loss at step 12: ")
+    assert line.endswith("update skipped, rolled back to checkpoint-10 (the data since then is skipped)")
+    for rank in (0, 1):
+        assert sums[rank][13] == sums[rank][11], (rank, sums[rank])  # the weights after step 10, again
+        assert sums[rank][12] != sums[rank][11] and sums[rank][14] != sums[rank][13]

@@ -270,6 +270,21 @@ def test_toolkit_push_checks_an_adapter_on_the_base_given_or_not_at_all(tmp_path
     assert "cannot reach the Hub" in err([str(folder), "someone/x", "--no_verify"])
 
 
+@pytest.mark.parametrize("kind", ["qlora", "lora-embeddings"])
+def test_the_reload_check_passes_for_qlora_and_trained_embeddings(tmp_path, tiny_model_dir, kind):
+    """The trained model's own base serves the reload (a 4-bit base stays 4-bit); peft's modules_to_save copies of the
+    tied embedding and head are reloaded too."""
+    from test_lora import _lora_model, _randomize_adapter
+
+    from toolkit.hub import check_adapter_folder
+
+    model = _lora_model(tiny_model_dir, quantized=kind == "qlora", train_embeddings=kind == "lora-embeddings")
+    _randomize_adapter(model)
+    model.save_pretrained(tmp_path / "adapter")
+    assert "outputs match the trained model (difference 0)" in check_adapter_folder(str(tmp_path / "adapter"),
+                                                                                     trained_model=model)
+
+
 def _model_logits(model):
     was_training = model.training
     model.eval()

@@ -1,7 +1,7 @@
 """Interrupted and failing runs at 2 real processes: a dead rank stops the others with a clear error in
 bounded time, and so does a hung one (within --ddp_timeout); kill -9 (DDP) and SIGTERM (FSDP2) leave a checkpoint
 that resumes with the one-process losses, on 2 processes or on 1 with the same global batch (another global batch
-is refused)."""
+is refused); a `toolkit prepare` store (--token_store) resumes exactly under DDP."""
 
 from __future__ import annotations
 
@@ -156,3 +156,35 @@ def test_sigterm_under_fsdp2_saves_a_sharded_checkpoint_and_resumes(setup, backg
                          "--resume_from_checkpoint", "auto"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert_resumed_like_reference(out, reference, stopped)
+
+
+def test_token_store_resume_under_ddp_gives_the_one_process_losses(tmp_path, tiny_tokenizer_dir, small_text_file):
+    """A `toolkit prepare` store trained on by 2 DDP ranks, resumed from its middle checkpoint by 2 ranks into a fresh
+    output folder: the resumed steps' losses are those of the uninterrupted 2-rank run and of one process with the
+    same global batch (the data position comes back with the checkpoint)."""
+    store = tmp_path / "store"
+    result = run_script(["-m", "toolkit", "prepare", str(small_text_file), "--output_dir", str(store),
+                         "--tokenizer_name", str(tiny_tokenizer_dir), "--shard_tokens", "20000",
+                         "--validation_fraction", "0.05", "--no_progress"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    common = ["--preset", "gpt2-nano", "--token_store", str(store), "--block_size", "32", "--learning_rate", "3e-3",
+              "--warmup_steps", "2", "--max_steps", "12", "--logging_steps", "1", "--eval_strategy", "no",
+              "--report_to", "none", "--sample_max_new_tokens", "4", "--seed", "0", "--optim", "adamw_torch_fused"]
+    result = run_script(["recipes/pretrain.py", *common, "--per_device_train_batch_size", "8", "--save_strategy", "no",
+                         "--output_dir", str(tmp_path / "one")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "recipes/pretrain.py", *common, "--use_cpu",
+           "true", "--per_device_train_batch_size", "4", "--save_steps", "6"]
+    result = run_script([*ddp[:4], "--master_port", str(free_port()), *ddp[4:], "--output_dir", str(tmp_path / "ddp")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    middle = tmp_path / "ddp" / "checkpoint-6"
+    result = run_script([*ddp[:4], "--master_port", str(free_port()), *ddp[4:], "--output_dir",
+                         str(tmp_path / "resumed"), "--resume_from_checkpoint", str(middle)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = (result.stdout + result.stderr).count("{'loss'")
+    assert logged == 6, logged  # it trained steps 7-12 only
+    one, full, resumed = (losses(tmp_path / name) for name in ("one", "ddp", "resumed"))
+    assert sorted(resumed) == list(range(1, 13))  # the checkpoint brings the log of steps 1-6 with it
+    for step in range(7, 13):
+        assert resumed[step] == pytest.approx(full[step], abs=1e-6), (step, resumed, full)
+        assert resumed[step] == pytest.approx(one[step], abs=1e-5), (step, resumed, one)
