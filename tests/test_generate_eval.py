@@ -363,6 +363,7 @@ def test_lm_eval_scores_a_hellaswag_format_task_offline(tiny_model_dir, tmp_path
     assert report["lm_eval"]["version"]
 
 
+@pytest.mark.slow
 def test_unknown_task_is_one_line(tiny_model_dir, tmp_path, capsys):
     require_dev("lm_eval")
     from toolkit import evaluation
@@ -427,6 +428,7 @@ def test_pretrain_logs_bits_per_byte_that_toolkit_eval_reproduces_and_writes_a_c
     assert (out / "loss_curve.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_eval_speed_benchmark_quick(tmp_path):
     """benchmarks/eval_speed.py end to end at a tiny size (figures are not checked: this machine is shared)."""
     import importlib
@@ -441,10 +443,15 @@ def test_eval_speed_benchmark_quick(tmp_path):
     assert "ratio (eval / forward)" in (tmp_path / "b.md").read_text()
 
 
-def test_help_of_the_new_commands():
-    result = run_script(["-m", "toolkit", "eval", "--help"], cwd=REPO)
-    assert result.returncode == 0 and "--stride" in result.stdout and "--tasks" in result.stdout
-    assert "generate" in run_script(["-m", "toolkit", "--help"]).stdout
+def test_help_of_the_new_commands(capsys):
+    """In this process, through the entry point's main() (its real process: tests/test_core.py)."""
+    from toolkit import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "--stride" in out and "--tasks" in out
+    assert cli.main(["--help"]) == 0 and "generate" in capsys.readouterr().out
 
 
 @needs_shared

@@ -249,6 +249,7 @@ def test_muon_gives_the_same_losses_as_pretrain(tmp_path, tiny_model_dir, small_
     assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-4, list(zip(ours, theirs))
 
 
+@pytest.mark.slow
 def test_a_store_larger_than_the_memory_it_may_use_trains_in_flat_memory(tmp_path, tiny_tokenizer_dir):
     """--token_store reads its shards through memory maps, a batch at a time: a 1.2 GB store (600M uint16 tokens,
     12x what reading it whole as int64 would need over the limit) trains under a 1 GiB limit on the process's own
