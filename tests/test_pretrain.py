@@ -31,16 +31,11 @@ def eval_losses(output_dir) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, small_text_file):
-    """One 40-step run with a BPE trained on the text; checkpoints every 10 steps."""
-    out = tmp_path_factory.mktemp("run") / "out"
-    result = run_script(["recipes/pretrain.py", *TINY, *FLAGS, "--train_file", str(small_text_file),
-                         "--output_dir", str(out), "--max_steps", "40", "--logging_steps", "1",
-                         "--eval_on_start", "true", "--eval_steps", "20",
-                         "--save_steps", "10", "--save_total_limit", "10",
-                         "--data_cache_dir", str(out.parent / "cache")])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, result
+def finished_run(pretrain_reference, small_text_file):
+    """One 40-step run with a BPE trained on the text; checkpoints every 10 steps (conftest's shared reference)."""
+    return pretrain_reference([*TINY, *FLAGS, "--train_file", str(small_text_file), "--max_steps", "40",
+                               "--logging_steps", "1", "--eval_on_start", "true", "--eval_steps", "20",
+                               "--save_steps", "10", "--save_total_limit", "10"])
 
 
 def test_loss_goes_down_and_output_loads_with_from_pretrained(finished_run):
@@ -74,7 +69,10 @@ def test_loss_goes_down_and_output_loads_with_from_pretrained(finished_run):
 def test_resume_reproduces_the_uninterrupted_losses(finished_run, small_text_file, tmp_path):
     out, _ = finished_run
     resumed = tmp_path / "resumed"
-    result = run_script(["recipes/pretrain.py", *TINY, *FLAGS, "--train_file", str(small_text_file),
+    # the model's shape from the finished run's config.json (--config_name) instead of the preset and overrides:
+    # a checkpoint only resumes into the same shape, and then gives the same losses
+    shape_from_config = ["--config_name", str(out), *TINY[4:], *FLAGS[2:]]
+    result = run_script(["recipes/pretrain.py", *shape_from_config, "--train_file", str(small_text_file),
                          "--output_dir", str(resumed),
                          "--max_steps", "40", "--logging_steps", "1", "--eval_steps", "20", "--save_steps", "10",
                          "--resume_from_checkpoint", str(out / "checkpoint-20"), "--tokenizer_name", str(out),
