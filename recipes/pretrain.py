@@ -141,9 +141,11 @@ def main() -> None:
     elif model_args.config_name:
         config = AutoConfig.from_pretrained(model_args.config_name, trust_remote_code=model_args.trust_remote_code)
     else:
-        overrides = presets.parse_config_overrides(model_args.config_overrides)
-        overrides.update(n_layer=model_args.n_layer, n_head=model_args.n_head, n_embd=model_args.n_embd,
-                         n_positions=model_args.n_positions)
+        # the shape flags given, then --config_overrides over them (as toolkit/preflight.py plans it)
+        overrides = {k: v for k, v in (("n_layer", model_args.n_layer), ("n_head", model_args.n_head),
+                                       ("n_embd", model_args.n_embd), ("n_positions", model_args.n_positions))
+                     if v is not None}
+        overrides.update(presets.parse_config_overrides(model_args.config_overrides))
         if model_args.dropout is not None:
             overrides.update(resid_pdrop=model_args.dropout, embd_pdrop=model_args.dropout,
                              attn_pdrop=model_args.dropout)

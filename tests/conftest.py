@@ -109,6 +109,27 @@ def small_text_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def pretrain_reference(tmp_path_factory):
+    """`pretrain_reference(args)`: (output folder, result) of one real `recipes/pretrain.py ARGS` run, made once per
+    session for every test module that asks for the same arguments, so modules that compare against an
+    uninterrupted reference run can share it instead of each training its own. The run gets its own output folder
+    and, beside it, its own token cache (`out.parent / "cache"`)."""
+    made: dict[tuple[str, ...], tuple[Path, subprocess.CompletedProcess]] = {}
+
+    def run(args: list[str]) -> tuple[Path, subprocess.CompletedProcess]:
+        key = tuple(args)
+        if key not in made:
+            out = tmp_path_factory.mktemp("pretrain-reference") / "out"
+            result = run_script(["recipes/pretrain.py", *args, "--output_dir", str(out),
+                                 "--data_cache_dir", str(out.parent / "cache")])
+            assert result.returncode == 0, result.stderr[-3000:]
+            made[key] = (out, result)
+        return made[key]
+
+    return run
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now, for a launcher's rendezvous."""
     import socket

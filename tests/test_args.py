@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_script
+from conftest import REPO, one_error_line, run_recipe_in_process, run_script
 
 from toolkit.errors import UserError
 
@@ -161,20 +161,22 @@ def test_output_dir_that_is_a_file_or_unwritable_is_named(tmp_path, monkeypatch)
 
 
 @pytest.mark.slow
-def test_cli_errors_are_one_stderr_line_before_any_work(tmp_path):
-    """The real command line, as a user meets it: the whole stderr is one line, exit 2, nothing written."""
+def test_cli_errors_are_one_stderr_line_before_any_work(tmp_path, capsys):
+    """The real command line, as a user meets it (one real process per recipe): the whole stderr is one line, exit 2,
+    nothing written. A third refusal runs in this process, through the same recipe code."""
     a_file = tmp_path / "taken"
     a_file.write_text("keep me")
     cases = [
         (["recipes/pretrain.py", "--per_device_train_batch_size", "0"],
          "--per_device_train_batch_size 0 is out of range"),
-        (["recipes/pretrain.py", "--output_dir", str(a_file)], "is an existing file, not a folder"),
         (["recipes/lora.py", "--lora-r", "0", "--output_dir", str(tmp_path / "l")], "--lora_r 0 is out of range"),
     ]
     for argv, expected in cases:
         result = run_script(argv, timeout=300)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], (argv, result.stderr[-2000:])
+    code, stderr = run_recipe_in_process("pretrain", ["--output_dir", str(a_file)], capsys)
+    assert code == 2 and "is an existing file, not a folder" in one_error_line(stderr)
     assert a_file.read_text() == "keep me" and not (tmp_path / "l").exists()
 
 

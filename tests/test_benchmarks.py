@@ -64,7 +64,8 @@ def test_recipe_overhead_quick(tmp_path, tiny_tokenizer_dir):
         # magnitude (seconds vs ms, tokens vs steps) in either puts them outside these bounds
         assert 0.7 < r["recipe_tokens_per_s"] / r["loop_tokens_per_s"] < 20, r
         assert 100 < r["peak_rss_mib"] < 4000
-    # both trained the same tiny model on the same data: the losses after 6 steps are close
+    # the same tiny shape on the same data, each recipe initialising its own model (so not the same losses: that
+    # claim, from one init, is test_onefile.py::test_same_loss_curve_as_pretrain, to 1e-4): close after 6 steps
     assert by["pretrain"]["final_loss"] == pytest.approx(by["onefile"]["final_loss"], rel=0.05)
     # the allocator setting changes where memory comes from, never the arithmetic
     assert by["pretrain_glibc_default"]["final_loss"] == pytest.approx(by["pretrain"]["final_loss"], abs=1e-3)
@@ -127,17 +128,16 @@ def test_finetune_quick(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.distributed
 def test_distributed_quick(tmp_path):
-    results, rows, doc, data = run_quick("distributed_cpu", tmp_path, "--launches", "1 process", "FSDP2 x2")
+    """The benchmark's pipeline (launch, per-rank peaks, table, JSON, the planner's figures) on its 1-process launch;
+    the 2-rank FSDP2 launch it also makes is tests/test_distributed.py's (sharding, losses, export, resume)."""
+    results, rows, doc, data = run_quick("distributed_cpu", tmp_path, "--launches", "1 process")
     by = {r["launch"]: r for r in results}
-    assert len(by["1 process"]["rank_peak_rss"]) == 1 and len(by["FSDP2 x2"]["rank_peak_rss"]) == 2  # one per rank
-    assert "accelerate_configs/fsdp_cpu.yaml" in by["FSDP2 x2"]["command"] and by["FSDP2 x2"]["world"] == 2
-    assert [r["launch"] for r in rows] == ["1 process", "FSDP2 x2"]
-    # the planner's FSDP2 rank holds half the optimizer state of the single process (its parameter and gradient
-    # terms add the all-gathered blocks in flight, so they are not simply halved)
-    plan = {k: v["components"] for k, v in data["plan"].items()}
-    assert plan["FSDP2 x2"]["optimizer"] == pytest.approx(plan["1 process"]["optimizer"] / 2, rel=0.01)
+    assert len(by["1 process"]["rank_peak_rss"]) == 1 and by["1 process"]["world"] == 1  # one peak per rank
+    assert 100 * 2**20 < by["1 process"]["rank_peak_rss"][0] < 4 * 2**30
+    assert "recipes/pretrain.py" in by["1 process"]["command"]
+    assert [r["launch"] for r in rows] == ["1 process"]
+    assert data["plan"]["1 process"]["components"]["optimizer"] > 0
 
 
 def test_model_step_quick(tmp_path):

@@ -316,6 +316,7 @@ print(faults_in_10_steps(), keep_freed_memory(), faults_in_10_steps(), sep="\n")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
 def test_keep_freed_memory_stops_refaulting_large_blocks():
     env = {k: v for k, v in os.environ.items()
@@ -386,9 +387,14 @@ def test_default_optimizer_is_muon_up_to_gpt2_micro_in_both_recipes():
 
 # ---------- the `toolkit` command ----------
 
-def test_python_m_toolkit_presets_lists_every_preset_with_its_parameter_count():
-    """`python -m toolkit presets` as a user types it: every preset, with the exact count of its model."""
-    from toolkit.presets import PRESETS, count_parameters
+def test_python_m_toolkit_presets_lists_every_preset_with_its_parameter_count(capsys):
+    """`python -m toolkit presets` as a user types it (the one real process of the `toolkit` entry point here): every
+    preset, with the parameter count of the model transformers builds from it."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from toolkit import cli
+    from toolkit.presets import PRESETS, build_gpt2_config
 
     out = subprocess.run([sys.executable, "-m", "toolkit", "presets", "--pad_vocab_to_multiple_of", "1"],
                          capture_output=True, text=True, timeout=120)
@@ -397,14 +403,18 @@ def test_python_m_toolkit_presets_lists_every_preset_with_its_parameter_count():
     assert list(rows) == list(PRESETS)
     assert rows["gpt2"][-1] == "124,439,808"  # OpenAI's GPT-2 small, unpadded
     for name, shape in PRESETS.items():
-        n = count_parameters(shape["n_layer"], shape["n_embd"], 50257, shape["n_positions"])
+        with torch.device("meta"):
+            n = GPT2LMHeadModel(build_gpt2_config(name, 50257, pad_vocab_to_multiple_of=1)).num_parameters()
         assert rows[name][1:5] == [str(shape[k]) for k in ("n_layer", "n_head", "n_embd", "n_positions")]
-        assert int(rows[name][-1].replace(",", "")) == n
-    usage = subprocess.run([sys.executable, "-m", "toolkit"], capture_output=True, text=True, timeout=120)
-    assert usage.returncode == 0 and all(f"  {cmd} " in usage.stdout for cmd in ("presets", "plan", "merge", "push"))
-    unknown = subprocess.run([sys.executable, "-m", "toolkit", "trian"], capture_output=True, text=True, timeout=120)
-    assert unknown.returncode == 2 and unknown.stderr.startswith("error: unknown command 'trian'")
-    assert len(unknown.stderr.splitlines()) == 1
+        assert int(rows[name][-1].replace(",", "")) == n, name
+    # the usage and an unknown command, in this process (the same main() the entry point calls)
+    capsys.readouterr()
+    assert cli.main([]) == 0
+    usage = capsys.readouterr().out
+    assert all(f"  {cmd} " in usage for cmd in ("presets", "plan", "merge", "push"))
+    assert cli.main(["trian"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown command 'trian'") and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize("command,argv,message", [

@@ -85,7 +85,7 @@ def test_generate_same_seed_same_text_and_other_seed_other_text(tiny_model_dir, 
     assert first[1].count("--- sample") == 2 and first[1] != other[1]
 
 
-def test_greedy_equals_model_generate(tiny_model_dir, capsys):
+def test_greedy_equals_model_generate(tiny_model_dir, tmp_path, capsys):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -101,6 +101,12 @@ def test_greedy_equals_model_generate(tiny_model_dir, capsys):
                                   pad_token_id=tokenizer.eos_token_id)
     assert code == 0
     assert out == tokenizer.decode(expected[0], skip_special_tokens=True) + "\n"  # streamed text, then a newline
+    # sampling among the one most likely token is greedy decoding too; the prompt read from a file is the same prompt
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("The answer", encoding="utf-8")
+    code, top_1, err = run_main(generate, [str(tiny_model_dir), "--prompt_file", str(prompt_file), "--top_k", "1",
+                                           "--temperature", "1.0", "--max_new_tokens", "20", "--seed", "7"], capsys)
+    assert code == 0 and top_1 == out, err
 
 
 def test_adapter_changes_the_output_and_equals_the_merged_model(tiny_model_dir, adapter_dir, tmp_path, capsys):
@@ -135,7 +141,7 @@ def token_bytes(tokenizer, token_id: int) -> bytes:
     return bytes(char_to_byte[c] for c in tokenizer.convert_ids_to_tokens(token_id))
 
 
-def test_eval_loss_and_bits_per_byte_equal_a_hand_computation(tiny_model_dir, text_file, capsys):
+def test_eval_loss_and_bits_per_byte_equal_a_hand_computation(tiny_model_dir, text_file, tmp_path, capsys):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -165,6 +171,40 @@ def test_eval_loss_and_bits_per_byte_equal_a_hand_computation(tiny_model_dir, te
     assert got["loss"] == pytest.approx(nll / count, rel=1e-5)
     assert got["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
     assert got["bits_per_byte"] == pytest.approx(got["loss"] * got["tokens"] / got["bytes"] / math.log(2), rel=1e-9)
+
+    # the same document as a JSON Lines row, and the text file inside a folder: the same tokens and loss
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"text": ENGLISH}) + "\n", encoding="utf-8")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "valid.txt").write_text(ENGLISH, encoding="utf-8")
+    for source in (rows, folder):
+        code, out, err = run_main(evaluation, [str(tiny_model_dir), "--text_file", str(source), "--block_size", "32",
+                                               "--batch_size", "3", "--json", "--no_progress"], capsys)
+        assert code == 0, err
+        again = json.loads(out)["text"]
+        assert (again["tokens"], again["bytes"]) == (count, n_bytes), source
+        assert again["loss"] == pytest.approx(got["loss"], rel=1e-6), source
+
+
+def test_eval_with_an_adapter_scores_the_adapted_model(tiny_model_dir, adapter_dir, text_file, tmp_path, capsys):
+    """`toolkit eval --adapter`: the loss of the base with the adapter applied, which is the merged model's."""
+    from toolkit import evaluation
+    from toolkit.merge import merge_adapter
+
+    common = ["--text_file", str(text_file), "--block_size", "32", "--json", "--no_progress"]
+    losses = {}
+    for name, argv in (("base", [str(tiny_model_dir)]), ("adapter", [str(tiny_model_dir), "--adapter",
+                                                                      str(adapter_dir)])):
+        code, out, err = run_main(evaluation, [*argv, *common], capsys)
+        assert code == 0, err
+        losses[name] = json.loads(out)["text"]["loss"]
+    merged = merge_adapter(str(adapter_dir), str(tmp_path / "merged"))
+    capsys.readouterr()
+    code, out, err = run_main(evaluation, [merged, *common], capsys)
+    assert code == 0, err
+    assert losses["adapter"] != pytest.approx(losses["base"], rel=1e-3)
+    assert losses["adapter"] == pytest.approx(json.loads(out)["text"]["loss"], rel=1e-5)
 
 
 def test_sliding_windows_give_a_lower_perplexity_than_non_overlapping_ones():
@@ -363,6 +403,7 @@ def test_lm_eval_scores_a_hellaswag_format_task_offline(tiny_model_dir, tmp_path
     assert report["lm_eval"]["version"]
 
 
+@pytest.mark.slow
 def test_unknown_task_is_one_line(tiny_model_dir, tmp_path, capsys):
     require_dev("lm_eval")
     from toolkit import evaluation
@@ -427,6 +468,7 @@ def test_pretrain_logs_bits_per_byte_that_toolkit_eval_reproduces_and_writes_a_c
     assert (out / "loss_curve.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_eval_speed_benchmark_quick(tmp_path):
     """benchmarks/eval_speed.py end to end at a tiny size (figures are not checked: this machine is shared)."""
     import importlib
@@ -441,10 +483,15 @@ def test_eval_speed_benchmark_quick(tmp_path):
     assert "ratio (eval / forward)" in (tmp_path / "b.md").read_text()
 
 
-def test_help_of_the_new_commands():
-    result = run_script(["-m", "toolkit", "eval", "--help"], cwd=REPO)
-    assert result.returncode == 0 and "--stride" in result.stdout and "--tasks" in result.stdout
-    assert "generate" in run_script(["-m", "toolkit", "--help"]).stdout
+def test_help_of_the_new_commands(capsys):
+    """In this process, through the entry point's main() (its real process: tests/test_core.py)."""
+    from toolkit import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "--stride" in out and "--tasks" in out
+    assert cli.main(["--help"]) == 0 and "generate" in capsys.readouterr().out
 
 
 @needs_shared

@@ -249,6 +249,7 @@ def test_muon_gives_the_same_losses_as_pretrain(tmp_path, tiny_model_dir, small_
     assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-4, list(zip(ours, theirs))
 
 
+@pytest.mark.slow
 def test_a_store_larger_than_the_memory_it_may_use_trains_in_flat_memory(tmp_path, tiny_tokenizer_dir):
     """--token_store reads its shards through memory maps, a batch at a time: a 1.2 GB store (600M uint16 tokens,
     12x what reading it whole as int64 would need over the limit) trains under a 1 GiB limit on the process's own
@@ -271,7 +272,9 @@ def test_a_store_larger_than_the_memory_it_may_use_trains_in_flat_memory(tmp_pat
     limit = 1 << 30
     code = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_DATA, ({0}, {0})); "
             "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')").format(limit)
-    result = run_script(["-c", code, str(ONEFILE), "--token_store", str(store), *TINY, "--max_steps", "3",
+    # --vocab_size 512: the store tokenizer's rows (shape flags alone mean GPT-2's 50,257, whose logits would not fit)
+    result = run_script(["-c", code, str(ONEFILE), "--token_store", str(store), *TINY, "--vocab_size", "512",
+                         "--max_steps", "3",
                          "--per_device_train_batch_size", "4", "--logging_steps", "1", "--eval_steps", "3",
                          "--sample_max_new_tokens", "0", "--output_dir", str(tmp_path / "run")])
     assert result.returncode == 0, result.stderr[-3000:]

@@ -51,16 +51,12 @@ def test_local_config_json_is_read(tmp_path):
 
 def test_fsdp2_sharded_state_shrinks_as_one_over_n():
     sh = shape("gpt2-xl")
-    sharded = []
-    for n in (2, 4, 8):
-        est = plan.estimate(sh, setup(num_devices=n), "fsdp")
-        # working set (gathered root + 2 blocks) does not shrink; the fp32 shards, grads and AdamW state do
-        fsdp_working = 2 * (sh.vocab_size * sh.n_embd + sh.n_positions * sh.n_embd + 2 * sh.n_embd
-                            + 2 * sh.block_params)
-        sharded.append(est.components["parameters"] - fsdp_working + est.components["optimizer"])
-    assert sharded[0] == pytest.approx(2 * sharded[1], rel=1e-9)
-    assert sharded[1] == pytest.approx(2 * sharded[2], rel=1e-9)
-    assert sharded[0] == pytest.approx(12 * sh.n_params / 2, rel=1e-9)  # 4 B fp32 master + 8 B AdamW, over 2 ranks
+    per_rank = {n: plan.estimate(sh, setup(num_devices=n), "fsdp") for n in (2, 4, 8)}
+    held = {n: est.components["parameters"] + est.components["optimizer"] for n, est in per_rank.items()}
+    # the working set (gathered root and blocks) is the same on any number of ranks; the fp32 master shards and the
+    # AdamW state (4 + 8 bytes per parameter) are split n ways: going from n to 2n ranks frees 12 N / 2n per rank
+    assert held[2] - held[4] == pytest.approx(12 * sh.n_params / 4, rel=1e-9)
+    assert held[4] - held[8] == pytest.approx(12 * sh.n_params / 8, rel=1e-9)
 
 
 def test_ddp_holds_full_state_and_a_bucket_copy_of_gradients():
@@ -72,17 +68,29 @@ def test_ddp_holds_full_state_and_a_bucket_copy_of_gradients():
 
 
 def test_qlora_weights_are_about_an_eighth_of_fp32_plus_constants():
-    sh = shape("gpt2-medium", "qlora")
-    linear = sh.n_layer * sh.block_linear_weights
+    """The planner's 4-bit weights and quantization constants are the bytes bitsandbytes itself makes from one block's
+    linear weights (quantize_4bit on CPU), times the number of blocks."""
+    import torch
+    from bitsandbytes.functional import quantize_4bit
+
+    sh = shape("gpt2-mini", "qlora")
     s = setup(task="qlora", device="cpu", precision="fp32", lora_r=8)
     q = plan.estimate(sh, s, "single")
     lora = plan.estimate(sh, setup(task="lora", device="cpu", precision="fp32", lora_r=8), "single")
-    saved = lora.components["parameters"] - q.components["parameters"]  # only the linear weights differ
-    assert saved == pytest.approx(linear * (4 - 0.5))  # 4 bytes -> 4 bits
-    # double-quantised absmax: 8 bits per 64 weights plus an fp32 per 256 blocks, ~0.127 bits per weight
-    assert q.components["quantization"] == pytest.approx(linear * (1 / 64 + 4 / (64 * 256)))
     single_quant = plan.estimate(sh, plan.Setup(**{**s.__dict__, "double_quant": False}), "single")
-    assert single_quant.components["quantization"] == pytest.approx(linear * 4 / 64)
+    d = sh.n_embd
+    weights = [torch.zeros(d, 3 * d), torch.zeros(d, d), torch.zeros(d, 4 * d), torch.zeros(4 * d, d)]
+    packed = constants = single_constants = 0
+    for w in weights:
+        qw, state = quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        packed += w.nbytes - qw.nbytes
+        constants += state.absmax.nbytes + state.state2.absmax.nbytes  # 8-bit absmax, and its fp32 absmax
+        _, plain = quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
+        single_constants += plain.absmax.nbytes
+    # only the linear weights differ between LoRA and QLoRA: fp32 against packed 4-bit
+    assert lora.components["parameters"] - q.components["parameters"] == pytest.approx(sh.n_layer * packed)
+    assert q.components["quantization"] == pytest.approx(sh.n_layer * constants, rel=1e-3)
+    assert single_quant.components["quantization"] == pytest.approx(sh.n_layer * single_constants, rel=1e-3)
 
 
 def test_activations_grow_with_batch_and_checkpointing_cuts_them():
@@ -93,9 +101,9 @@ def test_activations_grow_with_batch_and_checkpointing_cuts_them():
     assert a2 == pytest.approx(2 * a1)
     ck = plan.activation_terms(sh, s, 8, True)["layers"]
     assert ck < a2 / 5
-    eager = plan.activation_terms(sh, setup(attn="eager"), 8, False)["layers"]
-    # softmax (+ its bf16 copy) instead of the log-sum-exp
-    assert eager - a2 == pytest.approx(sh.n_layer * 8 * sh.n_head * 1024 * (1024 * 6 - 4))
+    # eager attention keeps its T x T softmax: more than sdpa (the bytes themselves are checked against autograd in
+    # test_activation_formula_matches_what_autograd_saves)
+    assert plan.activation_terms(sh, setup(attn="eager"), 8, False)["layers"] > 2 * a2
 
 
 @pytest.mark.parametrize("model,n,mem,batch,expect", [
@@ -198,10 +206,11 @@ def test_check_plan_predicts_a_configuration_no_calibration_used(tmp_path):
 
     With a CUDA build of torch (PyPI's default on Linux; CI installs the CPU build) the shipped constants add that
     build's measured extra, its CUDA libraries' pages as mapped with a warm page cache: with a colder one up to
-    ~180 MiB fewer are resident, so there the shipped constants may predict up to 20% high, never more than 5% low."""
+    ~180 MiB fewer are resident, so there the shipped constants may predict up to 18% high at these sizes, and
+    at most 2.9% low (docs/training_strategies.md)."""
     import torch
 
-    shipped_low, shipped_high = (0.95, 1.20) if torch.version.cuda else (0.95, 1.05)
+    shipped_low, shipped_high = (0.971, 1.18) if torch.version.cuda else (0.95, 1.05)
     out = tmp_path / "rows.json"
     r = subprocess.run([sys.executable, "benchmarks/check_plan.py", "--quick", "--doc", "", "--work_dir",
                         str(tmp_path), "--json", str(out), "--tolerance", f"{shipped_high - 1:.2f}"],
@@ -305,15 +314,18 @@ def test_a_cuda_build_of_torch_adds_its_measured_extra_to_the_cpu_runtime_term(t
     vs 570 MiB at gpt2-nano, measured). The planner adds the measured extra on CPU only, and check_plan run under such
     a build refits that extra, leaving the CPU build's term alone."""
     shape = plan.load_shape("gpt2", "pretrain")
+    shipped_extra_mib = json.loads(calibration.CALIBRATION_FILE.read_text())["sections"]["cpu_runtime_cuda_build"][
+        "values"]["extra_mib"]
     for task in plan.TASKS:
         for device in ("cpu", "cuda"):
             plain, cuda_build = (
                 plan.estimate(shape, plan.Setup(task=task, device=device, batch_size=4, seq_len=256, precision="fp32",
                                                 torch_cuda_build=flag), "single")
                 for flag in (False, True))
-            extra = plan.CPU_CUDA_BUILD_EXTRA[task] if device == "cpu" else 0
+            # the measured extra as the shipped calibration file records it
+            extra = shipped_extra_mib[task] * MiB if device == "cpu" else 0
             assert cuda_build.total - plain.total == extra, (task, device)
-    assert all(v > 0 for v in plan.CPU_CUDA_BUILD_EXTRA.values())  # measured, not the placeholder
+    assert all(v > 0 for v in shipped_extra_mib.values())  # measured, not the placeholder
 
     check_plan = _check_plan_module()
     target = tmp_path / "calibration.json"
@@ -403,7 +415,11 @@ def test_activation_formula_matches_what_autograd_saves(task, activation, attn, 
     u = b * T * d
     head = terms["head_inputs"] + terms["logits"]
     assert head == 4 * u + (4 * u if task != "lora" else 0) + 4 * b * T * V
-    assert terms["layers"] + head == pytest.approx(sum(saved.values()), rel=0.05)
+    planned, kept = terms["layers"] + head, sum(saved.values())
+    if lora_dropout:  # with LoRA dropout the formula is an upper bound, as docs/training_strategies.md says
+        assert kept <= planned <= 1.05 * kept, (planned, kept)
+    else:  # to the byte but for the few small tensors outside the blocks (ids, labels, norm statistics): < 8 KiB
+        assert 0 <= kept - planned < 8 * 1024, (planned, kept)
 
 
 def test_cpu_commands_say_when_the_recipe_default_checkpointing_is_not_wanted():

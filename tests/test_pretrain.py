@@ -7,7 +7,7 @@ import math
 import sys
 
 import pytest
-from conftest import GPT2_TOKENIZER, SHAKESPEARE, needs_shared, run_script
+from conftest import GPT2_TOKENIZER, REPO, SHAKESPEARE, needs_shared, one_error_line, run_recipe_in_process, run_script
 
 from toolkit.cpu_allocator import user_allocator_setting
 
@@ -15,6 +15,9 @@ pytestmark = pytest.mark.slow
 
 TINY = ["--preset", "gpt2-nano", "--vocab_size", "512", "--block_size", "32", "--per_device_train_batch_size", "8",
         "--warmup_steps", "5", "--report_to", "none", "--sample_max_new_tokens", "8"]
+# documented flags the reference run also exercises (test_loss_goes_down_...: it trains, the loss falls, and): a
+# position table of 64 instead of the preset's 256, and a held-out split capped at 1,024 tokens
+FLAGS = ["--config_overrides", "n_positions=64", "--validation_max_tokens", "1024"]
 
 
 def train_losses(output_dir) -> dict[int, float]:
@@ -28,15 +31,11 @@ def eval_losses(output_dir) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, small_text_file):
-    """One 40-step run with a BPE trained on the text; checkpoints every 10 steps."""
-    out = tmp_path_factory.mktemp("run") / "out"
-    result = run_script(["recipes/pretrain.py", *TINY, "--train_file", str(small_text_file), "--output_dir", str(out),
-                         "--max_steps", "40", "--logging_steps", "1", "--eval_on_start", "true", "--eval_steps", "20",
-                         "--save_steps", "10", "--save_total_limit", "10",
-                         "--data_cache_dir", str(out.parent / "cache")])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, result
+def finished_run(pretrain_reference, small_text_file):
+    """One 40-step run with a BPE trained on the text; checkpoints every 10 steps (conftest's shared reference)."""
+    return pretrain_reference([*TINY, *FLAGS, "--train_file", str(small_text_file), "--max_steps", "40",
+                               "--logging_steps", "1", "--eval_on_start", "true", "--eval_steps", "20",
+                               "--save_steps", "10", "--save_total_limit", "10"])
 
 
 def test_loss_goes_down_and_output_loads_with_from_pretrained(finished_run):
@@ -58,6 +57,10 @@ def test_loss_goes_down_and_output_loads_with_from_pretrained(finished_run):
     tokenizer = AutoTokenizer.from_pretrained(out)  # the BPE trained by the run, saved with the model
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.n_layer == 2 and len(tokenizer) <= model.config.vocab_size
+    assert model.config.n_positions == 64  # --config_overrides over the preset's 256
+    # --validation_max_tokens: the held-out tail of the one document is at most 1,024 tokens (32 blocks of 32)
+    manifests = [json.loads(m.read_text()) for m in (out.parent / "cache").rglob("manifest.json")]
+    assert [m["splits"]["validation"]["tokens"] for m in manifests if "splits" in m] == [1024], manifests
     ids = tokenizer("The", return_tensors="pt").input_ids
     generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
     assert generated.shape[1] == ids.shape[1] + 5
@@ -66,7 +69,10 @@ def test_loss_goes_down_and_output_loads_with_from_pretrained(finished_run):
 def test_resume_reproduces_the_uninterrupted_losses(finished_run, small_text_file, tmp_path):
     out, _ = finished_run
     resumed = tmp_path / "resumed"
-    result = run_script(["recipes/pretrain.py", *TINY, "--train_file", str(small_text_file),
+    # the model's shape from the finished run's config.json (--config_name) instead of the preset and overrides:
+    # a checkpoint only resumes into the same shape, and then gives the same losses
+    shape_from_config = ["--config_name", str(out), *TINY[4:], *FLAGS[2:]]
+    result = run_script(["recipes/pretrain.py", *shape_from_config, "--train_file", str(small_text_file),
                          "--output_dir", str(resumed),
                          "--max_steps", "40", "--logging_steps", "1", "--eval_steps", "20", "--save_steps", "10",
                          "--resume_from_checkpoint", str(out / "checkpoint-20"), "--tokenizer_name", str(out),
@@ -80,13 +86,13 @@ def test_resume_reproduces_the_uninterrupted_losses(finished_run, small_text_fil
         assert again[step] == pytest.approx(full[step], abs=1e-5), step
 
 
-def test_refuses_to_overwrite_a_finished_run(finished_run):
+def test_refuses_to_overwrite_a_finished_run(finished_run, capsys):
     out, _ = finished_run
     before = (out / "model.safetensors").read_bytes()
-    result = run_script(["recipes/pretrain.py", *TINY, "--output_dir", str(out), "--max_steps", "2"])
-    assert result.returncode == 2
-    assert "already holds a run" in result.stderr and "--overwrite_output_dir" in result.stderr
-    assert "Traceback" not in result.stderr
+    code, stderr = run_recipe_in_process("pretrain", [*TINY, "--output_dir", str(out), "--max_steps", "2"], capsys)
+    assert code == 2
+    line = one_error_line(stderr)
+    assert "already holds a run" in line and "--overwrite_output_dir" in line
     assert (out / "model.safetensors").read_bytes() == before  # nothing lost
 
 
@@ -109,12 +115,22 @@ def test_shakespeare_with_the_real_gpt2_tokenizer(tmp_path):
     assert evals[30] < evals[0] - 2.0, evals
 
 
-def test_help_explains_the_options():
-    result = run_script(["recipes/pretrain.py", "--help"])
-    assert result.returncode == 0
+def test_help_explains_the_options(capsys):
+    """In this process (pretrain.py's real processes are the runs above)."""
+    import runpy
+
+    old = sys.argv
+    sys.argv = ["recipes/pretrain.py", "--help"]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(REPO / "recipes" / "pretrain.py"), run_name="__main__")
+    finally:
+        sys.argv = old
+    assert exit_info.value.code in (0, None)
+    help_text = capsys.readouterr().out
     for flag in ("--preset", "--train_file", "--tokenizer_name", "--block_size", "--resume_from_checkpoint",
-                 "--overwrite_output_dir"):
-        assert flag in result.stdout
+                 "--overwrite_output_dir", "--config_overrides", "--attn_implementation", "--validation_max_tokens"):
+        assert flag in help_text, flag
 
 
 def test_sample_has_the_requested_length_even_when_the_model_favours_eos(tmp_path, tiny_model_dir):
@@ -123,7 +139,6 @@ def test_sample_has_the_requested_length_even_when_the_model_favours_eos(tmp_pat
     import importlib.util
 
     import torch
-    from conftest import REPO
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     spec = importlib.util.spec_from_file_location("recipe_pretrain", REPO / "recipes" / "pretrain.py")

@@ -215,6 +215,7 @@ def test_a_validation_file_is_the_whole_validation_split_with_its_own_progress_b
     assert f"{len(train) + len(val):,} tokens tokenized" in manifest["_summary"]  # the summary counts both
 
 
+@pytest.mark.slow
 def test_prepare_resumes_after_sigkill_with_identical_bytes(tmp_path, tok, tiny_tokenizer_dir):
     """A real `toolkit prepare` process (2 workers) killed with SIGKILL mid-run, then the same command again: the
     store equals one made in one go (and by one process)."""
@@ -341,6 +342,7 @@ def parquet_store(tmp_path_factory, tiny_tokenizer_dir):
     return root / "store"
 
 
+@pytest.mark.slow
 def test_pretrain_trains_from_a_store_and_its_tokenizer(parquet_store, tmp_path):
     out = tmp_path / "out"
     result = run_script(["recipes/pretrain.py", "--preset", "gpt2-nano", "--token_store", str(parquet_store),
