@@ -268,7 +268,10 @@ PROGRESS_BAR = re.compile(r"^(?:[^\[]*\[\d+:\d\d[^\]]*\])+")  # tqdm: "12%|#  | 
 def one_error_line(stderr: str) -> str:
     """The whole stderr of a refused run must be one `error: ...` line; return it. Progress bars are not messages
     (the Trainer's, and the one datasets draws while it reads a file), so they are left out: tqdm redraws with
-    carriage returns and leaves the cursor after the bar, where the error line then starts."""
+    carriage returns and leaves the cursor after the bar, where the error line then starts. A bar drawn below
+    another (tqdm's position > 0, e.g. while a bar of an earlier in-process run is still open) also moves the cursor
+    up with ESC[A: part of the bar, not a message."""
+    stderr = stderr.replace("\x1b[A", "")
     lines = [text for part in re.split(r"[\r\n]", stderr) if (text := PROGRESS_BAR.sub("", part).strip())]
     assert len(lines) == 1 and lines[0].startswith("error"), f"expected one error line, got:\n{stderr[-3000:]}"
     return lines[0]
