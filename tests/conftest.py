@@ -239,9 +239,9 @@ def background():
             run.stop()
 
 
-def run_recipe_in_process(recipe: str, argv: list[str], capsys) -> tuple[int, str]:
+def recipe_in_process(recipe: str, argv: list[str], capsys) -> tuple[int, str, str]:
     """Run recipes/<recipe>.py as `python recipes/<recipe>.py ARGV` would, in this process (same code path, no
-    start-up cost); return its exit code and the whole of its stderr."""
+    start-up cost); return its exit code, stdout and stderr."""
     old = sys.argv
     sys.argv = [f"recipes/{recipe}.py", *argv]
     capsys.readouterr()  # what earlier steps of the test printed is not this run's
@@ -259,7 +259,14 @@ def run_recipe_in_process(recipe: str, argv: list[str], capsys) -> tuple[int, st
         code = exit_info.code
     finally:
         sys.argv = old
-    return code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def run_recipe_in_process(recipe: str, argv: list[str], capsys) -> tuple[int, str]:
+    """recipe_in_process, for the tests that read only the exit code and the whole of stderr."""
+    code, _, err = recipe_in_process(recipe, argv, capsys)
+    return code, err
 
 
 PROGRESS_BAR = re.compile(r"^(?:[^\[]*\[\d+:\d\d[^\]]*\])+")  # tqdm: "12%|#  | 5/40 [00:15<00:01, 28.22it/s]"

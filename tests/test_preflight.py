@@ -8,33 +8,15 @@ verdicts do not depend on this machine's RAM.
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
-from conftest import GPT2_TOKENIZER, REPO, free_port, needs_shared, one_error_line, run_script
+from conftest import GPT2_TOKENIZER, free_port, needs_shared, one_error_line, recipe_in_process, run_script
 from test_args import parse
 
 TINY_RUN = ["--block_size", "32", "--per_device_train_batch_size", "2", "--eval_steps", "2", "--save_strategy", "no",
             "--report_to", "none", "--sample_max_new_tokens", "2", "--logging_steps", "1"]
 TINY_FINETUNE = ["--max_length", "32", "--per_device_train_batch_size", "2", "--max_train_samples", "16",
                  "--max_eval_samples", "4", "--sample_max_new_tokens", "2"]
-
-
-def run_in_process(recipe: str, argv: list[str], capsys) -> tuple[int, str, str]:
-    """recipes/<recipe>.py as `python recipes/<recipe>.py ARGV` runs it, in this process: exit code, stdout, stderr."""
-    import runpy
-
-    old, sys.argv = sys.argv, [f"recipes/{recipe}.py", *argv]
-    capsys.readouterr()
-    try:
-        runpy.run_path(str(REPO / "recipes" / f"{recipe}.py"), run_name="__main__")
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code
-    finally:
-        sys.argv = old
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def planned(model: str, task: str, memory: str, extra: list[str] | None = None) -> dict:
@@ -81,7 +63,7 @@ def test_shape_flags_without_a_preset_build_gpt2_15b_as_toolkit_plan_counts_it(t
 def test_a_gpt2_shape_trains_with_gpt2s_positions_and_vocabulary_and_says_which_tokenizer(
         tmp_path, small_text_file, capsys):
     out = tmp_path / "run"
-    code, printed, err = run_in_process("pretrain", ["--n-layer", "2", "--n-head", "2", "--n-embd", "64",
+    code, printed, err = recipe_in_process("pretrain", ["--n-layer", "2", "--n-head", "2", "--n-embd", "64",
                                                      "--data", str(small_text_file), "--steps", "2",
                                                      "--output_dir", str(out), *TINY_RUN], capsys)
     assert code == 0, err[-2000:]
@@ -124,7 +106,7 @@ def test_a_run_that_does_not_fit_stops_before_any_work_with_the_planners_first_f
     monkeypatch.setenv("GPT2_TOOLKIT_MEMORY", "2GB")
     argv = ["--preset", "gpt2", "--per_device_train_batch_size", "16", "--block_size", "1024",
             "--output_dir", str(out)]
-    code, _, err = run_in_process("pretrain", argv, capsys)
+    code, _, err = recipe_in_process("pretrain", argv, capsys)
     line = one_error_line(err)
     assert code == 2 and not out.exists()  # nothing written, nothing trained
     expected = planned("gpt2", "pretrain", "2GB", ["--batch_size", "16", "--seq_len", "1024",
@@ -143,10 +125,10 @@ def test_skip_memory_check_runs_what_the_check_would_stop(tmp_path, small_text_f
     monkeypatch.setenv("GPT2_TOOLKIT_MEMORY", "64MB")
     argv = ["--preset", "gpt2-nano", "--data", str(small_text_file), "--steps", "2", "--vocab_size", "512",
             *TINY_RUN]
-    code, _, err = run_in_process("pretrain", [*argv, "--output_dir", str(tmp_path / "a")], capsys)
+    code, _, err = recipe_in_process("pretrain", [*argv, "--output_dir", str(tmp_path / "a")], capsys)
     assert code == 2 and "out of memory before it starts" in one_error_line(err)
     assert "nothing fits" in err and "a machine with more RAM" in err
-    code, _, err = run_in_process("pretrain", [*argv, "--output_dir", str(tmp_path / "b"), "--skip_memory_check"],
+    code, _, err = recipe_in_process("pretrain", [*argv, "--output_dir", str(tmp_path / "b"), "--skip_memory_check"],
                                   capsys)
     assert code == 0, err[-2000:]
     assert (tmp_path / "b" / "model.safetensors").is_file()
@@ -157,7 +139,7 @@ def test_lora_and_qlora_ask_the_planner_with_their_own_task(tmp_path, tiny_model
     monkeypatch.setenv("GPT2_TOOLKIT_MEMORY", "20MB")
     for recipe, name in (("lora", "1 device"), ("qlora", "1 device + grad ckpt")):
         out = tmp_path / recipe
-        code, _, err = run_in_process(recipe, ["--model", str(tiny_model_dir), "--data", str(small_text_file),
+        code, _, err = recipe_in_process(recipe, ["--model", str(tiny_model_dir), "--data", str(small_text_file),
                                                "--output_dir", str(out), *TINY_FINETUNE], capsys)
         line = one_error_line(err)
         assert code == 2 and f"({name}, micro-batch 2 x 32 tokens)" in line and not out.exists(), line
@@ -166,7 +148,7 @@ def test_lora_and_qlora_ask_the_planner_with_their_own_task(tmp_path, tiny_model
 def test_an_adapter_pushed_from_a_local_base_needs_the_bases_hub_id(tmp_path, tiny_model_dir, monkeypatch, capsys):
     monkeypatch.setenv("HF_TOKEN", "hf_TestSecretToken0123456789")
     out = tmp_path / "o"
-    code, _, err = run_in_process("lora", ["--model", str(tiny_model_dir), "--output_dir", str(out),
+    code, _, err = recipe_in_process("lora", ["--model", str(tiny_model_dir), "--output_dir", str(out),
                                            "--push_to_hub", "--hub_model_id", "someone/adapter"], capsys)
     line = one_error_line(err)
     assert code == 2 and "--base_model_hub_id" in line and f"toolkit push {tiny_model_dir}" in line
@@ -197,24 +179,24 @@ def test_the_guides_single_process_scenarios_train_or_stop_with_the_planners_lin
                                                       {"role": "assistant", "content": f"{i}, as asked."}]}) + "\n"
                              for i in range(40)))
     # python train.py --data your_data --steps 500: trains
-    code, _, err = run_in_process("pretrain", ["--data", str(small_text_file), "--steps", "2", *TINY_RUN,
+    code, _, err = recipe_in_process("pretrain", ["--data", str(small_text_file), "--steps", "2", *TINY_RUN,
                                                "--output_dir", str(tmp_path / "p1")], capsys)
     assert code == 0 and (tmp_path / "p1" / "model.safetensors").is_file(), err[-2000:]
     # python train.py --model gpt2-medium, and the 1.5B shape: more than this machine has, stopped before any work
     for argv in (["--model", "gpt2-medium"], ["--n-layer", "48", "--n-head", "16", "--n-embd", "1600"]):
         monkeypatch.setenv("GPT2_TOOLKIT_MEMORY", "2GB" if "gpt2-medium" in argv else "16GB")
-        code, _, err = run_in_process("pretrain", [*argv, "--output_dir", str(tmp_path / "p2")], capsys)
+        code, _, err = recipe_in_process("pretrain", [*argv, "--output_dir", str(tmp_path / "p2")], capsys)
         assert code == 2 and "out of memory before it starts" in one_error_line(err)
         assert not (tmp_path / "p2").exists()
     monkeypatch.setenv("GPT2_TOOLKIT_MEMORY", "16GB")
     # python finetune_lora.py --model gpt2 --data chats.jsonl (the tiny base for gpt2): trains
-    code, _, err = run_in_process("lora", ["--model", str(tiny_model_dir), "--data", str(chats), "--max_steps", "2",
+    code, _, err = recipe_in_process("lora", ["--model", str(tiny_model_dir), "--data", str(chats), "--max_steps", "2",
                                            "--output_dir", str(tmp_path / "l"), *TINY_FINETUNE], capsys)
     assert code == 0 and (tmp_path / "l" / "adapter_config.json").is_file(), err[-2000:]
     # python finetune_qlora.py: no arguments, the main job's out/pretrain (the tiny model here)
     monkeypatch.chdir(tmp_path)
     shutil.copytree(tiny_model_dir, tmp_path / "out" / "pretrain")
-    code, _, err = run_in_process("qlora", ["--max_steps", "2", *TINY_FINETUNE], capsys)
+    code, _, err = recipe_in_process("qlora", ["--max_steps", "2", *TINY_FINETUNE], capsys)
     assert code == 0 and (tmp_path / "out" / "qlora" / "adapter_config.json").is_file(), err[-2000:]
 
 

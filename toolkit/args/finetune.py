@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-from toolkit.guard import MAX_IN_A_ROW as GUARD_MAX_IN_A_ROW
-from toolkit.guard import SPIKE_THRESHOLD as GUARD_SPIKE_THRESHOLD
+from toolkit.args import guard as guard_options
 from toolkit.presets import LORA_DROPOUT
 
 
@@ -178,18 +177,6 @@ class FinetuneConfig(SFTConfig):
         default=None, metadata={"help": "Prompt for the generated sample (default: from the eval data)."}
     )
     sample_max_new_tokens: int = field(default=40, metadata={"help": "Length of the generated sample."})
-    on_spike: str = field(
-        default="warn",
-        metadata={"help": "On a loss spike (above --spike_threshold x the running median): warn (log it, apply the "
-                          "update), skip (log it, skip the update) or rollback (reload the last checkpoint and skip "
-                          "the data since). A non-finite loss or gradient is never applied (toolkit/guard.py).",
-                  "choices": ["warn", "skip", "rollback"]},
-    )
-    spike_threshold: float = field(
-        default=GUARD_SPIKE_THRESHOLD, metadata={"help": "A step loss above this many times the median of the last 50 "
-                                                         "step losses is a spike."},
-    )
-    max_rollbacks: int = field(
-        default=GUARD_MAX_IN_A_ROW,
-        metadata={"help": "Stop (one line) after this many skipped or rolled-back steps in a row."},
-    )
+    on_spike: str = guard_options.on_spike()
+    spike_threshold: float = guard_options.spike_threshold()
+    max_rollbacks: int = guard_options.max_rollbacks()

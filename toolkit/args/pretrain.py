@@ -12,8 +12,7 @@ from typing import Optional
 
 from transformers import TrainingArguments
 
-from toolkit.guard import MAX_IN_A_ROW as GUARD_MAX_IN_A_ROW
-from toolkit.guard import SPIKE_THRESHOLD as GUARD_SPIKE_THRESHOLD
+from toolkit.args import guard as guard_options
 from toolkit.presets import GPT2_VOCAB_SIZE
 
 DEFAULT_OUTPUT_DIR = "out/pretrain"
@@ -178,21 +177,9 @@ class PretrainArguments(TrainingArguments):
                           "3), fused AdamW from gpt2-mini up and under FSDP."},
     )
     muon: bool = field(default=False, init=False, metadata={"help": "Set from --optim muon."})
-    on_spike: str = field(
-        default="warn",
-        metadata={"help": "On a loss spike (above --spike_threshold x the running median): warn (log it, apply the "
-                          "update), skip (log it, skip the update) or rollback (reload the last checkpoint and skip "
-                          "the data since). A non-finite loss or gradient is never applied (toolkit/guard.py).",
-                  "choices": ["warn", "skip", "rollback"]},
-    )
-    spike_threshold: float = field(
-        default=GUARD_SPIKE_THRESHOLD, metadata={"help": "A step loss above this many times the median of the last 50 "
-                                                         "step losses is a spike."},
-    )
-    max_rollbacks: int = field(
-        default=GUARD_MAX_IN_A_ROW,
-        metadata={"help": "Stop (one line) after this many skipped or rolled-back steps in a row."},
-    )
+    on_spike: str = guard_options.on_spike()
+    spike_threshold: float = guard_options.spike_threshold()
+    max_rollbacks: int = guard_options.max_rollbacks()
     optim_auto: bool = field(default=False, init=False, metadata={"help": "Set when --optim was left to auto."})
     muon_learning_rate: float = field(
         default=0.05,
