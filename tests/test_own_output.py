@@ -157,6 +157,8 @@ def test_missing_bitsandbytes_cpu_kernel_is_one_line_of_ours_without_a_network_c
     ops = importlib.util.find_spec("bitsandbytes.backends.cpu.ops")
     if ops is None or "kernels-community" not in Path(ops.origin).read_text(encoding="utf-8"):
         pytest.skip("this bitsandbytes does not ask the Hub for a CPU kernel: nothing to gate")
+    if importlib.util.find_spec("kernels") is None:  # not installed with transformers 5.23
+        pytest.skip("the kernels package is not installed: bitsandbytes cannot fetch a Hub kernel, nothing to gate")
     online = {"PYTHONPATH": f"{SIMULATED_AVX512_BF16}:{REPO}", "HF_HUB_OFFLINE": "0",
               "HF_ENDPOINT": "http://127.0.0.1:9"}
     bare = subprocess.run([sys.executable, "-c", "import bitsandbytes"], env=script_env(
