@@ -279,13 +279,19 @@ def write_section(name: str, title: str, body: str, command: list[str] | None = 
     pattern = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->\n?", re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
     # keep the sections in numbered order (their titles start with the section number), whatever order they ran in;
-    # hand-written notes belong above the first section (text between or after sections is not kept)
+    # hand-written text after a section (a note on it, or a hand-written section) moves with the section above it
     every = re.compile(r"<!-- BEGIN (\S+) -->\n## (.*?)\n.*?<!-- END \1 -->\n?", re.S)
     found = list(every.finditer(text))
     if found:
         head = text[: found[0].start()]
-        blocks = sorted((m.group(0).rstrip("\n") + "\n" for m in found), key=lambda b: b.split("\n## ", 1)[1])
-        text = head + "\n".join(blocks)
+        ends = [m.start() for m in found[1:]] + [len(text)]
+        blocks = [text[m.start():end].rstrip("\n") + "\n" for m, end in zip(found, ends)]
+        def number(block: str) -> tuple[int, str]:  # "10. ..." after "9. ...", "1b. ..." after "1. ..."
+            title = block.split("\n## ", 1)[1]
+            digits = re.match(r"\d*", title).group(0)
+            return int(digits or 0), title[len(digits):]
+
+        text = head + "\n".join(sorted(blocks, key=number))
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
 

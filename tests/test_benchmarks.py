@@ -28,12 +28,14 @@ def test_doc_sections_are_replaced_not_duplicated(tmp_path):
     doc = tmp_path / "b.md"
     harness.write_section("x", "X", "| a | b |\n|---|---|\n| 1 | 2 |", command=["benchmarks/x.py", "--quick"], doc=doc)
     harness.write_section("y", "Y", "body y", command=["benchmarks/y.py"], doc=doc)
+    doc.write_text(doc.read_text() + "\nA note written by hand under Y.\n")
     harness.write_section("x", "X", "| a | b |\n|---|---|\n| 3 | 4 |", command=["benchmarks/x.py", "--quick"], doc=doc)
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n") and text.count("# Benchmarks") == 1  # the header once, above the sections
     assert text.count("<!-- BEGIN x -->") == 1 and text.index("BEGIN x") < text.index("BEGIN y")
     assert "\n    benchmarks/x.py --quick\n" in text and "load average at start" in text  # the command, as given
     assert harness.parse_table(text) == [{"a": "3", "b": "4"}]
+    assert text.index("END y") < text.index("A note written by hand under Y.")  # notes between sections are kept
 
 
 def test_log_parsers_read_both_recipes_formats():
