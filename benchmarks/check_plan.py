@@ -500,7 +500,7 @@ def run_all(args, names: list[str]) -> tuple[dict, list[dict]]:
     import psutil
 
     from toolkit.flops import measure_cpu_peak_flops
-    from toolkit.plan.cli import torch_is_cuda_build
+    from toolkit.plan.hardware import torch_is_cuda_build
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="check_plan_"))
     configs = {k: v for k, v in configurations(work, args.quick).items() if k in names}

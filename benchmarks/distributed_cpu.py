@@ -63,14 +63,14 @@ def rank_peaks(r: harness.Run) -> list[int]:
 
 def planned(preset_args: list[str], vocab: int, batch: int, block: int) -> dict:
     """toolkit plan's CPU fp32 estimate per rank for 1 device, DDP and FSDP2 (its JSON output)."""
-    from toolkit import plan
+    from toolkit.commands import plan as plan_command
 
     out = {}
     model = preset_args[preset_args.index("--preset") + 1]
     for launch, (strategy, n) in PLAN_STRATEGY.items():
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            plan.main(["--model", model, "--task", "pretrain", "--device", "cpu", "--num_devices", str(n),
+            plan_command.main(["--model", model, "--task", "pretrain", "--device", "cpu", "--num_devices", str(n),
                        "--batch_size", str(batch), "--seq_len", str(block), "--vocab_size", str(vocab),
                        "--strategy", strategy, "--json", "--no_flops_benchmark"])
         data = json.loads(buf.getvalue())

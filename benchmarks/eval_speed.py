@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None):
     from transformers import AutoModelForCausalLM
 
     from toolkit import evaluation, presets
+    from toolkit.commands import eval as eval_command
     from toolkit.inference import load_for_inference
     from toolkit.tokenizer import load_tokenizer, train_bpe_tokenizer
 
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None):
         rows, raw = [], []
         for size in sizes:
             base = train_forward_rate(train_model, args.train_batch_size, block, vocab, bf16, args.seconds)
-            ns = evaluation.build_parser().parse_args([model_dir, "--text_file", text, "--block_size", str(block),
+            ns = eval_command.build_parser().parse_args([model_dir, "--text_file", text, "--block_size", str(block),
                                                        "--batch_size", str(args.eval_batch_size),
                                                        "--max_tokens", str(size), "--no_progress"])
             _peak_reset(device)

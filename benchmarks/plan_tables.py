@@ -27,7 +27,8 @@ GPT2_SIZES = {"gpt2": "gpt2 (124M)", "gpt2-medium": "gpt2-medium (355M)", "gpt2-
 
 def plan(argv: list[str]):
     """The Plan `toolkit plan ARGV` prints (no CPU matmul benchmark: GPU plans only)."""
-    from toolkit.plan import build_parser, make_plan, setup_from_args
+    from toolkit.commands.plan import build_parser
+    from toolkit.plan import make_plan, setup_from_args
 
     args = build_parser().parse_args([*argv, "--no_flops_benchmark"])
     shape, setup, peak = setup_from_args(args)

@@ -74,7 +74,7 @@ def adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 def test_generate_same_seed_same_text_and_other_seed_other_text(tiny_model_dir, capsys):
-    from toolkit import generate
+    from toolkit.commands import generate
 
     argv = [str(tiny_model_dir), "--prompt", "The", "--max_new_tokens", "24", "--temperature", "1.0",
             "--num_samples", "2"]
@@ -89,7 +89,7 @@ def test_greedy_equals_model_generate(tiny_model_dir, tmp_path, capsys):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from toolkit import generate
+    from toolkit.commands import generate
 
     code, out, _ = run_main(generate, [str(tiny_model_dir), "--prompt", "The answer", "--temperature", "0",
                                        "--max_new_tokens", "20"], capsys)
@@ -110,7 +110,7 @@ def test_greedy_equals_model_generate(tiny_model_dir, tmp_path, capsys):
 
 
 def test_adapter_changes_the_output_and_equals_the_merged_model(tiny_model_dir, adapter_dir, tmp_path, capsys):
-    from toolkit import generate
+    from toolkit.commands import generate
     from toolkit.merge import merge_adapter
 
     greedy = ["--prompt", "The", "--temperature", "0", "--max_new_tokens", "20"]
@@ -145,7 +145,7 @@ def test_eval_loss_and_bits_per_byte_equal_a_hand_computation(tiny_model_dir, te
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from toolkit import evaluation
+    from toolkit.commands import eval as evaluation
 
     code, out, err = run_main(evaluation, [str(tiny_model_dir), "--text_file", str(text_file), "--block_size", "32",
                                            "--batch_size", "3", "--json", "--no_progress"], capsys)
@@ -189,7 +189,7 @@ def test_eval_loss_and_bits_per_byte_equal_a_hand_computation(tiny_model_dir, te
 
 def test_eval_with_an_adapter_scores_the_adapted_model(tiny_model_dir, adapter_dir, text_file, tmp_path, capsys):
     """`toolkit eval --adapter`: the loss of the base with the adapter applied, which is the merged model's."""
-    from toolkit import evaluation
+    from toolkit.commands import eval as evaluation
     from toolkit.merge import merge_adapter
 
     common = ["--text_file", str(text_file), "--block_size", "32", "--json", "--no_progress"]
@@ -286,12 +286,15 @@ def test_text_read_in_pieces_tokenizes_as_a_whole(tiny_tokenizer_dir, tmp_path):
 @pytest.mark.parametrize("command, argv, needles", [
     ("generate", ["missing/model", "--prompt", "x"], ["'missing/model' does not exist", "save_pretrained folder"]),
     ("eval", ["--text_file", "x.txt"], ["no model given", "pass MODEL"]),
-    ("generate", ["M", "--max_new_tokens", "0"], ["--max_new_tokens 0 must be at least 1"]),
-    ("generate", ["M", "--temperature", "-1"], ["--temperature -1.0 must be >= 0"]),
-    ("generate", ["M", "--top_p", "0"], ["--top_p 0.0 must be in (0, 1]"]),
-    ("eval", ["M", "--text_file", "T", "--stride", "0"], ["--stride 0 must be between 1 and"]),
+    ("generate", ["M", "--max_new_tokens", "0"], ["--max_new_tokens 0 is out of range: it must be at least 1"]),
+    ("generate", ["M", "--temperature", "-1"],
+     ["--temperature -1 is out of range: it must be at least 0 (0 = greedy)"]),
+    ("generate", ["M", "--top_p", "0"], ["--top_p 0 is out of range: it must be in (0, 1] (1 = no limit)"]),
+    ("generate", ["M", "--seed", "-1"], ["--seed -1 is out of range: it must be at least 0"]),
+    ("eval", ["M", "--text_file", "T", "--stride", "0"], ["--stride 0 is out of range: it must be at least 1"]),
     ("eval", ["M", "--text_file", "T", "--block_size", "32", "--stride", "64"],
-     ["--stride 64 must be between 1 and the block size (32)"]),
+     ["--stride 64 is out of range: it must be in [1, 32] (at most the block size)"]),
+    ("eval", ["M", "--text_file", "T", "--limit", "0"], ["--limit 0 is out of range: it must be above 0"]),
     ("eval", ["M", "--text_file", "T", "--block_size", "4096"], ["larger than the model's context of 128 tokens"]),
     ("eval", ["M"], ["nothing to evaluate", "--text_file", "--tasks"]),
     ("eval", ["M", "--text_file", "EMPTY"], ["is empty", "pass a file with text"]),
@@ -300,7 +303,8 @@ def test_text_read_in_pieces_tokenizes_as_a_whole(tiny_tokenizer_dir, tmp_path):
      ["exceeds the model's context of 128", "--max_new_tokens"]),
 ])
 def test_bad_input_is_one_line_naming_the_fix(command, argv, needles, tiny_model_dir, text_file, tmp_path, capsys):
-    from toolkit import evaluation, generate
+    from toolkit.commands import eval as evaluation
+    from toolkit.commands import generate
 
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -312,7 +316,7 @@ def test_bad_input_is_one_line_naming_the_fix(command, argv, needles, tiny_model
 def test_adapter_for_another_base_is_one_line(adapter_dir, tmp_path, capsys):
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from toolkit import generate
+    from toolkit.commands import generate
 
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     other = tmp_path / "other-base"
@@ -326,7 +330,7 @@ def test_adapter_for_another_base_is_one_line(adapter_dir, tmp_path, capsys):
 def test_lm_eval_missing_is_one_line(tiny_model_dir, monkeypatch, capsys):
     import sys
 
-    from toolkit import evaluation
+    from toolkit.commands import eval as evaluation
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
     code, _, err = run_main(evaluation, [str(tiny_model_dir), "--tasks", "hellaswag"], capsys)
@@ -385,7 +389,7 @@ def hellaswag_rows(right_is_favoured: bool) -> list[dict]:
 
 def test_lm_eval_scores_a_hellaswag_format_task_offline(tiny_model_dir, tmp_path, capsys):
     require_dev("lm_eval")
-    from toolkit import evaluation
+    from toolkit.commands import eval as evaluation
 
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -406,7 +410,7 @@ def test_lm_eval_scores_a_hellaswag_format_task_offline(tiny_model_dir, tmp_path
 @pytest.mark.slow
 def test_unknown_task_is_one_line(tiny_model_dir, tmp_path, capsys):
     require_dev("lm_eval")
-    from toolkit import evaluation
+    from toolkit.commands import eval as evaluation
 
     code, _, err = run_main(evaluation, [str(tiny_model_dir), "--tasks", "hellaswagg",
                                          "--include_path", str(tmp_path)], capsys)
@@ -423,7 +427,7 @@ def test_pretrain_logs_bits_per_byte_that_toolkit_eval_reproduces_and_writes_a_c
     require_dev("lm_eval")
     from huggingface_hub import ModelCard
 
-    from toolkit import evaluation
+    from toolkit.commands import eval as evaluation
 
     valid = tmp_path / "valid.txt"
     valid.write_text("\n\n".join(embedded_texts(75)[60:75])[:20_000], encoding="utf-8")  # ~200 blocks of 32 tokens

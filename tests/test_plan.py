@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from toolkit import plan
+from toolkit.commands import plan as plan_command
 from toolkit.plan import calibration
 from toolkit.presets import PRESETS, count_parameters
 
@@ -143,7 +144,7 @@ def test_lora_that_does_not_fit_points_to_qlora():
 
 
 def test_cli_json_parses_and_has_the_table(capsys):
-    assert plan.main(["--model", "gpt2", "--task", "pretrain", "--device", "cuda", "--num_devices", "2",
+    assert plan_command.main(["--model", "gpt2", "--task", "pretrain", "--device", "cuda", "--num_devices", "2",
                       "--device_memory", "24GB", "--batch_size", "4", "--seq_len", "512", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     names = [s["strategy"] for s in out["strategies"]]
@@ -157,7 +158,7 @@ def test_cli_json_parses_and_has_the_table(capsys):
 
 
 def test_cli_text_on_cpu_plans_per_process(capsys):
-    assert plan.main(["--model", "gpt2-nano", "--device", "cpu", "--device_memory", "4GB",
+    assert plan_command.main(["--model", "gpt2-nano", "--device", "cpu", "--device_memory", "4GB",
                       "--no_flops_benchmark"]) == 0
     out = capsys.readouterr().out
     assert "total (peak)" in out and "python recipes/pretrain.py --preset gpt2-nano" in out
@@ -165,8 +166,8 @@ def test_cli_text_on_cpu_plans_per_process(capsys):
 
 def test_plot_writes_png(tmp_path):
     path = tmp_path / "plan.png"
-    assert plan.main(["--model", "gpt2-medium", "--device", "cuda", "--num_devices", "4", "--device_memory", "16GB",
-                      "--plot", str(path), "--json"]) == 0
+    assert plan_command.main(["--model", "gpt2-medium", "--device", "cuda", "--num_devices", "4",
+                              "--device_memory", "16GB", "--plot", str(path), "--json"]) == 0
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -182,7 +183,7 @@ def test_plot_writes_png(tmp_path):
 ])
 def test_bad_input_is_one_line_error(argv, fragment, capsys):
     with pytest.raises(SystemExit) as exc:
-        plan.main(argv + ["--no_flops_benchmark"])
+        plan_command.main(argv + ["--no_flops_benchmark"])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and fragment in err and "\n" not in err

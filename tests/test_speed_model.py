@@ -9,6 +9,7 @@ import json
 from conftest import REPO
 
 from toolkit import plan
+from toolkit.commands import plan as plan_command
 
 
 def fit_speed():
@@ -56,10 +57,10 @@ def test_collectives_cost_bytes_over_bandwidth_and_dequantization_costs_qlora_on
 
 def test_plan_shows_the_guides_speed_table_beside_its_own(capsys):
     argv = ["--model", "gpt2", "--gpu", "A10G", "--num_devices", "4", "--batch_size", "8", "--interconnect", "pcie"]
-    assert plan.main([*argv, "--json"]) == 0
+    assert plan_command.main([*argv, "--json"]) == 0
     speed = json.loads(capsys.readouterr().out)["recommendation"]["speedups"]
     assert speed["guide"] == {"ddp": 3.8, "fsdp": 3.2, "lora": 1.2, "qlora": 0.9}
     assert set(speed["planner"]) == {"ddp", "fsdp", "lora", "qlora"} and 1 < speed["planner"]["ddp"] < 4
-    assert plan.main(argv) == 0
+    assert plan_command.main(argv) == 0
     text = capsys.readouterr().out
     assert "(guide 3.8x)" in text and "collectives (pcie, 16 GB/s)" in text

@@ -12,12 +12,13 @@ import sys
 # subcommand -> (module, one-line help). Modules expose main(argv: list[str]) -> int | None.
 SUBCOMMANDS = {
     "prepare": ("toolkit.prepare", "tokenize a corpus into a sharded token store for pretraining (resumable)"),
-    "presets": ("toolkit.presets", "list the GPT-2 model presets and their parameter counts"),
-    "plan": ("toolkit.plan", "memory/throughput planner: which recipe and accelerate config to use"),
-    "merge": ("toolkit.merge", "merge a LoRA/QLoRA adapter into its base model (full precision)"),
-    "push": ("toolkit.hub", "push an existing model or adapter folder to the Hugging Face Hub"),
-    "generate": ("toolkit.generate", "sample text from a model (optionally with a LoRA/QLoRA adapter), streamed"),
-    "eval": ("toolkit.evaluation", "loss, perplexity, bits per byte on text; lm-eval benchmarks (hellaswag, ...)"),
+    "presets": ("toolkit.commands.presets", "list the GPT-2 model presets and their parameter counts"),
+    "plan": ("toolkit.commands.plan", "memory/throughput planner: which recipe and accelerate config to use"),
+    "merge": ("toolkit.commands.merge", "merge a LoRA/QLoRA adapter into its base model (full precision)"),
+    "push": ("toolkit.commands.push", "push an existing model or adapter folder to the Hugging Face Hub"),
+    "generate": ("toolkit.commands.generate",
+                 "sample text from a model (optionally with a LoRA/QLoRA adapter), streamed"),
+    "eval": ("toolkit.commands.eval", "loss, perplexity, bits per byte on text; lm-eval benchmarks (hellaswag, ...)"),
 }
 
 

@@ -1,6 +1,5 @@
-"""Push a model or adapter folder to the Hugging Face Hub: `toolkit push FOLDER REPO_ID`.
-
-Also `push_folder()`, used by the recipes' --push_to_hub. The token comes from where huggingface_hub
+"""Push a model or adapter folder to the Hugging Face Hub: `push_folder()`, for `toolkit push FOLDER REPO_ID`
+(toolkit/commands/push.py) and the recipes' --push_to_hub. The token comes from where huggingface_hub
 looks for it (HF_TOKEN, `hf auth login`'s stored token) or --token; it is sent to the Hub only and
 never printed or logged. HF_ENDPOINT (read when huggingface_hub is imported) selects another Hub.
 
@@ -15,7 +14,7 @@ import fnmatch
 import json
 import os
 
-from toolkit.errors import OneLineArgumentParser, UserError, exit_on_user_error
+from toolkit.errors import UserError
 
 # Never uploaded: pickled training state and bulky checkpoints (the folder keeps them locally).
 IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "runs/**", "training_args.bin", "optimizer.pt", "scheduler.pt",
@@ -127,31 +126,6 @@ def _first_line(err: Exception) -> str:
     return " ".join(text[:2])[:300] if text else type(err).__name__
 
 
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> int:
-    parser = OneLineArgumentParser(
-        prog="toolkit push",
-        description="Push a model or adapter folder to the Hugging Face Hub (token: HF_TOKEN or `hf auth login`).",
-    )
-    parser.add_argument("folder", help="folder to upload (an adapter output_dir, a merged model, a pretrain output)")
-    parser.add_argument("repo_id", help="target repo, user/name or org/name (created if missing)")
-    parser.add_argument("--private", "--hub_private_repo", dest="private", action="store_true",
-                        help="create the repo private (an existing repo keeps its visibility)")
-    parser.add_argument("--commit_message", default="Upload with gpt2-toolkit")
-    parser.add_argument("--revision", default=None, help="branch to push to (default: main)")
-    parser.add_argument("--token", default=None,
-                        help="Hub token (default: HF_TOKEN or the stored login); never printed")
-    parser.add_argument("--base_model_name_or_path", default=None,
-                        help="an adapter's base, for the reload check (default: the one in adapter_config.json)")
-    parser.add_argument("--no_verify", action="store_true",
-                        help="push an adapter folder without checking that it reloads on its base")
-    args = parser.parse_args(argv)
-    push_folder(args.folder, args.repo_id, private=args.private, commit_message=args.commit_message,
-                token=args.token, revision=args.revision, verify=not args.no_verify,
-                base_model=args.base_model_name_or_path)
-    return 0
-
-
 def check_push_ready(repo_id: str | None, token: str | None = None) -> None:
     """Before training: a valid user/name repo id and a token (HF_TOKEN or `hf auth login`), or a one-line error.
 
@@ -217,14 +191,15 @@ def check_adapter_folder(folder: str, trained_model=None, base_model: str | None
         config = json.load(f)
     sharded = trained_model is not None and _is_sharded(trained_model)
     if trained_model is None or sharded:
-        from toolkit.lora import load_adapter, load_base_model
+        from toolkit.lora import load_adapter
+        from toolkit.model_loading import load_model
 
         base = base_model or config.get("base_model_name_or_path")
         if not base:
             raise UserError(f"'{folder}' does not record its base model; pass --base_model_name_or_path to check "
                             "it reloads (or --no_verify)")
         try:
-            model = load_adapter(load_base_model(base), folder, token=token)
+            model = load_adapter(load_model(base), folder, token=token)
         except (RuntimeError, ValueError):  # shapes or target modules do not fit
             raise UserError(f"adapter '{folder}' does not reload on its base '{base}' (it does not fit: trained "
                             "on another base?); pass --base_model_name_or_path with the model it was trained on"

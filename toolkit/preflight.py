@@ -29,7 +29,7 @@ def _world_size() -> int:
 
 def device_memory(device: str) -> tuple[float, str]:
     """Bytes this run may use per device, and where that number comes from."""
-    from toolkit.plan.cli import parse_memory
+    from toolkit.plan.hardware import parse_memory
 
     override = os.environ.get(MEMORY_ENV)
     if override:
@@ -78,7 +78,7 @@ def check(shape, task: str, training_args, seq_len: int, lora_r: int = 16, lora_
     import torch
 
     from toolkit.plan import LORA_MODULES, Setup, estimate, make_plan
-    from toolkit.plan.cli import torch_is_cuda_build
+    from toolkit.plan.hardware import torch_is_cuda_build
 
     cuda = torch.cuda.is_available() and not getattr(training_args, "use_cpu", False)
     device = "cuda" if cuda else "cpu"

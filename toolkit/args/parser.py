@@ -3,7 +3,7 @@
 Order of precedence, lowest first: the dataclass field defaults, the recipe's `defaults` (what
 `toolkit.args.resolve_defaults` picked for this machine), the YAML file, the command line. Unknown keys, in
 the YAML or on the command line, are errors, and so is any numeric option outside its valid range
-(`RANGES`): every such mistake is one line naming the option, the value and the fix, before any data or
+(`toolkit/args/ranges.py`): every such mistake is one line naming the option, the value and the fix, before any data or
 model work starts.
 
 Also accepted, for people arriving with other tools' commands: dash forms (`--n-layer 48` = `--n_layer 48`),
@@ -15,11 +15,10 @@ and `--dataset_config` (trl's name of `--dataset_config_name`).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
-from dataclasses import dataclass
 
+from toolkit.args.ranges import check_ranges
 from toolkit.errors import UserError
 
 # Other names of options: key -> canonical name. "model" depends on the value (see _canonical_name).
@@ -31,84 +30,6 @@ ALIASES = {
     "dataset_config": "dataset_config_name",
     "out_dir": "output_dir",
 }
-
-
-@dataclass(frozen=True)
-class Range:
-    """A closed or half-open interval for a numeric option, with the unit a user reads in the error."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    also: tuple = ()  # values allowed outside the interval (e.g. -1 = "not set" for max_steps)
-
-    def holds(self, value) -> bool:
-        if value in self.also:
-            return True
-        if isinstance(value, float) and math.isnan(value):
-            return False
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            return False
-        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
-            return False
-        return True
-
-    def describe(self) -> str:
-        if self.low is not None and self.high is not None:
-            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-        if self.low is not None:
-            text = f"{'above' if self.low_open else 'at least'} {self.low:g}"
-        else:
-            text = f"{'below' if self.high_open else 'at most'} {self.high:g}"
-        return text + "".join(f" (or {v})" for v in self.also)
-
-
-AT_LEAST_1 = Range(1)  # sizes and counts
-AT_LEAST_0 = Range(0)
-POSITIVE = Range(0, low_open=True)
-FRACTION = Range(0, 1, high_open=True)  # dropout and friends
-BETA = Range(0, 1, high_open=True)
-
-# Every numeric option of every recipe and toolkit command, with its valid range. One table, so an option shared
-# by several recipes is checked the same way in all of them.
-RANGES: dict[str, Range] = {
-    # training loop (transformers.TrainingArguments and our additions)
-    "per_device_train_batch_size": AT_LEAST_1, "per_device_eval_batch_size": AT_LEAST_1,
-    "gradient_accumulation_steps": AT_LEAST_1, "global_batch_size": AT_LEAST_1,
-    "max_steps": Range(1, also=(-1,)), "num_train_epochs": POSITIVE,
-    "learning_rate": POSITIVE, "muon_learning_rate": POSITIVE, "warmup_steps": AT_LEAST_0, "warmup_ratio": FRACTION,
-    "weight_decay": AT_LEAST_0,
-    "adam_beta1": BETA, "adam_beta2": BETA, "adam_epsilon": POSITIVE, "max_grad_norm": AT_LEAST_0,
-    "logging_steps": POSITIVE, "eval_steps": POSITIVE, "save_steps": POSITIVE, "save_total_limit": AT_LEAST_1,
-    "seed": AT_LEAST_0, "ddp_timeout": AT_LEAST_1, "dataloader_num_workers": AT_LEAST_0,
-    "eval_accumulation_steps": AT_LEAST_1, "sample_max_new_tokens": AT_LEAST_0,
-    # model shape
-    "n_layer": AT_LEAST_1, "n_head": AT_LEAST_1, "n_embd": AT_LEAST_1, "n_positions": AT_LEAST_1,
-    "dropout": FRACTION, "vocab_size": Range(257), "pad_vocab_to_multiple_of": AT_LEAST_1,
-    # data
-    "block_size": Range(2), "validation_split_percentage": Range(0, 50, low_open=True),
-    "validation_max_tokens": AT_LEAST_1, "streaming_eval_blocks": AT_LEAST_1,
-    "preprocessing_num_workers": AT_LEAST_1, "max_length": Range(2), "max_train_samples": AT_LEAST_1,
-    "max_eval_samples": AT_LEAST_1,
-    # LoRA
-    "lora_r": AT_LEAST_1, "lora_alpha": POSITIVE, "lora_dropout": FRACTION,
-    # evaluation during training
-    "eval_tasks_limit": POSITIVE,
-    # training guard (toolkit/guard.py)
-    "spike_threshold": Range(1, low_open=True), "max_rollbacks": AT_LEAST_1,
-}
-
-
-def check_ranges(values: dict, ranges: dict[str, Range] | None = None) -> None:
-    """Raise a one-line UserError for the first option outside its range (None means "not set" and passes)."""
-    for name, allowed in (ranges or RANGES).items():
-        value = values.get(name)
-        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if not allowed.holds(value):
-            raise UserError(f"--{name} {value:g} is out of range: it must be {allowed.describe()}; "
-                            f"pass a value in range (see --help)")
 
 
 def _canonical_name(name: str, value: str | None, fields: set[str]) -> str:

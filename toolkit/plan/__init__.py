@@ -13,7 +13,9 @@ One concern per module:
   calibration  the fitted constants, read from calibration.json (date, machine and command of each)
   speed        the throughput estimate: compute, collectives, QLoRA's dequantization
   advice       the decision between strategies, the reasons, the exact command
-  cli          options, hardware detection, text/JSON/PNG output
+  hardware     the hardware planned for (detected or named), memory sizes, the Setup from the command's options
+  report       the plan as text, JSON or a PNG chart
+The command's options and main are toolkit/commands/plan.py.
 """
 
 from toolkit.plan.advice import Plan, candidates, command_for, make_plan
@@ -28,17 +30,7 @@ from toolkit.plan.calibration import (
     GiB,
     MiB,
 )
-from toolkit.plan.cli import (
-    GPU_MEMORY_GIB,
-    build_parser,
-    detect_hardware,
-    main,
-    parse_memory,
-    plot,
-    render,
-    setup_from_args,
-    to_json,
-)
+from toolkit.plan.hardware import GPU_MEMORY_GIB, detect_hardware, parse_memory, setup_from_args, torch_is_cuda_build
 from toolkit.plan.memory import (
     LORA_MODULES,
     LORA_TARGET_PRESETS,
@@ -52,6 +44,7 @@ from toolkit.plan.memory import (
     lora_trainable,
     resolve_lora_targets,
 )
+from toolkit.plan.report import plot, render, to_json
 from toolkit.plan.shapes import Shape, load_shape, shape_from_config
 from toolkit.plan.speed import GUIDE_SPEEDUPS, INTERCONNECTS, speedups, step_costs, throughput
 
@@ -76,14 +69,12 @@ __all__ = [
     "Setup",
     "Shape",
     "activation_terms",
-    "build_parser",
     "candidates",
     "command_for",
     "detect_hardware",
     "estimate",
     "load_shape",
     "lora_trainable",
-    "main",
     "make_plan",
     "parse_memory",
     "plot",
@@ -97,4 +88,5 @@ __all__ = [
     "GUIDE_SPEEDUPS",
     "INTERCONNECTS",
     "to_json",
+    "torch_is_cuda_build",
 ]

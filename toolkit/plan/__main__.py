@@ -2,6 +2,6 @@
 
 import sys
 
-from toolkit.plan.cli import main
+from toolkit.commands.plan import main
 
 sys.exit(main())

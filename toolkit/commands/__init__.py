@@ -1,0 +1,1 @@
+"""The `toolkit` subcommands (toolkit/cli.py): one module each, its options and `main(argv)` over the library."""
