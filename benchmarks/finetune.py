@@ -115,15 +115,15 @@ def model_memory(base: Path) -> dict[str, int]:
     """get_memory_footprint() of the base loaded as lora.py (fp32) and qlora.py (NF4, fp32 compute) load it."""
     import torch
 
-    from toolkit import lora
+    from toolkit import lora, model_loading
     from toolkit.args.finetune import QuantizationArguments
 
-    full = lora.load_base_model(str(base))
+    full = model_loading.load_model(str(base))
     out = {"fp32": full.get_memory_footprint(), "params": full.num_parameters()}
     del full
     q = QuantizationArguments()
     dtype = lora.compute_dtype(q.bnb_4bit_compute_dtype)
-    model = lora.load_quantized_base_model(str(base), lora.bnb_config(q, dtype), dtype, device_map={"": "cpu"})
+    model = model_loading.load_quantized_model(str(base), lora.bnb_config(q, dtype), dtype, device_map={"": "cpu"})
     out["4bit"] = model.get_memory_footprint()
     del model
     torch.set_num_threads(torch.get_num_threads())

@@ -27,10 +27,10 @@ def _tiny_adapter(tiny_model_dir, folder):
     """A LoRA adapter with non-trivial weights, saved as recipes/lora.py saves one."""
     from peft import get_peft_model
 
-    from toolkit import lora
+    from toolkit import lora, model_loading
     from toolkit.args.finetune import LoraArguments
 
-    base = lora.load_base_model(str(tiny_model_dir))
+    base = model_loading.load_model(str(tiny_model_dir))
     model = get_peft_model(base, lora.build_lora_config(LoraArguments(lora_r=4), base, quantized=False))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -74,8 +74,8 @@ def test_push_then_download_gives_the_same_logits(tmp_path, tiny_model_dir, smal
     (adapter / "training_args.bin").write_bytes(b"pickle: never uploaded")
     script = f"""
 import runpy, sys, torch
-from toolkit import fast_exit
-fast_exit.exit_now = lambda code=0: None  # the script goes on after the recipe (its os._exit would end it here)
+from toolkit import errors
+errors.exit_now = lambda code=0: None  # the script goes on after the recipe (its os._exit would end it here)
 sys.argv = ["recipes/lora.py", *{recipe_argv!r}]
 runpy.run_path("recipes/lora.py", run_name="__main__")
 from toolkit.cli import main
@@ -148,11 +148,11 @@ def test_model_card_command_never_contains_a_token():
 
 
 def test_push_refuses_bad_input_before_contacting_the_hub(tmp_path, capsys):
-    from toolkit import hub
+    from toolkit.commands import push
 
     def err(argv):
         with pytest.raises(SystemExit) as exc:
-            hub.main(argv)
+            push.main(argv)
         assert exc.value.code == 2
         return capsys.readouterr().err.strip()
 
@@ -183,13 +183,13 @@ def test_an_adapter_is_checked_before_it_is_pushed(tmp_path, tiny_model_dir):
     from peft import PeftModel
     from safetensors.torch import load_file, save_file
 
-    from toolkit import lora
+    from toolkit import model_loading
     from toolkit.hub import check_adapter_folder
 
     good = tmp_path / "good"
     _tiny_adapter(tiny_model_dir, good)
     assert "reload on their base" in check_adapter_folder(str(good))
-    trained = PeftModel.from_pretrained(lora.load_base_model(str(tiny_model_dir)), good, is_trainable=True)
+    trained = PeftModel.from_pretrained(model_loading.load_model(str(tiny_model_dir)), good, is_trainable=True)
     trained.train()
     before = _model_logits(trained)
     note = check_adapter_folder(str(good), trained_model=trained)
@@ -248,11 +248,11 @@ def test_an_adapter_is_checked_before_it_is_pushed(tmp_path, tiny_model_dir):
 def test_toolkit_push_checks_an_adapter_on_the_base_given_or_not_at_all(tmp_path, tiny_model_dir, capsys):
     """`toolkit push`: --base_model_name_or_path names the base when the recorded one moved; --no_verify skips the
     check (here the suite's offline Hub is what stops it)."""
-    from toolkit import hub
+    from toolkit.commands import push
 
     def err(argv):
         with pytest.raises(SystemExit) as exc:
-            hub.main(argv)
+            push.main(argv)
         assert exc.value.code == 2
         return capsys.readouterr().err.strip()
 

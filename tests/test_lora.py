@@ -62,14 +62,14 @@ def _randomize_adapter(model, seed: int = 0):
 def _lora_model(base_dir, quantized: bool, train_embeddings: bool = False, targets=("all",)):
     from peft import get_peft_model
 
-    from toolkit import lora
+    from toolkit import lora, model_loading
 
     if quantized:
         q = QuantizationArguments()
-        base = lora.load_quantized_base_model(str(base_dir), lora.bnb_config(q, torch.float32), torch.float32,
-                                              {"": "cpu"})
+        base = model_loading.load_quantized_model(str(base_dir), lora.bnb_config(q, torch.float32), torch.float32,
+                                                  {"": "cpu"})
     else:
-        base = lora.load_base_model(str(base_dir))
+        base = model_loading.load_model(str(base_dir))
     args = LoraArguments(lora_r=4, lora_alpha=8, lora_target_modules=list(targets),
                          lora_train_embeddings=train_embeddings)
     model = get_peft_model(base, lora.build_lora_config(args, base, quantized=quantized))
@@ -143,7 +143,7 @@ def test_qlora_recipe_lowers_loss(tmp_path, tiny_model_dir, small_text_file, cap
 def test_adapter_reloads_with_same_logits(tmp_path, tiny_model_dir, quantized, train_embeddings):
     from peft import PeftModel
 
-    from toolkit import lora
+    from toolkit import lora, model_loading
 
     model = _lora_model(tiny_model_dir, quantized, train_embeddings)
     if train_embeddings:  # while training, head and embedding are one trainable matrix (as in the base)
@@ -156,10 +156,10 @@ def test_adapter_reloads_with_same_logits(tmp_path, tiny_model_dir, quantized, t
 
     if quantized:
         q = QuantizationArguments()
-        base = lora.load_quantized_base_model(str(tiny_model_dir), lora.bnb_config(q, torch.float32), torch.float32,
-                                              {"": "cpu"})
+        base = model_loading.load_quantized_model(str(tiny_model_dir), lora.bnb_config(q, torch.float32),
+                                                  torch.float32, {"": "cpu"})
     else:
-        base = lora.load_base_model(str(tiny_model_dir))
+        base = model_loading.load_model(str(tiny_model_dir))
     assert not torch.allclose(_logits(base, ids), expected, atol=1e-3)  # the adapter changes the model
     reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
     torch.testing.assert_close(_logits(reloaded, ids), expected, rtol=0, atol=1e-6)
@@ -169,11 +169,11 @@ def test_4bit_linear_weights_take_one_eighth_of_fp32(tiny_model_dir):
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 
-    from toolkit import lora
+    from toolkit import lora, model_loading
 
-    fp32 = lora.load_base_model(str(tiny_model_dir))
+    fp32 = model_loading.load_model(str(tiny_model_dir))
     q = lora.bnb_config(QuantizationArguments(), torch.float32)
-    ours = lora.load_quantized_base_model(str(tiny_model_dir), q, torch.float32, {"": "cpu"})
+    ours = model_loading.load_quantized_model(str(tiny_model_dir), q, torch.float32, {"": "cpu"})
     layers = {n: m for n, m in ours.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert len(layers) == 4 * fp32.config.n_layer  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block
     for name, module in layers.items():
@@ -185,7 +185,7 @@ def test_4bit_linear_weights_take_one_eighth_of_fp32(tiny_model_dir):
     # the pread loader builds exactly what transformers' own quantized from_pretrained builds
     theirs = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), quantization_config=q, dtype=torch.float32,
                                                   device_map={"": "cpu"})
-    lora.keep_training_layout(theirs)
+    model_loading.keep_training_layout(theirs)
     ids = _ids(fp32.config.vocab_size)
     torch.testing.assert_close(_logits(ours, ids), _logits(theirs, ids), rtol=0, atol=0)
     # and NF4 stays close to the fp32 model it came from
@@ -200,15 +200,16 @@ def test_merge_gives_same_logits_as_base_plus_adapter(tmp_path, tiny_model_dir, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from toolkit import lora, merge
+    from toolkit import merge, model_loading
+    from toolkit.commands import merge as merge_command
 
     model = _lora_model(tiny_model_dir, quantized)
     model.save_pretrained(tmp_path / "adapter")
     # the reference: the adapter on the full-precision fp32 base (also for a QLoRA adapter)
-    reference = PeftModel.from_pretrained(lora.load_base_model(str(tiny_model_dir)), tmp_path / "adapter")
+    reference = PeftModel.from_pretrained(model_loading.load_model(str(tiny_model_dir)), tmp_path / "adapter")
     ids = _ids(model.config.vocab_size)
 
-    assert merge.main(["--adapter", str(tmp_path / "adapter"), "--output_dir", str(tmp_path / "merged")]) == 0
+    assert merge_command.main(["--adapter", str(tmp_path / "adapter"), "--output_dir", str(tmp_path / "merged")]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not hasattr(merged.config, "quantization_config") and merged.dtype == torch.float32
     assert type(merged.transformer.h[0].attn.c_attn).__name__ == "Conv1D"  # a plain GPT-2 again
@@ -226,17 +227,18 @@ def test_merge_check_refuses_a_merge_that_changes_the_model(tmp_path, tiny_model
     from peft.tuners.lora import LoraModel
 
     from toolkit import merge
+    from toolkit.commands import merge as merge_command
 
     model = _lora_model(tiny_model_dir, quantized=False)
     model.save_pretrained(tmp_path / "adapter")
     argv = ["--adapter", str(tmp_path / "adapter"), "--output_dir", str(tmp_path / "merged")]
 
-    assert merge.main([*argv[:3], str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    assert merge_command.main([*argv[:3], str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
     assert "for bfloat16" in (tmp_path / "bf16" / "README.md").read_text()
 
     # a merge that drops the adapter: the base comes back unchanged
     monkeypatch.setattr(LoraModel, "merge_and_unload", LoraModel.unload)
-    err = user_error(capsys, merge.main, argv)
+    err = user_error(capsys, merge_command.main, argv)
     assert err.startswith("error: merge check failed: the merged model's logits differ from base + adapter by ")
     relative = float(err.split(" by ")[1].split(" ")[0])
     assert relative > merge.MERGE_TOLERANCE["float32"] and "tolerance 0.0001 for float32" in err
@@ -246,7 +248,7 @@ def test_merge_check_refuses_a_merge_that_changes_the_model(tmp_path, tiny_model
     assert merged_loss != reference_loss and "--no_verify" in err
     assert not (tmp_path / "merged").exists()
 
-    assert merge.main([*argv, "--no_verify"]) == 0
+    assert merge_command.main([*argv, "--no_verify"]) == 0
     assert "Merge check: skipped (`--no_verify`)" in (tmp_path / "merged" / "README.md").read_text()
 
 
@@ -256,14 +258,14 @@ def test_merge_check_refuses_a_merge_that_changes_the_model(tmp_path, tiny_model
 def _sft_trainer(tiny_model_dir, data_file, **config):
     from trl import SFTTrainer
 
-    from toolkit import finetune, lora
+    from toolkit import finetune, lora, model_loading
     from toolkit.sft_data import load_sft_datasets
     from toolkit.tokenizer import load_tokenizer
 
     args = FinetuneConfig(output_dir=str(data_file.parent / "out"), report_to="none", **config)
     tokenizer = load_tokenizer(str(tiny_model_dir))
     train, evaluation, fmt = load_sft_datasets(DataArguments(train_file=str(data_file)), seed=0)
-    model = lora.load_base_model(str(tiny_model_dir))
+    model = model_loading.load_model(str(tiny_model_dir))
     finetune.prepare_for_data(args, fmt, tokenizer, model.config)
     peft_config = lora.build_lora_config(LoraArguments(lora_r=2), model, quantized=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
@@ -277,7 +279,7 @@ def test_training_loss_is_the_mean_over_predicted_tokens(tmp_path, tiny_model_di
     import torch
     import torch.nn.functional as F
 
-    from toolkit import finetune, lora
+    from toolkit import finetune, lora, model_loading
     from toolkit.sft_data import load_sft_datasets
     from toolkit.tokenizer import load_tokenizer
 
@@ -285,7 +287,7 @@ def test_training_loss_is_the_mean_over_predicted_tokens(tmp_path, tiny_model_di
                                    max_length=32, packing=False)
     tokenizer = load_tokenizer(str(tiny_model_dir))
     train, evaluation, fmt = load_sft_datasets(DataArguments(train_file=str(small_text_file)), seed=0)
-    model = lora.load_base_model(str(tiny_model_dir))
+    model = model_loading.load_model(str(tiny_model_dir))
     finetune.prepare_for_data(args, fmt, tokenizer, model.config)
     trainer = finetune.make_trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                                     processing_class=tokenizer,
@@ -451,7 +453,8 @@ def test_bad_input_gives_one_line_errors(tmp_path, tiny_model_dir, small_text_fi
     from peft import get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from toolkit import lora, merge
+    from toolkit import lora
+    from toolkit.commands import merge as merge_command
 
     base = ["--train_file", str(small_text_file), "--output_dir", str(tmp_path / "o"), *FAST_TRAIN]
     err = user_error(capsys, run_recipe, "lora", ["--model_name_or_path", str(tmp_path / "missing"), *base])
@@ -465,7 +468,7 @@ def test_bad_input_gives_one_line_errors(tmp_path, tiny_model_dir, small_text_fi
     other = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=512))
     other_adapter = get_peft_model(other, lora.build_lora_config(LoraArguments(lora_r=2), other, quantized=False))
     other_adapter.save_pretrained(tmp_path / "other-adapter")
-    err = user_error(capsys, merge.main, ["--adapter", str(tmp_path / "other-adapter"),
+    err = user_error(capsys, merge_command.main, ["--adapter", str(tmp_path / "other-adapter"),
                                           "--output_dir", str(tmp_path / "m"),
                                           "--base_model_name_or_path", str(tiny_model_dir)])
     assert "does not fit base" in err and "--base_model_name_or_path" in err

@@ -140,10 +140,10 @@ import sys
 import toolkit  # as every recipe does first
 import torch
 from transformers import BitsAndBytesConfig
-from toolkit.lora import load_quantized_base_model
+from toolkit.model_loading import load_quantized_model
 config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
 for _ in range(2):  # the line is said once per run
-    load_quantized_base_model(sys.argv[1], config, torch.float32, {"": "cpu"})
+    load_quantized_model(sys.argv[1], config, torch.float32, {"": "cpu"})
 """
 
 

@@ -8,7 +8,7 @@ import torch
 
 
 def _lora_trainer(tiny_model_dir, text_file, tmp_path, **config):
-    from toolkit import finetune, lora
+    from toolkit import finetune, lora, model_loading
     from toolkit.args.finetune import DataArguments, FinetuneConfig, LoraArguments
     from toolkit.sft_data import load_sft_datasets
     from toolkit.tokenizer import load_tokenizer
@@ -16,7 +16,7 @@ def _lora_trainer(tiny_model_dir, text_file, tmp_path, **config):
     args = FinetuneConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_length=32, **config)
     tokenizer = load_tokenizer(str(tiny_model_dir))
     train, evaluation, fmt = load_sft_datasets(DataArguments(train_file=str(text_file)), seed=0)
-    model = lora.load_base_model(str(tiny_model_dir))
+    model = model_loading.load_model(str(tiny_model_dir))
     finetune.prepare_for_data(args, fmt, tokenizer, model.config)
     return finetune.make_trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                                  processing_class=tokenizer,

@@ -61,7 +61,7 @@ def adapter_config(adapter: str, token: str | None = None) -> dict:
 
 def resolve_model(model: str | None, adapter: str | None, token: str | None = None) -> tuple[str, dict | None]:
     """(base model to load, adapter config or None). MODEL may be left out when the adapter records its base."""
-    from toolkit.lora import check_base_model
+    from toolkit.model_loading import check_model_source
 
     config = adapter_config(adapter, token) if adapter else None
     if config is not None and config.get("peft_type") not in (None, "LORA"):
@@ -73,7 +73,7 @@ def resolve_model(model: str | None, adapter: str | None, token: str | None = No
         model = config.get("base_model_name_or_path")
         if not model:
             raise UserError(f"adapter '{adapter}' does not record its base model; pass MODEL before the options")
-    check_base_model(model)
+    check_model_source(model)
     return model, config
 
 
@@ -108,14 +108,15 @@ def load_for_inference(model_name: str, adapter: str | None = None, adapter_cfg:
     """The model in eval mode on `device` (with the adapter applied, unmerged), and its tokenizer."""
     import torch
 
-    from toolkit.lora import compute_dtype, load_adapter, load_base_model
+    from toolkit.lora import compute_dtype, load_adapter
+    from toolkit.model_loading import load_model
     from toolkit.tokenizer import load_tokenizer
 
     device = resolve_device(device)
     torch_dtype = compute_dtype("auto") if dtype == "auto" else getattr(torch, dtype)
     if dtype == "auto" and device == "cpu":
         torch_dtype = torch.float32
-    model = load_base_model(model_name, dtype=torch_dtype)
+    model = load_model(model_name, dtype=torch_dtype)
     name = model_name
     if adapter:
         recorded = (adapter_cfg or {}).get("base_model_name_or_path")

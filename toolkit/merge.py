@@ -1,4 +1,4 @@
-"""`toolkit merge`: fold a LoRA / QLoRA adapter into its base and save a normal model folder.
+"""Fold a LoRA / QLoRA adapter into its base and save a normal model folder (`toolkit merge`).
 
 The base is always loaded unquantized (fp32 by default), also for a QLoRA adapter: merging into 4-bit
 weights re-quantizes W + BA and loses the adapter's small update in the rounding (peft#2321). The
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from toolkit.errors import OneLineArgumentParser, UserError, exit_on_user_error
+from toolkit.errors import UserError
 from toolkit.inference import adapter_config
 
 # Largest relative logit difference, max|merged - unmerged| / max|unmerged|, accepted for a merge in each dtype:
@@ -74,8 +74,9 @@ def merge_adapter(adapter: str, output_dir: str, base_model: str | None = None, 
     (unless verify=False), save_pretrained; return output_dir."""
     import torch
 
-    from toolkit.lora import load_adapter, load_base_model
+    from toolkit.lora import load_adapter
     from toolkit.model_card import write_merged_model_card
+    from toolkit.model_loading import load_model
     from toolkit.tokenizer import load_tokenizer
 
     if os.path.isfile(os.path.join(output_dir, "config.json")) and not overwrite:
@@ -87,7 +88,7 @@ def merge_adapter(adapter: str, output_dir: str, base_model: str | None = None, 
     base = base_model or config.get("base_model_name_or_path")
     if not base:
         raise UserError("the adapter does not record its base model; pass --base_model_name_or_path")
-    model = load_base_model(base, dtype=getattr(torch, dtype))
+    model = load_model(base, dtype=getattr(torch, dtype))
     try:
         model = load_adapter(model, adapter, token=token)
     except RuntimeError:  # load_state_dict: size mismatch
@@ -117,32 +118,3 @@ def merge_adapter(adapter: str, output_dir: str, base_model: str | None = None, 
             f"(tolerance {figures['tolerance']:g})" if figures else "; merge check skipped (--no_verify)")
     print(f"merged {adapter} into {base} ({dtype}) -> {output_dir}{note}")
     return output_dir
-
-
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> int:
-    parser = OneLineArgumentParser(prog="toolkit merge", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--adapter", required=True,
-                        help="adapter folder (recipes/lora.py or qlora.py output_dir) or Hub repo")
-    parser.add_argument("--output_dir", required=True, help="where to save the merged model folder")
-    parser.add_argument("--base_model_name_or_path", default=None,
-                        help="the base the adapter was trained on (default: the one recorded in adapter_config.json)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="dtype of the merge and of the saved weights (never quantized)")
-    parser.add_argument("--overwrite_output_dir", action="store_true")
-    parser.add_argument("--no_verify", action="store_true",
-                        help="skip comparing the merged logits with base + adapter before writing")
-    parser.add_argument("--push_to_hub", action="store_true", help="push the merged folder to --hub_model_id")
-    parser.add_argument("--hub_model_id", default=None)
-    parser.add_argument("--hub_private_repo", action="store_true")
-    parser.add_argument("--token", default=None, help="Hub token for a Hub adapter/base or the push (never printed)")
-    args = parser.parse_args(argv)
-    if args.push_to_hub and not args.hub_model_id:
-        raise UserError("--push_to_hub needs --hub_model_id user/name")
-    merge_adapter(args.adapter, args.output_dir, args.base_model_name_or_path, args.dtype, args.token,
-                  args.overwrite_output_dir, verify=not args.no_verify)
-    if args.push_to_hub:
-        from toolkit.hub import push_folder
-
-        push_folder(args.output_dir, args.hub_model_id, private=args.hub_private_repo, token=args.token)
-    return 0

@@ -5,16 +5,16 @@ can be overridden (`--n_layer 48 --n_head 16 --n_embd 1600`, or run_clm.py's
 `--config_overrides "n_embd=256,n_head=4"`).
 
 Vocabulary padding: the embedding/head is padded up to a multiple of 64 by default
-(`--pad_vocab_to_multiple_of`). nanoGPT measured ~25% faster GPU steps with 50304 instead of 50257
-because matmul tiles line up; the extra rows are never targets, so training pushes their logits down
-and generation never picks them. Set it to 1 to get the exact OpenAI shape (124,439,808 parameters).
+(`--pad_vocab_to_multiple_of`), so the head's matmul tiles line up on GPUs (nanoGPT's 50304 for 50257); the extra
+rows are never targets, so training pushes their logits down and generation never picks them. Set it to 1 to get
+the exact OpenAI shape (124,439,808 parameters).
 """
 
 from __future__ import annotations
 
 import math
 
-from toolkit.errors import OneLineArgumentParser, UserError, exit_on_user_error
+from toolkit.errors import UserError
 
 # n_positions is the context length the position table is built for; block_size <= n_positions.
 PRESETS: dict[str, dict[str, int]] = {
@@ -86,10 +86,10 @@ def validate_config(config, block_size: int | None = None, tokenizer_size: int |
         )
 
 
-# Peak learning rate by model width when the user gives none. Small widths: 3e-3 was the best gpt2-micro (128
-# wide) result at a fixed CPU budget (docs/benchmarks.md section 3), 1e-3 is nanoGPT's for its 384-wide "baby GPT";
-# GPT-2 sizes: GPT-3 paper table 2.1 values for the same widths (6e-4 at 768 ... 2e-4 at 1600). One value for all
-# widths would be too high for the large models or too low for the small ones.
+# Peak learning rate by model width when the user gives none: one value for all widths would be too high for the
+# large models or too low for the small ones. Up to 256 wide the best value at a fixed CPU budget (docs/benchmarks.md
+# section 3), 1e-3 nanoGPT's for its 384-wide "baby GPT", GPT-2's sizes the GPT-3 paper's (table 2.1) for the same
+# widths.
 LEARNING_RATE_BY_WIDTH = ((256, 3e-3), (512, 1e-3), (768, 6e-4), (1024, 3e-4), (1280, 2.5e-4))
 LARGEST_WIDTH_LEARNING_RATE = 2e-4
 
@@ -100,10 +100,9 @@ def default_learning_rate(n_embd: int) -> float:
 
 
 # The optimizer by model width when the user gives none: Muon (toolkit/muon.py) up to 256 wide (gpt2-nano,
-# gpt2-micro), where it beat AdamW at the same CPU time (docs/benchmarks.md section 3). At gpt2-mini (384 wide) its
-# Newton-Schulz iterations, a cost per matrix and not per token, doubled the CPU step at batch 8 x 128 and AdamW ended
-# ahead at the same time; AdamW for GPT-2's sizes until Muon is measured there on a GPU (the GPU acceptance kit).
-# recipes/onefile_train.py repeats this rule.
+# gpt2-micro), where it beats AdamW at the same CPU time; wider, its Newton-Schulz iterations, a cost per matrix and
+# not per token, outweigh its gain at CPU batch sizes (docs/benchmarks.md section 3), and GPT-2's sizes keep AdamW
+# until Muon is measured there on a GPU (the GPU acceptance kit). recipes/onefile_train.py repeats this rule.
 MUON_UP_TO_WIDTH = 256
 
 
@@ -112,9 +111,9 @@ def default_optimizer(n_embd: int) -> str:
 
 
 # LoRA's dropout on the adapted inputs when the user gives none: 0, peft's own default. Each adapted layer otherwise
-# draws a mask and keeps a dropped copy of its input: 2-15% of a CPU step and 7-25% of its anonymous memory at 124M
-# and 350M over two runs (docs/benchmarks.md section 4, lora+dropout), for a regularizer short fine-tunes rarely need
-# (--lora_dropout 0.05 or 0.1, the QLoRA paper's, for long runs on little data). `toolkit plan` assumes the same.
+# draws a mask and keeps a dropped copy of its input, a cost in time and memory (docs/benchmarks.md section 4,
+# lora+dropout) for a regularizer short fine-tunes rarely need (--lora_dropout 0.05 or 0.1, the QLoRA paper's, for
+# long runs on little data). `toolkit plan` assumes the same.
 LORA_DROPOUT = 0.0
 
 
@@ -132,9 +131,8 @@ def build_gpt2_config(
 
     fields: dict[str, object] = preset_fields(preset)  # no vocab_size: it comes from the tokenizer
     fields.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    # GPT-2's tanh-approximated GELU, computed by one fused kernel instead of transformers' 8-op "gelu_new"
-    # (same function to 5e-7); benchmarks/mfu_cpu.py at 124M on an idle 2-core CPU: 93.6% vs 89.3% MFU at 4x256,
-    # 83.1% vs 81.2% at 1x1024 (docs/benchmarks.md section 2; more on a loaded machine).
+    # GPT-2's tanh-approximated GELU, computed by one fused kernel instead of transformers' 8-op "gelu_new" (the same
+    # function to 5e-7, fewer passes over the activations: docs/benchmarks.md section 2).
     fields["activation_function"] = NEW_MODEL_ACTIVATION
     for key, value in (overrides or {}).items():
         if value is None:
@@ -162,23 +160,3 @@ def count_parameters(n_layer: int, n_embd: int, vocab_size: int, n_positions: in
     d = n_embd
     total = vocab_size * d + n_positions * d + n_layer * (12 * d * d + 13 * d) + 2 * d
     return total if tied else total + vocab_size * d
-
-
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> int:
-    from toolkit.args.parser import AT_LEAST_1, check_ranges
-
-    parser = OneLineArgumentParser(prog="toolkit presets", description="List the GPT-2 model presets.")
-    parser.add_argument("--vocab_size", type=int, default=GPT2_VOCAB_SIZE,
-                        help="tokenizer size (default: GPT-2's 50257)")
-    parser.add_argument("--pad_vocab_to_multiple_of", type=int, default=64,
-                        help="pad the embedding rows to a multiple of this (1 = the exact vocabulary)")
-    args = parser.parse_args(argv)
-    check_ranges(vars(args), {"vocab_size": AT_LEAST_1, "pad_vocab_to_multiple_of": AT_LEAST_1})
-    vocab = pad_vocab(args.vocab_size, args.pad_vocab_to_multiple_of)
-    print(f"{'preset':<12} {'n_layer':>7} {'n_head':>6} {'n_embd':>6} {'n_pos':>5} "
-          f"{'params (vocab ' + str(vocab) + ')':>24}")
-    for name, f in PRESETS.items():
-        n = count_parameters(f["n_layer"], f["n_embd"], vocab, f["n_positions"])
-        print(f"{name:<12} {f['n_layer']:>7} {f['n_head']:>6} {f['n_embd']:>6} {f['n_positions']:>5} {n:>24,}")
-    return 0

@@ -59,7 +59,7 @@ def test_lora_trains_on_gpu_and_the_adapter_reloads_with_the_same_logits(core_ru
     import torch
     from peft import PeftModel
 
-    from toolkit import lora
+    from toolkit import model_loading
 
     _job(core_runs, "lora")
     out = work / "lora"
@@ -72,7 +72,7 @@ def test_lora_trains_on_gpu_and_the_adapter_reloads_with_the_same_logits(core_ru
     assert results["eval_loss_after"] < results["eval_loss_before"] - SH.finetune_drop, results
     _peak_gpu_mb(results, "lora")
 
-    base = lora.load_base_model(str(work / "eager")).to(SH.device)
+    base = model_loading.load_model(str(work / "eager")).to(SH.device)
     before = _logits(base)
     reloaded = _as_trained(PeftModel.from_pretrained(base, out, autocast_adapter_dtype=False), setup)
     got, expected = _logits(reloaded), kit.probe_logits(out)
@@ -98,7 +98,7 @@ def test_qlora_uses_cuda_nf4_and_paged_adamw_and_the_adapter_reloads(core_runs, 
     import torch
     from peft import PeftModel, prepare_model_for_kbit_training
 
-    from toolkit import lora
+    from toolkit import lora, model_loading
     from toolkit.args.finetune import QuantizationArguments  # toolkit.lora names it for type checking only
 
     _job(core_runs, "qlora")
@@ -127,7 +127,7 @@ def test_qlora_uses_cuda_nf4_and_paged_adamw_and_the_adapter_reloads(core_runs, 
     # parameter in the dtype it had in training (trl casts some of a 4-bit model's modules to bf16). Same modules,
     # same dtypes, same kernels: the logits agree to a few bf16 roundings.
     q = QuantizationArguments()  # the recipe's defaults: NF4, double quantization
-    base = lora.load_quantized_base_model(
+    base = model_loading.load_quantized_model(
         str(work / "eager"), lora.bnb_config(q, torch.bfloat16), torch.bfloat16,
         device_map={"": 0 if SH.device == "cuda" else "cpu"},
     )
