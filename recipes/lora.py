@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import sys
 
-from toolkit.errors import exit_on_user_error
-from toolkit.fast_exit import exit_now
+from toolkit.errors import exit_now, exit_on_user_error
 
 
 @exit_on_user_error
@@ -36,6 +35,7 @@ def main(argv: list[str] | None = None, recipe: str = "lora") -> dict:
 
     if arguments.print_cached_help(recipe, argv):  # without importing transformers (seconds) when it is cached
         return {}
+    from toolkit import distributed
     from toolkit.args.finetune import (
         DataArguments,
         FinetuneConfig,
@@ -50,10 +50,11 @@ def main(argv: list[str] | None = None, recipe: str = "lora") -> dict:
         [ModelArguments, LoraArguments, QuantizationArguments, DataArguments, FinetuneConfig], argv,
         defaults=arguments.resolve_defaults(recipe), recipe=recipe)
     arguments.derive_settings(training_args)
+    distributed.setup(training_args)  # DDP or FSDP2 as the accelerate config says; a launch that is not one: refused
 
     from transformers import set_seed
 
-    from toolkit import cpu_allocator, distributed, finetune, lora, peer_failures, preflight
+    from toolkit import cpu_allocator, finetune, lora, model_loading, preflight
     from toolkit.sft_data import load_sft_datasets, sample_prompt
     from toolkit.tokenizer import load_tokenizer
 
@@ -72,15 +73,15 @@ def main(argv: list[str] | None = None, recipe: str = "lora") -> dict:
     if quantized:
         dtype = lora.compute_dtype(quant_args.bnb_4bit_compute_dtype)
         bnb = lora.bnb_config(quant_args, dtype, fsdp=distributed.fsdp_requested(training_args))
-        model = lora.load_quantized_base_model(
+        model = model_loading.load_quantized_model(
             model_args.model_name_or_path, bnb, dtype, device_map=lora.device_map_for_this_rank(),
             revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
             attn_implementation=model_args.attn_implementation)
         model = lora.prepare_quantized_model(model, training_args)
     else:
-        model = lora.load_base_model(model_args.model_name_or_path, revision=model_args.model_revision,
-                                     trust_remote_code=training_args.trust_remote_code,
-                                     attn_implementation=model_args.attn_implementation)
+        model = model_loading.load_model(model_args.model_name_or_path, revision=model_args.model_revision,
+                                         trust_remote_code=training_args.trust_remote_code,
+                                         attn_implementation=model_args.attn_implementation)
     # On CPU, once the base has loaded: training steps reuse their large tensors instead of faulting them in afresh
     # (toolkit/cpu_allocator.py; lora.py's default, qlora.py's with --cpu_keep_freed_memory true)
     note = cpu_allocator.for_training(training_args, fsdp=distributed.fsdp_requested(training_args))
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None, recipe: str = "lora") -> dict:
 
     # 5. eval before, train, eval after, a sample
     metrics = finetune.evaluate(trainer, "before")
-    with peer_failures.peer_failures_as_user_errors(trainer):  # a dead or hung rank: one line, not a traceback
+    with distributed.peer_failures_as_user_errors(trainer):  # a dead or hung rank: one line, not a traceback
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)  # SIGTERM: save, stop
     trainer.graceful_stop.exit_if_stopped(training_args)
     metrics.update(finetune.evaluate(trainer, "after"), train_loss=result.training_loss,
@@ -121,4 +122,4 @@ def main(argv: list[str] | None = None, recipe: str = "lora") -> dict:
 
 if __name__ == "__main__":
     main()
-    exit_now()  # skip the interpreter's slow teardown (toolkit/fast_exit.py)
+    exit_now()  # skip the interpreter's slow teardown (toolkit/errors.py)

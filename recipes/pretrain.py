@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import os
 
-from toolkit.errors import UserError, exit_on_user_error
-from toolkit.fast_exit import exit_now
+from toolkit.errors import UserError, exit_now, exit_on_user_error
 
 
 @exit_on_user_error
@@ -40,18 +39,17 @@ def main() -> None:
 
     if arguments.print_cached_help("pretrain"):  # without importing transformers (seconds) once it is cached
         return
-    from toolkit import distributed, peer_failures, preflight
+    from toolkit import distributed, preflight
     from toolkit.args.pretrain import DataArguments, ModelArguments, PretrainArguments
 
     # 1. Parse: YAML (--config) + command-line overrides over this machine's defaults (bf16 on GPUs that have it,
-    #    one gloo group for CPU ranks), every option's range checked. (On CPU ranks an FSDP accelerate config must be
-    #    turned into real FSDP2 before TrainingArguments sets up accelerate; a no-op everywhere else.)
-    distributed.enable_cpu_fsdp2()
+    #    one gloo group for CPU ranks), every option's range checked.
     model_args, data_args, training_args = arguments.parse([ModelArguments, DataArguments, PretrainArguments],
                                                            defaults=arguments.resolve_defaults("pretrain"),
                                                            recipe="pretrain")
     arguments.derive_settings(training_args)  # accumulation from --global_batch_size; the cosine's 10% floor
-    distributed.check_distributed_launch(training_args)
+    arguments.resolve_model_shape(model_args)  # shape flags without --preset: GPT-2's shape and vocabulary
+    distributed.setup(training_args)  # DDP or FSDP2 as the accelerate config says; a launch that is not one: refused
     preflight.pretrain(model_args, data_args, training_args)  # which tokenizer; fits the memory? (toolkit/plan)
     from toolkit import cpu_allocator
 
@@ -65,12 +63,13 @@ def main() -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, default_data_collator, set_seed
 
-    from toolkit import data, flops, presets
+    from toolkit import data, distributed_report, flops, presets
     from toolkit.callbacks import GracefulStopCallback, LossCurveCallback, plot_loss_curve
     from toolkit.guard import WithPosition
     from toolkit.lm_metrics import eval_bytes_per_token as eval_bytes_per_token_of
     from toolkit.model_card import write_pretrain_card
-    from toolkit.run_dir import check_resume_compatible, load_pretrained_model, prepare_output_dir
+    from toolkit.model_loading import load_model
+    from toolkit.run_dir import check_resume_compatible, export_full_model, prepare_output_dir
     from toolkit.token_store import TokenStore
     from toolkit.tokenizer import load_tokenizer, train_bpe_tokenizer
     from toolkit.trainer import PretrainTrainer
@@ -164,9 +163,9 @@ def main() -> None:
 
     # 5. Model: weights from the checkpoint, or GPT-2 initialisation from the seed.
     if model_args.model_name_or_path:
-        model = load_pretrained_model(model_args.model_name_or_path, config=config, dtype=torch.float32,
-                                      attn_implementation=model_args.attn_implementation,
-                                      trust_remote_code=model_args.trust_remote_code)
+        model = load_model(model_args.model_name_or_path, config=config, dtype=torch.float32,
+                           attn_implementation=model_args.attn_implementation,
+                           trust_remote_code=model_args.trust_remote_code)
     else:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                                  attn_implementation=model_args.attn_implementation)
@@ -204,7 +203,7 @@ def main() -> None:
         eval_dataset=eval_dataset,
         data_collator=default_data_collator,
         processing_class=tokenizer,
-        callbacks=[LossCurveCallback(), distributed.DistributedSetupCallback()],  # logs type, world size, sharding
+        callbacks=[LossCurveCallback(), distributed_report.DistributedSetupCallback()],  # type, world size, sharding
         flops_per_token=flops.flops_per_token_for(config, data_args.block_size),
         peak_flops=peak * training_args.world_size if peak else None,
         tokens_per_step=tokens_per_step,
@@ -224,7 +223,7 @@ def main() -> None:
     #    SIGINT/SIGTERM saves a checkpoint at the end of the current step and stops.
     stop = GracefulStopCallback(trainer.accelerator)
     trainer.add_callback(stop)
-    with peer_failures.peer_failures_as_user_errors(trainer):  # a dead or hung rank: one line, not a traceback
+    with distributed.peer_failures_as_user_errors(trainer):  # a dead or hung rank: one line, not a traceback
         trainer.train(resume_from_checkpoint=resume_from)
     stop.exit_if_stopped(training_args)
 
@@ -236,7 +235,7 @@ def main() -> None:
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
     trainer.save_state()
-    distributed.export_full_model(trainer, training_args.output_dir, tokenizer)
+    export_full_model(trainer, training_args.output_dir, tokenizer)
     if training_args.process_index == 0:
         if not evaluated_at_end:  # LossCurveCallback drew it when training ended, before this evaluation
             plot_loss_curve(trainer.state.log_history, os.path.join(training_args.output_dir, "loss_curve.png"))
@@ -273,4 +272,4 @@ def generate_sample(model_dir: str, prompt: str, max_new_tokens: int, seed: int)
 
 if __name__ == "__main__":
     main()
-    exit_now()  # skip the interpreter's slow teardown (toolkit/fast_exit.py)
+    exit_now()  # skip the interpreter's slow teardown (toolkit/errors.py)

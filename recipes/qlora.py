@@ -23,16 +23,21 @@ full-precision base with `toolkit merge` (never into the 4-bit one). Why and how
 
 from __future__ import annotations
 
-import runpy
-from pathlib import Path
+import os
+import sys
 
-_lora = runpy.run_path(str(Path(__file__).with_name("lora.py")))  # the recipe beside this file, whatever the cwd
+# lora.py, the recipe beside this file, whatever the cwd: Python puts this folder first on sys.path when the file runs
+# as a script (python, accelerate launch, torchrun); this line does the same when it is run in-process (runpy, tests).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lora import main as lora_main  # noqa: E402
+
+from toolkit.errors import exit_now  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return _lora["main"](argv, recipe="qlora")
+    return lora_main(argv, recipe="qlora")
 
 
 if __name__ == "__main__":
     main()
-    _lora["exit_now"]()  # skip the interpreter's slow teardown (toolkit/fast_exit.py)
+    exit_now()  # skip the interpreter's slow teardown (toolkit/errors.py)

@@ -59,11 +59,11 @@ def require_dev(module: str):
 
 @pytest.fixture(autouse=True)
 def _recipes_run_in_this_process_exit_through_sys_exit(monkeypatch):
-    """A recipe run here as __main__ (runpy) ends with toolkit.fast_exit.exit_now, whose os._exit would end pytest
+    """A recipe run here as __main__ (runpy) ends with toolkit.errors.exit_now, whose os._exit would end pytest
     itself, with status 0 and the remaining tests never run: in the test process it raises SystemExit instead."""
-    from toolkit import fast_exit
+    from toolkit import errors
 
-    monkeypatch.setattr(fast_exit, "exit_now", lambda code=0: sys.exit(code))
+    monkeypatch.setattr(errors, "exit_now", lambda code=0: sys.exit(code))
 
 
 def embedded_texts(limit: int | None = None) -> list[str]:

@@ -21,7 +21,8 @@ TINY_FINETUNE = ["--max_length", "32", "--per_device_train_batch_size", "2", "--
 
 def planned(model: str, task: str, memory: str, extra: list[str] | None = None) -> dict:
     """`toolkit plan --json` for the same run on CPU (its recommendation and its table)."""
-    from toolkit.plan import build_parser, make_plan, setup_from_args, to_json
+    from toolkit.commands.plan import build_parser
+    from toolkit.plan import make_plan, setup_from_args, to_json
 
     args = build_parser().parse_args(["--model", model, "--task", task, "--device", "cpu", "--num_devices", "1",
                                       "--device_memory", memory, "--no_flops_benchmark", *(extra or [])])
@@ -32,7 +33,8 @@ def planned(model: str, task: str, memory: str, extra: list[str] | None = None) 
 
 
 def test_shape_flags_without_a_preset_build_gpt2_15b_as_toolkit_plan_counts_it(tmp_path, capsys):
-    from toolkit import plan, preflight, presets
+    from toolkit import preflight, presets
+    from toolkit.commands import plan as plan_command
 
     model, _, _ = parse("pretrain", ["--n-layer", "48", "--n-head", "16", "--n-embd", "1600",
                                      "--output_dir", str(tmp_path)])
@@ -42,7 +44,7 @@ def test_shape_flags_without_a_preset_build_gpt2_15b_as_toolkit_plan_counts_it(t
     overrides.update(n_layer=model.n_layer, n_head=model.n_head, n_embd=model.n_embd)
     config = presets.build_gpt2_config(model.preset, 3000, overrides, model.pad_vocab_to_multiple_of)
     built = presets.count_parameters(config.n_layer, config.n_embd, config.vocab_size, config.n_positions)
-    assert plan.main(["--n_layer", "48", "--n_head", "16", "--n_embd", "1600", "--device", "cpu",
+    assert plan_command.main(["--n_layer", "48", "--n_head", "16", "--n_embd", "1600", "--device", "cpu",
                       "--no_flops_benchmark", "--json"]) == 0
     planned_count = json.loads(capsys.readouterr().out)["model"]["n_params"]
     assert built == planned_count == preflight.pretrain_shape(model).n_params
@@ -243,8 +245,8 @@ def test_an_adapter_trained_on_a_local_base_loads_from_the_hub_on_its_pushed_bas
                    "someone/tiny-base"]
     script = f"""
 import runpy, sys, torch
-from toolkit import fast_exit
-fast_exit.exit_now = lambda code=0: None  # the script goes on after the recipe (its os._exit would end it here)
+from toolkit import errors
+errors.exit_now = lambda code=0: None  # the script goes on after the recipe (its os._exit would end it here)
 from toolkit.cli import main
 assert main(["push", {str(tiny_model_dir)!r}, "someone/tiny-base"]) == 0
 sys.argv = ["recipes/lora.py", *{recipe_argv!r}]

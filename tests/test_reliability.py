@@ -169,7 +169,7 @@ def test_a_resume_with_another_global_batch_is_refused_by_name(tmp_path):
     from transformers import TrainingArguments
 
     from toolkit.args.pretrain import PretrainArguments
-    from toolkit.distributed import BATCH_RECORD
+    from toolkit.distributed_report import BATCH_RECORD
     from toolkit.errors import UserError
     from toolkit.run_dir import check_resume_batch
 

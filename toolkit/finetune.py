@@ -19,13 +19,12 @@ from toolkit.errors import UserError
 def check_args(model_args, args) -> str | None:
     """Fail before any work: no/missing base, finished output_dir, bad push target. Returns the repo to push to.
     With no --model_name_or_path, picks the default base (toolkit.lora.default_base_model) and says which."""
-    from toolkit.lora import check_base_model, default_base_model
-    from toolkit.peer_failures import apply_ddp_timeout
+    from toolkit.lora import default_base_model
+    from toolkit.model_loading import check_model_source
 
-    apply_ddp_timeout(args)  # --ddp_timeout for CPU (gloo) process groups too
     if not model_args.model_name_or_path:
         model_args.model_name_or_path = default_base_model()
-    check_base_model(model_args.model_name_or_path)
+    check_model_source(model_args.model_name_or_path)
     check_output_dir(args)
     return args.hub_model_id if check_push_args(args) else None
 
@@ -53,7 +52,7 @@ def make_trainer(**kwargs):
     from trl import SFTTrainer
 
     from toolkit.callbacks import GracefulStopCallback
-    from toolkit.distributed import DistributedSetupCallback
+    from toolkit.distributed_report import DistributedSetupCallback
     from toolkit.guard import TrainingGuard
     from toolkit.trainer import CausalLMLoss, CrashSafeCheckpoints, mark_causal_lm_loss
 
@@ -134,11 +133,10 @@ def keep_ddp_for_training(trainer) -> None:
     """After an evaluation before `train()`, let `train()` wrap the model in DDP again.
 
     `Trainer.evaluate()` outside training runs accelerate's `prepare_model(model, evaluation_mode=True)`, which
-    marks the model `_is_accelerate_prepared` (accelerate/accelerator.py, end of prepare_model); `train()` then
-    takes the model as prepared and never wraps it in DistributedDataParallel. Under several processes every rank
-    trained its own adapter on its own shard, gradients never averaged, and rank 0's adapter was saved (measured:
-    rank 0's step-1 gradient norm equal to a one-process run on its 4 rows alone). Forgetting the mark restores
-    the normal DDP training; FSDP and DeepSpeed prepare fully in evaluate() and are left alone.
+    marks the model `_is_accelerate_prepared`; `train()` then takes the model as prepared and never wraps it in
+    DistributedDataParallel, so under several processes every rank would train its own adapter on its own shard,
+    gradients never averaged, and only rank 0's adapter would be saved. Forgetting the mark restores the normal DDP
+    training; FSDP and DeepSpeed prepare fully in evaluate() and are left alone.
     """
     model = trainer.model
     if (trainer.args.world_size == 1 or trainer.is_in_train or trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled

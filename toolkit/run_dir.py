@@ -1,4 +1,5 @@
-"""The output folder of a run: never overwrite a previous run unless asked, and find checkpoints to resume.
+"""The output folder of a run: never overwrite a previous run unless asked, find checkpoints to resume, and write the
+final model as one normal save_pretrained folder whatever the launch (`export_full_model`).
 
 Resuming (`--resume_from_checkpoint auto` or a path) takes a checkpoint only when its files are whole: the newest
 one can still be broken although checkpoints are renamed into place only once written (toolkit/trainer.py), e.g.
@@ -188,10 +189,11 @@ def check_resume_batch(checkpoint: str, training_args) -> None:
     sequences at every step, whatever the split (per-device batch x processes x accumulation), and the run goes on
     as it would have. Another global batch would skip the wrong amount of data and change what a step means for
     the learning-rate schedule: refused, naming the settings that restore it. The checkpoint's batch is the one
-    `toolkit.distributed.DistributedSetupCallback` recorded in trainer_state.json; older checkpoints have no record
-    and are not checked.
+    `toolkit.distributed_report.DistributedSetupCallback` recorded in trainer_state.json; older checkpoints have no
+    record and are not checked.
     """
-    from toolkit.distributed import BATCH_RECORD, batch_geometry, fsdp_requested
+    from toolkit.distributed import fsdp_requested
+    from toolkit.distributed_report import BATCH_RECORD, batch_geometry
 
     sharded = any(name.startswith("pytorch_model_fsdp") for name in os.listdir(checkpoint))
     if sharded and not fsdp_requested(training_args):
@@ -226,19 +228,39 @@ def check_resume_batch(checkpoint: str, training_args) -> None:
               "schedule")
 
 
-def load_pretrained_model(name_or_path: str, **kwargs):
-    """AutoModelForCausalLM.from_pretrained with one-line errors for a missing or corrupt checkpoint."""
-    from transformers import AutoModelForCausalLM
+def export_full_model(trainer, output_dir: str, tokenizer=None) -> None:
+    """Write a plain `save_pretrained` folder (safetensors, config, tokenizer) that loads without FSDP.
 
-    from toolkit.sources import is_local_path
+    Call on every rank: under FSDP2 gathering the shards is a collective. Works the same for 1 process, DDP and
+    FSDP1/2, whatever `fsdp_state_dict_type` says. Why not `trainer.save_model`: with SHARDED_STATE_DICT (what we
+    use for fast sharded checkpoints) it writes nothing (the Trainer saves a model under FSDP only for
+    FULL_STATE_DICT).
+      * `accelerator.get_state_dict` gathers: for FSDP2 it is torch.distributed.checkpoint's
+        `get_model_state_dict(full_state_dict=True, cpu_offload=True)`: full
+        CPU tensors on rank 0, an empty dict elsewhere; for DDP / one process it is the plain state dict.
+      * The gathered `lm_head.weight` and `transformer.wte.weight` are two separate tensors, so `save_pretrained`
+        (which drops tied duplicates by storage pointer) would store the matrix
+        twice. We check they are equal - a tied weight that diverged under sharding (accelerate#3870) fails loudly
+        here - and point the tied name at its source, so the file holds one copy like any GPT-2 checkpoint.
+    """
+    import torch
 
-    if is_local_path(name_or_path) and not os.path.isdir(name_or_path):
-        raise UserError(f"model folder '{name_or_path}' does not exist; pass a save_pretrained folder or a Hub "
-                        "model name")
-    try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    except Exception as err:  # OSError, SafetensorError, size mismatches...: all mean "not a usable checkpoint"
-        text = str(err).strip()
-        first = f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
-        raise UserError(f"could not load model '{name_or_path}' ({first}); check that it is a complete "
-                        "save_pretrained folder (config.json + model.safetensors) or a reachable Hub name") from None
+    accelerator = trainer.accelerator
+    state_dict = accelerator.get_state_dict(trainer.model)
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(trainer.model)
+        for tied, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+            if tied in state_dict and source in state_dict:
+                if not torch.equal(state_dict[tied], state_dict[source]):
+                    raise RuntimeError(
+                        f"tied weights {tied} and {source} differ after training (max abs diff "
+                        f"{(state_dict[tied] - state_dict[source]).abs().max().item():.3g}): the sharded update broke "
+                        "the tie; not exporting a model that would reload differently"
+                    )
+                state_dict[tied] = state_dict[source]
+        # save_pretrained names the architecture without FSDP2's "FSDP" class prefix
+        model.save_pretrained(output_dir, state_dict=state_dict)
+        tokenizer = tokenizer if tokenizer is not None else trainer.processing_class
+        if tokenizer is not None:
+            tokenizer.save_pretrained(output_dir)
+    accelerator.wait_for_everyone()

@@ -28,7 +28,7 @@ PHASES = {
         "PretrainTrainer.evaluate",
         "PretrainTrainer._save_checkpoint",
     ],
-    "toolkit.distributed": ["export_full_model"],
+    "toolkit.run_dir": ["export_full_model"],
     "toolkit.callbacks": ["plot_loss_curve"],
     "toolkit.inference": ["load_for_inference"],
     "toolkit.generate": ["continuation"],
