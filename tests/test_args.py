@@ -35,6 +35,8 @@ def parse(recipe: str, argv: list[str]):
         types = [ModelArguments, LoraArguments, QuantizationArguments, DataArguments, FinetuneConfig]
     parsed = args.parse(types, argv, defaults=args.resolve_defaults(recipe))
     args.derive_settings(parsed[-1])
+    if recipe == "pretrain":
+        args.resolve_model_shape(parsed[0])
     return parsed
 
 

@@ -21,6 +21,7 @@ def _parse(argv):
     model_args, data_args, training_args = args.parse([ModelArguments, DataArguments, PretrainArguments], argv,
                                                       defaults=args.resolve_defaults("pretrain"))
     args.derive_settings(training_args)
+    args.resolve_model_shape(model_args)
     return model_args, data_args, training_args
 
 

@@ -284,10 +284,12 @@ def test_a_store_larger_than_the_memory_it_may_use_trains_in_flat_memory(tmp_pat
 def test_shape_flags_mean_gpt2_as_in_pretrain(onefile):
     """The guide's `--n-layer 48 --n-head 16 --n-embd 1600` is GPT-2 1.5B in both recipes: GPT-2's positions and
     vocabulary; without shape flags both keep the CPU-sized default."""
+    from toolkit.args import resolve_model_shape
     from toolkit.args.pretrain import ModelArguments
 
     for argv, kwargs in ((["--n-layer", "48", "--n-head", "16", "--n-embd", "1600"],
                           dict(n_layer=48, n_head=16, n_embd=1600)), ([], {})):
         ours, theirs = onefile.parse_args(argv), ModelArguments(**kwargs)
+        resolve_model_shape(theirs)  # as pretrain.py does after parsing
         assert (ours.preset, ours.vocab_size) == (theirs.preset, theirs.vocab_size)
     assert onefile.parse_args(["--n_layer", "48"]).n_positions == 1024

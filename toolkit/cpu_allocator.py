@@ -1,22 +1,22 @@
 """glibc malloc settings on CPU: keep freed memory for the next training step (pretrain.py, lora.py), or hand it
-back at once while a 4-bit model loads (the QLoRA loader, toolkit/lora.py).
+back at once while a 4-bit model loads (the QLoRA loader, toolkit/model_loading.py).
 
 Why by hand: on CPU, PyTorch allocates every tensor with plain malloc and frees it with free (there is no caching
 allocator like CUDA's), and neither torch, accelerate nor transformers exposes glibc's knobs. By default glibc
 serves each block of 32 MiB or more (the logits and their gradient, large activations) with a fresh mmap and
 unmaps it when freed, and gives the top of its heap back to the OS once more than its trim threshold is free. A
 training step frees and reallocates the same large blocks every time, so each step faults its biggest tensors in
-again, 4 KiB page by page, and the kernel zeroes every page (measured, docs/benchmarks.md findings: 4.2 million
-page faults in 150 steps of the default job, and 20-30% of its time).
+again, 4 KiB page by page, and the kernel zeroes every page: millions of page faults and a large share of a small
+model's step (docs/benchmarks.md, findings of 2026-11-25).
 
 `keep_freed_memory()` turns off mmap for large blocks (M_MMAP_MAX = 0) and heap trimming (M_TRIM_THRESHOLD = -1;
 both documented in `man mallopt`), so freed blocks stay in the heap and the next step reuses them. The price is
 memory: the resident set stays at the heap's high-water mark, and large blocks can leave holes the heap grows
-around (measured: +3% peak RSS for the default job, +22% at 124M).
+around (the peak RSS it adds: docs/benchmarks.md, same findings).
 
 recipes/pretrain.py and recipes/lora.py (qlora.py only when asked: memory first) apply it on CPU unless the run
 uses FSDP (`for_training`): there the per-step all-gather buffers leave holes that cost more than sharding
-saves (measured: FSDP2 x2 ranks used more RSS per rank than DDP).
+saves (docs/benchmarks.md, distributed on CPU).
 
 A user who set the allocator through the environment (MALLOC_*_ variables, GLIBC_TUNABLES with malloc settings,
 or another malloc through LD_PRELOAD) keeps their choice.

@@ -83,8 +83,9 @@ def peak_flops(device: str = "auto") -> tuple[float | None, str]:
 
 @functools.lru_cache(maxsize=None)
 def cpu_bf16_speedup(size: int = 256) -> float:
-    """bf16 / fp32 matmul throughput on this CPU (>1: bf16 pays off). Measured, because CPU flags lie:
-    a VM here reports avx512_bf16 and oneDNN says bf16 is supported, yet bf16 matmul runs ~100x slower."""
+    """bf16 / fp32 matmul throughput on this CPU (>1: bf16 pays off). Measured, because CPU flags lie: a CPU can
+    report avx512_bf16, and oneDNN call bf16 supported, while its bf16 matmuls run many times slower than fp32
+    (docs/benchmarks.md, figures behind code comments)."""
     import torch
 
     def rate(dtype) -> float:

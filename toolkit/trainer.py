@@ -85,8 +85,8 @@ class CausalLMLoss:
     The last position of a block has no next token, so its logits are never used: project only the first T-1
     positions onto the vocabulary and give the loss the already-shifted targets (transformers' own `logits_to_keep`
     and `shift_labels`). Saves 1/T of the LM head and of the loss, and keeps the default pretraining shape's logits
-    (16 x 127 x 4096 fp32) below 32 MiB, where glibc stops reusing freed memory and maps and faults in fresh pages on
-    every step (benchmarks section 1b). Same loss: the mean over the targets that are not -100.
+    below 32 MiB, where glibc stops reusing freed memory and maps and faults in fresh pages on every step
+    (docs/benchmarks.md section 1b). Same loss: the mean over the targets that are not -100.
 
     Used by PretrainTrainer and by the fine-tuning recipes' trainer, where it replaces trl's fused LM head unless
     --token_metrics asks for that head's entropy and top-1 accuracy (docs/benchmarks.md, fine-tuning step cost).
@@ -143,8 +143,8 @@ class PretrainTrainer(TrainingGuard, CausalLMLoss, CrashSafeCheckpoints, Trainer
         self._window_start, self._window_step, self._eval_seconds = time.perf_counter(), self.state.global_step, 0.0
 
     def get_eval_dataloader(self, eval_dataset=None):
-        # dataloader_drop_last keeps training batches a fixed shape; evaluation must still see every
-        # validation block (with drop_last, 47 blocks at batch 32 were evaluated as 32, or as none under DDP).
+        # dataloader_drop_last keeps training batches a fixed shape; evaluation must still see every validation
+        # block, the last partial batch too (a rank whose share is smaller than a batch would otherwise score none).
         drop_last, self.args.dataloader_drop_last = self.args.dataloader_drop_last, False
         try:
             return super().get_eval_dataloader(eval_dataset)

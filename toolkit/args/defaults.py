@@ -1,8 +1,8 @@
 """Defaults that depend on the machine or on other options, resolved by calls a reader of the recipe sees.
 
 `resolve_defaults(recipe)` runs before parsing (its values sit under the YAML and the command line, so a user
-can still override each one); `derive_settings(training_args)` runs after it, for settings computed from
-other options.
+can still override each one); `derive_settings(training_args)` and, for pretraining, `resolve_model_shape(model_args)`
+run after it, for settings computed from other options.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ RECIPES = ("pretrain", "lora", "qlora")
 def resolve_defaults(recipe: str) -> dict:
     """This recipe's defaults on this machine.
 
-    - bf16 mixed precision on GPUs that support it; fp32 on CPU (bf16 matmuls are ~20x slower on CPUs
-      without native bf16: docs/benchmarks.md).
+    - bf16 mixed precision on GPUs that support it; fp32 on CPU (bf16 matmuls are many times slower on CPUs
+      without native bf16: docs/benchmarks.md, figures behind code comments).
     - Several ranks on a machine without GPUs join one gloo process group (`use_cpu`); without it accelerate
       would start N independent copies that each train as rank 0.
     - Fine-tuning: activation checkpointing on with CUDA, and for QLoRA everywhere (memory is QLoRA's point, as in
@@ -68,3 +68,29 @@ def derive_settings(training_args) -> None:
         training_args.gradient_accumulation_steps = global_batch // per_step
     if training_args.lr_scheduler_type == "cosine_with_min_lr" and not training_args.lr_scheduler_kwargs:
         training_args.lr_scheduler_kwargs = {"min_lr_rate": 0.1}
+
+
+def resolve_model_shape(model_args) -> None:
+    """pretrain.py's model when --preset is not given, and its vocabulary when neither --vocab_size nor
+    --tokenizer_name is.
+
+    The guide's `--n-layer 48 --n-head 16 --n-embd 1600` means GPT-2 1.5B: shape flags without a preset, training from
+    scratch, start from GPT-2's own shape (1,024 positions) and its 50,257-token vocabulary, kept as the model's rows
+    even when a BPE trained on little text has fewer tokens (`gpt2_shape` records the choice). Otherwise the default
+    is the CPU-sized preset with a 4,096-token BPE.
+    """
+    from toolkit.args.pretrain import DEFAULT_BPE_VOCAB, DEFAULT_PRESET, GPT2_SHAPE_PRESET
+    from toolkit.presets import GPT2_VOCAB_SIZE
+
+    shape_flags = any(v is not None for v in (model_args.n_layer, model_args.n_head, model_args.n_embd))
+    from_scratch = not (model_args.model_name_or_path or model_args.config_name)
+    model_args.gpt2_shape = model_args.preset is None and shape_flags and from_scratch
+    if model_args.preset is None:
+        model_args.preset = GPT2_SHAPE_PRESET if model_args.gpt2_shape else DEFAULT_PRESET
+    vocabulary_given = model_args.vocab_size is not None or model_args.tokenizer_name is not None
+    if model_args.vocab_size is None:
+        model_args.vocab_size = GPT2_VOCAB_SIZE if model_args.gpt2_shape else DEFAULT_BPE_VOCAB
+    if model_args.gpt2_shape and not vocabulary_given:
+        floor = f"vocab_size={GPT2_VOCAB_SIZE}"
+        given = model_args.config_overrides
+        model_args.config_overrides = f"{given},{floor}" if given else floor

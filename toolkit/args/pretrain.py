@@ -1,8 +1,8 @@
 """The options of recipes/pretrain.py (and of recipes/onefile_train.py, which mirrors them).
 
 Flag names follow transformers' run_clm.py where one exists. Defaults that depend on the machine (bf16 on GPUs)
-come from `toolkit.args.resolve_defaults`, settings derived from other options from `derive_settings`: the
-recipe calls both where a reader sees them.
+come from `toolkit.args.resolve_defaults`, settings derived from other options from `derive_settings` and the
+model's shape and vocabulary left unset from `resolve_model_shape`: the recipe calls them where a reader sees them.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from typing import Optional
 from transformers import TrainingArguments
 
 from toolkit.args import guard as guard_options
-from toolkit.presets import GPT2_VOCAB_SIZE
 
-DEFAULT_OUTPUT_DIR = "out/pretrain"
+DEFAULT_OUTPUT_DIR = "out/pretrain"  # the main job's output; lora.py / qlora.py fine-tune it when given no base
 DEFAULT_PRESET = "gpt2-micro"  # minutes on a CPU
 GPT2_SHAPE_PRESET = "gpt2"  # what shape flags without --preset start from
 DEFAULT_BPE_VOCAB = 4096  # the trained BPE's size for the CPU presets (docs/benchmarks.md section 3)
-MUON = "muon"  # the main job's output; lora.py / qlora.py fine-tune it when given no base
+MUON = "muon"
+
 
 @dataclass
 class ModelArguments:
@@ -72,22 +72,8 @@ class ModelArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow code from the Hub to run (off by default)."}
     )
-    gpt2_shape: bool = field(default=False, init=False, metadata={"help": "Set when shape flags chose GPT-2."})
-
-    def __post_init__(self):
-        # The guide's `--n-layer 48 --n-head 16 --n-embd 1600` means GPT-2 1.5B: shape flags without a preset start
-        # from GPT-2's own shape (1,024 positions, its vocabulary), not from the CPU-sized default.
-        shape_flags = any(v is not None for v in (self.n_layer, self.n_head, self.n_embd))
-        from_scratch = not (self.model_name_or_path or self.config_name)
-        self.gpt2_shape = self.preset is None and shape_flags and from_scratch
-        if self.preset is None:
-            self.preset = GPT2_SHAPE_PRESET if self.gpt2_shape else DEFAULT_PRESET
-        vocabulary_given = self.vocab_size is not None or self.tokenizer_name is not None
-        if self.vocab_size is None:
-            self.vocab_size = GPT2_VOCAB_SIZE if self.gpt2_shape else DEFAULT_BPE_VOCAB
-        if self.gpt2_shape and not vocabulary_given:  # GPT-2's rows even when a BPE trained on little text has fewer
-            floor = f"vocab_size={GPT2_VOCAB_SIZE}"
-            self.config_overrides = f"{self.config_overrides},{floor}" if self.config_overrides else floor
+    gpt2_shape: bool = field(default=False, init=False,
+                             metadata={"help": "Set when shape flags chose GPT-2 (toolkit.args.resolve_model_shape)."})
 
 
 @dataclass
