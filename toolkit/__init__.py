@@ -1,10 +1,11 @@
 """gpt2-toolkit: the library shared by the recipes in `recipes/`.
 
 Each module owns one concern:
-  args       - every recipe's options: dataclasses, the one parser (YAML + overrides + range checks), defaults
-  errors     - UserError, the one-line-error entry wrapper and argparse for every recipe and command
+  args       - every recipe's options: dataclasses, the one parser (YAML + overrides), the valid range of every
+               numeric option of every recipe and command (args/ranges.py), defaults
+  errors     - how a recipe or command ends: UserError as one line (entry wrapper, argparse), exit_now when done
   sources    - local path or Hub name; which reader a data file needs
-  presets    - GPT-2 model presets, config overrides and validation
+  presets    - GPT-2 model presets, config overrides and validation, default learning rate and optimizer by width
   tokenizer  - load a tokenizer, or train a byte-level BPE on the training text
   corpus     - read a corpus in batches (text/jsonl/json/parquet/csv files or folders, Hub datasets)
   tokenize_pool - batched tokenization in worker processes, results in order
@@ -14,27 +15,30 @@ Each module owns one concern:
   data       - the training data of pretrain.py: a store (given or cached), blocks by index, streaming
   flops      - FLOPs per token, peak FLOP rates, MFU
   muon       - `--optim muon`: Muon for the hidden matrices + AdamW for the rest, one optimizer
-  run_dir    - output-folder safety (never overwrite a run), resume resolution, safe model loading
+  run_dir    - output-folder safety (never overwrite a run), resume resolution, the final save_pretrained folder
   trainer    - PretrainTrainer (tokens/s, MFU, bits per byte), crash-safe checkpoints, the causal-LM loss
   callbacks  - Trainer callbacks: loss-curve plot, save-and-stop on SIGINT/SIGTERM
-  distributed- real FSDP2 on CPU ranks, launch checks, setup report, full-model export
-  peer_failures - --ddp_timeout on every backend; a dead or hung rank is one line on the others
+  distributed - how a recipe runs DDP or FSDP2 (setup(): real FSDP2 on CPU ranks, launch checks, --ddp_timeout),
+               a dead or hung rank as one line on the others
+  distributed_report - what a prepared run is (type, world size, sharding) and the batch split checkpoints record
   cpu_allocator - glibc malloc settings for CPU training steps
   finetune   - the steps of recipes/lora.py (and qlora.py): checks, trainer, eval, sample, save, push
-  lora       - LoRA targets/config for GPT-2's Conv1D layers, 4-bit/8-bit loading
+  lora       - LoRA targets/config for GPT-2's Conv1D layers, the default base, 4-bit/8-bit settings
+  model_loading - loading a model (full precision, or 4/8-bit while it loads) with one-line errors
   sft_data   - fine-tuning data formats (text, prompt/completion, chat) and GPT-2's chat template
   model_card - the model cards (README.md) of adapters and of pretrained models
-  merge      - `toolkit merge`: adapter + full-precision base -> model folder
+  merge      - adapter + full-precision base -> model folder, checked against base + adapter
   inference  - load a model (+ adapter) to generate from or evaluate, bf16 on GPU, fp32 on CPU
-  generate   - `toolkit generate`: streamed sampling from a model or adapter
+  generate   - sampling from a loaded model: the recipes' closing sample, streamed samples
   lm_metrics - perplexity and bits per byte (tokenizer-independent loss) and the byte counts behind it
-  evaluation - `toolkit eval`: loss, perplexity, bits per byte over any text, in streamed windows
+  evaluation - loss, perplexity, bits per byte over any text, in streamed windows
   text_stream - text to evaluate as token id arrays: read in pieces, tokenized on a background thread
   lm_eval_tasks - lm-evaluation-harness benchmarks on a loaded model (toolkit eval --tasks, pretrain --eval_tasks)
   third_party - what the libraries underneath may fetch or print: Hub kernels from the cache, no foreign noise
-  hub        - `toolkit push` and the pre-training push checks
-  plan       - `toolkit plan`: memory per device, recipe and command
-  cli        - the `toolkit` console command and its subcommands
+  hub        - pushing a folder to the Hub, its checks, and the pre-training push checks
+  plan       - the planner: memory per device, recipe and command
+  commands   - the `toolkit` subcommands, one module each: options and main(argv) over the modules above
+  cli        - the `toolkit` console command: which module runs each subcommand
 """
 
 __version__ = "0.1.0"
