@@ -430,7 +430,7 @@ def main(argv=None):
 
     # ---- Optimizer: AdamW, weight decay on the matrices only (p.dim() >= 2: the set transformers'
     # get_decay_parameter_names picks by name); with Muon, the blocks' matrices move with Muon (listed first).
-    params = [p for p in raw_model.parameters() if p.requires_grad]  # the tied head appears once
+    params = [p for p in raw_model.parameters() if p.requires_grad]  # wte, also the head, appears once
     if args.learning_rate is None:  # wider models need a smaller step (see LEARNING_RATE_BY_WIDTH)
         args.learning_rate = next(lr for width, lr in LEARNING_RATE_BY_WIDTH if cfg["n_embd"] <= width)
     if args.optim == "auto":
