@@ -320,6 +320,16 @@ def test_streaming_packs_batches_like_the_store(tmp_path, tok):
     everything, _ = expected_streams(docs, tok, every=0)
     blocks = [b["input_ids"].tolist() for b in StreamingBlocks(stream, tok, 32, rows_per_batch=16, skip=3, take=50)]
     assert blocks == [everything[i * 32:(i + 1) * 32] for i in range(3, 53)]
+    # pretrain.py --streaming --dataset_name FOLDER: the same stream; its first blocks are the evaluation set
+    from types import SimpleNamespace
+
+    from toolkit.data.blocks import streaming_datasets
+
+    data_args = SimpleNamespace(dataset_name=str(tmp_path / "parquet"), dataset_config_name=None, block_size=32,
+                                text_column="text", streaming_eval_blocks=4)
+    train, evaluation = streaming_datasets(data_args, tok)
+    assert [b["input_ids"].tolist() for b in evaluation] == [everything[i * 32:(i + 1) * 32] for i in range(4)]
+    assert next(iter(train))["input_ids"].tolist() == everything[4 * 32:5 * 32]
 
 
 def test_dataset_source_streams_into_the_same_store(tmp_path, tok):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from toolkit.data.corpus import pack_documents
+from toolkit.data.corpus import Corpus, pack_documents
 from toolkit.data.files import null_rows_message
 from toolkit.data.store import TokenStore, TokenStream
 from toolkit.errors import UserError
@@ -93,16 +93,8 @@ class StreamingBlocks(torch.utils.data.IterableDataset):
 
 def streaming_datasets(data_args, tokenizer) -> tuple[StreamingBlocks, StreamingBlocks]:
     """(train, eval) IterableDatasets from a streaming dataset; eval = the first blocks of the stream."""
-    import datasets
-
-    try:
-        stream = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, split="train",
-                                       streaming=True)
-    except Exception as err:  # noqa: BLE001 - the Hub client raises many types; the user needs the name and the fix
-        raise UserError(
-            f"could not stream dataset '{data_args.dataset_name}' ({type(err).__name__}); "
-            "check the name and your connection"
-        ) from None
+    stream = Corpus.from_dataset(data_args.dataset_name, data_args.dataset_config_name, "train",
+                                 data_args.text_column, streaming=True).dataset()
     n_eval = data_args.streaming_eval_blocks
     args = (stream, tokenizer, data_args.block_size, data_args.text_column)
     return StreamingBlocks(*args, skip=n_eval), StreamingBlocks(*args, take=n_eval)

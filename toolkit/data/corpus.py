@@ -106,7 +106,7 @@ class Corpus:
             for text in embedded_documents():
                 h.update(text.encode("utf-8", "surrogatepass"))
         elif not self.streaming:
-            h.update(str(getattr(self._load_dataset(), "_fingerprint", "")).encode())
+            h.update(str(getattr(self.dataset(), "_fingerprint", "")).encode())
         return h.hexdigest()[:24]
 
     def progress_total(self) -> tuple[float | None, str]:
@@ -115,7 +115,7 @@ class Corpus:
             return float(sum(os.path.getsize(f) for f in self.files)), "B"
         if self.kind == "embedded":
             return float(len(embedded_documents())), "doc"
-        ds = self._load_dataset()
+        ds = self.dataset()
         if not self.streaming:
             return float(len(ds)), "doc"
         splits = getattr(ds.info, "splits", None) or {}
@@ -190,7 +190,8 @@ class Corpus:
                         yield texts, done + fraction * size
                 done += size
 
-    def _load_dataset(self):
+    def dataset(self):
+        """The datasets Dataset (IterableDataset when streaming) of this split, its text column only; loaded once."""
         import datasets
 
         if getattr(self, "_dataset", None) is None:
@@ -213,7 +214,7 @@ class Corpus:
         return self._dataset
 
     def _dataset_chunks(self, skip: int):
-        ds = self._load_dataset()
+        ds = self.dataset()
         if skip:  # a stream is re-read (not re-tokenized) up to where the last run stopped
             ds = ds.skip(skip) if self.streaming else ds.select(range(skip, len(ds)))
         done = float(skip)
