@@ -167,8 +167,8 @@ class _Args:
 
 
 def _cached(docs, tok, tmp_path, **kw):
-    from toolkit import data
-    from toolkit.corpus import Corpus
+    from toolkit.data import pretrain as data
+    from toolkit.data.corpus import Corpus
 
     path = tmp_path / "docs.jsonl"  # written once: the cache key follows the file's size and modification time
     if not path.exists():
@@ -178,7 +178,7 @@ def _cached(docs, tok, tmp_path, **kw):
 
 
 def test_packing_puts_eos_after_every_document_and_makes_full_blocks(tmp_path, tiny_tokenizer_dir):
-    from toolkit import data
+    from toolkit.data import blocks as data
     from toolkit.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(tiny_tokenizer_dir))
@@ -200,7 +200,7 @@ def test_packing_puts_eos_after_every_document_and_makes_full_blocks(tmp_path, t
 
 
 def test_prepared_data_is_cached(tmp_path, tiny_tokenizer_dir, monkeypatch):
-    from toolkit import prepare
+    from toolkit.data import prepare
     from toolkit.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(tiny_tokenizer_dir))
@@ -216,7 +216,7 @@ def test_prepared_data_is_cached(tmp_path, tiny_tokenizer_dir, monkeypatch):
 
 
 def test_data_smaller_than_a_block_is_a_user_error(tmp_path, tiny_tokenizer_dir):
-    from toolkit import data
+    from toolkit.data import blocks as data
     from toolkit.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(tiny_tokenizer_dir))
@@ -226,7 +226,7 @@ def test_data_smaller_than_a_block_is_a_user_error(tmp_path, tiny_tokenizer_dir)
 
 
 def test_bad_data_files_are_user_errors(tmp_path):
-    from toolkit import data
+    from toolkit.data import pretrain as data
 
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -241,7 +241,7 @@ def test_bad_data_files_are_user_errors(tmp_path):
 
 
 def test_local_file_formats(tmp_path):
-    from toolkit import data
+    from toolkit.data import pretrain as data
 
     txt = tmp_path / "a.txt"
     txt.write_text("line one\nline two\n\nparagraph two\n")
@@ -256,7 +256,7 @@ def test_local_file_formats(tmp_path):
 
 
 def test_embedded_corpus_is_the_default():
-    from toolkit import data
+    from toolkit.data import pretrain as data
 
     docs, validation = data.training_corpus(_Args())
     texts = list(docs.texts())

@@ -207,10 +207,10 @@ def test_reads_a_token_store_as_pretrain_does(tmp_path, tiny_tokenizer_dir, smal
     """A store from `toolkit prepare`: the same training and validation blocks as pretrain.py's reader."""
     from transformers import AutoTokenizer
 
-    from toolkit.corpus import Corpus
-    from toolkit.data import BlockDataset
-    from toolkit.prepare import build_store
-    from toolkit.token_store import TokenStore
+    from toolkit.data.blocks import BlockDataset
+    from toolkit.data.corpus import Corpus
+    from toolkit.data.prepare import build_store
+    from toolkit.data.store import TokenStore
 
     docs = small_text_file.read_text().split("\n\n")
     (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))

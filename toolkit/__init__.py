@@ -3,15 +3,11 @@
 Each module owns one concern:
   args       - every recipe's options: dataclasses, the one parser (YAML + overrides + range checks), defaults
   errors     - UserError, the one-line-error entry wrapper and argparse for every recipe and command
-  sources    - local path or Hub name; which reader a data file needs
   presets    - GPT-2 model presets, config overrides and validation
   tokenizer  - load a tokenizer, or train a byte-level BPE on the training text
-  corpus     - read a corpus in batches (text/jsonl/json/parquet/csv files or folders, Hub datasets)
-  tokenize_pool - batched tokenization in worker processes, results in order
-  store_writer - fixed-size token shards, manifest and resume state of a token store
-  prepare    - `toolkit prepare`: a corpus -> a token store, in bounded memory, resumable
-  token_store - read a token store: manifest, memory-mapped shards, tokenizer check
-  data       - the training data of pretrain.py: a store (given or cached), blocks by index, streaming
+  data/      - text files and datasets -> token stores and training blocks; pretrain.py's data entry point,
+               fine-tuning data (toolkit/data/__init__.py lists its modules)
+  commands/  - the `toolkit` subcommands' option parsing (prepare, ...)
   flops      - FLOPs per token, peak FLOP rates, MFU
   muon       - `--optim muon`: Muon for the hidden matrices + AdamW for the rest, one optimizer
   run_dir    - output-folder safety (never overwrite a run), resume resolution, safe model loading
@@ -22,17 +18,15 @@ Each module owns one concern:
   cpu_allocator - glibc malloc settings for CPU training steps
   finetune   - the steps of recipes/lora.py (and qlora.py): checks, trainer, eval, sample, save, push
   lora       - LoRA targets/config for GPT-2's Conv1D layers, 4-bit/8-bit loading
-  sft_data   - fine-tuning data formats (text, prompt/completion, chat) and GPT-2's chat template
   model_card - the model cards (README.md) of adapters and of pretrained models
   merge      - `toolkit merge`: adapter + full-precision base -> model folder
   inference  - load a model (+ adapter) to generate from or evaluate, bf16 on GPU, fp32 on CPU
   generate   - `toolkit generate`: streamed sampling from a model or adapter
   lm_metrics - perplexity and bits per byte (tokenizer-independent loss) and the byte counts behind it
   evaluation - `toolkit eval`: loss, perplexity, bits per byte over any text, in streamed windows
-  text_stream - text to evaluate as token id arrays: read in pieces, tokenized on a background thread
   lm_eval_tasks - lm-evaluation-harness benchmarks on a loaded model (toolkit eval --tasks, pretrain --eval_tasks)
   third_party - what the libraries underneath may fetch or print: Hub kernels from the cache, no foreign noise
-  hub        - `toolkit push` and the pre-training push checks
+  hub        - `toolkit push`, the pre-training push checks, local path or Hub name
   plan       - `toolkit plan`: memory per device, recipe and command
   cli        - the `toolkit` console command and its subcommands
 """

@@ -24,7 +24,7 @@ from toolkit import third_party
 from toolkit.cpu_allocator import large_blocks_from_mmap, release_freed_memory
 from toolkit.distributed import fsdp_requested
 from toolkit.errors import UserError
-from toolkit.sources import is_local_path
+from toolkit.hub import is_local_path
 
 if TYPE_CHECKING:
     from toolkit.args.finetune import LoraArguments, QuantizationArguments

@@ -230,7 +230,7 @@ def load_pretrained_model(name_or_path: str, **kwargs):
     """AutoModelForCausalLM.from_pretrained with one-line errors for a missing or corrupt checkpoint."""
     from transformers import AutoModelForCausalLM
 
-    from toolkit.sources import is_local_path
+    from toolkit.hub import is_local_path
 
     if is_local_path(name_or_path) and not os.path.isdir(name_or_path):
         raise UserError(f"model folder '{name_or_path}' does not exist; pass a save_pretrained folder or a Hub "
