@@ -11,7 +11,7 @@ VmHWM, sampled every 0.1 s; time from process start to exit unless said):
   nanogpt   nanoGPT's data/openwebtext/prepare.py with this tokenizer: datasets.load_dataset("json") +
             .map(one document per call, num_proc=N) + a np.memmap written in 1024 batches (its datasets cache
             is a temporary folder, reported as "intermediate files")
-Loader: toolkit.data.BlockDataset at the smallest and largest store, random block indices like the Trainer's
+Loader: toolkit.data.blocks.BlockDataset at the smallest and largest store, random block indices like the Trainer's
 sampler, blocks of 1024 tokens, batches of 8 through default_data_collator; beside it, the 124M model's (gpt2
 preset) forward + backward rate on this CPU in blocks/s. Projection: FineWeb-Edu sample-10BT (~10B GPT-2 tokens)
 on 16 and 64 cores from prepare's per-core rate, and whether the one main process keeps up with that many workers.
@@ -146,8 +146,8 @@ def loader_rate(store: str, block: int, batch: int, seconds: float) -> float:
     import numpy as np
     from transformers import default_data_collator
 
-    from toolkit.data import BlockDataset
-    from toolkit.token_store import TokenStore
+    from toolkit.data.blocks import BlockDataset
+    from toolkit.data.store import TokenStore
 
     dataset = BlockDataset(TokenStore(store).train, block)
     order = np.random.default_rng(0).permutation(len(dataset))

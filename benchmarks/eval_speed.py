@@ -82,7 +82,7 @@ def train_forward_rate(model, batch: int, block: int, vocab: int, bf16: bool, se
 
 def text_file_with(tokens: int, tokenizer, source: str | None, folder: str) -> str:
     """A .txt file holding at least `tokens` tokens: --text_file, or the embedded corpus, repeated."""
-    from toolkit.data import embedded_documents
+    from toolkit.data.corpus import embedded_documents
 
     text = Path(source).read_text(encoding="utf-8") if source else "\n\n".join(embedded_documents())
     per_copy = len(tokenizer(text, add_special_tokens=False).input_ids)
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None):
             if args.tokenizer_name or (harness.GPT2_TOKENIZER.exists() and not args.quick):
                 tokenizer = load_tokenizer(args.tokenizer_name or str(harness.GPT2_TOKENIZER))
             else:
-                from toolkit.data import embedded_documents
+                from toolkit.data.corpus import embedded_documents
 
                 tokenizer = train_bpe_tokenizer(embedded_documents(), 512 if args.quick else 4096)
             config = presets.build_gpt2_config(args.preset, len(tokenizer), bos_token_id=tokenizer.eos_token_id,

@@ -170,7 +170,7 @@ def main(argv=None) -> dict:
     if args.trainer:
         tokenizer = str(harness.GPT2_TOKENIZER) if harness.GPT2_TOKENIZER.exists() and not args.quick else None
         if tokenizer is None:
-            from toolkit.data import embedded_documents
+            from toolkit.data.corpus import embedded_documents
             from toolkit.tokenizer import train_bpe_tokenizer
 
             tmp = tempfile.mkdtemp(prefix="bench-tok-")

@@ -198,7 +198,7 @@ def default_tokenizer(workdir: Path) -> str:
     """The recipes' own default: a 4096-token BPE trained on the embedded corpus (trained once here, so both recipes
     get the identical tokenizer). With GPT-2's 50k vocabulary the LM head and the loss dominate a small model's
     step and hide the loop's overhead."""
-    from toolkit.data import embedded_documents
+    from toolkit.data.corpus import embedded_documents
     from toolkit.tokenizer import train_bpe_tokenizer
 
     path = workdir / "bpe4096"

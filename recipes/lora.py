@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None, recipe: str = "lora") -> dict:
     from transformers import set_seed
 
     from toolkit import cpu_allocator, finetune, lora, model_loading, preflight
-    from toolkit.sft_data import load_sft_datasets, sample_prompt
+    from toolkit.data.sft import load_sft_datasets, sample_prompt
     from toolkit.tokenizer import load_tokenizer
 
     quantized = quant_args.load_in_4bit or quant_args.load_in_8bit

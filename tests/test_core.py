@@ -168,8 +168,8 @@ class _Args:
 
 
 def _cached(docs, tok, tmp_path, **kw):
-    from toolkit import data
-    from toolkit.corpus import Corpus
+    from toolkit.data import pretrain as data
+    from toolkit.data.corpus import Corpus
 
     path = tmp_path / "docs.jsonl"  # written once: the cache key follows the file's size and modification time
     if not path.exists():
@@ -179,7 +179,7 @@ def _cached(docs, tok, tmp_path, **kw):
 
 
 def test_packing_puts_eos_after_every_document_and_makes_full_blocks(tmp_path, tiny_tokenizer_dir):
-    from toolkit import data
+    from toolkit.data import blocks as data
     from toolkit.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(tiny_tokenizer_dir))
@@ -201,7 +201,7 @@ def test_packing_puts_eos_after_every_document_and_makes_full_blocks(tmp_path, t
 
 
 def test_prepared_data_is_cached(tmp_path, tiny_tokenizer_dir, monkeypatch):
-    from toolkit import prepare
+    from toolkit.data import prepare
     from toolkit.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(tiny_tokenizer_dir))
@@ -217,7 +217,7 @@ def test_prepared_data_is_cached(tmp_path, tiny_tokenizer_dir, monkeypatch):
 
 
 def test_data_smaller_than_a_block_is_a_user_error(tmp_path, tiny_tokenizer_dir):
-    from toolkit import data
+    from toolkit.data import blocks as data
     from toolkit.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(tiny_tokenizer_dir))
@@ -227,7 +227,7 @@ def test_data_smaller_than_a_block_is_a_user_error(tmp_path, tiny_tokenizer_dir)
 
 
 def test_bad_data_files_are_user_errors(tmp_path):
-    from toolkit import data
+    from toolkit.data import pretrain as data
 
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -242,7 +242,7 @@ def test_bad_data_files_are_user_errors(tmp_path):
 
 
 def test_local_file_formats(tmp_path):
-    from toolkit import data
+    from toolkit.data import pretrain as data
 
     txt = tmp_path / "a.txt"
     txt.write_text("line one\nline two\n\nparagraph two\n")
@@ -257,7 +257,7 @@ def test_local_file_formats(tmp_path):
 
 
 def test_embedded_corpus_is_the_default():
-    from toolkit import data
+    from toolkit.data import pretrain as data
 
     docs, validation = data.training_corpus(_Args())
     texts = list(docs.texts())
@@ -425,7 +425,14 @@ def test_python_m_toolkit_presets_lists_every_preset_with_its_parameter_count(ca
     ("merge", ["--output_dir", "x"], "the following arguments are required: --adapter"),
     ("merge", ["--adapter", "a", "--output_dir", "x", "--dtype", "int4"], "argument --dtype: invalid choice: 'int4'"),
     ("push", ["only-a-folder"], "the following arguments are required: repo_id"),
-], ids=["presets-vocab", "presets-pad", "presets-type", "merge-missing", "merge-dtype", "push-missing"])
+    ("prepare", ["c.txt", "--output_dir", "s", "--tokenizer_name", "t", "--shard_tokens", "0"],
+     "--shard_tokens 0 is out of range: it must be at least 1"),
+    ("prepare", ["c.txt", "--output_dir", "s", "--tokenizer_name", "t", "--validation_fraction", "0.6"],
+     "--validation_fraction 0.6 is out of range: it must be in [0, 0.5]"),
+    ("prepare", ["c.txt", "--output_dir", "s", "--tokenizer_name", "t", "--validation_max_tokens", "-1"],
+     "--validation_max_tokens -1 is out of range: it must be at least 0"),
+], ids=["presets-vocab", "presets-pad", "presets-type", "merge-missing", "merge-dtype", "push-missing",
+        "prepare-shard", "prepare-fraction", "prepare-max-tokens"])
 def test_toolkit_commands_refuse_bad_options_in_one_line(command, argv, message, capsys):
     from toolkit import cli
 

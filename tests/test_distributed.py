@@ -50,7 +50,7 @@ def losses(output_dir) -> dict[int, float]:
 
 
 def setup_record(stdout: str) -> dict:
-    """The JSON line toolkit.distributed.DistributedSetupCallback prints on rank 0 when training starts."""
+    """The JSON line toolkit.distributed_report.DistributedSetupCallback prints on rank 0 when training starts."""
     lines = [line for line in stdout.splitlines() if line.startswith("distributed setup: {")]
     assert len(lines) == 1, stdout[-3000:]
     return json.loads(lines[0].split(": ", 1)[1])

@@ -266,14 +266,15 @@ def test_text_read_in_pieces_tokenizes_as_a_whole(tiny_tokenizer_dir, tmp_path):
     import numpy as np
     from transformers import AutoTokenizer
 
-    from toolkit import text_stream
+    from toolkit.data.files import text_file_pieces
+    from toolkit.evaluation import tokenize_pieces
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     text = "\n\n".join(embedded_texts(30)) + ENGLISH
     path = tmp_path / "long.txt"
     path.write_text(text, encoding="utf-8")
-    pieces = text_stream._text_file_pieces(str(path), piece_chars=2000)
-    got = np.concatenate([ids for ids, _ in text_stream.tokenize_pieces(pieces, tokenizer)])
+    pieces = text_file_pieces(str(path), piece_chars=2000)
+    got = np.concatenate([ids for ids, _ in tokenize_pieces(pieces, tokenizer)])
     expected = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     assert got.tolist() == expected
 

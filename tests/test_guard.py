@@ -78,7 +78,7 @@ def _error(err: str) -> str:
 @pytest.mark.slow
 def test_a_nan_batch_never_reaches_the_weights_and_is_named_by_its_store_offsets(tmp_path, small_text_file, capsys,
                                                                                   monkeypatch):
-    from toolkit.token_store import TokenStore
+    from toolkit.data.store import TokenStore
 
     poison = Poison(monkeypatch, steps=[7], factor=float("nan"))
     out, code, err = _pretrain(tmp_path, small_text_file, capsys, "--max_steps", "12")

@@ -259,7 +259,7 @@ def _sft_trainer(tiny_model_dir, data_file, **config):
     from trl import SFTTrainer
 
     from toolkit import finetune, lora, model_loading
-    from toolkit.sft_data import load_sft_datasets
+    from toolkit.data.sft import load_sft_datasets
     from toolkit.tokenizer import load_tokenizer
 
     args = FinetuneConfig(output_dir=str(data_file.parent / "out"), report_to="none", **config)
@@ -280,7 +280,7 @@ def test_training_loss_is_the_mean_over_predicted_tokens(tmp_path, tiny_model_di
     import torch.nn.functional as F
 
     from toolkit import finetune, lora, model_loading
-    from toolkit.sft_data import load_sft_datasets
+    from toolkit.data.sft import load_sft_datasets
     from toolkit.tokenizer import load_tokenizer
 
     args = FinetuneConfig(output_dir=str(tmp_path / "out"), report_to="none", per_device_train_batch_size=4,
@@ -322,7 +322,7 @@ def test_prompt_completion_trains_on_completion_only_and_ends_with_eos(tmp_path,
 
 
 def test_chat_messages_get_a_template_whose_eos_ends_every_reply(tmp_path, tiny_model_dir):
-    from toolkit.sft_data import DEFAULT_CHAT_TEMPLATE, sample_prompt
+    from toolkit.data.sft import DEFAULT_CHAT_TEMPLATE, sample_prompt
 
     rows = [{"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i}!"},
                           {"role": "user", "content": "Again."}, {"role": "assistant", "content": f"{i} again!"}]}
@@ -345,7 +345,7 @@ def test_json_parquet_and_csv_files_read_like_jsonl(tmp_path):
     seeded hold-out, whatever the file type."""
     import datasets
 
-    from toolkit.sft_data import load_sft_datasets
+    from toolkit.data.sft import load_sft_datasets
 
     rows = [{"prompt": f"Question {i}: what is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(20)]
     _jsonl(tmp_path / "pc.jsonl", rows)
@@ -364,7 +364,7 @@ def test_json_parquet_and_csv_files_read_like_jsonl(tmp_path):
 def test_sharegpt_conversations_train_exactly_like_messages(tmp_path, tiny_model_dir):
     """ShareGPT rows ("conversations" of from: human / gpt, value) are the same chat as role/content "messages":
     the same tokens, the same loss mask (assistant replies and their EOS only) and the same sample prompt."""
-    from toolkit.sft_data import sample_prompt
+    from toolkit.data.sft import sample_prompt
 
     chats = [[(f"Say {i}.", f"{i}!"), ("Again.", f"{i} again!")] for i in range(20)]
     messages = [{"messages": [m for q, a in chat for m in ({"role": "user", "content": q},

@@ -15,6 +15,7 @@ from conftest import GPT2_TOKENIZER, REPO, SHAKESPEARE, needs_shared, run_script
 ONEFILE = REPO / "recipes" / "onefile_train.py"
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--n_positions", "128", "--block_size", "64"]
 QUIET = ["--eval_strategy", "no", "--save_strategy", "no", "--sample_max_new_tokens", "0", "--logging_steps", "1"]
+NANO = ["--preset", "gpt2-nano", "--seed", "42"]  # with a tokenizer: what decides onefile's initial weights
 
 
 # One thread per process: these models are tiny, and on a shared 2-core machine two OpenMP threads wait on
@@ -37,6 +38,19 @@ def onefile():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def same_start(tmp_path_factory, tiny_tokenizer_dir, small_text_file, onefile):
+    """(onefile flags, folder) for runs of both recipes from the same weights: onefile with --max_steps 0 saves the
+    weights it draws for this shape, tokenizer and seed, pretrain.py starts from that folder (--model_name_or_path),
+    and onefile started with the same flags draws the same weights again."""
+    start = [*NANO, "--tokenizer_name", str(tiny_tokenizer_dir)]
+    folder = tmp_path_factory.mktemp("onefile-init")
+    onefile.main([*start, "--train_file", str(small_text_file), "--max_steps", "0", "--sample_max_new_tokens", "0",
+                  "--overwrite_output_dir", "--output_dir", str(folder)])
+    assert not train_losses(folder) and (folder / "model.safetensors").is_file()  # no update, only the weights
+    return start, folder
 
 
 def train_losses(folder) -> list[dict]:
@@ -88,7 +102,7 @@ def test_cli_trains_and_transformers_loads_the_result(tmp_path, tiny_tokenizer_d
                             pad_token_id=tok.eos_token_id)
     assert generated.shape == (1, len(ids) + 5)
     # Same weights, same function: HF's logits equal onefile's own model's logits.
-    mine = onefile.load_hf(str(out)).eval()
+    mine = onefile.load_checkpoint(str(out)).eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, mine(x), atol=1e-5, rtol=0)
     assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()  # the head stays tied
@@ -105,10 +119,11 @@ def test_gpt2_vocab_and_merges_tokenize_like_transformers(onefile):
     assert 50256 in ours
 
 
-def test_resume_continues_the_same_run(tmp_path, tiny_model_dir, small_text_file, onefile):
-    common = ["--init_from", str(tiny_model_dir), "--train_file", str(small_text_file), "--block_size", "64",
-              "--per_device_train_batch_size", "4", "--warmup_steps", "2", "--learning_rate", "2e-3",
-              "--eval_strategy", "no", "--sample_max_new_tokens", "0", "--logging_steps", "1", "--save_steps", "3"]
+def test_resume_continues_the_same_run(tmp_path, tiny_tokenizer_dir, small_text_file, onefile):
+    common = [*NANO, "--tokenizer_name", str(tiny_tokenizer_dir), "--train_file", str(small_text_file),
+              "--block_size", "64", "--per_device_train_batch_size", "4", "--warmup_steps", "2",
+              "--learning_rate", "2e-3", "--eval_strategy", "no", "--sample_max_new_tokens", "0",
+              "--logging_steps", "1", "--save_steps", "3"]
     onefile.main([*common, "--max_steps", "6", "--output_dir", str(tmp_path / "a")])
     # Stop after 3 updates (the checkpoint is written at the last step), then --resume with --max_steps 6: steps 4-6
     # repeat the 6-step run exactly. Updates 1-3 have the same learning rates under either --max_steps (warmup 2:
@@ -138,17 +153,17 @@ def test_bad_input_is_one_line_error(tmp_path, tiny_tokenizer_dir, capsys, onefi
 
 
 @pytest.mark.slow
-def test_same_loss_curve_as_pretrain(tmp_path, tiny_model_dir, small_text_file, onefile):
+def test_same_loss_curve_as_pretrain(tmp_path, same_start, small_text_file, onefile):
     """The promise of docs/training_architecture.md: same init, tokenizer, data, seed and settings ->
     the same 20 training losses as the HF Trainer recipe (and the same learning rates)."""
+    start, init = same_start
     same = ["--train_file", str(small_text_file), "--block_size", "64", "--per_device_train_batch_size", "4",
             "--max_steps", "20", "--learning_rate", "1e-3", "--warmup_steps", "5", "--weight_decay", "0.1",
             "--adam_beta2", "0.95", "--max_grad_norm", "1.0", "--seed", "42", "--logging_steps", "1",
             "--eval_strategy", "steps", "--eval_steps", "20", "--save_strategy", "no",
             "--optim", "adamw_torch_fused"]  # AdamW here (the small presets' default is Muon: the test below)
-    onefile.main(["--init_from", str(tiny_model_dir), *same, "--sample_max_new_tokens", "0",
-                  "--output_dir", str(tmp_path / "onefile")])
-    r = run_script([str(REPO / "recipes" / "pretrain.py"), "--model_name_or_path", str(tiny_model_dir), *same,
+    onefile.main([*start, *same, "--sample_max_new_tokens", "0", "--output_dir", str(tmp_path / "onefile")])
+    r = run_script([str(REPO / "recipes" / "pretrain.py"), "--model_name_or_path", str(init), *same,
                     "--report_to", "none", "--data_cache_dir", str(tmp_path / "cache"), "--sample_max_new_tokens", "1",
                     "--output_dir", str(tmp_path / "pretrain")], timeout=300, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -169,9 +184,9 @@ def test_same_loss_curve_as_pretrain(tmp_path, tiny_model_dir, small_text_file, 
 
 
 @pytest.mark.slow
-def test_ddp_matches_one_process(tmp_path, tiny_model_dir, small_text_file, onefile):
-    common = ["--init_from", str(tiny_model_dir), "--train_file", str(small_text_file), "--block_size", "64",
-              "--max_steps", "4", "--warmup_steps", "1", *QUIET]
+def test_ddp_matches_one_process(tmp_path, tiny_tokenizer_dir, small_text_file, onefile):
+    common = [*NANO, "--tokenizer_name", str(tiny_tokenizer_dir), "--train_file", str(small_text_file),
+              "--block_size", "64", "--max_steps", "4", "--warmup_steps", "1", *QUIET]
     # 2 processes x 4 blocks (gloo) vs 1 process x 8 blocks vs 1 process x 4 blocks x 2 accumulation steps:
     # the same 8 blocks per update, so the same losses.
     r = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ONEFILE), *common,
@@ -192,10 +207,10 @@ def test_reads_a_token_store_as_pretrain_does(tmp_path, tiny_tokenizer_dir, smal
     """A store from `toolkit prepare`: the same training and validation blocks as pretrain.py's reader."""
     from transformers import AutoTokenizer
 
-    from toolkit.corpus import Corpus
-    from toolkit.data import BlockDataset
-    from toolkit.prepare import build_store
-    from toolkit.token_store import TokenStore
+    from toolkit.data.blocks import BlockDataset
+    from toolkit.data.corpus import Corpus
+    from toolkit.data.prepare import build_store
+    from toolkit.data.store import TokenStore
 
     docs = small_text_file.read_text().split("\n\n")
     (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
@@ -203,11 +218,11 @@ def test_reads_a_token_store_as_pretrain_does(tmp_path, tiny_tokenizer_dir, smal
     build_store(Corpus.from_files(str(tmp_path / "docs.jsonl")), tok, str(tmp_path / "store"), validation_fraction=0.1,
                 shard_tokens=5000, num_proc=1, progress=False)
     store = TokenStore(str(tmp_path / "store"))
-    for split, theirs in (("train", store.train), ("validation", store.validation)):
-        ours = onefile.Blocks(onefile.read_store(str(tmp_path / "store"), split), 64)
-        assert len(ours) == len(BlockDataset(theirs, 64)) > 0
+    for pieces, theirs in zip(onefile.read_store(str(tmp_path / "store"), len(tok)), (store.train, store.validation)):
+        ours = onefile.Blocks(pieces, 64)
+        assert ours.n == len(BlockDataset(theirs, 64)) > 0
         assert all(torch.equal(ours[torch.tensor([i])][0], BlockDataset(theirs, 64)[i]["input_ids"])
-                   for i in range(len(ours)))  # every block, those that span two shards included
+                   for i in range(ours.n))  # every block, those that span two shards included
     # trains from it, with the store's own tokenizer
     onefile.main(["--token_store", str(tmp_path / "store"), *TINY, "--per_device_train_batch_size", "4",
                   "--max_steps", "3", *QUIET, "--output_dir", str(tmp_path / "run")])
@@ -231,14 +246,14 @@ def test_gpu_peak_table_agrees_with_toolkit():
 
 
 @pytest.mark.slow
-def test_muon_gives_the_same_losses_as_pretrain(tmp_path, tiny_model_dir, small_text_file, onefile):
+def test_muon_gives_the_same_losses_as_pretrain(tmp_path, same_start, small_text_file, onefile):
     """--optim muon in both recipes (onefile's Muon class, pretrain.py's toolkit/muon.py): the same 8 losses."""
     same = ["--train_file", str(small_text_file), "--block_size", "64", "--per_device_train_batch_size", "4",
             "--max_steps", "8", "--warmup_steps", "2", "--optim", "muon", "--seed", "42", "--logging_steps", "1",
             "--eval_strategy", "no", "--save_strategy", "no"]
-    onefile.main(["--init_from", str(tiny_model_dir), *same, "--sample_max_new_tokens", "0",
-                  "--output_dir", str(tmp_path / "o")])
-    r = run_script([str(REPO / "recipes" / "pretrain.py"), "--model_name_or_path", str(tiny_model_dir), *same,
+    start, init = same_start
+    onefile.main([*start, *same, "--sample_max_new_tokens", "0", "--output_dir", str(tmp_path / "o")])
+    r = run_script([str(REPO / "recipes" / "pretrain.py"), "--model_name_or_path", str(init), *same,
                     "--report_to", "none", "--data_cache_dir", str(tmp_path / "cache"), "--sample_max_new_tokens", "1",
                     "--output_dir", str(tmp_path / "p")], timeout=300, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -251,34 +266,46 @@ def test_muon_gives_the_same_losses_as_pretrain(tmp_path, tiny_model_dir, small_
 
 @pytest.mark.slow
 def test_a_store_larger_than_the_memory_it_may_use_trains_in_flat_memory(tmp_path, tiny_tokenizer_dir):
-    """--token_store reads its shards through memory maps, a batch at a time: a 1.2 GB store (600M uint16 tokens,
-    12x what reading it whole as int64 would need over the limit) trains under a 1 GiB limit on the process's own
-    memory (RLIMIT_DATA: heap and anonymous maps; the store's file pages are the kernel's page cache)."""
+    """--token_store memory-maps the shards and copies out one batch at a time, so a store larger than the memory a
+    process may use still trains. The training run gets RLIMIT_DATA = 1 GiB, the kernel's cap on the process's own
+    memory (heap and private maps, which is what reading the store into arrays would take; the pages of a read-only
+    file map are the kernel's page cache, shared and reclaimable, and are not counted), against 16 shards of 40M
+    tokens: 1.28 GB as uint16, 5 GB as the int64 batches are made of. The same child first checks that the limit
+    bites: one allocation of the store's size fails under it. The shards are sparse files (ids 0: nothing is written
+    to disk), so the test costs seconds; the tokens' values play no part in how memory is used."""
     import numpy as np
 
-    store = tmp_path / "store"
+    store, n_shards, shard_tokens = tmp_path / "store", 16, 40_000_000
     (store / "tokenizer").mkdir(parents=True)
     for f in tiny_tokenizer_dir.iterdir():
         (store / "tokenizer" / f.name).write_bytes(f.read_bytes())
-    rng, shards = np.random.default_rng(0), []
-    for i, tokens in enumerate([300_000_000, 300_000_000, 50_000]):
-        name = f"{'validation' if i == 2 else 'train'}-{i:05d}.bin"
-        with open(store / name, "wb") as f:
-            for start in range(0, tokens, 10_000_000):
-                rng.integers(0, 512, min(10_000_000, tokens - start), dtype=np.uint16).tofile(f)
-        shards.append({"file": name, "tokens": tokens})
-    (store / "manifest.json").write_text(json.dumps({"complete": True, "dtype": "uint16", "splits": {
-        "train": {"shards": shards[:2]}, "validation": {"shards": shards[2:]}}}))
-    limit = 1 << 30
-    code = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_DATA, ({0}, {0})); "
-            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')").format(limit)
+    shards = [{"file": f"train-{i:05d}.bin", "tokens": shard_tokens} for i in range(n_shards)]
+    for shard in shards:
+        with open(store / shard["file"], "wb") as f:
+            f.truncate(2 * shard_tokens)  # a hole: reads as zeros, takes no disk
+    np.random.default_rng(0).integers(0, 512, 50_000, dtype=np.uint16).tofile(store / "validation-00000.bin")
+    (store / "manifest.json").write_text(json.dumps({
+        "complete": True, "dtype": "uint16", "tokenizer": {"vocab_size": 512},
+        "splits": {"train": {"shards": shards},
+                   "validation": {"shards": [{"file": "validation-00000.bin", "tokens": 50_000}]}}}))
+    limit, store_bytes = 1 << 30, 2 * n_shards * shard_tokens
+    assert store_bytes > limit
+    code = ("import resource, runpy, sys\n"
+            f"resource.setrlimit(resource.RLIMIT_DATA, ({limit}, {limit}))\n"
+            "try:\n"
+            f"    bytearray({store_bytes})\n"
+            "    sys.exit('RLIMIT_DATA does not limit this process: the test would prove nothing')\n"
+            "except MemoryError:\n"
+            "    pass\n"
+            "sys.argv = sys.argv[1:]\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
     # --vocab_size 512: the store tokenizer's rows (shape flags alone mean GPT-2's 50,257, whose logits would not fit)
     result = run_script(["-c", code, str(ONEFILE), "--token_store", str(store), *TINY, "--vocab_size", "512",
-                         "--max_steps", "3",
-                         "--per_device_train_batch_size", "4", "--logging_steps", "1", "--eval_steps", "3",
-                         "--sample_max_new_tokens", "0", "--output_dir", str(tmp_path / "run")])
+                         "--max_steps", "3", "--per_device_train_batch_size", "4", "--logging_steps", "1",
+                         "--eval_steps", "3", "--sample_max_new_tokens", "0", "--output_dir", str(tmp_path / "run")],
+                        env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len(train_losses(tmp_path / "run")) == 3 and "9375000 train" in result.stdout
+    assert len(train_losses(tmp_path / "run")) == 3 and "10000000 train" in result.stdout
 
 
 def test_shape_flags_mean_gpt2_as_in_pretrain(onefile):

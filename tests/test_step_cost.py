@@ -10,7 +10,7 @@ import torch
 def _lora_trainer(tiny_model_dir, text_file, tmp_path, **config):
     from toolkit import finetune, lora, model_loading
     from toolkit.args.finetune import DataArguments, FinetuneConfig, LoraArguments
-    from toolkit.sft_data import load_sft_datasets
+    from toolkit.data.sft import load_sft_datasets
     from toolkit.tokenizer import load_tokenizer
 
     args = FinetuneConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_length=32, **config)

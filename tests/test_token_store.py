@@ -78,7 +78,7 @@ def tok(tiny_tokenizer_dir):
 def test_fineweb_parquet_jsonl_csv_and_txt_sources_give_the_same_documents(tmp_path):
     import csv
 
-    from toolkit.corpus import Corpus
+    from toolkit.data.corpus import Corpus
 
     docs = make_documents(90)
     write_fineweb_parquet(tmp_path / "parquet", docs)
@@ -98,20 +98,43 @@ def test_fineweb_parquet_jsonl_csv_and_txt_sources_give_the_same_documents(tmp_p
         list(Corpus.from_files(str(tmp_path / "parquet"), text_column="body").texts())
 
 
+def test_a_null_text_is_refused_by_every_reader(tmp_path):
+    """One null rule for every source (docs/troubleshooting.md): a row whose text is null stops the read with one
+    line naming the source; an empty string is a document."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from toolkit.data.corpus import Corpus
+
+    texts = ["first document", None, ""]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (tmp_path / "rows.json").write_text(json.dumps([{"text": t} for t in texts]))
+    (tmp_path / "dataset" / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"text": texts}), tmp_path / "rows.parquet")
+    pq.write_table(pa.table({"text": texts}), tmp_path / "dataset" / "data" / "train.parquet")
+    for name in ("rows.jsonl", "rows.json", "rows.parquet"):
+        with pytest.raises(UserError, match=f"'.*{name}' has rows whose 'text' is empty \\(null\\); remove them"):
+            list(Corpus.from_files(str(tmp_path / name)).texts())
+    with pytest.raises(UserError, match="dataset '.*' has rows whose 'text' is empty \\(null\\)"):
+        list(Corpus.from_dataset(str(tmp_path / "dataset")).texts())
+    (tmp_path / "ok.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ("a", "", "b")))
+    assert list(Corpus.from_files(str(tmp_path / "ok.jsonl")).texts()) == ["a", "", "b"]
+
+
 def test_jsonl_is_read_in_pieces_of_whole_lines_with_memory_bounded_by_the_piece(tmp_path, monkeypatch):
     """A jsonl file is parsed a piece of whole lines at a time (pyarrow's streaming reader read ahead and held
     ~1.5x the file): pieces cut between lines, a line longer than a piece read whole, the last line without a
     newline, and pyarrow's pool never holding more than a few pieces, however long the file."""
     import pyarrow as pa
 
-    from toolkit import corpus as corpus_module
-    from toolkit.corpus import Corpus
+    from toolkit.data import files as files_module
+    from toolkit.data.corpus import Corpus
 
     docs = make_documents(400) + ["x" * 5000] + make_documents(100, seed=1)  # one line longer than a piece
     path = tmp_path / "docs.jsonl"
     write_jsonl(path, docs)
     path.write_text(path.read_text(encoding="utf-8").rstrip("\n"), encoding="utf-8")  # no final newline
-    monkeypatch.setattr(corpus_module, "JSON_LINES_BYTES", 2000)
+    monkeypatch.setattr(files_module, "JSON_LINES_BYTES", 2000)
     pool = pa.default_memory_pool()
     texts, held = [], []
     for batch in Corpus.from_files(str(path)).batches(batch_chars=1):
@@ -125,8 +148,8 @@ def test_a_tokenizer_worker_that_dies_gives_a_one_line_error_not_a_hang(tok):
     import multiprocessing
     import signal as signals
 
-    from toolkit.corpus import Batch
-    from toolkit.tokenize_pool import encoded_batches
+    from toolkit.data.corpus import Batch
+    from toolkit.data.tokenize_pool import encoded_batches
 
     batches = (Batch([f"document {i} " * 50], 0.0) for i in range(200))
     results = encoded_batches(batches, tok.backend_tokenizer.to_str(), tok.eos_token_id, "uint16", 2)
@@ -139,9 +162,9 @@ def test_a_tokenizer_worker_that_dies_gives_a_one_line_error_not_a_hang(tok):
 
 
 def test_store_holds_every_document_and_cuts_shards_inside_documents(tmp_path, tok):
-    from toolkit.corpus import Corpus
-    from toolkit.prepare import build_store
-    from toolkit.token_store import TokenStore
+    from toolkit.data.corpus import Corpus
+    from toolkit.data.prepare import build_store
+    from toolkit.data.store import TokenStore
 
     docs = make_documents(300)
     write_fineweb_parquet(tmp_path / "corpus", docs)
@@ -173,8 +196,8 @@ def test_store_holds_every_document_and_cuts_shards_inside_documents(tmp_path, t
 
 
 def test_validation_cap_and_the_one_document_corpus(tmp_path, tok):
-    from toolkit.corpus import Corpus
-    from toolkit.prepare import build_store
+    from toolkit.data.corpus import Corpus
+    from toolkit.data.prepare import build_store
 
     docs = make_documents(200)
     write_jsonl(tmp_path / "docs.jsonl", docs)
@@ -197,8 +220,8 @@ def test_validation_cap_and_the_one_document_corpus(tmp_path, tok):
 
 
 def test_a_validation_file_is_the_whole_validation_split_with_its_own_progress_bar(tmp_path, tok, capsys):
-    from toolkit.corpus import Corpus
-    from toolkit.prepare import build_store
+    from toolkit.data.corpus import Corpus
+    from toolkit.data.prepare import build_store
 
     docs, held_out = make_documents(120), make_documents(30, seed=1)
     write_jsonl(tmp_path / "train.jsonl", docs)
@@ -219,8 +242,8 @@ def test_a_validation_file_is_the_whole_validation_split_with_its_own_progress_b
 def test_prepare_resumes_after_sigkill_with_identical_bytes(tmp_path, tok, tiny_tokenizer_dir):
     """A real `toolkit prepare` process (2 workers) killed with SIGKILL mid-run, then the same command again: the
     store equals one made in one go (and by one process)."""
-    from toolkit.corpus import Corpus
-    from toolkit.prepare import build_store
+    from toolkit.data.corpus import Corpus
+    from toolkit.data.prepare import build_store
 
     docs = make_documents(3000, seed=1)
     write_jsonl(tmp_path / "docs.jsonl", docs)
@@ -261,10 +284,10 @@ def test_prepare_resumes_after_sigkill_with_identical_bytes(tmp_path, tok, tiny_
 # ---------- the training reader ----------
 
 def test_blocks_straddle_shards_and_each_costs_the_same(tmp_path, tok):
-    from toolkit import data
-    from toolkit.corpus import Corpus
-    from toolkit.prepare import build_store
-    from toolkit.token_store import TokenStore
+    from toolkit.data import blocks as data
+    from toolkit.data.corpus import Corpus
+    from toolkit.data.prepare import build_store
+    from toolkit.data.store import TokenStore
 
     docs = make_documents(100)
     write_jsonl(tmp_path / "docs.jsonl", docs)
@@ -288,7 +311,7 @@ def test_streaming_packs_batches_like_the_store(tmp_path, tok):
     """--streaming (no store) tokenizes a batch of rows per call and packs the same stream a store holds."""
     import datasets
 
-    from toolkit.data import StreamingBlocks
+    from toolkit.data.blocks import StreamingBlocks
 
     docs = make_documents(120)
     write_fineweb_parquet(tmp_path / "parquet", docs, files=1)
@@ -297,12 +320,22 @@ def test_streaming_packs_batches_like_the_store(tmp_path, tok):
     everything, _ = expected_streams(docs, tok, every=0)
     blocks = [b["input_ids"].tolist() for b in StreamingBlocks(stream, tok, 32, rows_per_batch=16, skip=3, take=50)]
     assert blocks == [everything[i * 32:(i + 1) * 32] for i in range(3, 53)]
+    # pretrain.py --streaming --dataset_name FOLDER: the same stream; its first blocks are the evaluation set
+    from types import SimpleNamespace
+
+    from toolkit.data.blocks import streaming_datasets
+
+    data_args = SimpleNamespace(dataset_name=str(tmp_path / "parquet"), dataset_config_name=None, block_size=32,
+                                text_column="text", streaming_eval_blocks=4)
+    train, evaluation = streaming_datasets(data_args, tok)
+    assert [b["input_ids"].tolist() for b in evaluation] == [everything[i * 32:(i + 1) * 32] for i in range(4)]
+    assert next(iter(train))["input_ids"].tolist() == everything[4 * 32:5 * 32]
 
 
 def test_dataset_source_streams_into_the_same_store(tmp_path, tok):
     """--dataset_name (here a local parquet dataset folder, streamed with datasets like a Hub dataset)."""
-    from toolkit.corpus import Corpus
-    from toolkit.prepare import build_store
+    from toolkit.data.corpus import Corpus
+    from toolkit.data.prepare import build_store
 
     docs = make_documents(150)
     write_fineweb_parquet(tmp_path / "dataset" / "data", docs, files=1)
@@ -399,8 +432,8 @@ import json, os, sys
 sys.path.insert(0, {str(REPO)!r})
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
-from toolkit import data
-from toolkit.token_store import TokenStore
+from toolkit.data import blocks as data
+from toolkit.data.store import TokenStore
 
 class Indexed(data.BlockDataset):  # the block's index travels with it, to check which blocks each rank read
     def __getitem__(self, i):

@@ -4,15 +4,11 @@ Each module owns one concern:
   args       - every recipe's options: dataclasses, the one parser (YAML + overrides), the valid range of every
                numeric option of every recipe and command (args/ranges.py), defaults
   errors     - how a recipe or command ends: UserError as one line (entry wrapper, argparse), exit_now when done
-  sources    - local path or Hub name; which reader a data file needs
   presets    - GPT-2 model presets, config overrides and validation, default learning rate and optimizer by width
   tokenizer  - load a tokenizer, or train a byte-level BPE on the training text
-  corpus     - read a corpus in batches (text/jsonl/json/parquet/csv files or folders, Hub datasets)
-  tokenize_pool - batched tokenization in worker processes, results in order
-  store_writer - fixed-size token shards, manifest and resume state of a token store
-  prepare    - `toolkit prepare`: a corpus -> a token store, in bounded memory, resumable
-  token_store - read a token store: manifest, memory-mapped shards, tokenizer check
-  data       - the training data of pretrain.py: a store (given or cached), blocks by index, streaming
+  data/      - text files and datasets -> token stores and training blocks; pretrain.py's data entry point,
+               fine-tuning data (toolkit/data/__init__.py lists its modules)
+  commands/  - the `toolkit` subcommands, one module each: options and main(argv) over the library
   flops      - FLOPs per token, peak FLOP rates, MFU
   muon       - `--optim muon`: Muon for the hidden matrices + AdamW for the rest, one optimizer
   run_dir    - output-folder safety (never overwrite a run), resume resolution, the final save_pretrained folder
@@ -24,20 +20,18 @@ Each module owns one concern:
   cpu_allocator - glibc malloc settings for CPU training steps
   finetune   - the steps of recipes/lora.py (and qlora.py): checks, trainer, eval, sample, save, push
   lora       - LoRA targets/config for GPT-2's Conv1D layers, the default base, 4-bit/8-bit settings
-  model_loading - loading a model (full precision, or 4/8-bit while it loads) with one-line errors
-  sft_data   - fine-tuning data formats (text, prompt/completion, chat) and GPT-2's chat template
+  model_loading - loading a model (full precision, or 4/8-bit while it loads) with one-line errors; local path
+               or Hub name
   model_card - the model cards (README.md) of adapters and of pretrained models
   merge      - adapter + full-precision base -> model folder, checked against base + adapter
   inference  - load a model (+ adapter) to generate from or evaluate, bf16 on GPU, fp32 on CPU
   generate   - sampling from a loaded model: the recipes' closing sample, streamed samples
   lm_metrics - perplexity and bits per byte (tokenizer-independent loss) and the byte counts behind it
   evaluation - loss, perplexity, bits per byte over any text, in streamed windows
-  text_stream - text to evaluate as token id arrays: read in pieces, tokenized on a background thread
   lm_eval_tasks - lm-evaluation-harness benchmarks on a loaded model (toolkit eval --tasks, pretrain --eval_tasks)
   third_party - what the libraries underneath may fetch or print: Hub kernels from the cache, no foreign noise
   hub        - pushing a folder to the Hub, its checks, and the pre-training push checks
   plan       - the planner: memory per device, recipe and command
-  commands   - the `toolkit` subcommands, one module each: options and main(argv) over the modules above
   cli        - the `toolkit` console command: which module runs each subcommand
 """
 

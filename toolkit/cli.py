@@ -11,7 +11,8 @@ import sys
 
 # subcommand -> (module, one-line help). Modules expose main(argv: list[str]) -> int | None.
 SUBCOMMANDS = {
-    "prepare": ("toolkit.prepare", "tokenize a corpus into a sharded token store for pretraining (resumable)"),
+    "prepare": ("toolkit.commands.prepare",
+                "tokenize a corpus into a sharded token store for pretraining (resumable)"),
     "presets": ("toolkit.commands.presets", "list the GPT-2 model presets and their parameter counts"),
     "plan": ("toolkit.commands.plan", "memory/throughput planner: which recipe and accelerate config to use"),
     "merge": ("toolkit.commands.merge", "merge a LoRA/QLoRA adapter into its base model (full precision)"),

@@ -11,7 +11,7 @@ loss by ln 2 times the UTF-8 bytes those tokens encode (toolkit/lm_metrics.py).
 
 Cost: time is linear in the tokens read (one batched forward per --batch_size windows, x block/stride with
 --stride); memory does not grow with the text (read and tokenized in pieces on a background thread by
-toolkit/text_stream.py, windows streamed): batch_size x block_size x vocabulary logits at most.
+toolkit/data/corpus.py, windows streamed): batch_size x block_size x vocabulary logits at most.
 """
 
 from __future__ import annotations
@@ -154,17 +154,97 @@ def _limit_tokens(chunks, max_tokens: int | None):
             return
 
 
+def text_corpora(args) -> list:
+    """The --text_file paths as corpora (toolkit/data/corpus.py, as recipes/pretrain.py reads its data); a missing,
+    empty or unsupported file fails here, before the model loads."""
+    from toolkit.data.corpus import Corpus
+
+    return [Corpus.from_files(path, args.text_column) for path in args.text_file]
+
+
+def dataset_corpus(args):
+    """--dataset_name's split to score (default: validation, else valid, else test)."""
+    from toolkit.data.corpus import VALIDATION_SPLITS, Corpus, dataset_split_names
+
+    name, split = args.dataset_name, args.dataset_split
+    names = dataset_split_names(name, args.dataset_config_name, args.token)
+    if names is None:
+        raise UserError(f"could not load dataset '{name}'; check the name and --dataset_config_name, or use "
+                        "--text_file")
+    if split is None:
+        split = next((s for s in VALIDATION_SPLITS if s in names), None)
+        if split is None:
+            raise UserError(f"dataset '{name}' has no validation or test split (it has {names}); pass --dataset_split")
+    if split not in names:
+        raise UserError(f"dataset '{name}' has no '{split}' split (it has {names}); pass --dataset_split")
+    corpus = Corpus.from_dataset(name, args.dataset_config_name, split, args.text_column, streaming=False,
+                                 token=args.token)
+    print(f"evaluating split '{split}' of {name} ({int(corpus.progress_total()[0]):,} rows)", file=sys.stderr)
+    return corpus
+
+
+def text_pieces(corpora_of):
+    """(texts, which text ends a document, fraction read) over the corpora in order; `corpora_of()` runs on the
+    reading thread, so a dataset loads while the model does."""
+    corpora = corpora_of()
+    for k, corpus in enumerate(corpora):
+        for texts, ends, fraction in corpus.pieces():
+            yield texts, ends, (k + fraction) / len(corpora)
+
+
+def tokenize_pieces(pieces, tokenizer) -> Iterator[tuple[np.ndarray, float]]:
+    """Token ids of each group of pieces, packed as every corpus is (toolkit/data/corpus.pack_documents)."""
+    from toolkit.data.corpus import pack_documents
+
+    for texts, ends, fraction in pieces:
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        yield pack_documents(ids, tokenizer.eos_token_id, ends=ends)[0], fraction
+
+
+def prefetch(iterable: Iterable, depth: int = 4) -> Iterator:
+    """Run `iterable` on a background thread (the tokenizer releases the GIL) while the model scores. The thread
+    ends when the consumer stops early (--max_tokens) too."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done, stop = object(), threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for item in iterable:
+                if not put(item):
+                    return
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer thread, raised there
+            put(err)
+        put(done)
+
+    threading.Thread(target=work, daemon=True).start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
 def evaluate_text(loaded, args) -> TextScore:
     from toolkit.lm_metrics import ByteCounter
-    from toolkit.text_stream import dataset_pieces, expand_paths, file_pieces, prefetch, tokenize_pieces
 
     if args.text_file:
-        files = expand_paths(args.text_file)
-        pieces, source = file_pieces(files, args.text_column), ", ".join(args.text_file)
+        pieces, source = text_pieces(lambda: text_corpora(args)), ", ".join(args.text_file)
     else:
-        pieces = dataset_pieces(args.dataset_name, args.dataset_config_name, args.dataset_split, args.text_column,
-                                args.token)
-        source = args.dataset_name
+        pieces, source = text_pieces(lambda: [dataset_corpus(args)]), args.dataset_name
     chunks = _limit_tokens(prefetch(tokenize_pieces(pieces, loaded.tokenizer)), args.max_tokens)
     return score_token_chunks(loaded.model, chunks, ByteCounter(loaded.tokenizer), args.block_size, args.stride,
                               args.batch_size, progress=not args.no_progress, source=f"'{source}'")

@@ -14,6 +14,7 @@ import os
 import sys
 
 from toolkit.errors import UserError
+from toolkit.hub import take_push_to_hub
 
 
 def check_args(model_args, args) -> str | None:
@@ -26,7 +27,7 @@ def check_args(model_args, args) -> str | None:
         model_args.model_name_or_path = default_base_model()
     check_model_source(model_args.model_name_or_path)
     check_output_dir(args)
-    return args.hub_model_id if check_push_args(args) else None
+    return args.hub_model_id if take_push_to_hub(args) else None
 
 
 def check_output_dir(args) -> None:
@@ -78,21 +79,9 @@ def make_trainer(**kwargs):
     return trainer
 
 
-def check_push_args(args) -> bool:
-    """Validate --push_to_hub before training (repo id, a token); turn off the Trainer's own push (we push
-    the finished folder once, with our card)."""
-    from toolkit.hub import check_push_ready
-
-    push = bool(args.push_to_hub)
-    if push:
-        check_push_ready(args.hub_model_id, args.hub_token)
-    args.push_to_hub = False
-    return push
-
-
 def prepare_for_data(args, fmt: str, tokenizer, model_config) -> None:
     """Packing by format, max_length within the model's context, a chat template for chat data."""
-    from toolkit.sft_data import ensure_chat_template
+    from toolkit.data.sft import ensure_chat_template
 
     if args.packing is None:
         args.packing = fmt == "text"
@@ -102,7 +91,7 @@ def prepare_for_data(args, fmt: str, tokenizer, model_config) -> None:
     if n_positions and (args.max_length is None or args.max_length > n_positions):
         args.max_length = n_positions
     if fmt != "text" and ensure_chat_template(tokenizer):
-        print("tokenizer has no chat template: using toolkit.sft_data.DEFAULT_CHAT_TEMPLATE "
+        print("tokenizer has no chat template: using toolkit.data.sft.DEFAULT_CHAT_TEMPLATE "
               "(EOS ends each assistant turn)")
 
 
@@ -171,8 +160,8 @@ def save_run(trainer, *, script: str, argv: list[str] | None, method: str, model
              lora_args, data_args, data_format: str, metrics: dict, sample: dict | None,
              extra_hparams: dict | None = None) -> None:
     """Adapter + tokenizer (trainer.save_model), metrics JSON, model card."""
+    from toolkit.data.sft import data_source
     from toolkit.model_card import reproduce_command, write_model_card
-    from toolkit.sft_data import data_source
 
     args = trainer.args
     trainer.save_model(args.output_dir)

@@ -29,6 +29,16 @@ SIZE_SLACK = 1 << 20
 RELOAD_TOLERANCE = 1e-4  # relative logit difference, reloaded vs trained: the same weights give the same logits
 
 
+def take_push_to_hub(args) -> bool:
+    """Validate --push_to_hub before training (repo id, a token) and turn off the Trainer's own push: the recipes
+    push the finished folder once, with its model card. Returns whether to push."""
+    push = bool(args.push_to_hub)
+    if push:
+        check_push_ready(args.hub_model_id, args.hub_token)
+    args.push_to_hub = False
+    return push
+
+
 def fix_card_base_model(folder: str) -> str | None:
     """Drop README.md `base_model` entries that are not Hub ids (a local path makes the Hub refuse the
     commit, transformers#33922); return a note when something was dropped."""

@@ -169,3 +169,15 @@ class BenchmarkDuringTraining:
         self.last = {task: {m: v for m, v in row.items() if not m.endswith("_stderr")}
                      for task, row in scores(results).items()}
         return flat_scores(results)
+
+
+def benchmark_during_training(training_args, fsdp: bool) -> BenchmarkDuringTraining | None:
+    """pretrain.py's --eval_tasks, checked now (task names, FSDP), not hours later; None without --eval_tasks."""
+    if not training_args.eval_tasks:
+        return None
+    if fsdp:
+        raise UserError("--eval_tasks runs lm-eval on the main process alone, which an FSDP-sharded model cannot "
+                        "do; drop --eval_tasks and run `toolkit eval OUTPUT_DIR --tasks ...` on the saved model")
+    return BenchmarkDuringTraining(training_args.eval_tasks, training_args.eval_tasks_limit,
+                                   training_args.eval_tasks_include_path, training_args.per_device_eval_batch_size,
+                                   bool(training_args.bf16))

@@ -16,7 +16,13 @@ import os
 from toolkit import third_party
 from toolkit.cpu_allocator import large_blocks_from_mmap, release_freed_memory
 from toolkit.errors import UserError
-from toolkit.sources import is_local_path
+
+
+def is_local_path(name_or_path: str) -> bool:
+    """A folder, or something written like a path (has a separator or starts with '.'), rather than a Hub name:
+    a missing local folder then gets a "does not exist" error instead of a failed Hub download (models here,
+    tokenizers in toolkit/tokenizer.py)."""
+    return os.path.isdir(name_or_path) or os.path.sep in name_or_path or name_or_path.startswith(".")
 
 
 def check_model_source(name_or_path: str | None) -> str:

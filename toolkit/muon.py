@@ -23,9 +23,18 @@ import math
 
 import torch
 
+from toolkit.errors import UserError
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz, as in Keller Jordan's Muon and torch.optim.Muon
 NS_STEPS = 5
 MOMENTUM = 0.95
+
+
+def check_not_sharded(training_args, fsdp: bool) -> None:
+    """--optim muon needs whole weight matrices on each rank."""
+    if training_args.muon and fsdp:
+        raise UserError("--optim muon orthogonalizes whole weight matrices, which FSDP shards across ranks; use it "
+                        "with 1 process or DDP, or drop --optim muon under FSDP")
 
 
 def orthogonalize(update: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:

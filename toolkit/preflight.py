@@ -193,7 +193,7 @@ def _tokenizer_size(model_args, data_args=None) -> int | None:
     if store:
         import json
 
-        from toolkit.token_store import MANIFEST
+        from toolkit.data.store import MANIFEST
 
         try:
             with open(os.path.join(store, MANIFEST), encoding="utf-8") as f:

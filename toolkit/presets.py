@@ -152,6 +152,38 @@ def build_gpt2_config(
     return config
 
 
+def pretrain_config(model_args, tokenizer, block_size: int):
+    """recipes/pretrain.py's model config: a pretrained model's or --config_name's config.json, or a preset with the
+    shape flags given, then --config_overrides over them (as toolkit/preflight.py plans it); checked for training
+    on blocks of block_size with this tokenizer, and block_size saved in it (`toolkit eval` scores windows of it)."""
+    from transformers import AutoConfig
+
+    source = model_args.model_name_or_path or model_args.config_name
+    if source:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=model_args.trust_remote_code)
+    else:
+        overrides = {k: getattr(model_args, k) for k in ("n_layer", "n_head", "n_embd", "n_positions")
+                     if getattr(model_args, k) is not None}
+        overrides.update(parse_config_overrides(model_args.config_overrides))
+        if model_args.dropout is not None:
+            overrides.update(resid_pdrop=model_args.dropout, embd_pdrop=model_args.dropout,
+                             attn_pdrop=model_args.dropout)
+        config = build_gpt2_config(model_args.preset, len(tokenizer), overrides, model_args.pad_vocab_to_multiple_of,
+                                   bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    validate_config(config, block_size, len(tokenizer))
+    config.training_block_size = block_size
+    return config
+
+
+def fill_width_defaults(training_args, n_embd: int, fsdp: bool) -> None:
+    """The peak learning rate and the optimizer by model width when the user gave none (--optim auto); Muon never
+    under FSDP."""
+    if training_args.learning_rate is None:
+        training_args.learning_rate = default_learning_rate(n_embd)
+    if training_args.optim_auto:
+        training_args.muon = default_optimizer(n_embd) == "muon" and not fsdp
+
+
 def count_parameters(n_layer: int, n_embd: int, vocab_size: int, n_positions: int, tied: bool = True) -> int:
     """Exact parameter count of GPT2LMHeadModel (tied head by default).
 

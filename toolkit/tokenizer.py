@@ -12,7 +12,7 @@ import os
 from typing import Iterable
 
 from toolkit.errors import UserError
-from toolkit.sources import is_local_path
+from toolkit.model_loading import is_local_path
 
 EOS_TOKEN = "<|endoftext|>"
 

@@ -17,7 +17,7 @@ import sys
 # module -> functions ("Class.method" for methods) to mark. A name the module no longer has is skipped.
 PHASES = {
     "toolkit.args": ["parse"],
-    "toolkit.data": ["training_corpus", "cached_store"],
+    "toolkit.data.pretrain": ["training_corpus", "cached_store"],
     "toolkit.tokenizer": ["train_bpe_tokenizer", "load_tokenizer"],
     "toolkit.flops": ["peak_flops"],
     "toolkit.lm_metrics": ["eval_bytes_per_token"],

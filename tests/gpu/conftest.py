@@ -86,8 +86,9 @@ def work():
 
 @pytest.fixture(scope="session")
 def init124(work):
-    """A fresh GPT-2 as pretrain.py builds one (padded vocabulary, no dropout, fused GELU), seed 0, tokenizer: 124M
-    with the GPT-2 tokenizer on a GPU, the nano preset with the rehearsal's tokenizer on CPU."""
+    """onefile_train.py's initial GPT-2 for seed 0 in pretrain.py's config (padded vocabulary, no dropout, fused GELU)
+    with its tokenizer (kit.make_init): 124M with the GPT-2 tokenizer on a GPU, the nano preset with the rehearsal's
+    tokenizer on CPU."""
     return kit.make_init(work / "init-124m")
 
 
@@ -100,7 +101,7 @@ def core_runs(work, init124):
     fsdp      the same through `accelerate launch` with fsdp.yaml (FSDP2, one rank), S steps, sharded checkpoint
     resumed   fsdp resumed from its checkpoint into a new folder (the same S-step schedule)
     offload   the same with fsdp_offload.yaml, 2 steps
-    onefile   onefile_train.py from init-124m with eager's settings, S steps
+    onefile   onefile_train.py from init-124m (drawn again from its seed: kit.onefile_start) with eager's settings
     lora      lora.py on eager's output; qlora: qlora.py on it (NF4 + double quantization, paged AdamW)
     """
     sh = kit.shape()
@@ -108,11 +109,11 @@ def core_runs(work, init124):
     common = ["--model_name_or_path", str(init124), "--logging_steps", "1", "--warmup_steps", str(sh.warmup),
               *sh.core_lr]
     eager, fsdp, resumed, offload = (work / name for name in ("eager", "fsdp", "resumed", "offload"))
-    onefile = kit.python("recipes/onefile_train.py", "--init_from", init124, "--tokenizer_name", kit.tokenizer_dir(),
-                         "--train_file", kit.shakespeare(), "--block_size", str(sh.block),
+    onefile = kit.python("recipes/onefile_train.py", *kit.onefile_start(), "--train_file", kit.shakespeare(),
+                         "--block_size", str(sh.block),
                          "--per_device_train_batch_size", str(batch), "--max_steps", steps,
                          "--warmup_steps", str(sh.warmup), "--optim", "adamw_torch_fused", *sh.core_lr,
-                         "--logging_steps", "1", "--seed", "0", "--device", sh.device,
+                         "--logging_steps", "1", "--device", sh.device,
                          "--eval_strategy", "no", "--save_strategy", "no", "--sample_max_new_tokens", "0",
                          "--overwrite_output_dir", "--output_dir", work / "onefile")  # eager's settings
     checkpoints = ["--save_strategy", "steps", "--save_steps", str(sh.checkpoint_at), "--save_total_limit", "3"]

@@ -404,11 +404,42 @@ def checksums(named_tensors) -> dict[str, list[float]]:
     return out
 
 
+def onefile_start(preset: str | None = None) -> list[str]:
+    """The onefile_train.py flags that decide its initial weights: the shape, the tokenizer (its vocabulary) and the
+    seed. A run with these flags starts from the weights make_init saves (it draws them again from the seed)."""
+    return ["--preset", preset or shape().preset, "--tokenizer_name", str(tokenizer_dir()), "--seed", "0"]
+
+
 def make_init(folder: Path, preset: str | None = None) -> Path:
-    """A fresh GPT-2 as recipes/pretrain.py builds one (padded vocabulary, dropout 0, fused GELU), seed 0, saved with
-    the GPT-2 tokenizer: the common starting point of runs whose losses are compared step by step."""
+    """The common starting point of runs whose losses are compared step by step: onefile_train.py's initial weights
+    (`--max_steps 0` with onefile_start's flags), saved with pretrain.py's config (padded vocabulary, dropout 0, fused
+    GELU) and the tokenizer, so pretrain.py runs start from them with --model_name_or_path and onefile runs with
+    onefile_start(preset)."""
     if (folder / DONE).exists():
         return folder
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from toolkit import presets
+
+    spec = importlib.util.spec_from_file_location("onefile_train", REPO / "recipes" / "onefile_train.py")
+    onefile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(onefile)
+    drawn = folder.with_name(folder.name + "-onefile")
+    onefile.main([*onefile_start(preset), "--train_file", str(shakespeare()), "--max_steps", "0", "--device", "cpu",
+                  "--sample_max_new_tokens", "0", "--overwrite_output_dir", "--output_dir", str(drawn)])
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir())
+    config = presets.build_gpt2_config(
+        preset or shape().preset, len(tok), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(AutoModelForCausalLM.from_pretrained(drawn, dtype=torch.float32).state_dict())
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (folder / DONE).write_text("")
+    return folder
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,1 +1,1 @@
-"""The `toolkit` subcommands (toolkit/cli.py): one module each, its options and `main(argv)` over the library."""
+"""The `toolkit` subcommands: each module parses its options and calls the library (toolkit/cli.py runs them)."""

@@ -15,7 +15,7 @@ loss by ln 2 times the UTF-8 bytes those tokens encode (toolkit/lm_metrics.py).
 
 Cost: time is linear in the tokens read (one batched forward per --batch_size windows, x block/stride with
 --stride); memory does not grow with the text (read and tokenized in pieces on a background thread by
-toolkit/text_stream.py, windows streamed): batch_size x block_size x vocabulary logits at most.
+toolkit/data/corpus.py, windows streamed): batch_size x block_size x vocabulary logits at most.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_options(args)
 
-    from toolkit.evaluation import evaluate_text
+    from toolkit.evaluation import evaluate_text, text_corpora
     from toolkit.inference import load_for_inference, model_context, resolve_model
     from toolkit.lm_eval_tasks import parse_tasks, run_tasks, scores, table, task_manager
 
@@ -103,9 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     check_options(args, context)
     args.block_size = args.block_size or trained_block
     if args.text_file:
-        from toolkit.text_stream import expand_paths
-
-        expand_paths(args.text_file)  # missing or empty files fail before the model loads
+        text_corpora(args)  # missing or empty files fail before the model loads
     tasks = parse_tasks(args.tasks) if args.tasks else []
     manager = task_manager(tasks, args.include_path) if tasks else None
     loaded = load_for_inference(model_name, args.adapter, adapter_cfg, args.dtype, args.device, args.token)

@@ -1,10 +1,8 @@
-"""`toolkit prepare`: tokenize a corpus into a token store (toolkit/token_store.py), in parallel, in bounded memory.
+"""Build a token store (layout and manifest: toolkit/data/store.py) from a corpus, in parallel, in bounded memory.
+`toolkit prepare` (toolkit/commands/prepare.py) and the pretraining cache (toolkit/data/pretrain.py) call
+`build_store`.
 
-    toolkit prepare corpus/ --output_dir data/store --tokenizer_name gpt2
-    toolkit prepare --dataset_name HuggingFaceFW/fineweb-edu --dataset_config_name sample-10BT \\
-        --output_dir data/fineweb-edu-10B --tokenizer_name gpt2
-
-Documents are read in batches (toolkit/corpus.py) and tokenized by --num_proc worker processes with the Rust
+Documents are read in batches (toolkit/data/corpus.py) and tokenized by --num_proc worker processes with the Rust
 tokenizer's batch call; results are consumed in order, so the store does not depend on --num_proc. Memory holds
 the batches in flight and the validation tokens (capped), never the corpus: training shards stream to disk.
 
@@ -19,29 +17,22 @@ command after a kill keeps the complete shards and continues; the result is byte
 
 from __future__ import annotations
 
-import argparse
-import errno
+import hashlib
 import os
-import shlex
-import sys
 import time
 
 import numpy as np
 
-from toolkit import store_writer as sw
-from toolkit import token_store as ts
-from toolkit.corpus import Corpus
-from toolkit.errors import OneLineArgumentParser, UserError, exit_on_user_error
-from toolkit.tokenize_pool import default_num_proc, encoded_batches, peak_rss_kib
+from toolkit.data import store as ts
+from toolkit.data.corpus import Corpus
+from toolkit.data.tokenize_pool import default_num_proc, encoded_batches, peak_rss_kib
+from toolkit.errors import UserError
 
 DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_VALIDATION_FRACTION = 0.005
 DEFAULT_VALIDATION_MAX_TOKENS = 5_000_000
 DEFAULT_BATCH_CHARS = 1 << 20
 SMALL_SOURCE_BYTES = 16 << 20  # below this, one process: starting workers costs more than it saves
-
-
-# ---- the store builder ----
 
 
 def build_store(
@@ -76,63 +67,17 @@ def build_store(
         "validation_fraction": validation_fraction,
         "validation_source": validation_corpus.fingerprint() if validation_corpus else None,
     }
-    manifest = sw.start_or_resume(output_dir, settings, command)
+    manifest = ts.start_or_resume(output_dir, settings, command)
     if manifest.get("complete"):
         return manifest
-    sw.remove_unlisted(output_dir, manifest)  # temporary files and unlisted shards of an interrupted run
-    manifest.update(
-        tokenizer={
-            "fingerprint": settings["tokenizer_fingerprint"],
-            "eos_id": eos_id,
-            "vocab_size": vocab_size,
-            "name": getattr(tokenizer, "name_or_path", ""),
-        },
-        dtype=dtype,
-        shard_tokens=shard_tokens,
-        source=corpus.describe(),
-        command=command,
-        validation={
-            "fraction": validation_fraction,
-            "every": every,
-            "max_tokens": validation_max_tokens,
-            "source": validation_corpus.describe() if validation_corpus else None,
-        },
-    )
+    ts.remove_unlisted(output_dir, manifest)  # temporary files and unlisted shards of an interrupted run
+    ts.describe_build(manifest, eos_id, vocab_size, getattr(tokenizer, "name_or_path", ""), corpus.describe(),
+                      validation_corpus.describe() if validation_corpus else None, command)
     tokenizer.save_pretrained(os.path.join(output_dir, "tokenizer"))
-
-    resume = manifest.pop("resume", None) or {"document": 0, "token": 0, "validation_partial": None}
-    splits = manifest.get("splits", {})
-    train = sw.SplitWriter(output_dir, "train", shard_tokens, dtype, splits.get("train", {}).get("shards"))
-    val = sw.SplitWriter(
-        output_dir, "validation", shard_tokens, dtype, splits.get("validation", {}).get("shards"), in_memory=True
-    )
-    partial = resume["validation_partial"]
-    if partial:
-        held = np.fromfile(os.path.join(output_dir, partial["file"]), dtype=dtype)
-        if len(held) != partial["tokens"]:
-            raise UserError(ts.corrupt_message(output_dir, partial["file"], "is not the size the manifest says"))
-        val.restore(held, partial["documents"], partial["utf8_bytes"])
+    train, val, resume = open_writers(manifest, output_dir)
 
     def snapshot(record: dict) -> None:
-        """After each training shard: the state a rerun continues from."""
-        old = (manifest.get("resume") or {}).get("validation_partial")
-        saved = None
-        if val.fill:
-            saved = {
-                "file": f"validation-partial-{len(train.shards):05d}.bin",
-                "tokens": val.fill,
-                "documents": val.documents,
-                "utf8_bytes": val.utf8_bytes,
-            }
-            ts.write_file_atomically(os.path.join(output_dir, saved["file"]), val.held().tobytes())
-        manifest["resume"] = {
-            "document": record["end"]["document"],
-            "token": record["end"]["token"],
-            "validation_partial": saved,
-        }
-        sw.write_manifest_for(manifest, output_dir, train, val, complete=False)
-        if old and old != saved:
-            sw.remove_file(os.path.join(output_dir, old["file"]))
+        ts.save_resume_point(manifest, output_dir, record, train, val)
 
     num_proc = num_proc or (
         1 if (corpus.source_bytes() or 0) < SMALL_SOURCE_BYTES and corpus.kind != "dataset" else default_num_proc()
@@ -173,7 +118,6 @@ def build_store(
     finally:
         train.close()
         meter.close()
-    manifest.pop("resume", None)
     manifest["validation"].setdefault(
         "rule",
         "documents from --validation_file"
@@ -182,8 +126,7 @@ def build_store(
         if every
         else "none",
     )
-    sw.write_manifest_for(manifest, output_dir, train, val, complete=True)
-    sw.remove_unlisted(output_dir, manifest)
+    ts.finish_store(manifest, output_dir, train, val)
     manifest["_summary"] = meter.summary(time.time() - start, time.process_time() - cpu_start, manifest, num_proc)
     return manifest
 
@@ -221,6 +164,119 @@ def _split_only_document(ids, lengths, nbytes, tokenizer, fraction, max_tokens, 
     head_bytes = len(tokenizer.decode(ids[: n - tail].tolist()).encode("utf-8", "surrogatepass"))
     train.add(ids[: n - tail], np.array([n - tail]), np.array([head_bytes]), 0)
     val.add(ids[n - tail :], np.array([tail]), np.array([max(0, int(nbytes[0]) - head_bytes)]), 0)
+
+
+class SplitWriter:
+    """Appends one split's documents to shards of exactly shard_tokens tokens (the last one shorter), each renamed
+    into place when complete.
+
+    Training shards stream to a temporary file (no shard-sized buffer in memory) that is renamed when full.
+    Validation is small (capped) and kept in memory, so a resumable snapshot can save what it holds so far.
+    """
+
+    def __init__(self, store_dir: str, split: str, shard_tokens: int, dtype: str, shards: list[dict] | None = None,
+                 in_memory: bool = False):
+        self.store_dir, self.split, self.shard_tokens, self.dtype = store_dir, split, shard_tokens, np.dtype(dtype)
+        self.shards = list(shards or [])
+        self.in_memory = in_memory
+        self._reset()
+
+    def _reset(self) -> None:
+        self.fill = self.documents = self.utf8_bytes = 0
+        self.pieces: list[np.ndarray] = []
+        self.hash = hashlib.sha256()
+        self.file = None
+
+    @property
+    def tokens(self) -> int:
+        """Tokens written to this split so far, complete shards and the current one."""
+        return sum(s["tokens"] for s in self.shards) + self.fill
+
+    def restore(self, ids: np.ndarray, documents: int, utf8_bytes: int) -> None:
+        """Continue a shard from a snapshot (validation only)."""
+        self.add(ids, np.array([len(ids)]), np.array([0]), 0)
+        self.documents, self.utf8_bytes = documents, utf8_bytes
+
+    def add(self, ids: np.ndarray, ends: np.ndarray, nbytes: np.ndarray, first_doc: int, first_offset: int = 0,
+            on_shard=None) -> None:
+        """Write consecutive documents first_doc, first_doc+1, ...: `ids` their tokens, `ends` the cumulative end of
+        each document in `ids`, `nbytes` their UTF-8 sizes. The first document's first `first_offset` tokens were
+        written before (a resumed run). on_shard(record) is called after every shard that completes."""
+        pos = 0
+        while pos < len(ids):
+            take = min(len(ids) - pos, self.shard_tokens - self.fill)
+            self._write(ids[pos : pos + take])
+            lo, hi = np.searchsorted(ends, [pos, pos + take], side="right")
+            self.documents += int(hi - lo)
+            self.utf8_bytes += int(nbytes[lo:hi].sum())
+            pos += take
+            if self.fill == self.shard_tokens:
+                k = int(np.searchsorted(ends, pos, side="right"))  # the first document not finished yet
+                offset = pos - (int(ends[k - 1]) if k else 0) + (first_offset if k == 0 else 0)
+                record = self._finish({"document": first_doc + k, "token": offset if k < len(ends) else 0})
+                if on_shard:
+                    on_shard(record)
+
+    def _write(self, ids: np.ndarray) -> None:
+        data = np.ascontiguousarray(ids, dtype=self.dtype)
+        self.hash.update(data.tobytes() if not data.flags.c_contiguous else memoryview(data).cast("B"))
+        if self.in_memory:
+            self.pieces.append(data.copy())
+        else:
+            if self.file is None:
+                self.file = open(self._path() + ".tmp", "wb")  # noqa: SIM115 - open across add() calls, closed in _finish
+            data.tofile(self.file)
+        self.fill += len(data)
+
+    def _path(self) -> str:
+        return os.path.join(self.store_dir, ts.shard_file(self.split, len(self.shards)))
+
+    def held(self) -> np.ndarray:
+        """The current (unfinished) shard's tokens kept in memory."""
+        return np.concatenate(self.pieces) if self.pieces else np.zeros(0, self.dtype)
+
+    def finish(self) -> dict | None:
+        """Close the last, shorter shard (if it has tokens)."""
+        return self._finish(None) if self.fill else None
+
+    def _finish(self, end: dict | None) -> dict:
+        path = self._path()
+        if self.in_memory:
+            ts.write_file_atomically(path, self.held().tobytes())
+        else:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(path + ".tmp", path)
+        record = {"file": os.path.basename(path), "tokens": self.fill, "documents": self.documents,
+                  "utf8_bytes": self.utf8_bytes, "sha256": self.hash.hexdigest()}
+        if end is not None:
+            record["end"] = end  # where the next shard starts in the source's documents (resume point)
+        self.shards.append(record)
+        self._reset()
+        return record
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+
+
+def open_writers(manifest: dict, output_dir: str) -> tuple[SplitWriter, SplitWriter, dict]:
+    """(train writer, validation writer, resume point) continuing the shards the manifest lists."""
+    resume = manifest.pop("resume", None) or {"document": 0, "token": 0, "validation_partial": None}
+    splits, dtype, shard_tokens = manifest.get("splits", {}), manifest["dtype"], manifest["shard_tokens"]
+    train = SplitWriter(output_dir, "train", shard_tokens, dtype, splits.get("train", {}).get("shards"))
+    val = SplitWriter(output_dir, "validation", shard_tokens, dtype, splits.get("validation", {}).get("shards"),
+                      in_memory=True)
+    partial = resume["validation_partial"]
+    if partial:
+        held = np.fromfile(os.path.join(output_dir, partial["file"]), dtype=dtype)
+        if len(held) != partial["tokens"]:
+            raise UserError(ts.corrupt_message(output_dir, partial["file"], "is not the size the manifest says"))
+        val.restore(held, partial["documents"], partial["utf8_bytes"])
+    return train, val, resume
 
 
 class _Progress:
@@ -281,140 +337,3 @@ class _Progress:
             f"{self.tokens:,} tokens tokenized in {seconds:.1f} s ({self.tokens / seconds:,.0f} tokens/s); "
             f"{memory}{main}"
         )
-
-
-# ---- the command ----
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 0.5:
-        raise argparse.ArgumentTypeError(f"{text} is outside [0, 0.5]")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
-
-
-def parser() -> argparse.ArgumentParser:
-    p = OneLineArgumentParser(
-        prog="toolkit prepare",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Layout and reading: docs/pretraining_at_scale.md; train with recipes/pretrain.py --token_store STORE.",
-    )
-    p.add_argument(
-        "source",
-        nargs="?",
-        help="a file or folder of .txt (one document per file), .jsonl/.json/.parquet/.csv "
-        "(one document per row) files",
-    )
-    p.add_argument("--dataset_name", help="instead of SOURCE: a datasets dataset (Hub name or local dataset folder)")
-    p.add_argument("--dataset_config_name", help="the dataset's configuration (e.g. sample-10BT)")
-    p.add_argument("--dataset_split", default="train", help="the dataset's split to read (default: train)")
-    p.add_argument(
-        "--streaming",
-        type=lambda s: s.lower() in ("1", "true", "yes"),
-        default=True,
-        help="stream the dataset (default true: no download to the datasets cache, no Arrow copies)",
-    )
-    p.add_argument(
-        "--output_dir", required=True, help="the store folder (new or empty; or an interrupted store to finish)"
-    )
-    p.add_argument("--tokenizer_name", required=True, help="tokenizer folder or Hub name (e.g. gpt2)")
-    p.add_argument(
-        "--text_column", default="text", help="column/field holding the text in tabular data (default: text)"
-    )
-    p.add_argument(
-        "--validation_file", help="hold out this file/folder as the validation split instead of documents of SOURCE"
-    )
-    p.add_argument(
-        "--validation_fraction",
-        type=_fraction,
-        default=DEFAULT_VALIDATION_FRACTION,
-        help="documents held out for validation: every round(1/F)-th (default 0.005; 0 = none)",
-    )
-    p.add_argument(
-        "--validation_max_tokens",
-        type=_non_negative,
-        default=DEFAULT_VALIDATION_MAX_TOKENS,
-        help="stop holding out documents once validation has this many tokens (default 5_000_000)",
-    )
-    p.add_argument(
-        "--shard_tokens",
-        type=_positive,
-        default=DEFAULT_SHARD_TOKENS,
-        help="tokens per shard (default 100_000_000: 200 MB as uint16)",
-    )
-    p.add_argument(
-        "--num_proc",
-        type=_positive,
-        default=None,
-        help="tokenizer processes (default: all cores; one for sources under 16 MB)",
-    )
-    p.add_argument(
-        "--batch_chars",
-        type=_positive,
-        default=DEFAULT_BATCH_CHARS,
-        help="characters of text per tokenization batch (default 1 MiB)",
-    )
-    p.add_argument("--no_progress", action="store_true", help="no progress bar (logs)")
-    return p
-
-
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser().parse_args(argv)
-    if bool(args.source) == bool(args.dataset_name):
-        raise UserError("give either a SOURCE file/folder or --dataset_name (one of them)")
-    if args.source:
-        corpus = Corpus.from_files(args.source, args.text_column)
-    else:
-        corpus = Corpus.from_dataset(
-            args.dataset_name, args.dataset_config_name, args.dataset_split, args.text_column, streaming=args.streaming
-        )
-    validation = Corpus.from_files(args.validation_file, args.text_column) if args.validation_file else None
-    from toolkit.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(args.tokenizer_name)
-    command = "toolkit prepare " + shlex.join(argv)
-    try:
-        manifest = build_store(
-            corpus,
-            tokenizer,
-            args.output_dir,
-            validation_corpus=validation,
-            validation_fraction=args.validation_fraction,
-            validation_max_tokens=args.validation_max_tokens,
-            shard_tokens=args.shard_tokens,
-            num_proc=args.num_proc,
-            batch_chars=args.batch_chars,
-            command=command,
-            progress=not args.no_progress,
-        )
-    except KeyboardInterrupt:
-        print(f"\nInterrupted; complete shards are kept in {args.output_dir}. Rerun the same command to continue.",
-              file=sys.stderr)
-        return 130
-    except OSError as err:
-        if err.errno == errno.ENOSPC:
-            raise UserError(
-                f"disk full while writing '{args.output_dir}'; free space and rerun the same command "
-                "(complete shards are kept)"
-            ) from None
-        raise
-    print(f"{args.output_dir}: {manifest['_summary']}")
-    print(f"Train with: python recipes/pretrain.py --token_store {shlex.quote(args.output_dir)} ...")
-    return 0

@@ -9,6 +9,9 @@ tokenizing, EOS, completion masks and packing; this module only gets the data to
   messages             a "messages" column of {"role", "content"} turns (or ShareGPT "conversations"):
                        rendered with the tokenizer's chat template.
 
+Files are read with `datasets` builders named by the file-type table of toolkit/data/files.py: trl takes whole
+rows (prompt/completion/messages), and a .txt file splits into examples (--text_sample_by).
+
 trl appends EOS to every text / completion; chat examples get it from the template below, which
 ends every assistant turn with EOS. Without it a chat-tuned GPT-2 never learns to stop (open-r1#604).
 """
@@ -17,8 +20,8 @@ from __future__ import annotations
 
 import os
 
+from toolkit.data.files import FILE_TYPES
 from toolkit.errors import UserError
-from toolkit.sources import FILE_BUILDERS
 
 # GPT-2 ships no chat template. This one is plain text ("User: ...\nAssistant: ...") so the base
 # model's knowledge of English carries over, and EOS closes each assistant turn so generation stops
@@ -56,7 +59,7 @@ def _load(args):
     if args.dataset_name and args.train_file:
         raise UserError("both --dataset_name and --train_file were given; pass one data source")
     if not args.dataset_name and not args.train_file:
-        from toolkit.data import embedded_documents
+        from toolkit.data.corpus import embedded_documents
 
         if args.validation_file:
             raise UserError("--validation_file goes with --train_file; pass the training data too")
@@ -72,7 +75,7 @@ def _load(args):
                 raise UserError(f"--{'train' if split == 'train' else 'validation'}_file '{path}' does not exist; "
                                 "pass an existing file")
             exts.add(os.path.splitext(path)[1].lower())
-        builders = {FILE_BUILDERS.get(ext) for ext in exts}
+        builders = {FILE_TYPES.get(ext) for ext in exts}
         if None in builders or len(builders) != 1:
             raise UserError(
                 f"cannot read {' and '.join(sorted(exts))} files; use .txt (plain text), .jsonl/.json, .csv or "

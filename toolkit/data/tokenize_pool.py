@@ -18,6 +18,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
+from toolkit.data.corpus import pack_documents
 from toolkit.errors import UserError
 
 _WORKER = None
@@ -28,8 +29,8 @@ def _init_worker(backend_json: str, eos_id: int, dtype: str, single_thread: bool
 
     global _WORKER
     if single_thread:  # the pool is the parallelism: one core per worker, so one Rayon thread each
-        # Not TOKENIZERS_PARALLELISM=false: the same encode runs ~15% faster on one Rayon thread than serially on the
-        # calling thread (measured: docs/benchmarks.md, findings).
+        # Not TOKENIZERS_PARALLELISM=false: the same encode is faster on one Rayon thread than serially on the
+        # calling thread (docs/benchmarks.md, findings).
         os.environ["TOKENIZERS_PARALLELISM"] = "true"
         os.environ["RAYON_NUM_THREADS"] = "1"
     tokenizer = Tokenizer.from_str(backend_json)
@@ -43,13 +44,7 @@ def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     peak RSS in KiB)."""
     tokenizer, eos_id, dtype = _WORKER
     ids = [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
-    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-    out = np.empty(int(lengths.sum()), dtype=dtype)
-    pos = 0
-    for x in ids:
-        out[pos : pos + len(x)] = x
-        out[pos + len(x)] = eos_id
-        pos += len(x) + 1
+    out, lengths = pack_documents(ids, eos_id, dtype)
     nbytes = np.fromiter((len(t.encode("utf-8", "surrogatepass")) for t in texts), dtype=np.int64, count=len(texts))
     return out, lengths, nbytes, peak_rss_kib()
 
