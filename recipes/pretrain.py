@@ -160,7 +160,8 @@ def main() -> None:
         fsdp = distributed.fsdp_requested(training_args)
         training_args.muon = presets.default_optimizer(config.n_embd) == "muon" and not fsdp
     if resume_from:
-        check_resume_compatible(resume_from, config, training_args)  # same model shape, same global batch
+        # same model shape; the global batch may change where the data resumes by samples seen (not a stream)
+        check_resume_compatible(resume_from, config, training_args, by_samples=not streaming)
 
     # 5. Model: weights from the checkpoint, or GPT-2 initialisation from the seed.
     if model_args.model_name_or_path:
