@@ -142,7 +142,8 @@ def _split(g: dict) -> str:
             f"{g['gradient_accumulation_steps']} accumulation step(s)")
 
 
-def resume_plan(order: SampleOrder, args, steps_in_epoch: int, checkpoint: str | None) -> tuple[Plan, str | None]:
+def resume_plan(order: SampleOrder, args, steps_in_epoch: int, max_steps: int,
+                checkpoint: str | None) -> tuple[Plan, str | None]:
     """The plan of this run, and the note to print (or None): from the start, or from a checkpoint's position."""
     from toolkit.distributed import batch_geometry
 
@@ -179,7 +180,7 @@ def resume_plan(order: SampleOrder, args, steps_in_epoch: int, checkpoint: str |
         note = (f"note: resuming at {position.seen:,} samples seen (epoch {position.epoch}, block {position.offset:,} "
                 f"of its order) with a global batch of {g} sequences ({_split(now)}) instead of the checkpoint's "
                 f"{saved['global_batch_size']} ({_split(saved)}): the data order goes on from there and the "
-                f"learning-rate schedule continues by optimizer steps (from step {step} of {args.max_steps})")
+                f"learning-rate schedule continues by optimizer steps (from step {step} of {max_steps})")
     return plan, note
 
 
@@ -233,7 +234,7 @@ class ResumeBySamples:
         order = find_order(dataloader)
         if order is None:
             return values
-        order.plan, note = resume_plan(order, args, values[5], getattr(self, "_order_checkpoint", None))
+        order.plan, note = resume_plan(order, args, values[5], values[6], getattr(self, "_order_checkpoint", None))
         if note and args.process_index == 0:
             print(note, file=sys.stderr if note.startswith("warning") else sys.stdout, flush=True)
         # Where the plan agrees with the Trainer's own count, the Trainer keeps its resume bookkeeping (which gives an
