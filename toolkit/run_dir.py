@@ -185,7 +185,7 @@ def check_resume_batch(checkpoint: str, training_args, by_samples: bool = False)
     (sequences per optimizer step), or with any when the data resumes by samples seen (`by_samples`).
 
     `by_samples` (pretraining from a token store): the checkpoint records the data position and the resumed loader
-    starts there (toolkit/sample_order.py), so any split and any global batch continue the same order; a changed
+    starts there (toolkit/data/order.py), so any split and any global batch continue the same order; a changed
     global batch is announced there, with the samples seen. Otherwise (fine-tuning, streaming) the Trainer skips
     `steps done x accumulation` batches on each process, and a process's batches are every N-th per-device batch of
     the one seeded order: with the same global batch, 1, 2 or N processes see the same sequences at every step,

@@ -14,7 +14,7 @@
 - A non-finite loss or gradient never reaches the weights, and loss spikes are reported and handled per --on_spike
   (toolkit/guard.py).
 - The training blocks are read in one seeded order whose position is saved in every checkpoint, and a resumed run
-  starts there, on any number of processes and with any global batch (toolkit/sample_order.py); a checkpoint
+  starts there, on any number of processes and with any global batch (toolkit/data/order.py); a checkpoint
   written without FSDP also resumes under FSDP2 (toolkit/fsdp_resume.py).
 """
 
@@ -29,11 +29,11 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
+from toolkit.data.order import ResumeBySamples
 from toolkit.errors import UserError
 from toolkit.fsdp_resume import PlainCheckpointIntoFSDP
 from toolkit.guard import TrainingGuard
 from toolkit.lm_metrics import bits_per_byte_from_mean, perplexity
-from toolkit.sample_order import ResumeBySamples
 
 STAGING_DIR = ".incomplete"
 
