@@ -54,9 +54,10 @@ def config_names(prefix: str) -> list[str]:
     return sorted(p.name for p in CONFIGS.glob(f"{prefix}*.yaml"))
 
 
-def test_every_config_file_is_covered():
-    assert len(config_names("pretrain_")) + len(config_names("lora_")) + len(config_names("qlora_")) == len(
-        list(CONFIGS.glob("*.yaml"))) == 8
+def test_every_config_file_is_run_below():
+    """Each file starts with the name of the recipe that reads it, so one of the two tests below runs it."""
+    names = sorted(p.name for p in CONFIGS.glob("*.yaml"))
+    assert names and names == sorted(config_names("pretrain_") + config_names("lora_") + config_names("qlora_"))
 
 
 @pytest.mark.parametrize("name", config_names("pretrain_"))

@@ -142,7 +142,6 @@ def large_vocabulary_tokenizer(folder, size: int = 70_000):
     tokenizer.save_pretrained(folder)
 
 
-@pytest.mark.slow
 def test_uint32_token_store_from_a_large_vocabulary_trains(tmp_path, capsys):
     """A tokenizer of 70,000 ids: `toolkit prepare` writes uint32 shards (ids above 65,535 in them; the validation
     split from --validation_file), and pretrain.py --token_store trains on them with its tokenizer, the embedding
