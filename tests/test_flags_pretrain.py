@@ -34,7 +34,7 @@ def pretrain(argv, tmp_path, capsys, name="out") -> tuple:
     return out, stdout
 
 
-def loss_fell(output_dir, by: float = 0.05) -> None:
+def loss_fell(output_dir, by: float = 0.3) -> None:
     evals = eval_losses(output_dir)
     first, last = evals[0], evals[max(evals)]
     assert max(evals) > 0 and last < first - by, evals
@@ -67,7 +67,7 @@ def test_csv_and_json_array_files_muon_learning_rate_and_eager_attention(tmp_pat
                             str(tmp_path / "train.csv"), "--validation_file", str(tmp_path / "valid.json"),
                             "--text_column", "body",
                             "--optim", "muon", "--muon_learning_rate", "1e-9", "--attn_implementation", "eager",
-                            "--max_steps", "6", "--overwrite_output_dir"], tmp_path, capsys)
+                            "--max_steps", "4", "--overwrite_output_dir"], tmp_path, capsys)
     assert "Muon + AdamW" in stdout and not (out / "checkpoint-3").exists()
     loss_fell(out)
     # every row of each file is a document: the blocks are the files' tokens (a document + EOS each) cut in 32s
@@ -119,13 +119,13 @@ def test_streaming_from_a_local_dataset_folder(tmp_path, tiny_tokenizer_dir, cap
         for text in docs(0, 60):
             f.write(json.dumps({"text": text}) + "\n")
     out, stdout = pretrain([*TINY, *PRESET, "--tokenizer_name", str(tiny_tokenizer_dir), "--dataset_name", str(folder),
-                            "--streaming", "true", "--streaming_eval_blocks", "16", "--max_steps", "6",
+                            "--streaming", "true", "--streaming_eval_blocks", "16", "--max_steps", "4",
                             "--dropout", "0.1", "--sample_prompt", "The meaning of", "--seed", "7"], tmp_path, capsys)
     assert f"Data: streaming {folder}, blocks of 32 tokens" in stdout
     assert json.loads((out / "config.json").read_text())["resid_pdrop"] == 0.1  # --dropout
     assert "Sample: 'The meaning of" in stdout, stdout[-2000:]  # --sample_prompt starts the closing sample
     assert "| seed | 7 |" in (out / "README.md").read_text()
-    assert state(out)["global_step"] == 6
+    assert state(out)["global_step"] == 4
     loss_fell(out)
 
 
@@ -168,10 +168,10 @@ def test_uint32_token_store_from_a_large_vocabulary_trains(tmp_path, capsys):
     ids = np.concatenate([np.fromfile(s, dtype=np.uint32) for s in shards])
     assert ids[ids != 69_999].min() == 65_530  # the words' ids, above what uint16 holds
     capsys.readouterr()
-    out, stdout = pretrain([*TINY, *PRESET, "--token_store", str(store), "--max_steps", "6",
+    out, stdout = pretrain([*TINY, *PRESET, "--token_store", str(store), "--max_steps", "4",
                             "--pad_vocab_to_multiple_of", "1"], tmp_path, capsys)
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 70_000  # not padded: multiple of 1
-    loss_fell(out, by=0.5)
+    loss_fell(out, by=1.0)
 
 
 @pytest.mark.slow
