@@ -10,7 +10,7 @@ import json
 
 from conftest import recipe_in_process
 
-FAST = ["--max_steps", "4", "--learning_rate", "1e-2", "--per_device_train_batch_size", "8", "--max_length", "64",
+FAST = ["--max_steps", "4", "--learning_rate", "3e-2", "--per_device_train_batch_size", "8", "--max_length", "64",
         "--max_eval_samples", "8", "--lora_r", "4", "--lora_alpha", "8", "--logging_steps", "2",
         "--sample_max_new_tokens", "4", "--seed", "0"]
 
