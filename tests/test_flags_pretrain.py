@@ -58,14 +58,14 @@ def test_csv_and_json_array_files_muon_learning_rate_and_eager_attention(tmp_pat
     import torch
     from safetensors.torch import load_file
 
-    datasets.Dataset.from_list([{"body": t} for t in docs(0, 40)]).to_csv(str(tmp_path / "train.csv"), index=False)
+    train = tmp_path / "train.csv"
+    datasets.Dataset.from_list([{"body": t} for t in docs(0, 40)]).to_csv(str(train), index=False)
     (tmp_path / "valid.json").write_text(json.dumps([{"body": t} for t in docs(40, 3)]), encoding="utf-8")
     # the output folder holds an earlier run (a model and a checkpoint): --overwrite_output_dir replaces it
     shutil.copytree(tiny_model_dir, tmp_path / "out")
     (tmp_path / "out" / "checkpoint-3").mkdir()
-    out, stdout = pretrain([*TINY, "--model_name_or_path", str(tiny_model_dir), "--train_file",
-                            str(tmp_path / "train.csv"), "--validation_file", str(tmp_path / "valid.json"),
-                            "--text_column", "body",
+    out, stdout = pretrain([*TINY, "--model_name_or_path", str(tiny_model_dir), "--train_file", str(train),
+                            "--validation_file", str(tmp_path / "valid.json"), "--text_column", "body",
                             "--optim", "muon", "--muon_learning_rate", "1e-9", "--attn_implementation", "eager",
                             "--max_steps", "4", "--overwrite_output_dir"], tmp_path, capsys)
     assert "Muon + AdamW" in stdout and not (out / "checkpoint-3").exists()
@@ -74,8 +74,10 @@ def test_csv_and_json_array_files_muon_learning_rate_and_eager_attention(tmp_pat
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    valid_tokens = sum(len(tokenizer(t).input_ids) + 1 for t in docs(40, 3))
-    assert f" and {valid_tokens // 32:,} validation blocks of 32 tokens" in stdout, stdout
+    train_tokens, valid_tokens = (sum(len(tokenizer(t).input_ids) + 1 for t in texts)
+                                  for texts in (docs(0, 40), docs(40, 3)))
+    assert f"Data: {train_tokens // 32:,} train and {valid_tokens // 32:,} validation blocks of 32 tokens" in stdout, (
+        stdout)
     before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
     hidden = [k for k in before if k.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
                                                "mlp.c_proj.weight"))]
@@ -195,17 +197,19 @@ def test_onefile_compiled_on_the_cpu_gives_the_same_losses(tmp_path, tiny_tokeni
 
 
 @pytest.mark.slow
-def test_push_to_hub_uploads_the_finished_run(tmp_path, small_text_file):
+def test_push_to_hub_uploads_the_finished_run(tmp_path):
     """`--push_to_hub --hub_model_id user/name` (token from HF_TOKEN): the output folder, model card included, is
-    on the Hub at the end of the run. A real process pointed at tests/hub_server.py (huggingface_hub reads the Hub's
-    address when it is imported)."""
+    on the Hub at the end of the run, trained on a .parquet file (a document per row). A real process pointed at
+    tests/hub_server.py (huggingface_hub reads the Hub's address when it is imported)."""
+    import datasets
     from hub_server import HubServer
 
     token = "hf_PretrainToken0123456789"
     out = tmp_path / "out"
+    datasets.Dataset.from_list([{"text": t} for t in docs(0, 30)]).to_parquet(str(tmp_path / "train.parquet"))
     with HubServer() as hub:
         result = run_script(["recipes/pretrain.py", *TINY, *PRESET, "--vocab_size", "512",
-                             "--train_file", str(small_text_file), "--max_steps", "2", "--push_to_hub",
+                             "--train_file", str(tmp_path / "train.parquet"), "--max_steps", "2", "--push_to_hub",
                              "--hub_model_id", "someone/tiny-gpt2",
                              "--output_dir", str(out), "--data_cache_dir", str(tmp_path / "cache")], timeout=280,
                             env={"HF_ENDPOINT": hub.url, "HF_TOKEN": token, "HF_HUB_OFFLINE": "0",
@@ -215,3 +219,4 @@ def test_push_to_hub_uploads_the_finished_run(tmp_path, small_text_file):
     files = hub.repos["someone/tiny-gpt2"].files
     assert files["model.safetensors"] == (out / "model.safetensors").read_bytes()
     assert "tokenizer.json" in files and "someone/tiny-gpt2" in files["README.md"].decode()
+    assert "train.parquet" in files["README.md"].decode()  # the card names the training data
