@@ -89,7 +89,8 @@ def main() -> None:
     config = presets.pretrain_config(model_args, tokenizer, data_args.block_size)
     presets.fill_width_defaults(training_args, config.n_embd, fsdp)  # learning rate and optimizer by model width
     if resume_from:
-        check_resume_compatible(resume_from, config, training_args)  # same model shape, same global batch
+        # same model shape; the global batch may change where the data resumes by samples seen (not a stream)
+        check_resume_compatible(resume_from, config, training_args, by_samples=not data_args.streaming)
 
     # 5. Model: weights from the checkpoint, or GPT-2 initialisation from the seed.
     if model_args.model_name_or_path:

@@ -13,7 +13,9 @@ endpoints those calls really use, the way the Hub answers them:
   HEAD/GET /{repo_id}/resolve/{revision}/{path}        file metadata (ETag, X-Repo-Commit) and bytes
 
 Like the Hub it rejects a model card whose `base_model` is not a model id (transformers#33922) and
-hides a private repo from requests without the creator's token. What it receives is kept in
+hides a private repo from requests without the creator's token. `HubServer(reject_tokens={token: status})` answers
+every request made with one of those tokens with that status (401: a token the Hub does not know, 403: one
+without write access, 5xx: the Hub failing). What it receives is kept in
 `server.repos` (repo_id -> Repo) and every request in `server.requests`, so tests can check both.
 Nothing here is a mock of the toolkit: the toolkit only ever sees a Hub.
 """
@@ -103,6 +105,17 @@ class _Handler(BaseHTTPRequestHandler):
              "body": body}
         )
 
+    def _rejected(self, head: bool = False) -> bool:
+        """Answer a request made with one of `reject_tokens` with its status, as the Hub answers such a token."""
+        auth = self.headers.get("Authorization") or ""
+        status = self.server.hub.reject_tokens.get(auth.removeprefix("Bearer "))
+        if status is None:
+            return False
+        messages = {401: "Invalid credentials in Authorization header",
+                    403: "You don't have the rights to create a model under this namespace"}
+        self._error(status, messages.get(status, "Internal Error"), head=head)
+        return True
+
     def _visible_repo(self, repo_id: str) -> Repo | None:
         repo = self.server.hub.repos.get(repo_id)
         if repo is None:
@@ -115,6 +128,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         body = self._body()
         self._record(body)
+        if self._rejected():
+            return None
         path = unquote(urlsplit(self.path).path)
         hub = self.server.hub
         if path == "/api/repos/create":
@@ -192,6 +207,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve_get(self, head: bool):
         self._record()
+        if self._rejected(head):
+            return None
         path = unquote(urlsplit(self.path).path)
         match = re.match(r"^/api/(?:model|dataset|space)s/([^/]+(?:/[^/]+)?)/tree/([^/]+)(?:/(.*))?$", path)
         if match:
@@ -246,7 +263,8 @@ class HubServer:
         daemon_threads = True
         hub: "HubServer"
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, reject_tokens: dict[str, int] | None = None):
+        self.reject_tokens = dict(reject_tokens or {})
         self.repos: dict[str, Repo] = {}
         self.requests: list[dict] = []
         self.lock = threading.Lock()

@@ -164,8 +164,9 @@ def test_auto_resume_skips_a_broken_newest_checkpoint_and_an_explicit_one_is_ref
 
 
 def test_a_resume_with_another_global_batch_is_refused_by_name(tmp_path):
-    """A checkpoint records how its run split the global batch; resuming with another global batch is refused
-    (the data position and the schedule would be off), another split of the same one is allowed."""
+    """A checkpoint records how its run split the global batch; where the Trainer skips batches to resume (fine-tuning,
+    streams), another global batch is refused (the data position and the schedule would be off) and another split of
+    the same one is allowed; where the data resumes by samples seen (pretraining from a store), any is allowed."""
     from transformers import TrainingArguments
 
     from toolkit.args.pretrain import PretrainArguments
@@ -180,6 +181,7 @@ def test_a_resume_with_another_global_batch_is_refused_by_name(tmp_path):
     one_process = dict(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none")
     check_resume_batch(str(tmp_path), PretrainArguments(**one_process, per_device_train_batch_size=4,
                                                         gradient_accumulation_steps=2))
+    check_resume_batch(str(tmp_path), PretrainArguments(**one_process, per_device_train_batch_size=4), by_samples=True)
     with pytest.raises(UserError) as err:
         check_resume_batch(str(tmp_path), PretrainArguments(**one_process, per_device_train_batch_size=4))
     assert str(err.value) == (f"checkpoint '{tmp_path}' was trained with a global batch of 8 sequences (4 per device "

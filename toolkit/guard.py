@@ -194,6 +194,10 @@ class TrainingGuard:
         args = self.args
         per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
         position = {"samples": (self.state.global_step * per_step, step * per_step - 1)}
+        for callback in self.callback_handler.callbacks:  # pretraining records where each step reads
+            plan = getattr(getattr(callback, "order", None), "plan", None)  # (toolkit/data/order.py), also
+            if plan is not None:  # after a resume with another global batch
+                position["samples"] = (plan.position(step - 1).seen, plan.position(step).seen - 1)
         if self._guard_positions:
             local = torch.cat([p.reshape(-1) for p in self._guard_positions]).to(args.device)
             blocks = self.accelerator.gather(local) if args.world_size > 1 else local

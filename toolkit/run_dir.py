@@ -162,11 +162,11 @@ def check_writable_dir(path: str, option: str = "--output_dir") -> None:
                         "choose another folder")
 
 
-def check_resume_compatible(checkpoint: str, config, training_args=None) -> None:
+def check_resume_compatible(checkpoint: str, config, training_args=None, by_samples: bool = False) -> None:
     """A checkpoint from another model shape fails deep in torch with a size-mismatch wall; say it plainly. With the
     training arguments, also the batch (check_resume_batch)."""
     if training_args is not None:
-        check_resume_batch(checkpoint, training_args)
+        check_resume_batch(checkpoint, training_args, by_samples)
     path = os.path.join(checkpoint, "config.json")
     if not os.path.isfile(path):
         return  # sharded (FSDP) checkpoints keep the config beside the shards; torch checks shapes there
@@ -181,14 +181,17 @@ def check_resume_compatible(checkpoint: str, config, training_args=None) -> None
                             f"{key}={getattr(config, key)}; use the same model options as the run that wrote it")
 
 
-def check_resume_batch(checkpoint: str, training_args) -> None:
-    """Resume on another number of processes only with the same global batch (sequences per optimizer step).
+def check_resume_batch(checkpoint: str, training_args, by_samples: bool = False) -> None:
+    """FSDP shards resume under FSDP only; a run on another number of processes resumes with the same global batch
+    (sequences per optimizer step), or with any when the data resumes by samples seen (`by_samples`).
 
-    The Trainer skips `steps done x accumulation` batches on each process, and a process's batches are every N-th
-    per-device batch of the one seeded order: so with the same global batch, 1, 2 or N processes see the same
-    sequences at every step, whatever the split (per-device batch x processes x accumulation), and the run goes on
-    as it would have. Another global batch would skip the wrong amount of data and change what a step means for
-    the learning-rate schedule: refused, naming the settings that restore it. The checkpoint's batch is the one
+    `by_samples` (pretraining from a token store): the checkpoint records the data position and the resumed loader
+    starts there (toolkit/data/order.py), so any split and any global batch continue the same order; a changed
+    global batch is announced there, with the samples seen. Otherwise (fine-tuning, streaming) the Trainer skips
+    `steps done x accumulation` batches on each process, and a process's batches are every N-th per-device batch of
+    the one seeded order: with the same global batch, 1, 2 or N processes see the same sequences at every step,
+    whatever the split, while another global batch would skip the wrong amount of data: refused, naming the settings
+    that restore it (pretraining on a stream: --global_batch_size). The checkpoint's batch is the one
     `toolkit.distributed_report.DistributedSetupCallback` recorded in trainer_state.json; older checkpoints have no
     record and are not checked.
     """
@@ -198,8 +201,7 @@ def check_resume_batch(checkpoint: str, training_args) -> None:
     sharded = any(name.startswith("pytorch_model_fsdp") for name in os.listdir(checkpoint))
     if sharded and not fsdp_requested(training_args):
         raise UserError(f"checkpoint '{checkpoint}' holds FSDP shards; resume it under FSDP (accelerate launch "
-                        "--config_file accelerate_configs/fsdp.yaml, or fsdp_cpu.yaml without GPUs) with the same "
-                        "global batch")
+                        "--config_file accelerate_configs/fsdp.yaml, or fsdp_cpu.yaml without GPUs)")
     try:
         with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
             record = json.load(f).get("stateful_callbacks", {}).get(BATCH_RECORD, {})
@@ -215,6 +217,8 @@ def check_resume_batch(checkpoint: str, training_args) -> None:
                 f"{g['gradient_accumulation_steps']} accumulation step(s)")
 
     if saved["global_batch_size"] != now["global_batch_size"]:
+        if by_samples:
+            return
         want = saved["global_batch_size"]
         fix = (f"--global_batch_size {want}" if hasattr(training_args, "global_batch_size") else
                f"--per_device_train_batch_size and --gradient_accumulation_steps that make {want} "

@@ -13,6 +13,9 @@
   after that record is logged, so the additions are made here.)
 - A non-finite loss or gradient never reaches the weights, and loss spikes are reported and handled per --on_spike
   (toolkit/guard.py).
+- The training blocks are read in one seeded order whose position is saved in every checkpoint, and a resumed run
+  starts there, on any number of processes and with any global batch (toolkit/data/order.py); a checkpoint
+  written without FSDP also resumes under FSDP2 (toolkit/fsdp_resume.py).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
+from toolkit.data.order import ResumeBySamples
 from toolkit.errors import UserError
+from toolkit.fsdp_resume import PlainCheckpointIntoFSDP
 from toolkit.guard import TrainingGuard
 from toolkit.lm_metrics import bits_per_byte_from_mean, perplexity
 
@@ -101,7 +106,8 @@ class CausalLMLoss:
                                     num_items_in_batch=num_items_in_batch)
 
 
-class PretrainTrainer(TrainingGuard, CausalLMLoss, CrashSafeCheckpoints, Trainer):
+class PretrainTrainer(TrainingGuard, ResumeBySamples, PlainCheckpointIntoFSDP, CausalLMLoss, CrashSafeCheckpoints,
+                      Trainer):
     """`eval_bytes_per_token`: UTF-8 bytes per scored validation token (lm_metrics.eval_bytes_per_token), to
     report eval_bits_per_byte; `benchmark`: a callable (model, tokenizer) -> {name: score} run on the main process at
     every evaluation (lm_eval_tasks.BenchmarkDuringTraining), its scores logged as eval_<name>."""

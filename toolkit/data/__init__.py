@@ -7,6 +7,7 @@
   tokenize_pool - batched tokenization in worker processes, results in order
   prepare      - build a token store from a corpus in parallel, in bounded memory, resumable
   blocks       - training blocks: a store's split by index, or a streamed dataset packed on the fly
+  order        - the seeded order training blocks are read in, and the data position a checkpoint records
   pretrain     - recipes/pretrain.py's one entry point: which data, which tokenizer, the prepared-store cache
   sft          - fine-tuning data (text, prompt/completion, chat) for trl, and GPT-2's chat template
 
