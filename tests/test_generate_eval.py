@@ -285,7 +285,9 @@ def test_text_read_in_pieces_tokenizes_as_a_whole(tiny_tokenizer_dir, tmp_path):
 
 
 @pytest.mark.parametrize("command, argv, needles", [
-    ("generate", ["missing/model", "--prompt", "x"], ["'missing/model' does not exist", "save_pretrained folder"]),
+    ("generate", ["./missing/model", "--prompt", "x"], ["'./missing/model' does not exist", "save_pretrained folder"]),
+    ("generate", ["missing/model", "--prompt", "x"],  # a Hub id's shape: asked of the Hub (offline here)
+     ["could not load the config of model 'missing/model'", "save_pretrained folder", "reachable Hub name"]),
     ("eval", ["--text_file", "x.txt"], ["no model given", "pass MODEL"]),
     ("generate", ["M", "--max_new_tokens", "0"], ["--max_new_tokens 0 is out of range: it must be at least 1"]),
     ("generate", ["M", "--temperature", "-1"],

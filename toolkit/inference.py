@@ -38,25 +38,34 @@ def resolve_device(name: str = "auto") -> str:
     return name
 
 
-def adapter_config(adapter: str, token: str | None = None) -> dict:
-    """adapter_config.json of a local adapter folder or Hub repo, with one-line errors."""
-    if os.path.isdir(adapter):
-        path = os.path.join(adapter, "adapter_config.json")
-        if not os.path.isfile(path):
-            raise UserError(f"'{adapter}' has no adapter_config.json; "
+def adapter_folder(adapter: str, token: str | None = None) -> str:
+    """A local adapter folder as given; a Hub repo downloaded (its json, safetensors and tokenizer files only, into
+    the Hub cache), so the adapter, its config and its tokenizer are read from one folder, with the token."""
+    from toolkit.model_loading import is_local_path
+
+    if is_local_path(adapter):
+        if not os.path.isdir(adapter):
+            raise UserError(f"adapter folder '{adapter}' does not exist; "
                             "pass the output_dir of recipes/lora.py or recipes/qlora.py")
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    if os.path.sep in adapter or adapter.startswith("."):
-        raise UserError(f"adapter folder '{adapter}' does not exist; "
-                        "pass the output_dir of recipes/lora.py or recipes/qlora.py")
-    from peft import PeftConfig
+        return adapter
+    from huggingface_hub import snapshot_download
 
     try:
-        return PeftConfig.from_pretrained(adapter, token=token).to_dict()
-    except (OSError, ValueError) as err:
-        raise UserError(f"could not load adapter '{adapter}' ({type(err).__name__}); pass a local adapter folder "
-                        "or a reachable Hub repo") from None
+        return snapshot_download(adapter, token=token, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+    except Exception as err:  # noqa: BLE001 - not found, private without a token, offline: "not reachable"
+        raise UserError(f"could not download adapter '{adapter}' from the Hub ({type(err).__name__}); check the "
+                        "repo name, pass --token (or HF_TOKEN) for a private repo, or a local folder") from None
+
+
+def adapter_config(adapter: str, token: str | None = None) -> dict:
+    """adapter_config.json of a local adapter folder or Hub repo, with one-line errors."""
+    folder = adapter_folder(adapter, token)
+    path = os.path.join(folder, "adapter_config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"'{adapter}' has no adapter_config.json; "
+                        "pass the output_dir of recipes/lora.py or recipes/qlora.py")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def resolve_model(model: str | None, adapter: str | None, token: str | None = None) -> tuple[str, dict | None]:
@@ -122,7 +131,7 @@ def load_for_inference(model_name: str, adapter: str | None = None, adapter_cfg:
         recorded = (adapter_cfg or {}).get("base_model_name_or_path")
         fix = "pass as MODEL the base it was trained on (or leave MODEL out to use the one it records)"
         try:
-            model = load_adapter(model, adapter, token=token)
+            model = load_adapter(model, adapter_folder(adapter, token))
         except RuntimeError:  # load_state_dict: size mismatch
             raise UserError(f"adapter '{adapter}' does not fit model '{model_name}' (tensor shapes differ: it was "
                             f"trained on another base); {fix}") from None
@@ -133,8 +142,8 @@ def load_for_inference(model_name: str, adapter: str | None = None, adapter_cfg:
             print(f"note: adapter '{adapter}' was trained on '{recorded}'; applied to '{model_name}'", file=sys.stderr)
         name = f"{model_name} + {adapter}"
     tokenizer = None
-    if adapter and os.path.isfile(os.path.join(adapter, "tokenizer_config.json")):
-        tokenizer = load_tokenizer(adapter)  # the adapter folder keeps the tokenizer it was trained with
+    if adapter and os.path.isfile(os.path.join(adapter_folder(adapter, token), "tokenizer_config.json")):
+        tokenizer = load_tokenizer(adapter_folder(adapter, token))  # the tokenizer the adapter was trained with
     tokenizer = tokenizer or load_tokenizer(model_name)
     # GPT-2 pads with its EOS, and a prompt that starts a document starts with EOS: transformers' "input_ids may be
     # padded" check (the config's pad id first or last, the all-ones mask dropped before the forward) would misfire

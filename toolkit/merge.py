@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 
 from toolkit.errors import UserError
-from toolkit.inference import adapter_config
+from toolkit.inference import adapter_config, adapter_folder
 
 # Largest relative logit difference, max|merged - unmerged| / max|unmerged|, accepted for a merge in each dtype:
 # rounding W + BA once to the dtype, a few units of its epsilon (fp32 1.2e-7, bf16 7.8e-3, fp16 9.8e-4) through
@@ -83,6 +83,7 @@ def merge_adapter(adapter: str, output_dir: str, base_model: str | None = None, 
         raise UserError(f"'{output_dir}' already holds a model; "
                         "pass --overwrite_output_dir or choose another --output_dir")
     config = adapter_config(adapter, token)
+    folder = adapter_folder(adapter, token)  # a Hub adapter: downloaded once, read here
     if config.get("peft_type") not in (None, "LORA"):
         raise UserError(f"'{adapter}' is a {config.get('peft_type')} adapter; toolkit merge merges LoRA adapters only")
     base = base_model or config.get("base_model_name_or_path")
@@ -90,7 +91,7 @@ def merge_adapter(adapter: str, output_dir: str, base_model: str | None = None, 
         raise UserError("the adapter does not record its base model; pass --base_model_name_or_path")
     model = load_model(base, dtype=getattr(torch, dtype))
     try:
-        model = load_adapter(model, adapter, token=token)
+        model = load_adapter(model, folder)
     except RuntimeError:  # load_state_dict: size mismatch
         raise UserError(
             f"adapter '{adapter}' does not fit base '{base}' (tensor shapes differ: it was trained on another base); "
@@ -102,7 +103,7 @@ def merge_adapter(adapter: str, output_dir: str, base_model: str | None = None, 
             f"pass --base_model_name_or_path with the model it was trained on"
         ) from None
     try:  # the adapter folder carries the tokenizer (and chat template) it was trained with
-        tokenizer = load_tokenizer(adapter) if os.path.isdir(adapter) else load_tokenizer(base)
+        tokenizer = load_tokenizer(folder)
     except UserError:
         tokenizer = load_tokenizer(base)
     model.eval()

@@ -12,17 +12,21 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 
 from toolkit import third_party
 from toolkit.cpu_allocator import large_blocks_from_mmap, release_freed_memory
 from toolkit.errors import UserError
 
+# what the Hub accepts as a repo id: "name" or "namespace/name"
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
 
 def is_local_path(name_or_path: str) -> bool:
-    """A folder, or something written like a path (has a separator or starts with '.'), rather than a Hub name:
-    a missing local folder then gets a "does not exist" error instead of a failed Hub download (models here,
-    tokenizers in toolkit/tokenizer.py)."""
-    return os.path.isdir(name_or_path) or os.path.sep in name_or_path or name_or_path.startswith(".")
+    """A folder, or something that cannot be a Hub repo id ('/abs/path', './x', 'a/b/c'): a missing local folder then
+    gets a "does not exist" error instead of a failed Hub download (models, adapters, tokenizers). A missing 'a/b' is
+    asked of the Hub, as from_pretrained does."""
+    return os.path.isdir(name_or_path) or not HUB_ID.fullmatch(name_or_path)
 
 
 def check_model_source(name_or_path: str | None) -> str:
