@@ -11,6 +11,10 @@ Each module owns one concern:
   commands/  - the `toolkit` subcommands, one module each: options and main(argv) over the library
   flops      - FLOPs per token, peak FLOP rates, MFU
   muon       - `--optim muon`: Muon for the hidden matrices + AdamW for the rest, one optimizer
+  guard      - the training guard: a non-finite step never reaches the weights; loss spikes warned, skipped or
+               rolled back
+  fsdp_resume - a one-process or DDP checkpoint resumed under FSDP2 (weights, optimizer, schedule sharded)
+  preflight  - the checks before a recipe loads anything: which tokenizer, does the plan fit the memory
   run_dir    - output-folder safety (never overwrite a run), resume resolution, the final save_pretrained folder
   trainer    - PretrainTrainer (tokens/s, MFU, bits per byte), crash-safe checkpoints, the causal-LM loss
   callbacks  - Trainer callbacks: loss-curve plot, save-and-stop on SIGINT/SIGTERM
