@@ -282,3 +282,13 @@ def one_error_line(stderr: str) -> str:
     lines = [text for part in re.split(r"[\r\n]", stderr) if (text := PROGRESS_BAR.sub("", part).strip())]
     assert len(lines) == 1 and lines[0].startswith("error"), f"expected one error line, got:\n{stderr[-3000:]}"
     return lines[0]
+
+
+def card_rows(output_dir) -> dict[str, str]:
+    """The two-column rows of a model card (README.md) in `output_dir`: {name: value}."""
+    rows = {}
+    for line in (Path(output_dir) / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) == 2:
+            rows[cells[0]] = cells[1]
+    return rows

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import REPO, free_port, recipe_in_process, run_script
+from conftest import REPO, card_rows, free_port, recipe_in_process, run_script
 
 CONFIGS = REPO / "recipes" / "configs"
 ACCELERATE = REPO / "accelerate_configs"
@@ -26,15 +26,6 @@ PRETRAIN_CARD = {"learning_rate": "peak learning rate", "warmup_steps": "warmup_
                  "seed": "seed"}
 FINETUNE_CARD = {k: k for k in ("lora_r", "lora_alpha", "lora_dropout", "learning_rate", "seed",
                                 "per_device_train_batch_size", "gradient_accumulation_steps")}
-
-
-def card_rows(output_dir) -> dict[str, str]:
-    rows = {}
-    for line in (output_dir / "README.md").read_text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and len(cells) == 2:
-            rows[cells[0]] = cells[1]
-    return rows
 
 
 def same_value(card: str, file_value) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import recipe_in_process
+from conftest import card_rows, recipe_in_process
 
 FAST = ["--max_steps", "4", "--learning_rate", "3e-2", "--per_device_train_batch_size", "8", "--max_length", "64",
         "--max_eval_samples", "8", "--lora_r", "4", "--lora_alpha", "8", "--logging_steps", "2",
@@ -35,15 +35,6 @@ def reloads_with_targets(out, base, targets: set[str], modules: set[str]) -> Non
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)
     adapted = [name.split(".lora_A")[0] for name, _ in model.named_parameters() if ".lora_A." in name]
     assert sorted(".".join(name.split(".")[-2:]) for name in adapted) == sorted(2 * list(modules)), adapted
-
-
-def card_rows(out) -> dict[str, str]:
-    rows = {}
-    for line in (out / "README.md").read_text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and len(cells) == 2:
-            rows[cells[0]] = cells[1]
-    return rows
 
 
 def test_qlora_fp4_without_nested_quantization_on_the_attention_preset(tmp_path, tiny_model_dir, small_text_file,

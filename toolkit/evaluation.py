@@ -1,17 +1,8 @@
 """Loss, perplexity and bits per byte of a model on a token stream, in windows: `toolkit eval`'s scoring (the
 command is toolkit/commands/eval.py).
 
-Text is read as pretrain.py reads it (a .txt file is one document, a table row is one document, EOS after
-each) and scored in windows of --block_size tokens. By default the windows do not overlap, as in
-pretrain.py's evaluation, so each window's first token has no context and is not scored. With --stride S
-(< block size) the windows advance by S tokens and only the tokens no earlier window scored are scored,
-each seeing at least block_size - S tokens of context (transformers' perplexity guide): a lower, more
-faithful estimate at block_size / S times the compute. Bits per byte divide the scored tokens' total
-loss by ln 2 times the UTF-8 bytes those tokens encode (toolkit/lm_metrics.py).
-
-Cost: time is linear in the tokens read (one batched forward per --batch_size windows, x block/stride with
---stride); memory does not grow with the text (read and tokenized in pieces on a background thread by
-toolkit/data/corpus.py, windows streamed): batch_size x block_size x vocabulary logits at most.
+How text is read, windowed and scored, and what it costs: the docstring of toolkit/commands/eval.py (also its
+--help).
 """
 
 from __future__ import annotations
