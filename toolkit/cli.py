@@ -1,7 +1,7 @@
 """The `toolkit` console command (also `python -m toolkit`).
 
 Each subcommand lives in its own module with a `main(argv)` function; they are imported lazily so
-`toolkit --help` stays fast (importing transformers costs ~10 s).
+`toolkit --help` stays fast (importing transformers takes seconds).
 """
 
 from __future__ import annotations
