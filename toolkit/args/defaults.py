@@ -22,7 +22,8 @@ def resolve_defaults(recipe: str) -> dict:
     - Several ranks on a machine without GPUs join one gloo process group (`use_cpu`); without it accelerate
       would start N independent copies that each train as rank 0.
     - Fine-tuning: activation checkpointing on with CUDA, and for QLoRA everywhere (memory is QLoRA's point, as in
-      peft's prepare_model_for_kbit_training and the QLoRA paper); LoRA on CPU favours speed (docs/benchmarks.md section 4b).
+      peft's prepare_model_for_kbit_training and the QLoRA paper); LoRA on CPU favours speed (docs/benchmarks.md
+      section 4b).
       Paged AdamW for a 4-bit base on CUDA (optimizer state pages to CPU under memory spikes); paging means
       nothing on a CPU. On CPU, LoRA keeps freed memory for the next step (faster steps, toolkit/cpu_allocator.py)
       and QLoRA hands it back (its dequantized weights leave holes in a heap that keeps everything;

@@ -136,8 +136,8 @@ class FinetuneConfig(SFTConfig):
     )
     activation_checkpointing: bool = field(
         default=False,
-        metadata={"help": "Recompute activations in the backward pass. Default: on "
-                          "with CUDA and for qlora.py; lora.py on CPU: off, for faster steps (docs/benchmarks.md section 4b)."},
+        metadata={"help": "Recompute activations in the backward pass. Default: on with CUDA and for qlora.py; "
+                          "lora.py on CPU: off, for faster steps (docs/benchmarks.md section 4b)."},
     )
     activation_checkpointing_kwargs: dict | str | None = field(
         default_factory=lambda: {"use_reentrant": False},  # reentrant checkpointing breaks with frozen inputs (peft)
