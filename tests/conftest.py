@@ -38,6 +38,38 @@ SHARED_REASON = "needs ../shared/data (tinyshakespeare, gpt2-tokenizer) beside t
 needs_shared = pytest.mark.needs_shared
 
 
+# The files whose tests take longest (recipe runs, launches), longest first, from `--durations` of the whole suite.
+# With `-n 2 --dist loadfile` each file is one unit of work, handed out in collection order; pytest-xdist would sort
+# the files by their number of tests, which puts the few long multi-process tests last, where one worker runs them
+# while the other has nothing left. Longest first lets the short files fill in at the end.
+LONGEST_FILES = [
+    "test_reliability.py", "test_benchmarks.py", "test_lora.py", "test_token_store.py", "test_plan.py",
+    "test_generate_eval.py", "test_preflight.py", "test_distributed.py", "test_own_output.py",
+    "test_reliability_distributed.py", "test_reliability_lora.py", "test_onefile.py", "test_pretrain.py",
+    "test_guard.py", "test_args.py", "test_fsdp_gpu.py", "test_finetune_gpu.py", "test_plan_gpu.py",
+    "test_pretrain_gpu.py", "test_core.py", "test_hub.py",
+]
+
+
+def pytest_configure(config):
+    if getattr(config.option, "dist", "no") == "loadfile" and hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False  # the order is LONGEST_FILES' (pytest_collection_modifyitems)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    """tests/gpu are `slow` too (on CPU they rehearse the GPU acceptance runs with real recipe runs). Under
+    pytest-xdist, the files in LONGEST_FILES come first, in its order (each file's tests stay together and in their
+    order); the rest keep theirs. A run in one process keeps the plain collection order."""
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(pytest.mark.slow)
+    if not hasattr(config, "workerinput"):
+        return
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file is kept
+
+
 def pytest_runtest_setup(item):
     if item.get_closest_marker("needs_shared") and not (SHAKESPEARE.exists() and GPT2_TOKENIZER.exists()):
         if IN_CI:

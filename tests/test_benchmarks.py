@@ -81,6 +81,7 @@ def test_recipe_overhead_quick(tmp_path, tiny_tokenizer_dir):
     assert "## 1. Recipe overhead" in doc and data["table"]
 
 
+@pytest.mark.slow
 def test_mfu_quick(tmp_path):
     data, rows, doc, _ = run_quick("mfu_cpu", tmp_path, "--variants", "base", "noclip")
     assert [r["variant"] for r in rows] == ["base", "noclip"]
@@ -142,6 +143,7 @@ def test_distributed_quick(tmp_path):
     assert data["plan"]["1 process"]["components"]["optimizer"] > 0
 
 
+@pytest.mark.slow
 def test_model_step_quick(tmp_path):
     rows, table, doc, data = run_quick("recipe_overhead", tmp_path, "--model_step")
     assert [int(r["block"]) for r in table] == [16] and "1b. Model code alone" in doc

@@ -388,6 +388,7 @@ def test_default_optimizer_is_muon_up_to_gpt2_micro_in_both_recipes():
 
 # ---------- the `toolkit` command ----------
 
+@pytest.mark.slow
 def test_python_m_toolkit_presets_lists_every_preset_with_its_parameter_count(capsys):
     """`python -m toolkit presets` as a user types it (the one real process of the `toolkit` entry point here): every
     preset, with the parameter count of the model transformers builds from it."""

@@ -141,6 +141,7 @@ def token_bytes(tokenizer, token_id: int) -> bytes:
     return bytes(char_to_byte[c] for c in tokenizer.convert_ids_to_tokens(token_id))
 
 
+@pytest.mark.slow
 def test_eval_loss_and_bits_per_byte_equal_a_hand_computation(tiny_model_dir, text_file, tmp_path, capsys):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -207,6 +208,7 @@ def test_eval_with_an_adapter_scores_the_adapted_model(tiny_model_dir, adapter_d
     assert losses["adapter"] == pytest.approx(json.loads(out)["text"]["loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_sliding_windows_give_a_lower_perplexity_than_non_overlapping_ones():
     """With --stride every scored token has at least block_size - stride tokens of context; without it a window's
     first tokens have almost none. On a sequence that only longer contexts disambiguate (a 48-token cycle over 6

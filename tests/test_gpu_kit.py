@@ -99,6 +99,7 @@ def test_bad_options_are_one_line_errors(acceptance, capsys):
         assert words in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_under_the_kit_a_gpu_test_that_cannot_run_fails_instead_of_skipping():
     """Launched by the kit without CUDA, tests/gpu fail with the reason (without the kit they rehearse on CPU)."""
     import torch
@@ -112,6 +113,7 @@ def test_under_the_kit_a_gpu_test_that_cannot_run_fails_instead_of_skipping():
     assert "launched by the GPU kit but torch.cuda.is_available() is False" in r.stdout
 
 
+@pytest.mark.slow
 def test_a_skipped_test_makes_its_kit_step_fail(acceptance, tmp_path):
     """pytest exits 0 when tests skip; the kit reads its JUnit report and fails the step unless every test passed."""
     (tmp_path / "test_some.py").write_text(

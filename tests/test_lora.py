@@ -80,6 +80,7 @@ def _lora_model(base_dir, quantized: bool, train_embeddings: bool = False, targe
 # --------------------------------------------------------------------------------------------- recipes
 
 
+@pytest.mark.slow
 def test_lora_recipe_lowers_loss_and_saves_adapter(tmp_path, tiny_model_dir, small_text_file, capsys):
     out = tmp_path / "lora"
     argv = ["--model_name_or_path", str(tiny_model_dir), "--train_file", str(small_text_file),
@@ -116,6 +117,7 @@ def test_lora_recipe_lowers_loss_and_saves_adapter(tmp_path, tiny_model_dir, sma
     assert (out / "adapter_model.safetensors").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_qlora_recipe_lowers_loss(tmp_path, tiny_model_dir, small_text_file, capsys):
     out = tmp_path / "qlora"
     argv = ["--model_name_or_path", str(tiny_model_dir), "--data", str(small_text_file), "--output_dir", str(out),
@@ -384,6 +386,7 @@ def test_sharegpt_conversations_train_exactly_like_messages(tmp_path, tiny_model
     assert sample_prompt(sharegpt[0], "messages", tok) == sample_prompt(messages[0], "messages", tok)
 
 
+@pytest.mark.slow
 def test_dataset_name_as_a_local_folder_offline(tmp_path, tiny_model_dir, capsys):
     """`--dataset_name ./folder` (train/test files, read by datasets.load_dataset without a network): its test split
     is the eval set; here ShareGPT chats, end to end through the recipe."""

@@ -119,6 +119,7 @@ def test_gpt2_vocab_and_merges_tokenize_like_transformers(onefile):
     assert 50256 in ours
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_run(tmp_path, tiny_tokenizer_dir, small_text_file, onefile):
     common = [*NANO, "--tokenizer_name", str(tiny_tokenizer_dir), "--train_file", str(small_text_file),
               "--block_size", "64", "--per_device_train_batch_size", "4", "--warmup_steps", "2",
@@ -203,6 +204,7 @@ def test_ddp_matches_one_process(tmp_path, tiny_tokenizer_dir, small_text_file, 
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and c["loss"] == pytest.approx(b["loss"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_reads_a_token_store_as_pretrain_does(tmp_path, tiny_tokenizer_dir, small_text_file, onefile):
     """A store from `toolkit prepare`: the same training and validation blocks as pretrain.py's reader."""
     from transformers import AutoTokenizer

@@ -189,6 +189,7 @@ def test_bad_input_is_one_line_error(argv, fragment, capsys):
     assert err.startswith("error: ") and fragment in err and "\n" not in err
 
 
+@pytest.mark.slow
 def test_python_dash_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "toolkit.plan", "--model", "gpt2-mini", "--device", "cuda", "--gpu",
                         "T4", "--task", "lora", "--json"], capture_output=True, text=True, timeout=120, check=False)

@@ -62,6 +62,7 @@ def test_shape_flags_without_a_preset_build_gpt2_15b_as_toolkit_plan_counts_it(t
     assert (model.preset, model.vocab_size, model.config_overrides) == ("gpt2", 1024, None)
 
 
+@pytest.mark.slow
 def test_a_gpt2_shape_trains_with_gpt2s_positions_and_vocabulary_and_says_which_tokenizer(
         tmp_path, small_text_file, capsys):
     out = tmp_path / "run"
@@ -123,6 +124,7 @@ def test_a_run_that_does_not_fit_stops_before_any_work_with_the_planners_first_f
     assert ("--gradient_checkpointing true" in line) == choice["gradient_checkpointing"]
 
 
+@pytest.mark.slow
 def test_skip_memory_check_runs_what_the_check_would_stop(tmp_path, small_text_file, monkeypatch, capsys):
     monkeypatch.setenv("GPT2_TOOLKIT_MEMORY", "64MB")
     argv = ["--preset", "gpt2-nano", "--data", str(small_text_file), "--steps", "2", "--vocab_size", "512",
@@ -136,6 +138,7 @@ def test_skip_memory_check_runs_what_the_check_would_stop(tmp_path, small_text_f
     assert (tmp_path / "b" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_lora_and_qlora_ask_the_planner_with_their_own_task(tmp_path, tiny_model_dir, small_text_file, monkeypatch,
                                                              capsys):
     monkeypatch.setenv("GPT2_TOOLKIT_MEMORY", "20MB")

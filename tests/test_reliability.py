@@ -17,7 +17,7 @@ TINY = ["--preset", "gpt2-nano", "--vocab_size", "512", "--block_size", "32", "-
         "--logging_steps", "1", "--eval_strategy", "no"]
 
 
-STEPS = 80
+STEPS = 50
 
 
 def losses(output_dir: Path) -> dict[int, float]:
@@ -272,12 +272,12 @@ def test_sigterm_during_evaluation_and_during_a_save_then_a_broken_checkpoint(co
 
     monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counting_checkpoint)
     again = root / "gradient-checkpointing"
+    last_but_one = out / f"checkpoint-{STEPS - 10}"
     code, err = run_recipe_in_process("pretrain", [*run, "--output_dir", str(again), "--gradient_checkpointing",
-                                                   "true", "--resume_from_checkpoint", str(out / "checkpoint-70")],
-                                      capsys)
+                                                   "true", "--resume_from_checkpoint", str(last_but_one)], capsys)
     assert code == 0 and checkpointed, err[-3000:]  # activations really were recomputed
     recomputed = losses(again)
-    for step in range(71, STEPS + 1):
+    for step in range(STEPS - 9, STEPS + 1):
         assert recomputed[step] == pytest.approx(reference[step], abs=1e-5), step
 
 
@@ -403,34 +403,6 @@ def test_push_problems_are_caught_before_training(bad_inputs, tmp_path, capsys, 
     code, err = run_recipe_in_process("pretrain", base + ["--hub_model_id", "someone/gpt2-test"], capsys)
     assert code == 2 and "no Hub token found" in one_error_line(err)
     assert not (tmp_path / "out").exists()  # refused before any work
-
-
-@pytest.mark.slow
-def test_lora_sigterm_then_resume_gives_the_same_losses(tiny_model_dir, small_text_file, tmp_path, background):
-    args = ["recipes/lora.py", "--model_name_or_path", str(tiny_model_dir), "--train_file", str(small_text_file),
-            "--max_steps", "60", "--learning_rate", "1e-2", "--per_device_train_batch_size", "8",
-            "--max_length", "64", "--max_eval_samples", "8", "--lora_r", "4", "--lora_alpha", "8",
-            "--lora_dropout", "0.0", "--logging_steps", "1", "--sample_max_new_tokens", "4", "--seed", "0",
-            "--report_to", "none", "--save_strategy", "steps", "--save_steps", "60"]
-    reference = tmp_path / "reference"
-    result = run_script([*args, "--output_dir", str(reference)])
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = tmp_path / "interrupted"
-    run = background([*args, "--output_dir", str(out)])
-    wait_for_steps(run, 6)
-    run.proc.send_signal(signal.SIGTERM)
-    assert run.wait(timeout=120) == 128 + signal.SIGTERM
-    assert "Traceback" not in run.stderr()
-    checkpoints = sorted(out.glob("checkpoint-*"))
-    assert len(checkpoints) == 1 and (checkpoints[0] / "adapter_model.safetensors").exists()
-    assert not (out / "adapter_config.json").exists()  # not a finished run, so resuming is allowed
-    stopped = int(checkpoints[0].name.split("-")[1])
-    result = run_script([*args, "--output_dir", str(out), "--resume_from_checkpoint", "auto"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert stopped < 60
-    want, got = losses(reference / "checkpoint-60"), losses(out / "checkpoint-60")  # the final checkpoints' histories
-    for step in range(stopped + 1, 61):
-        assert got[step] == pytest.approx(want[step], abs=1e-5), step
 
 
 def test_a_signal_after_training_lets_the_results_be_saved_then_ends_the_run(capsys):

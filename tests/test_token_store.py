@@ -391,6 +391,7 @@ def test_pretrain_trains_from_a_store_and_its_tokenizer(parquet_store, tmp_path)
     assert len(json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]) == 512  # the store's tokenizer
 
 
+@pytest.mark.slow
 def test_store_problems_are_one_line_errors(parquet_store, tmp_path, capsys, tiny_model_dir):
     import shutil
 
