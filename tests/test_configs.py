@@ -51,6 +51,8 @@ def test_every_config_file_is_run_below():
     assert names and names == sorted(config_names("pretrain_") + config_names("lora_") + config_names("qlora_"))
 
 
+@pytest.mark.slow
+@pytest.mark.slow
 @pytest.mark.parametrize("name", config_names("pretrain_"))
 def test_pretrain_config_trains_one_step(name, tmp_path, tiny_tokenizer_dir, small_text_file, data_cache, capsys):
     values = yaml.safe_load((CONFIGS / name).read_text())

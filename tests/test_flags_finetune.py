@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import card_rows, recipe_in_process
 
 FAST = ["--max_steps", "4", "--learning_rate", "3e-2", "--per_device_train_batch_size", "8", "--max_length", "64",
@@ -37,6 +38,7 @@ def reloads_with_targets(out, base, targets: set[str], modules: set[str]) -> Non
     assert sorted(".".join(name.split(".")[-2:]) for name in adapted) == sorted(2 * list(modules)), adapted
 
 
+@pytest.mark.slow
 def test_qlora_fp4_without_nested_quantization_on_the_attention_preset(tmp_path, tiny_model_dir, small_text_file,
                                                                         capsys):
     out = tmp_path / "fp4"
@@ -49,6 +51,7 @@ def test_qlora_fp4_without_nested_quantization_on_the_attention_preset(tmp_path,
     reloads_with_targets(out, tiny_model_dir, {"c_attn", "attn.c_proj"}, {"attn.c_attn", "attn.c_proj"})
 
 
+@pytest.mark.slow
 def test_qlora_in_8bit_on_the_mlp_preset_without_checkpointing_with_token_metrics(tmp_path, tiny_model_dir,
                                                                                   small_text_file, capsys):
     out = tmp_path / "int8"
@@ -60,6 +63,7 @@ def test_qlora_in_8bit_on_the_mlp_preset_without_checkpointing_with_token_metric
     reloads_with_targets(out, tiny_model_dir, {"c_fc", "mlp.c_proj"}, {"mlp.c_fc", "mlp.c_proj"})
 
 
+@pytest.mark.slow
 def test_lora_recipe_with_load_in_4bit_quantizes_with_loras_defaults(tmp_path, tiny_model_dir, small_text_file,
                                                                      capsys):
     """`python recipes/lora.py --load_in_4bit`: the base in NF4 with double quantization, and lora.py's own defaults

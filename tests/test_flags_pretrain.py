@@ -49,6 +49,7 @@ def docs(start: int, count: int, chars: int = 600) -> list[str]:
     return [text[i * chars:(i + 1) * chars] for i in range(start, start + count)]
 
 
+@pytest.mark.slow
 def test_csv_and_json_array_files_muon_learning_rate_and_eager_attention(tmp_path, tiny_model_dir, capsys):
     """A .csv training file and a .json array validation file (a document per row, the text in `--text_column body`),
     continued from a checkpoint with `--optim muon --muon_learning_rate 1e-9`: Muon's hidden matrices keep their
@@ -89,6 +90,7 @@ def test_csv_and_json_array_files_muon_learning_rate_and_eager_attention(tmp_pat
     assert config.get("_attn_implementation", config.get("attn_implementation", "eager")) == "eager", config
 
 
+@pytest.mark.slow
 def test_dataset_name_as_a_local_parquet_folder_for_num_train_epochs(tmp_path, tiny_tokenizer_dir, capsys):
     """`--dataset_name FOLDER` (train and validation parquet files, a datasets dataset without a script) with
     `--num_train_epochs 2 --max_steps -1`: two passes over the training blocks, and the loss falls (with activation
@@ -111,6 +113,7 @@ def test_dataset_name_as_a_local_parquet_folder_for_num_train_epochs(tmp_path, t
     loss_fell(out)
 
 
+@pytest.mark.slow
 def test_streaming_from_a_local_dataset_folder(tmp_path, tiny_tokenizer_dir, capsys):
     """`--streaming true --dataset_name FOLDER`: a real stream (datasets' IterableDataset over local jsonl files),
     packed into blocks on the fly; evaluation on the first blocks of the stream; the loss falls. With --dropout and
@@ -144,6 +147,7 @@ def large_vocabulary_tokenizer(folder, size: int = 70_000):
     tokenizer.save_pretrained(folder)
 
 
+@pytest.mark.slow
 def test_uint32_token_store_from_a_large_vocabulary_trains(tmp_path, capsys):
     """A tokenizer of 70,000 ids: `toolkit prepare` writes uint32 shards (ids above 65,535 in them; the validation
     split from --validation_file), and pretrain.py --token_store trains on them with its tokenizer, the embedding

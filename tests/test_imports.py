@@ -24,6 +24,7 @@ import ast
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO, script_env
 
 PACKAGE = REPO / "toolkit"
@@ -149,6 +150,7 @@ def test_no_import_cycles_between_toolkit_modules():
         " <-> ".join(c) for c in found)
 
 
+@pytest.mark.slow
 def test_every_toolkit_module_imports_in_a_fresh_interpreter():
     names = [name for name in module_names() if not name.endswith("__main__")]
     code = ("import importlib, sys\n"
