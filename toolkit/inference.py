@@ -127,11 +127,12 @@ def load_for_inference(model_name: str, adapter: str | None = None, adapter_cfg:
         torch_dtype = torch.float32
     model = load_model(model_name, dtype=torch_dtype)
     name = model_name
+    folder = adapter_folder(adapter, token) if adapter else None  # a Hub adapter: asked of the Hub once
     if adapter:
         recorded = (adapter_cfg or {}).get("base_model_name_or_path")
         fix = "pass as MODEL the base it was trained on (or leave MODEL out to use the one it records)"
         try:
-            model = load_adapter(model, adapter_folder(adapter, token))
+            model = load_adapter(model, folder)
         except RuntimeError:  # load_state_dict: size mismatch
             raise UserError(f"adapter '{adapter}' does not fit model '{model_name}' (tensor shapes differ: it was "
                             f"trained on another base); {fix}") from None
@@ -142,8 +143,8 @@ def load_for_inference(model_name: str, adapter: str | None = None, adapter_cfg:
             print(f"note: adapter '{adapter}' was trained on '{recorded}'; applied to '{model_name}'", file=sys.stderr)
         name = f"{model_name} + {adapter}"
     tokenizer = None
-    if adapter and os.path.isfile(os.path.join(adapter_folder(adapter, token), "tokenizer_config.json")):
-        tokenizer = load_tokenizer(adapter_folder(adapter, token))  # the tokenizer the adapter was trained with
+    if folder and os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+        tokenizer = load_tokenizer(folder)  # the tokenizer the adapter was trained with
     tokenizer = tokenizer or load_tokenizer(model_name)
     # GPT-2 pads with its EOS, and a prompt that starts a document starts with EOS: transformers' "input_ids may be
     # padded" check (the config's pad id first or last, the all-ones mask dropped before the forward) would misfire
