@@ -197,11 +197,20 @@ def kill_tree(proc: subprocess.Popen) -> None:
     psutil.wait_procs(family, timeout=30)
 
 
-def run_script(args: list[str], timeout: int = 600, env: dict | None = None,
-               cwd: Path = REPO) -> subprocess.CompletedProcess:
+def run_script(args: list[str], timeout: int = 600, env: dict | None = None, cwd: Path = REPO,
+               fresh: bool = False) -> subprocess.CompletedProcess:
     """Run a recipe/command as a real subprocess (fp32 CPU, no network) and return the result. If it outlives
-    `timeout`, or the test is stopped (pytest-timeout), the process and its workers are killed."""
-    proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=script_env(env), stdout=subprocess.PIPE,
+    `timeout`, or the test is stopped (pytest-timeout), the process and its workers are killed.
+
+    The process is forked from this pytest process's warm start server (tests/warm_start.py: torch, transformers,
+    peft, trl imported once), a launcher's ranks too, unless `fresh` (a test of what a new interpreter prints, such
+    as the import-time lines of a library) or the environment asks for imports of its own."""
+    full_env = script_env(env)
+    server = None if fresh else warm_server()
+    result = server.run(args, full_env, cwd, timeout) if server else None
+    if result is not None:
+        return result
+    proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=full_env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
@@ -209,6 +218,23 @@ def run_script(args: list[str], timeout: int = 600, env: dict | None = None,
         kill_tree(proc)
         raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+_WARM: list = []
+
+
+def warm_server():
+    """This pytest process's warm start server, started on first use; None when GPT2_TOOLKIT_TESTS_FRESH=1."""
+    import warm_start
+
+    if os.environ.get(warm_start.FRESH_ENV, "") not in ("", "0"):
+        return None
+    if not _WARM:
+        folder = tempfile.mkdtemp(prefix="gpt2-toolkit-warm-")
+        _WARM.append(warm_start.Server(script_env(), folder))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        atexit.register(_WARM[0].stop)
+    return _WARM[0]
 
 
 class Background:

@@ -174,7 +174,7 @@ def test_cli_errors_are_one_stderr_line_before_any_work(tmp_path, capsys):
         (["recipes/lora.py", "--lora-r", "0", "--output_dir", str(tmp_path / "l")], "--lora_r 0 is out of range"),
     ]
     for argv, expected in cases:
-        result = run_script(argv, timeout=300)
+        result = run_script(argv, timeout=300, fresh=True)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], (argv, result.stderr[-2000:])
     code, stderr = run_recipe_in_process("pretrain", ["--output_dir", str(a_file)], capsys)

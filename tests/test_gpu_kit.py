@@ -107,7 +107,7 @@ def test_under_the_kit_a_gpu_test_that_cannot_run_fails_instead_of_skipping():
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: tests/gpu run for real")
     r = run_script(["-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "tests/gpu/test_onefile_gpu.py"],
-                   timeout=300, env={"GPU_KIT_LAUNCHED": "1"})
+                   timeout=300, env={"GPU_KIT_LAUNCHED": "1"}, fresh=True)
     assert r.returncode == 1, r.stdout[-3000:]
     assert "2 errors" in r.stdout and "skipped" not in r.stdout and "passed" not in r.stdout, r.stdout[-3000:]
     assert "launched by the GPU kit but torch.cuda.is_available() is False" in r.stdout

@@ -107,7 +107,7 @@ def main_jobs(tmp_path_factory):
     runs = {}
     for name, args in [("pretrain", [*short, "--eval_steps", "2"]), ("lora", [*short, *few]),
                        ("qlora", [*short, *few])]:
-        runs[name] = run_script([str(REPO / "recipes" / f"{name}.py"), *args], cwd=cwd)
+        runs[name] = run_script([str(REPO / "recipes" / f"{name}.py"), *args], cwd=cwd, fresh=True)
         assert runs[name].returncode == 0, f"{name} failed:\n{runs[name].stderr[-3000:]}"
     return cwd, runs
 
@@ -118,7 +118,7 @@ def test_recipe_main_job_prints_only_our_lines(main_jobs, recipe):
 
 
 def test_onefile_prints_only_our_lines(tmp_path):
-    result = run_script([str(REPO / "recipes" / "onefile_train.py"), "--max_steps", "4"], cwd=tmp_path)
+    result = run_script([str(REPO / "recipes" / "onefile_train.py"), "--max_steps", "4"], cwd=tmp_path, fresh=True)
     # the closing sample is the model's text, lines and all: everything from "sample:" on is not a message
     result.stdout = result.stdout.split("\nsample:")[0]
     assert_all_ours(result, "recipes/onefile_train.py")
@@ -128,11 +128,11 @@ def test_commands_on_the_main_jobs_outputs_print_only_our_lines(main_jobs):
     cwd, _ = main_jobs
     (cwd / "valid.txt").write_text("The meaning of the function is explained below.\n", encoding="utf-8")
     generate = run_script(["-m", "toolkit", "generate", "out/pretrain", "--adapter", "out/qlora", "--prompt", "The",
-                           "--max_new_tokens", "8"], cwd=cwd)
+                           "--max_new_tokens", "8"], cwd=cwd, fresh=True)
     assert_all_ours(generate, "toolkit generate", stdout_too=False)  # its stdout is the model's text
     for name, args in [("eval", ["out/pretrain", "--text_file", "valid.txt"]),
                        ("merge", ["--adapter", "out/qlora", "--output_dir", "out/merged"])]:
-        assert_all_ours(run_script(["-m", "toolkit", name, *args], cwd=cwd), f"toolkit {name}")
+        assert_all_ours(run_script(["-m", "toolkit", name, *args], cwd=cwd, fresh=True), f"toolkit {name}")
 
 
 BNB_4BIT_LOAD = """
