@@ -57,6 +57,21 @@ def pytest_configure(config):
         config.option.loadscopereorder = False  # the order is LONGEST_FILES' (pytest_collection_modifyitems)
 
 
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, with tests/gpu as one unit of work: its files share the session's core runs (the CPU
+    rehearsal's recipe runs, tests/gpu/conftest.py), which one worker then makes once instead of each worker again."""
+    if getattr(config.option, "dist", "no") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class TestsGpuTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return "tests/gpu" if scope.replace(os.sep, "/").startswith("tests/gpu/") else scope
+
+    return TestsGpuTogether(config, log)
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
     """tests/gpu are `slow` too (on CPU they rehearse the GPU acceptance runs with real recipe runs). Under
