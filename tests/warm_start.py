@@ -42,7 +42,7 @@ PRELOAD = ("numpy", "torch", "torch.distributed.run", "transformers", "transform
 RUNTIME_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
                 "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS",
                 "CUDA_VISIBLE_DEVICES", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCHINDUCTOR_CACHE_DIR",
-                "PYTHONUNBUFFERED")
+                "PYTHONUNBUFFERED", "PWD", "OLDPWD", "SHLVL", "_")  # the last four: what warm_python's sh sets
 RUNTIME_PREFIXES = ("TORCHELASTIC_", "ACCELERATE_", "FSDP_", "NCCL_", "PYTEST_", "GPU_KIT_", "GPT2_TOOLKIT_")
 
 

@@ -1,0 +1,90 @@
+"""The tests' warm starts (tests/warm_start.py) behave as `python ARGS` does: what a run sees (argv, working
+directory, environment, sys.path), what it prints, how it exits, and a launcher's ranks started warm as well."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, free_port, run_script, warm_server
+
+pytestmark = pytest.mark.slow
+
+SHOW = """
+import json, os, sys
+print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "var": os.environ.get("WARM_TEST_VAR"),
+                  "path0": sys.path[0], "parent": os.getppid(), "rank": os.environ.get("RANK")}))
+print("to stderr", file=sys.stderr)
+sys.exit(int(sys.argv[1]))
+"""
+
+
+def test_a_warm_run_sees_and_does_what_a_fresh_one_does(tmp_path):
+    import json
+
+    server = warm_server()
+    if server is None:
+        pytest.skip("warm starts are off (GPT2_TOOLKIT_TESTS_FRESH)")
+    script = tmp_path / "show.py"
+    script.write_text(SHOW)
+    for args in (["-c", SHOW, "3", "x y"], [str(script), "3", "x y"]):
+        warm = run_script(args, cwd=tmp_path)
+        fresh = run_script(args, cwd=tmp_path, fresh=True)
+        seen_warm, seen_fresh = json.loads(warm.stdout), json.loads(fresh.stdout)
+        assert seen_warm.pop("parent") == server.proc.pid  # a fork of the server ...
+        assert seen_fresh.pop("parent") == os.getpid()  # ... against a child of this process
+        assert seen_warm == seen_fresh and seen_warm["argv"][1:] == ["3", "x y"]
+        assert (warm.returncode, warm.stderr) == (fresh.returncode, fresh.stderr) == (3, "to stderr\n")
+    # an environment the server's imports may depend on gets a fresh interpreter
+    other = run_script(["-c", SHOW, "0"], env={"HF_HUB_CACHE": str(tmp_path)})
+    assert json.loads(other.stdout)["parent"] == os.getpid()
+    # a variable read at run time does not
+    rank = run_script(["-c", SHOW, "0"], env={"RANK": "5"})
+    assert json.loads(rank.stdout)["parent"] == server.proc.pid and json.loads(rank.stdout)["rank"] == "5"
+    # an uncaught exception and sys.exit("text") end as in the interpreter
+    crash = run_script(["-c", "raise ValueError('boom')"])
+    assert crash.returncode == 1 and crash.stderr.rstrip().endswith("ValueError: boom"), crash.stderr
+    said = run_script(["-c", "import sys; sys.exit('a message')"])
+    assert (said.returncode, said.stderr) == (1, "a message\n")
+
+
+def test_a_launchers_ranks_start_warm_and_a_timeout_kills_the_run(tmp_path):
+    import json
+
+    import psutil
+
+    server = warm_server()
+    if server is None:
+        pytest.skip("warm starts are off (GPT2_TOOLKIT_TESTS_FRESH)")
+    script = tmp_path / "show.py"
+    script.write_text(SHOW)
+    result = run_script(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                         str(script), "0"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ranks = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in ranks) == ["0", "1"]
+    assert all(r["parent"] == server.proc.pid for r in ranks)  # forks of the server, not of torchrun
+    # past its timeout the run is killed, as subprocess.communicate's timeout does
+    marker = tmp_path / "pid"
+    start = time.time()
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_script(["-c", f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep(60)"],
+                   timeout=3, cwd=REPO)
+    assert time.time() - start < 30 and not psutil.pid_exists(int(marker.read_text()))
+
+
+def test_the_server_runs_in_the_interpreter_of_the_tests():
+    server = warm_server()
+    if server is None:
+        pytest.skip("warm starts are off (GPT2_TOOLKIT_TESTS_FRESH)")
+    assert server.ready and server.proc.poll() is None
+    assert os.path.realpath(psutil_exe(server.proc.pid)) == os.path.realpath(sys.executable)
+
+
+def psutil_exe(pid: int) -> str:
+    import psutil
+
+    return psutil.Process(pid).exe()
