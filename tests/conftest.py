@@ -253,10 +253,24 @@ def warm_server():
 
 
 class Background:
-    """A command running in the background; its stdout and stderr lines are collected as they come."""
+    """A command running in the background; its stdout and stderr lines are collected as they come.
 
-    def __init__(self, args: list[str], env: dict | None = None, new_session: bool = False):
-        self.proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=script_env(env), stdout=subprocess.PIPE,
+    `warm`: started from the warm start server through tests/warm_python, which relays signals and the exit status
+    to and from the run (a fork of the server, not a child of this process); for a one-process run that is signalled
+    or killed as a whole. Where a test looks into a run's process tree (a launcher's workers, SIGSTOP), not warm."""
+
+    def __init__(self, args: list[str], env: dict | None = None, new_session: bool = False, warm: bool = False):
+        import warm_start
+
+        full_env, command = script_env(env), [sys.executable, *args]
+        server = warm_server() if warm else None
+        self.pidfile = None
+        if server is not None and server.ready:
+            self.pidfile = Path(tempfile.mkdtemp(prefix="gpt2-toolkit-bg-")) / "pid"
+            full_env.update({warm_start.SOCKET_ENV: server.sock_path, warm_start.PYTHON_ENV: sys.executable,
+                             warm_start.PIDFILE_ENV: str(self.pidfile)})
+            command = [str(warm_start.SHIM), *args]
+        self.proc = subprocess.Popen(command, cwd=REPO, env=full_env, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, start_new_session=new_session)
         self.new_session = new_session
         self.out: list[str] = []
@@ -273,9 +287,23 @@ class Background:
     def poll(self):
         return self.proc.poll()
 
+    def _warm_run(self):
+        """The process warm_python relays (None: not warm, or already gone)."""
+        import psutil
+
+        try:
+            return psutil.Process(int(self.pidfile.read_text())) if self.pidfile else None
+        except (OSError, ValueError, psutil.NoSuchProcess):
+            return None
+
     def wait(self, timeout: float) -> int:
         """The exit code, once the process has ended and all its output has been read."""
+        import psutil
+
         code = self.proc.wait(timeout=timeout)
+        run = self._warm_run()
+        if run is not None:  # killed with warm_python: it ends a moment later (it watches warm_python's socket)
+            psutil.wait_procs([run], timeout=timeout)
         for reader in self._readers:
             reader.join(timeout=30)
         return code
@@ -292,8 +320,13 @@ class Background:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        run = self._warm_run()
         if self.proc.poll() is None:  # not reaped yet, so the pid is still this run's
             kill_tree(self.proc)
+        if run is not None:
+            import warm_start
+
+            warm_start.kill_tree(run.pid)
 
 
 @pytest.fixture
@@ -302,14 +335,14 @@ def background():
     when the test ends, passed or failed, so a failing test leaves no training processes behind."""
     started: list[Background] = []
 
-    def start(args: list[str], env: dict | None = None, new_session: bool = False) -> Background:
-        run = Background(args, env, new_session)
+    def start(args: list[str], env: dict | None = None, new_session: bool = False, warm: bool = False) -> Background:
+        run = Background(args, env, new_session, warm)
         started.append(run)
         return run
 
     yield start
     for run in started:
-        if run.poll() is None or run.new_session:
+        if run.poll() is None or run.new_session or run.pidfile:
             run.stop()
 
 

@@ -50,7 +50,7 @@ def common(tmp_path_factory, small_text_file):
 def test_sigterm_saves_a_checkpoint_and_resume_gives_the_same_losses(common, background):
     root, args, reference = common
     out = root / "sigterm"
-    run = background(["recipes/pretrain.py", *args, "--output_dir", str(out), "--save_steps", "1000"])
+    run = background(["recipes/pretrain.py", *args, "--output_dir", str(out), "--save_steps", "1000"], warm=True)
     wait_for_steps(run, 8)
     run.proc.send_signal(signal.SIGTERM)
     assert run.wait(timeout=120) == 128 + signal.SIGTERM
@@ -76,7 +76,7 @@ def test_kill_9_leaves_the_newest_complete_checkpoint_usable(common, background)
     root, args, reference = common
     out = root / "kill9"
     run = background(["recipes/pretrain.py", *args, "--output_dir", str(out), "--save_steps", "3",
-                      "--save_total_limit", "2"])
+                      "--save_total_limit", "2"], warm=True)
     wait_for_steps(run, 14)
     run.proc.kill()
     run.wait(timeout=30)

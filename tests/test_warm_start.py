@@ -88,3 +88,27 @@ def psutil_exe(pid: int) -> str:
     import psutil
 
     return psutil.Process(pid).exe()
+
+
+def test_a_warm_background_run_gets_the_signals_and_dies_with_a_kill(background):
+    import psutil
+
+    if warm_server() is None:
+        pytest.skip("warm starts are off (GPT2_TOOLKIT_TESTS_FRESH)")
+    code = ("import os, signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))\n"
+            "print(os.getpid(), flush=True)\n"
+            "time.sleep(60)\n")
+    for how, expected in (("SIGTERM", 143), ("kill", -9)):
+        run = background(["-c", code], warm=True)
+        deadline = time.time() + 60
+        while not run.out and time.time() < deadline:
+            time.sleep(0.05)
+        pid = int(run.out[0])
+        assert pid != run.pid and run.pidfile is not None  # the fork, relayed by warm_python
+        if how == "SIGTERM":
+            run.proc.send_signal(15)
+        else:
+            run.proc.kill()
+        assert run.wait(timeout=30) == expected
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

@@ -32,6 +32,7 @@ from pathlib import Path
 
 SOCKET_ENV = "GPT2_TOOLKIT_WARM_SOCKET"
 PYTHON_ENV = "GPT2_TOOLKIT_WARM_PYTHON"  # the real interpreter, for warm_python's fallback
+PIDFILE_ENV = "GPT2_TOOLKIT_WARM_PIDFILE"  # where warm_python writes the pid of the run it relays
 FRESH_ENV = "GPT2_TOOLKIT_TESTS_FRESH"
 SHIM = Path(__file__).resolve().parent / "warm_python"
 PRELOAD = ("numpy", "torch", "torch.distributed.run", "transformers", "transformers.trainer",
@@ -379,6 +380,8 @@ def shim(argv: list[str]) -> None:
     if started is None:
         os.execv(real, [real, *argv])
     conn, pid = started
+    if os.environ.get(PIDFILE_ENV):
+        Path(os.environ[PIDFILE_ENV]).write_text(str(pid))
 
     def forward(signum, _frame):
         try:
