@@ -239,17 +239,25 @@ _WARM: list = []
 
 
 def warm_server():
-    """This pytest process's warm start server, started on first use; None when GPT2_TOOLKIT_TESTS_FRESH=1."""
+    """This pytest process's warm start server, started on first use; None when GPT2_TOOLKIT_TESTS_FRESH=1. A test
+    or an in-process run can change this process's environment for good (a config's `env:` section, a library); a
+    server started under another one is replaced, or every later run would start fresh."""
     import warm_start
 
     if os.environ.get(warm_start.FRESH_ENV, "") not in ("", "0"):
         return None
+    env = script_env()
     if not _WARM:
         folder = tempfile.mkdtemp(prefix="gpt2-toolkit-warm-")
-        _WARM.append(warm_start.Server(script_env(), folder))
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        atexit.register(_WARM[0].stop)
-    return _WARM[0]
+        atexit.register(lambda: [server.stop() for server in _WARM])
+    elif changed := warm_start.differing_vars(env, _WARM[-1].env):  # (the old one may still serve a background run)
+        folder = os.path.dirname(_WARM[-1].sock_path)
+        warm_start.log({"new server, the environment changed in": changed})
+    else:
+        return _WARM[-1]
+    _WARM.append(warm_start.Server(env, folder))
+    return _WARM[-1]
 
 
 class Background:

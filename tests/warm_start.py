@@ -28,6 +28,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from pathlib import Path
 
 SOCKET_ENV = "GPT2_TOOLKIT_WARM_SOCKET"
@@ -54,9 +55,21 @@ def refusal(argv: list[str], env: dict, base_env: dict) -> str | None:
     if not args or (args[0].startswith("-") and args[0] not in ("-m", "-c")) or (args[0] in ("-m", "-c")
                                                                                   and len(args) < 2):
         return f"python options {argv[:2]}"
-    differ = sorted(k for k in set(env) | set(base_env) if env.get(k) != base_env.get(k) and k not in RUNTIME_VARS
-                    and not k.startswith(RUNTIME_PREFIXES))
+    differ = differing_vars(env, base_env)
     return f"environment differs in {differ}" if differ else None
+
+
+def log(entry: dict) -> None:
+    """A line of JSON in $GPT2_TOOLKIT_WARM_LOG, when set: which runs started warm, which not and why."""
+    if os.environ.get("GPT2_TOOLKIT_WARM_LOG"):
+        with open(os.environ["GPT2_TOOLKIT_WARM_LOG"], "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def differing_vars(env: dict, base_env: dict) -> list[str]:
+    """The variables, other than those read at run time, whose values differ between the two environments."""
+    return sorted(k for k in set(env) | set(base_env) if env.get(k) != base_env.get(k) and k not in RUNTIME_VARS
+                  and not k.startswith(RUNTIME_PREFIXES))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -182,7 +195,6 @@ def serve(sock_path: str) -> None:
     import threading
 
     threads = threading.active_count()
-    log = os.environ.get("GPT2_TOOLKIT_WARM_LOG")
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(sock_path)
     server.listen(64)
@@ -214,9 +226,7 @@ def serve(sock_path: str) -> None:
                 conn.close()
                 continue
             why = refusal(message["argv"], message["env"], base_env) if len(fds) == 3 else "no stdio given"
-            if log:
-                with open(log, "a") as f:
-                    f.write(json.dumps({"argv": message["argv"][:3], "refused": why}) + "\n")
+            log({"argv": message["argv"][:3], "refused": why})
             if why:
                 for fd in fds:
                     os.close(fd)
@@ -294,16 +304,17 @@ def wait(conn: socket.socket) -> int:
 
 
 class Server:
-    """One fork server per pytest process, started on first use (the imports take it ~10 s), stopped at exit."""
+    """A fork server for a pytest process, started on first use (the imports take it ~10 s) and again when that
+    process's environment changes (conftest.warm_server), stopped at exit."""
 
     def __init__(self, env: dict, tmp_dir: str):
         import subprocess
 
-        self.sock_path = os.path.join(tmp_dir, "warm.sock")
-        self.env = {**env, PYTHON_ENV: sys.executable}
-        self.proc = subprocess.Popen([sys.executable, __file__, self.sock_path], env=self.env,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True)
+        self.sock_path = os.path.join(tmp_dir, f"warm-{time.monotonic_ns()}.sock")
+        self.env = dict(env)
+        self.proc = subprocess.Popen([sys.executable, __file__, self.sock_path],
+                                     env={**env, PYTHON_ENV: sys.executable}, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         line = self.proc.stdout.readline()
         self.ready = json.loads(line).get("ready", False) if line.startswith("{") else False
 
