@@ -43,12 +43,12 @@ needs_shared = pytest.mark.needs_shared
 # the files by their number of tests, which puts the few long multi-process tests last, where one worker runs them
 # while the other has nothing left. Longest first lets the short files fill in at the end.
 LONGEST_FILES = [
-    "test_reliability_distributed.py", "test_benchmarks.py", "test_elastic_resume.py", "test_plan.py",
-    "test_own_output.py", "test_distributed.py", "test_token_store.py", "test_flags_pretrain.py", "test_configs.py",
-    "test_reliability.py", "test_guard.py", "test_preflight.py", "test_pretrain.py", "test_reliability_lora.py",
-    "test_finetune_gpu.py", "test_fsdp_gpu.py", "test_generate_eval.py", "test_onefile.py", "test_lora.py",
-    "test_plan_gpu.py", "test_flags_tools.py", "test_flags_finetune.py", "test_pretrain_gpu.py", "test_args.py",
-    "test_core.py", "test_hub.py",
+    "test_benchmarks.py", "test_plan.py", "test_reliability_distributed.py", "test_own_output.py",
+    "test_finetune_gpu.py", "test_fsdp_gpu.py", "test_plan_gpu.py", "test_pretrain_gpu.py", "test_onefile_gpu.py",
+    "test_token_store.py", "test_generate_eval.py", "test_distributed.py", "test_preflight.py", "test_pretrain.py",
+    "test_reliability.py", "test_guard.py", "test_flags_pretrain.py", "test_flags_tools.py", "test_configs.py",
+    "test_elastic_resume.py", "test_args.py", "test_lora.py", "test_onefile.py", "test_reliability_lora.py",
+    "test_core.py", "test_hub.py", "test_imports.py", "test_gpu_kit.py",
 ]
 
 

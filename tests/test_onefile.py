@@ -305,7 +305,7 @@ def test_a_store_larger_than_the_memory_it_may_use_trains_in_flat_memory(tmp_pat
     result = run_script(["-c", code, str(ONEFILE), "--token_store", str(store), *TINY, "--vocab_size", "512",
                          "--max_steps", "3", "--per_device_train_batch_size", "4", "--logging_steps", "1",
                          "--eval_steps", "3", "--sample_max_new_tokens", "0", "--output_dir", str(tmp_path / "run")],
-                        env=ONE_THREAD)
+                        env=ONE_THREAD, fresh=True)  # a fresh interpreter: the limit counts its whole heap
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(train_losses(tmp_path / "run")) == 3 and "10000000 train" in result.stdout
 
