@@ -12,11 +12,13 @@ Where it applies (conftest.run_script): a run whose environment differs from the
 at run time (RANK, MASTER_PORT, OMP_NUM_THREADS, ...). A launcher (`-m torch.distributed.run`,
 `-m accelerate.commands.launch`) started this way starts its ranks through `warm_python`, an executable that asks
 the same server for the fork and relays signals and the exit status, so the ranks start warm too. Anything else
-(another environment, a python option, the server gone) runs the real interpreter, as before. Tests that watch
-what an interpreter prints while it imports, or that signal, stop or inspect a run's processes, start real ones
-(conftest.Background, run_script(fresh=True)). GPT2_TOOLKIT_TESTS_FRESH=1 turns warm starts off for a whole run.
+(another environment, a python option, the server gone) runs the real interpreter, as before. A one-process run
+in the background that a test signals or kills starts warm through warm_python too (conftest.Background(warm=True)).
+Tests that watch what an interpreter prints while it imports, measure a run's memory, or look into a launcher's
+process tree start real ones (run_script(fresh=True), conftest.Background). GPT2_TOOLKIT_TESTS_FRESH=1 turns warm
+starts off for a whole run; GPT2_TOOLKIT_WARM_LOG=FILE logs which runs started warm, and why others did not.
 
-    python tests/warm_start.py SOCKET         # the server (conftest starts one per pytest process)
+    python tests/warm_start.py SOCKET         # a server (conftest.warm_server starts them)
 """
 
 from __future__ import annotations
