@@ -22,14 +22,24 @@ sys.exit(int(sys.argv[1]))
 """
 
 
-def test_a_warm_run_sees_and_does_what_a_fresh_one_does(tmp_path):
-    import json
-
+@pytest.fixture
+def server():
     server = warm_server()
     if server is None:
         pytest.skip("warm starts are off (GPT2_TOOLKIT_TESTS_FRESH)")
-    script = tmp_path / "show.py"
-    script.write_text(SHOW)
+    return server
+
+
+@pytest.fixture
+def script(tmp_path):
+    path = tmp_path / "show.py"
+    path.write_text(SHOW)
+    return path
+
+
+def test_a_warm_run_sees_and_does_what_a_fresh_one_does(server, script, tmp_path):
+    import json
+
     for args in (["-c", SHOW, "3", "x y"], [str(script), "3", "x y"]):
         warm = run_script(args, cwd=tmp_path)
         fresh = run_script(args, cwd=tmp_path, fresh=True)
@@ -51,16 +61,11 @@ def test_a_warm_run_sees_and_does_what_a_fresh_one_does(tmp_path):
     assert (said.returncode, said.stderr) == (1, "a message\n")
 
 
-def test_a_launchers_ranks_start_warm_and_a_timeout_kills_the_run(tmp_path):
+def test_a_launchers_ranks_start_warm_and_a_timeout_kills_the_run(server, script, tmp_path):
     import json
 
     import psutil
 
-    server = warm_server()
-    if server is None:
-        pytest.skip("warm starts are off (GPT2_TOOLKIT_TESTS_FRESH)")
-    script = tmp_path / "show.py"
-    script.write_text(SHOW)
     result = run_script(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                          str(script), "0"], cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -76,10 +81,7 @@ def test_a_launchers_ranks_start_warm_and_a_timeout_kills_the_run(tmp_path):
     assert time.time() - start < 30 and not psutil.pid_exists(int(marker.read_text()))
 
 
-def test_the_server_runs_in_the_interpreter_of_the_tests():
-    server = warm_server()
-    if server is None:
-        pytest.skip("warm starts are off (GPT2_TOOLKIT_TESTS_FRESH)")
+def test_the_server_runs_in_the_interpreter_of_the_tests(server):
     assert server.ready and server.proc.poll() is None
     assert os.path.realpath(psutil_exe(server.proc.pid)) == os.path.realpath(sys.executable)
 
@@ -90,11 +92,9 @@ def psutil_exe(pid: int) -> str:
     return psutil.Process(pid).exe()
 
 
-def test_a_warm_background_run_gets_the_signals_and_dies_with_a_kill(background):
+def test_a_warm_background_run_gets_the_signals_and_dies_with_a_kill(server, background):
     import psutil
 
-    if warm_server() is None:
-        pytest.skip("warm starts are off (GPT2_TOOLKIT_TESTS_FRESH)")
     code = ("import os, signal, sys, time\n"
             "signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))\n"
             "print(os.getpid(), flush=True)\n"
@@ -112,3 +112,13 @@ def test_a_warm_background_run_gets_the_signals_and_dies_with_a_kill(background)
             run.proc.kill()
         assert run.wait(timeout=30) == expected
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_fresh_mode_starts_every_run_in_a_real_interpreter(monkeypatch, tmp_path):
+    """GPT2_TOOLKIT_TESTS_FRESH=1 (README): no server, each run a child of the test process."""
+    import json
+
+    monkeypatch.setenv("GPT2_TOOLKIT_TESTS_FRESH", "1")
+    assert warm_server() is None
+    result = run_script(["-c", SHOW, "0"], cwd=tmp_path)
+    assert result.returncode == 0 and json.loads(result.stdout)["parent"] == os.getpid()
