@@ -274,7 +274,9 @@ class Background:
         server = warm_server() if warm else None
         self.pidfile = None
         if server is not None and server.ready:
-            self.pidfile = Path(tempfile.mkdtemp(prefix="gpt2-toolkit-bg-")) / "pid"
+            handle, name = tempfile.mkstemp(suffix=".pid", dir=os.path.dirname(server.sock_path))  # gone at exit
+            os.close(handle)
+            self.pidfile = Path(name)
             full_env.update({warm_start.SOCKET_ENV: server.sock_path, warm_start.PYTHON_ENV: sys.executable,
                              warm_start.PIDFILE_ENV: str(self.pidfile)})
             command = [str(warm_start.SHIM), *args]
