@@ -197,19 +197,10 @@ def script_env(env: dict | None = None) -> dict:
 
 def kill_tree(proc: subprocess.Popen) -> None:
     """Kill a process and everything it started (launchers start workers in sessions of their own)."""
-    import psutil
+    import warm_start
 
-    try:
-        family = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    for p in [*family, proc]:
-        try:
-            p.kill()
-        except (psutil.NoSuchProcess, ProcessLookupError):
-            pass
+    warm_start.kill_tree(proc.pid)
     proc.wait(timeout=60)
-    psutil.wait_procs(family, timeout=30)
 
 
 def run_script(args: list[str], timeout: int = 600, env: dict | None = None, cwd: Path = REPO,

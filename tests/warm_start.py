@@ -370,19 +370,22 @@ class Server:
 
 
 def kill_tree(pid: int) -> None:
+    """Kill a process and everything it started (launchers start workers in sessions of their own), and wait until
+    they are gone; a child of this process is left for its Popen to reap, so that it reads the signal."""
     import psutil
 
     try:
         root = psutil.Process(pid)
-        family = [*root.children(recursive=True), root]
+        descendants = root.children(recursive=True)
+        ours = root.ppid() == os.getpid()
     except psutil.NoSuchProcess:
         return
-    for p in family:
+    for p in [*descendants, root]:
         try:
             p.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(family, timeout=30)
+    psutil.wait_procs(descendants if ours else [*descendants, root], timeout=30)
 
 
 def shim(argv: list[str]) -> None:
