@@ -211,6 +211,8 @@ def child_env() -> dict:
     if shape().rehearsal:
         env[REHEARSAL] = "1"
         env["OMP_NUM_THREADS"] = "1"  # two jobs at a time on two cores: more threads only contend
+    if _WARM:  # where warm_python finds the server (interpreter())
+        env.update(_WARM[0].shim_env())
     return env
 
 
@@ -333,7 +335,32 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 
 def python(*args: str) -> list[str]:
-    return [sys.executable, *map(str, args)]
+    return [interpreter(), *map(str, args)]
+
+
+_WARM: list = []
+
+
+def interpreter() -> str:
+    """How the jobs start python. On a GPU, a new interpreter per job, as a user's runs start. In the CPU rehearsal
+    tests/warm_python, with a fork server made for the jobs' environment (tests/warm_start.py): each job is still a
+    process of its own that runs its command unchanged; only the ~10 s of imports of torch, transformers, peft, ...
+    are made once (nothing the rehearsal checks depends on them). GPT2_TOOLKIT_TESTS_FRESH=1: a new one there too."""
+    if not shape().rehearsal or os.environ.get("GPT2_TOOLKIT_TESTS_FRESH", "") not in ("", "0"):
+        return sys.executable
+    if not _WARM:
+        import atexit
+        import shutil
+
+        if str(REPO / "tests") not in sys.path:
+            sys.path.insert(0, str(REPO / "tests"))
+        import warm_start
+
+        folder = tempfile.mkdtemp(prefix="gpu-kit-warm-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        _WARM.append(warm_start.Server(child_env(), folder))
+        atexit.register(_WARM[0].stop)
+    return str(_WARM[0].shim) if _WARM[0].ready else sys.executable
 
 
 def probed(probe_dir: Path, recipe: str, args: list[str], launcher: list[str] | None = None) -> list[str]:
