@@ -260,8 +260,9 @@ class Background:
     """A command running in the background; its stdout and stderr lines are collected as they come.
 
     `warm`: started from the warm start server through tests/warm_python, which relays signals and the exit status
-    to and from the run (a fork of the server, not a child of this process); for a one-process run that is signalled
-    or killed as a whole. Where a test looks into a run's process tree (a launcher's workers, SIGSTOP), not warm."""
+    to and from the run (a fork of the server, not a child of this process): a test that stops the run or looks into
+    its process tree (a launcher's workers) finds it at run_pid(). Not warm where a test signals the process group a
+    launcher leads (a scheduler's SIGTERM to a whole job): the run's processes are not in it."""
 
     def __init__(self, args: list[str], env: dict | None = None, new_session: bool = False, warm: bool = False):
         import warm_start
@@ -273,8 +274,7 @@ class Background:
             handle, name = tempfile.mkstemp(suffix=".pid", dir=os.path.dirname(server.sock_path))  # gone at exit
             os.close(handle)
             self.pidfile = Path(name)
-            full_env.update({warm_start.SOCKET_ENV: server.sock_path, warm_start.PYTHON_ENV: sys.executable,
-                             warm_start.PIDFILE_ENV: str(self.pidfile)})
+            full_env.update({**server.shim_env(), warm_start.PIDFILE_ENV: str(self.pidfile)})
             command = [str(warm_start.SHIM), *args]
         self.proc = subprocess.Popen(command, cwd=REPO, env=full_env, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, start_new_session=new_session)
@@ -289,6 +289,19 @@ class Background:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def run_pid(self, timeout: float = 60) -> int:
+        """The pid of the process that runs the command: warm_python's fork of the server (what a test stops or
+        kills as the run), or the Popen's own when not warm."""
+        import time
+
+        if self.pidfile is None:
+            return self.proc.pid
+        deadline = time.time() + timeout
+        while (run := self._warm_run()) is None:  # warm_python writes the file once the server has answered
+            assert self.proc.poll() is None and time.time() < deadline, "the warm run did not start"
+            time.sleep(0.05)
+        return run.pid
 
     def poll(self):
         return self.proc.poll()

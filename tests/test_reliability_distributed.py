@@ -59,13 +59,15 @@ def test_a_dead_rank_stops_the_other_with_a_clear_error_and_kill_9_resumes(setup
     nodes = [background(["-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
                          "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
                          "recipes/pretrain.py", *common, "--use_cpu", "true", "--per_device_train_batch_size", "4",
-                         "--save_steps", "2", "--save_total_limit", "3", "--output_dir", str(out)], new_session=True)
+                         "--save_steps", "2", "--save_total_limit", "3", "--output_dir", str(out)], new_session=True,
+                        warm=True)
              for rank in (0, 1)]
     node0, node1 = nodes
     wait_for_losses(node0, 5)
     import psutil
 
-    workers = psutil.Process(node1.pid).children(recursive=True)  # torchrun starts workers in their own session
+    # torchrun starts workers in their own session (warm: its ranks' warm_python, whose runs die with them)
+    workers = psutil.Process(node1.run_pid()).children(recursive=True)
     assert workers
     for worker in workers:
         worker.kill()  # rank 1 dies without a word (SIGKILL)
@@ -108,14 +110,15 @@ def test_a_hung_rank_is_detected_within_ddp_timeout_and_every_rank_exits_with_on
            "OMP_NUM_THREADS": "1"}
     ranks = [background(["recipes/pretrain.py", *common, "--per_device_train_batch_size", "4", "--save_strategy", "no",
                          "--ddp_timeout", str(timeout), "--output_dir", str(root / "hang")],
-                        env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}) for rank in (0, 1)]
+                        env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, warm=True) for rank in (0, 1)]
     wait_for_losses(ranks[0], 3)
-    os.kill(ranks[1].pid, signal.SIGSTOP)
+    hung = ranks[1].run_pid()  # the rank itself (warm: the server's fork that warm_python relays)
+    os.kill(hung, signal.SIGSTOP)
     stopped_at = time.time()
     try:
         code = ranks[0].wait(timeout=timeout + 90)  # before the fix: torch's 30-minute gloo default
     finally:
-        os.kill(ranks[1].pid, signal.SIGCONT)
+        os.kill(hung, signal.SIGCONT)
     elapsed = time.time() - stopped_at
     line = one_error_line(ranks[0].stderr())
     assert code == 2 and elapsed < timeout + 60, (code, elapsed, ranks[0].stderr()[-3000:])

@@ -13,9 +13,10 @@ at run time (RANK, MASTER_PORT, OMP_NUM_THREADS, ...). A launcher (`-m torch.dis
 `-m accelerate.commands.launch`) started this way starts its ranks through `warm_python`, an executable that asks
 the same server for the fork and relays signals and the exit status, so the ranks start warm too. Anything else
 (another environment, a python option, the server gone) runs the real interpreter, as before. A one-process run
-in the background that a test signals or kills starts warm through warm_python too (conftest.Background(warm=True)).
-Tests that watch what an interpreter prints while it imports, measure a run's memory, or look into a launcher's
-process tree start real ones (run_script(fresh=True), conftest.Background). GPT2_TOOLKIT_TESTS_FRESH=1 turns warm
+in the background that a test signals, stops or kills starts warm through warm_python too
+(conftest.Background(warm=True); the pid of the run itself is written to $GPT2_TOOLKIT_WARM_PIDFILE). Tests that watch
+what an interpreter prints while it imports, measure a run's memory, or signal a launcher's process group start real
+ones (run_script(fresh=True), conftest.Background). GPT2_TOOLKIT_TESTS_FRESH=1 turns warm
 starts off for a whole run; GPT2_TOOLKIT_WARM_LOG=FILE logs which runs started warm, and why others did not.
 
     python tests/warm_start.py SOCKET         # a server (conftest.warm_server starts them)
@@ -320,6 +321,12 @@ class Server:
         line = self.proc.stdout.readline()
         self.ready = json.loads(line).get("ready", False) if line.startswith("{") else False
 
+    shim = SHIM
+
+    def shim_env(self) -> dict:
+        """What warm_python needs in its environment to start its runs from this server."""
+        return {SOCKET_ENV: self.sock_path, PYTHON_ENV: sys.executable}
+
     def run(self, argv: list[str], env: dict, cwd, timeout: float):
         """`python ARGV` from the server: a CompletedProcess, or None where it cannot start there. Past `timeout`,
         the run and all it started are killed and subprocess.TimeoutExpired raised, as Popen.communicate does."""
@@ -332,8 +339,7 @@ class Server:
         err_r, err_w = os.pipe()
         null = os.open(os.devnull, os.O_RDONLY)
         try:
-            started = request(self.sock_path, argv, {**env, SOCKET_ENV: self.sock_path,
-                                                     PYTHON_ENV: sys.executable}, cwd, [null, out_w, err_w])
+            started = request(self.sock_path, argv, {**env, **self.shim_env()}, cwd, [null, out_w, err_w])
         finally:
             for fd in (null, out_w, err_w):
                 os.close(fd)
@@ -392,12 +398,15 @@ def shim(argv: list[str]) -> None:
     """warm_python ARGS: `python ARGS` from the server named by the environment, else the real interpreter."""
     real = os.environ.get(PYTHON_ENV) or sys.executable
     sock_path = os.environ.get(SOCKET_ENV)
+    pidfile = os.environ.pop(PIDFILE_ENV, None)  # this run's: not for the processes it starts (a launcher's ranks)
     started = request(sock_path, argv, dict(os.environ), os.getcwd(), [0, 1, 2]) if sock_path else None
     if started is None:
+        if pidfile:  # the real interpreter runs it in this process
+            Path(pidfile).write_text(str(os.getpid()))
         os.execv(real, [real, *argv])
     conn, pid = started
-    if os.environ.get(PIDFILE_ENV):
-        Path(os.environ[PIDFILE_ENV]).write_text(str(pid))
+    if pidfile:
+        Path(pidfile).write_text(str(pid))
 
     def forward(signum, _frame):
         try:
