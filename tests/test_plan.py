@@ -202,9 +202,9 @@ def test_python_dash_m_entry_point():
 def test_check_plan_predicts_a_configuration_no_calibration_used(tmp_path):
     """Two real pretrain.py runs (2 steps each, the second measured): gpt2-nano measures this machine's runtime
     term, then gpt2-mini at 16 x 128 (a shape and batch no calibration row uses; tensors are half its peak) is
-    predicted within 1% with it, and within 5% with the shipped constants, as docs/training_strategies.md claims. The same for qlora.py (4-bit
-    base, activation checkpointing, the model's own loss head) on Hub-like gpt2-nano and gpt2-mini bases, within 2%
-    and 5%.
+    predicted within 1% with it, and within 5% with the shipped constants, as docs/training_strategies.md claims.
+    The same for qlora.py (4-bit base, activation checkpointing, the model's own loss head) on Hub-like gpt2-nano and
+    gpt2-mini bases, within 2% and 5%.
 
     With a CUDA build of torch (PyPI's default on Linux; CI installs the CPU build) the shipped constants add that
     build's measured extra, its CUDA libraries' pages as mapped with a warm page cache: with a colder one up to
