@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,11 +82,22 @@ def proc_status(pid: int, key: str) -> int | None:
 
 def env_for_runs(threads: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-                "TRANSFORMERS_VERBOSITY": "warning"})
+    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
+    if env.get("TRANSFORMERS_VERBOSITY", "warning") != "warning":  # transformers' default: no info lines in the logs
+        env["TRANSFORMERS_VERBOSITY"] = "warning"
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     return env
+
+
+def start(cmd: list[str], cwd: Path, env: dict) -> tuple[subprocess.Popen, Callable[[], int | None]]:
+    """Start `cmd` with stdout and stderr on one pipe; return the process and a function that gives the pid of the
+    process doing the run (None until it is known), whose process tree run() samples: here the Popen itself. The test
+    suite swaps in one that forks one-process python runs from its warm start server (tests/conftest.py
+    warm_benchmark_runs): the same output and exit status, without ~10 s of imports per run."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1)  # text mode: tqdm's \r also ends a line
+    return proc, lambda: proc.pid
 
 
 def run(cmd: list[str], env: dict | None = None, timeout: float = 1800, cwd: Path = REPO,
@@ -93,15 +105,19 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = 1800, cwd: Pat
     """Run `cmd`, timestamping each output line as it arrives and sampling the RSS of the whole process tree."""
     import psutil
 
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env or env_for_runs(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, bufsize=1)  # text mode: tqdm's \r also ends a line
+    begin = time.perf_counter()
+    proc, run_pid = start(cmd, cwd, env or env_for_runs())
     peaks: dict[int, tuple[str, int]] = {}
     anon_peaks: dict[int, int] = {}
     done = threading.Event()
 
     def sample():
-        root = psutil.Process(proc.pid)
+        while (pid := run_pid()) is None and not done.is_set():
+            done.wait(0.02)
+        try:
+            root = psutil.Process(pid)
+        except (psutil.Error, TypeError):
+            return
         while not done.is_set():
             try:
                 procs = [root, *root.children(recursive=True)]
@@ -112,8 +128,10 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = 1800, cwd: Pat
                     # VmHWM: the kernel's own high-water mark, so a peak between two samples is not missed
                     rss = max(p.memory_info().rss, proc_status(p.pid, "VmHWM") or 0)
                     # the command line read afresh: a child first seen between fork and exec still shows its
-                    # launcher's (accelerate's ranks, for one), and would be counted as the launcher
-                    peaks[p.pid] = (" ".join(p.cmdline()), max(rss, peaks.get(p.pid, ("", 0))[1]))
+                    # launcher's (accelerate's ranks, for one), and would be counted as the launcher; the run's
+                    # own process is the command
+                    cmdline = " ".join(cmd) if p.pid == pid else " ".join(p.cmdline())
+                    peaks[p.pid] = (cmdline, max(rss, peaks.get(p.pid, ("", 0))[1]))
                     anon = proc_status(p.pid, "RssAnon")
                     if anon is not None and anon > anon_peaks.get(p.pid, 0):
                         anon_peaks[p.pid] = anon
@@ -129,7 +147,7 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = 1800, cwd: Pat
     timer.start()
     try:
         for line in proc.stdout:
-            lines.append((time.perf_counter() - start, line.rstrip("\n")))
+            lines.append((time.perf_counter() - begin, line.rstrip("\n")))
             if echo:
                 print("    |", line.rstrip("\n"), flush=True)
         proc.wait()
@@ -138,7 +156,7 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = 1800, cwd: Pat
         done.set()
     if sample_memory:
         sampler.join()
-    return Run(cmd, proc.returncode, time.perf_counter() - start, lines, peaks, anon_peaks)
+    return Run(cmd, proc.returncode, time.perf_counter() - begin, lines, peaks, anon_peaks)
 
 
 # ---------------------------------------------------------------------------------------------------------

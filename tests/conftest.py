@@ -365,6 +365,43 @@ def background():
             run.stop()
 
 
+LAUNCHERS = ("torch.distributed.run", "accelerate.commands.launch")
+
+
+@pytest.fixture
+def warm_benchmark_runs(monkeypatch):
+    """The one-process python runs of a benchmark's --quick mode (benchmarks/harness.py `start`) forked from the warm
+    start server, as run_script's are: each still a process of its own, with its output and exit status, whose
+    process tree the harness samples (found through warm_python's pid file). Its memory includes the server's imports:
+    the quick tests check the pipeline and relations between runs, not sizes. A launcher, whose ranks would not be in
+    that tree, and a run whose environment the server refuses, start as before."""
+    import importlib
+
+    import warm_start
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    harness = importlib.import_module("harness")
+    plain_start, server = harness.start, warm_server()
+
+    def start(cmd: list[str], cwd, env: dict):
+        if server is None or not server.ready or cmd[0] != sys.executable or (cmd[1:2] == ["-m"]
+                                                                               and cmd[2] in LAUNCHERS):
+            return plain_start(cmd, cwd, env)
+        handle, name = tempfile.mkstemp(suffix=".pid", dir=os.path.dirname(server.sock_path))  # gone at exit
+        os.close(handle)
+        pidfile = Path(name)
+        proc, _ = plain_start([str(warm_start.SHIM), *cmd[1:]], cwd,
+                              {**env, **server.shim_env(), warm_start.PIDFILE_ENV: name})
+
+        def run_pid() -> int | None:  # warm_python writes it once the server has answered (its own pid if refused)
+            text = pidfile.read_text()
+            return int(text) if text else None if proc.poll() is None else proc.pid
+
+        return proc, run_pid
+
+    monkeypatch.setattr(harness, "start", start)
+
+
 def recipe_in_process(recipe: str, argv: list[str], capsys) -> tuple[int, str, str]:
     """Run recipes/<recipe>.py as `python recipes/<recipe>.py ARGV` would, in this process (same code path, no
     start-up cost); return its exit code, stdout and stderr."""

@@ -1,6 +1,7 @@
 """Smoke versions of the benchmarks (benchmarks/*.py --quick): each runs the real recipes at tiny sizes, prints
 a table that parses, writes its section into a markdown file and its raw results as JSON. Nothing here is
-timed: the checks are that the pipeline runs end to end and reports sane, consistent values."""
+timed: the checks are that the pipeline runs end to end and reports sane, consistent values. The runs start from the
+warm start server (conftest.warm_benchmark_runs): each still its own process, sampled as the harness samples it."""
 
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ def test_log_parsers_read_both_recipes_formats():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("warm_benchmark_runs")
 def test_recipe_overhead_quick(tmp_path, tiny_tokenizer_dir):
     results, rows, doc, data = run_quick("recipe_overhead", tmp_path, "--tokenizer_name", str(tiny_tokenizer_dir),
                                          "--allocator")
@@ -82,6 +84,7 @@ def test_recipe_overhead_quick(tmp_path, tiny_tokenizer_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("warm_benchmark_runs")
 def test_mfu_quick(tmp_path):
     data, rows, doc, _ = run_quick("mfu_cpu", tmp_path, "--variants", "base", "noclip")
     assert [r["variant"] for r in rows] == ["base", "noclip"]
@@ -101,6 +104,7 @@ def test_mfu_quick(tmp_path):
 
 @needs_shared
 @pytest.mark.slow
+@pytest.mark.usefixtures("warm_benchmark_runs")
 def test_quality_quick(tmp_path):
     results, rows, doc, _ = run_quick("quality_budget", tmp_path, "--plot", str(tmp_path / "curve.png"))
     assert [r["config"] for r in rows] == ["q-gpt2", "q-bpe"]
@@ -116,6 +120,7 @@ def test_quality_quick(tmp_path):
 
 @needs_shared
 @pytest.mark.slow
+@pytest.mark.usefixtures("warm_benchmark_runs")
 def test_finetune_quick(tmp_path):
     results, rows, doc, _ = run_quick("finetune", tmp_path, "--methods", "lora", "full", "lora+metrics")
     by = {r["method"]: r for r in results}
@@ -134,6 +139,7 @@ def test_finetune_quick(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("warm_benchmark_runs")
 def test_distributed_quick(tmp_path):
     """The benchmark's pipeline (launch, per-rank peaks, table, JSON, the planner's figures) on its 1-process launch;
     the 2-rank FSDP2 launch it also makes is tests/test_distributed.py's (sharding, losses, export, resume)."""
@@ -147,6 +153,7 @@ def test_distributed_quick(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("warm_benchmark_runs")
 def test_model_step_quick(tmp_path):
     rows, table, doc, data = run_quick("recipe_overhead", tmp_path, "--model_step")
     assert [int(r["block"]) for r in table] == [16] and "1b. Model code alone" in doc

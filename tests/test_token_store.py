@@ -468,6 +468,7 @@ json.dump({{"world": torch.distributed.get_world_size(), "blocks": seen, "n": le
 
 @pytest.mark.slow
 @needs_shared
+@pytest.mark.usefixtures("warm_benchmark_runs")
 def test_data_scale_benchmark_quick(tmp_path):
     """benchmarks/data_scale.py --quick end to end (tiny sizes; nothing here is timed): every method ran on the same
     tokens and the report parses."""
