@@ -10,10 +10,8 @@ embedding that differs from the one-process run's.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
 
 import pytest
 from conftest import REPO, embedded_texts, run_script
@@ -171,20 +169,17 @@ def test_torchrun_ddp_matches_one_process(workdir, reference):
     assert (workdir / "torchrun" / "model.safetensors").exists()
 
 
-def test_two_nodes_rendezvous_over_localhost_and_train_as_one(workdir, reference):
+def test_two_nodes_rendezvous_over_localhost_and_train_as_one(workdir, reference, background):
     """multi_node_cpu.yaml: two launchers (two "machines", one rank each) meet at 127.0.0.1 and run FSDP2."""
     port = str(free_port())
     args = args_for(workdir, "two_nodes", "--use_cpu", "true", "--per_device_train_batch_size", "4",
                     "--save_strategy", "no")
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                str(CONFIGS / "multi_node_cpu.yaml"), "--main_process_port", port]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    nodes = [subprocess.Popen([*launcher, "--machine_rank", str(rank), RECIPE, *args], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    outputs = [node.communicate(timeout=600) for node in nodes]
-    for node, (_, stderr) in zip(nodes, outputs):
-        assert node.returncode == 0, stderr[-3000:]
-    setup = setup_record(outputs[0][0])  # rank 0 lives on "node" 0
+    launcher = ["-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "multi_node_cpu.yaml"),
+                "--main_process_port", port]
+    nodes = [background([*launcher, "--machine_rank", str(rank), RECIPE, *args], warm=True) for rank in (0, 1)]
+    for node in nodes:
+        assert node.wait(timeout=600) == 0, node.stderr()[-3000:]
+    setup = setup_record(nodes[0].stdout())  # rank 0 lives on "node" 0
     assert setup["world_size"] == 2 and setup["distributed_type"] == "FSDP"
     assert setup["params_sharded_per_rank"] == [True, True]
     assert_same_losses(workdir / "two_nodes", reference)
