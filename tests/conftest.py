@@ -23,8 +23,8 @@ atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 for _var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_TOKEN"):
     os.environ.pop(_var, None)
 # Under pytest-xdist each worker, and every run it starts, gets its share of the cores: torch's default (one thread
-# per core in every process) has the workers' runs contend for the same cores, which costs more than their threads
-# gain at these tiny sizes (docs/benchmarks.md, "Test suite"). Before torch is imported: OpenMP reads it once.
+# per core in every process) has the workers' runs contend for the same cores, which costs far more than their
+# threads gain at these tiny sizes. Set before torch is imported: OpenMP reads it once.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "").isdigit() and "OMP_NUM_THREADS" not in os.environ:
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
