@@ -48,12 +48,12 @@ needs_shared = pytest.mark.needs_shared
 # the files by their number of tests, which puts the few long multi-process tests last, where one worker runs them
 # while the other has nothing left. Longest first lets the short files fill in at the end.
 LONGEST_FILES = [
-    "test_benchmarks.py", "test_plan.py", "test_reliability_distributed.py", "test_own_output.py",
-    "test_finetune_gpu.py", "test_fsdp_gpu.py", "test_plan_gpu.py", "test_pretrain_gpu.py", "test_onefile_gpu.py",
-    "test_token_store.py", "test_generate_eval.py", "test_distributed.py", "test_preflight.py", "test_pretrain.py",
-    "test_reliability.py", "test_guard.py", "test_flags_pretrain.py", "test_flags_tools.py", "test_configs.py",
-    "test_elastic_resume.py", "test_args.py", "test_lora.py", "test_onefile.py", "test_reliability_lora.py",
-    "test_core.py", "test_hub.py", "test_imports.py", "test_gpu_kit.py",
+    "test_plan.py", "test_own_output.py", "test_reliability_distributed.py", "test_benchmarks.py",
+    "test_token_store.py", "test_finetune_gpu.py", "test_fsdp_gpu.py", "test_plan_gpu.py", "test_pretrain_gpu.py",
+    "test_onefile_gpu.py", "test_preflight.py", "test_generate_eval.py", "test_distributed.py", "test_guard.py",
+    "test_onefile.py", "test_flags_pretrain.py", "test_pretrain.py", "test_reliability.py", "test_flags_tools.py",
+    "test_elastic_resume.py", "test_args.py", "test_lora.py", "test_hub.py", "test_configs.py", "test_core.py",
+    "test_imports.py", "test_gpu_kit.py", "test_reliability_lora.py", "test_warm_start.py", "test_flags_finetune.py",
 ]
 
 
@@ -108,6 +108,19 @@ def require_dev(module: str):
         if IN_CI:
             pytest.fail(f"{module} is missing: CI installs the [dev] extra (pip install -e '.[dev]')", pytrace=False)
         pytest.skip(f"{module} is part of the [dev] extra (pip install -e '.[dev]')")
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """What a test leaves in this process's environment is undone after it: a variable an in-process run set (a
+    config's `env:` section) or a library imported during it (lm_eval sets HF_XET_HIGH_PERFORMANCE, sklearn
+    KMP_DUPLICATE_LIB_OK). The next test's runs then start in the environment they would have had without it, and
+    from the same warm start server (conftest.warm_server starts another one when the environment changes)."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(autouse=True)
