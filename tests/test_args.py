@@ -164,7 +164,8 @@ def test_output_dir_that_is_a_file_or_unwritable_is_named(tmp_path, monkeypatch)
 
 @pytest.mark.slow
 def test_cli_errors_are_one_stderr_line_before_any_work(tmp_path, capsys):
-    """The real command line, as a user meets it (one real process per recipe): the whole stderr is one line, exit 2,
+    """The real command line, as a user meets it (one real process per recipe, started warm: what a fresh
+    interpreter of these recipes prints while importing is test_own_output's): the whole stderr is one line, exit 2,
     nothing written. A third refusal runs in this process, through the same recipe code."""
     a_file = tmp_path / "taken"
     a_file.write_text("keep me")
@@ -174,7 +175,7 @@ def test_cli_errors_are_one_stderr_line_before_any_work(tmp_path, capsys):
         (["recipes/lora.py", "--lora-r", "0", "--output_dir", str(tmp_path / "l")], "--lora_r 0 is out of range"),
     ]
     for argv, expected in cases:
-        result = run_script(argv, timeout=300, fresh=True)
+        result = run_script(argv, timeout=300)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], (argv, result.stderr[-2000:])
     code, stderr = run_recipe_in_process("pretrain", ["--output_dir", str(a_file)], capsys)

@@ -135,9 +135,15 @@ def test_sigterm_under_fsdp2_saves_a_sharded_checkpoint_and_resumes(setup, backg
     launch = ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / "fsdp_cpu.yaml"),
               "--main_process_port", str(free_port()), "recipes/pretrain.py", *common, "--use_cpu", "true",
               "--per_device_train_batch_size", "4", "--save_steps", "1000", "--output_dir", str(out)]
-    run = background(launch, new_session=True)
+    run = background(launch, new_session=True, warm=True)
     wait_for_losses(run, 4)
-    os.killpg(run.pid, signal.SIGTERM)  # as a scheduler does: launcher and workers all get it
+    import psutil
+
+    # as a scheduler does: the launcher and every worker get it at once (warm, a worker gets it through its
+    # warm_python, which relays it)
+    launcher = psutil.Process(run.run_pid())
+    for process in [launcher, *launcher.children(recursive=True)]:
+        process.send_signal(signal.SIGTERM)
     run.wait(timeout=120)
     assert any("--resume_from_checkpoint auto" in line for line in run.out), (run.stdout()[-2000:],
                                                                                run.stderr()[-2000:])

@@ -12,12 +12,13 @@ Where it applies (conftest.run_script): a run whose environment differs from the
 at run time (RANK, MASTER_PORT, OMP_NUM_THREADS, ...). A launcher (`-m torch.distributed.run`,
 `-m accelerate.commands.launch`) started this way starts its ranks through `warm_python`, an executable that asks
 the same server for the fork and relays signals and the exit status, so the ranks start warm too. Anything else
-(another environment, a python option, the server gone) runs the real interpreter, as before. A one-process run
-in the background that a test signals, stops or kills starts warm through warm_python too
-(conftest.Background(warm=True); the pid of the run itself is written to $GPT2_TOOLKIT_WARM_PIDFILE). Tests that watch
-what an interpreter prints while it imports, measure a run's memory, or signal a launcher's process group start real
-ones (run_script(fresh=True), conftest.Background). GPT2_TOOLKIT_TESTS_FRESH=1 turns warm
-starts off for a whole run; GPT2_TOOLKIT_WARM_LOG=FILE logs which runs started warm, and why others did not.
+(another environment, a python option, the server gone) runs the real interpreter, as before. A run in the
+background that a test signals, stops or kills starts warm through warm_python too (conftest.Background(warm=True);
+the pid of the run itself, which a test signals, is written to $GPT2_TOOLKIT_WARM_PIDFILE); so do the benchmarks'
+quick runs (conftest.warm_benchmark_runs) and the tests/gpu rehearsal's jobs (tests/gpu/kit.py, a server of its own).
+Tests that watch what an interpreter prints while it imports, or measure a run's memory, start real ones
+(run_script(fresh=True)). GPT2_TOOLKIT_TESTS_FRESH=1 turns warm starts off for a whole run;
+GPT2_TOOLKIT_WARM_LOG=FILE logs which runs started warm, and why others did not.
 
     python tests/warm_start.py SOCKET         # a server (conftest.warm_server starts them)
 """
