@@ -42,7 +42,7 @@ FRESH_ENV = "GPT2_TOOLKIT_TESTS_FRESH"
 SHIM = Path(__file__).resolve().parent / "warm_python"
 PRELOAD = ("numpy", "torch", "torch.distributed.run", "transformers", "transformers.trainer",
            "transformers.models.gpt2.modeling_gpt2", "accelerate", "accelerate.commands.launch", "datasets",
-           "tokenizers", "safetensors.torch", "peft", "trl", "psutil")
+           "tokenizers", "safetensors.torch", "peft", "trl", "psutil", "matplotlib.pyplot")
 # Read when a run starts, not when a library is imported, so a fork of the server honours them: what a launcher
 # gives each rank, and the thread count (applied with torch.set_num_threads: OpenMP read it at the server's import).
 RUNTIME_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
