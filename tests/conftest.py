@@ -123,6 +123,31 @@ def _environment_restored():
         os.environ.update(saved)
 
 
+class _CurrentStderr:
+    """sys.stderr as it is at each write, not as it was when a logging handler was made."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+@pytest.fixture(autouse=True)
+def _transformers_logs_to_the_current_stderr():
+    """transformers' log handler is made once per process, bound to the sys.stderr of that moment: in a test that
+    reads stderr (capsys), a stream closed when that test ended. A later test's warning from transformers would then
+    print "--- Logging error ---" and a traceback into its own stderr. Bound to the current one instead."""
+    if "transformers" in sys.modules:
+        import logging
+
+        for handler in logging.getLogger("transformers").handlers:
+            if type(handler) is logging.StreamHandler and not isinstance(handler.stream, _CurrentStderr):
+                handler.stream = _CurrentStderr()  # (setStream would flush the closed one first)
+                handler.flush = handler.stream.flush  # transformers binds flush to the sys.stderr of that moment
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _recipes_run_in_this_process_exit_through_sys_exit(monkeypatch):
     """A recipe run here as __main__ (runpy) ends with toolkit.errors.exit_now, whose os._exit would end pytest
@@ -421,13 +446,6 @@ def recipe_in_process(recipe: str, argv: list[str], capsys) -> tuple[int, str, s
     old = sys.argv
     sys.argv = [f"recipes/{recipe}.py", *argv]
     capsys.readouterr()  # what earlier steps of the test printed is not this run's
-    import logging
-
-    for handler in logging.getLogger("transformers").handlers:  # made during an earlier test, bound to its stderr
-        if type(handler) is logging.StreamHandler:
-            handler.stream = sys.stderr  # (setStream would flush the closed one first)
-            if "flush" in vars(handler):  # transformers binds the handler's flush to the sys.stderr of that moment
-                handler.flush = sys.stderr.flush
     try:
         runpy.run_path(str(REPO / "recipes" / f"{recipe}.py"), run_name="__main__")
         code = 0

@@ -325,8 +325,9 @@ def test_adapter_for_another_base_is_one_line(adapter_dir, tmp_path, capsys):
 
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     other = tmp_path / "other-base"
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128,
-                               vocab_size=len(tokenizer))).save_pretrained(other)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=len(tokenizer),
+                               bos_token_id=tokenizer.eos_token_id,
+                               eos_token_id=tokenizer.eos_token_id)).save_pretrained(other)
     tokenizer.save_pretrained(other)
     code, _, err = run_main(generate, [str(other), "--adapter", str(adapter_dir), "--prompt", "x"], capsys)
     assert_one_error_line(code, err, "does not fit model", "trained on another base", "pass as MODEL the base")
