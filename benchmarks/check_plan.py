@@ -170,15 +170,16 @@ def configurations(work: Path, quick: bool) -> dict[str, dict]:
     base = ["--preset", "gpt2"] + gpt2_tok
     if quick:
         # the runtime term on this machine, then a shape and batch no calibration used (tensors ~half of the peak)
-        # the same for qlora.py (4-bit base, its default checkpointing, the model's own loss head). Two steps: the
-        # second, with the optimizer state allocated, is the one measured (later steps peak at the same RSS)
+        # the same for qlora.py (4-bit base, its default checkpointing, the model's own loss head), the check at a
+        # batch and block of its own. Two steps: the second, with the optimizer state allocated, is the one measured
+        # (later steps peak at the same RSS)
         return {"quick-nano-1p": {"task": "pretrain", "procs": 1, "model": nano, "batch": 8, "seq": 128, "steps": 2,
                                   "calibration": True},
                 "quick-mini-1p": {"task": "pretrain", "procs": 1, "model": mini, "batch": 16, "seq": 128, "steps": 2},
                 "quick-nano-qlora-1p": {"task": "qlora", "procs": 1, "model": None, "base": "gpt2-nano", "batch": 8,
                                         "seq": 128, "steps": 2, "calibration": True},
                 "quick-mini-qlora-1p": {"task": "qlora", "procs": 1, "model": None, "base": "gpt2-mini", "batch": 16,
-                                        "seq": 128, "steps": 2, "ckpt": True}}
+                                        "seq": 64, "steps": 2, "ckpt": True}}
     # The nano-* runs calibrate toolkit.plan's constant runtime term (CPU_OVERHEAD: python, torch, HF libraries,
     # Trainer) per recipe kind and for a 2-rank launch: their tensors are a few MiB, so peak RSS there is the runtime.
     # Every other row is a held-out check of the formulas. CALIBRATION_ROWS names them for --write-calibration.

@@ -199,12 +199,12 @@ def test_python_dash_m_entry_point():
 
 
 @pytest.mark.slow
-def test_check_plan_predicts_a_configuration_no_calibration_used(tmp_path):
+def test_check_plan_predicts_a_configuration_no_calibration_used(tmp_path, capsys):
     """Two real pretrain.py runs (2 steps each, the second measured): gpt2-nano measures this machine's runtime
     term, then gpt2-mini at 16 x 128 (a shape and batch no calibration row uses; tensors are half its peak) is
     predicted within 1% with it, and within 5% with the shipped constants, as docs/training_strategies.md claims.
     The same for qlora.py (4-bit base, activation checkpointing, the model's own loss head) on Hub-like gpt2-nano and
-    gpt2-mini bases, within 2% and 5%.
+    gpt2-mini bases (the latter at 16 x 64), within 2% and 5%.
 
     With a CUDA build of torch (PyPI's default on Linux; CI installs the CPU build) the shipped constants add that
     build's measured extra, its CUDA libraries' pages as mapped with a warm page cache: with a colder one up to
@@ -214,10 +214,10 @@ def test_check_plan_predicts_a_configuration_no_calibration_used(tmp_path):
 
     shipped_low, shipped_high = (0.971, 1.18) if torch.version.cuda else (0.95, 1.05)
     out = tmp_path / "rows.json"
-    r = subprocess.run([sys.executable, "benchmarks/check_plan.py", "--quick", "--doc", "", "--work_dir",
-                        str(tmp_path), "--json", str(out), "--tolerance", f"{shipped_high - 1:.2f}"],
-                       capture_output=True, text=True, timeout=600, cwd=REPO, check=False)
-    assert r.returncode == 0, r.stdout + r.stderr  # 0: every check within --tolerance
+    # main() here; each configuration runs in a process of its own, whose memory it measures
+    code = _check_plan_module().main(["--quick", "--doc", "", "--work_dir", str(tmp_path), "--json", str(out),
+                                      "--tolerance", f"{shipped_high - 1:.2f}"])
+    assert code == 0, capsys.readouterr()  # 0: every check within --tolerance
     rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
     check = rows["quick-mini-1p"]
     assert rows["quick-nano-1p"]["calibration"] and not check["calibration"]
