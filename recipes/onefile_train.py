@@ -18,6 +18,7 @@ Output folders load with from_pretrained: `pretrain.py --model_name_or_path out/
 import argparse
 import contextlib
 import functools
+import gc
 import json
 import math
 import os
@@ -544,6 +545,12 @@ def main(argv=None):
                                          generator=torch.Generator(device=device).manual_seed(args.seed))
             print("sample:", tokenizer.decode(out[0].tolist()))  # decode drops the special EOS
     if ddp:
+        # The DDP wrapper goes first: its gradient reducer holds the process group, and if the reducer dropped the last
+        # reference, the group's teardown would wait for gloo's threads while holding Python's lock, which a thread
+        # still freeing an all-reduce's tensors needs: a hang at exit (pytorch/pytorch#56297). Freed here, then the
+        # group's own teardown runs without that lock.
+        del model
+        gc.collect()
         dist.destroy_process_group()
 
 if __name__ == "__main__":
