@@ -114,6 +114,22 @@ def test_a_warm_background_run_gets_the_signals_and_dies_with_a_kill(server, bac
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
+def test_a_run_stuck_holding_pythons_lock_goes_when_its_client_does(server, background):
+    """A run whose own watch of its client cannot run (a C call that holds the GIL, as a library's teardown deadlock
+    does) is killed by the server once the client is gone, not left behind."""
+    import psutil
+
+    stuck = "import re\nprint('stuck', flush=True)\nre.match(r'(a+)+$', 'a' * 64 + 'b')\n"  # seconds of C, GIL held
+    run = background(["-c", stuck], warm=True)
+    deadline = time.time() + 60
+    while not run.out and time.time() < deadline:
+        time.sleep(0.05)
+    pid = run.run_pid()
+    assert run.out == ["stuck\n"] and pid != run.pid
+    run.proc.kill()  # the client only
+    psutil.Process(pid).wait(timeout=10)
+
+
 def test_fresh_mode_starts_every_run_in_a_real_interpreter(monkeypatch, tmp_path):
     """GPT2_TOOLKIT_TESTS_FRESH=1 (README): no server, each run a child of the test process."""
     import json

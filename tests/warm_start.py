@@ -110,6 +110,10 @@ def _recv(conn: socket.socket) -> dict:
 
 def _run_child(conn: socket.socket, message: dict, fds: list[int], added_env: dict) -> None:
     """In the fork: become `python ARGV` and exit with its status."""
+    if sys.platform.startswith("linux"):  # the server killed (its pytest process ended): so is this run
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
@@ -215,6 +219,13 @@ def serve(sock_path: str) -> None:
     selector.register(wake_r, selectors.EVENT_READ)
     while True:
         for key, _ in selector.select():
+            if key.data is not None:  # a run's client hung up (it sends nothing after its request): the run goes too
+                selector.unregister(key.fileobj)
+                try:
+                    os.kill(key.data, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                continue
             if key.fileobj is not server:
                 try:
                     os.read(wake_r, 4096)
@@ -257,6 +268,9 @@ def serve(sock_path: str) -> None:
             for fd in fds:
                 os.close(fd)
             children[pid] = conn
+            # The run watches its client itself too, but a run stuck holding Python's lock cannot (a deadlock in a
+            # library's teardown): here the client's hang-up kills it whatever state it is in.
+            selector.register(conn, selectors.EVENT_READ, data=pid)
             try:
                 _send(conn, {"pid": pid})
             except OSError:
@@ -270,6 +284,10 @@ def serve(sock_path: str) -> None:
                 break
             conn = children.pop(pid, None)
             if conn is not None:
+                try:
+                    selector.unregister(conn)
+                except KeyError:  # unregistered when its client hung up
+                    pass
                 code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
                 try:
                     _send(conn, {"returncode": code})
