@@ -105,7 +105,7 @@ def test_a_hung_rank_is_detected_within_ddp_timeout_and_every_rank_exits_with_on
     and does the same. The ranks are started as torchrun starts them (RANK, WORLD_SIZE, ... in the environment), so
     each one's whole stderr is its own."""
     root, common, _ = setup
-    timeout = 20  # seconds; short for the test, long enough for two busy ranks to meet at each barrier
+    timeout = 12  # seconds; short for the test, long enough for two busy ranks to meet at each barrier
     env = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "OMP_NUM_THREADS": "1"}
     ranks = [background(["recipes/pretrain.py", *common, "--per_device_train_batch_size", "4", "--save_strategy", "no",
