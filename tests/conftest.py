@@ -403,9 +403,6 @@ def background():
             run.stop()
 
 
-LAUNCHERS = ("torch.distributed.run", "accelerate.commands.launch")
-
-
 @pytest.fixture
 def warm_benchmark_runs(monkeypatch):
     """The one-process python runs of a benchmark's --quick mode (benchmarks/harness.py `start`) forked from the warm
@@ -422,8 +419,8 @@ def warm_benchmark_runs(monkeypatch):
     plain_start, server = harness.start, warm_server()
 
     def start(cmd: list[str], cwd, env: dict):
-        if server is None or not server.ready or cmd[0] != sys.executable or (cmd[1:2] == ["-m"]
-                                                                               and cmd[2] in LAUNCHERS):
+        launcher = cmd[1:2] == ["-m"] and cmd[2] in warm_start.LAUNCHERS
+        if server is None or not server.ready or cmd[0] != sys.executable or launcher:
             return plain_start(cmd, cwd, env)
         handle, name = tempfile.mkstemp(suffix=".pid", dir=os.path.dirname(server.sock_path))  # gone at exit
         os.close(handle)

@@ -49,6 +49,7 @@ RUNTIME_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_R
                 "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS",
                 "CUDA_VISIBLE_DEVICES", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCHINDUCTOR_CACHE_DIR",
                 "PYTHONUNBUFFERED", "PWD", "OLDPWD", "SHLVL", "_")  # the last four: what warm_python's sh sets
+LAUNCHERS = ("torch.distributed.run", "accelerate.commands.launch")  # `-m` modules that start ranks with python
 RUNTIME_PREFIXES = ("TORCHELASTIC_", "ACCELERATE_", "FSDP_", "NCCL_", "PYTEST_", "GPU_KIT_", "GPT2_TOOLKIT_")
 
 
@@ -143,7 +144,7 @@ def _run_child(conn: socket.socket, message: dict, fds: list[int], added_env: di
     threading.Thread(target=watch_client, daemon=True).start()
     argv = message["argv"]
     args = argv[1:] if argv[:1] == ["-u"] else argv
-    if args[0] == "-m" and args[1] in ("torch.distributed.run", "accelerate.commands.launch"):
+    if args[0] == "-m" and args[1] in LAUNCHERS:
         sys.executable = str(SHIM)  # its ranks start warm too (warm_python falls back to the real interpreter)
     import runpy
 
