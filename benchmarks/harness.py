@@ -114,9 +114,11 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = 1800, cwd: Pat
     def sample():
         while (pid := run_pid()) is None and not done.is_set():
             done.wait(0.02)
+        if pid is None:  # ended before its pid was known
+            return
         try:
             root = psutil.Process(pid)
-        except (psutil.Error, TypeError):
+        except psutil.Error:
             return
         while not done.is_set():
             try:

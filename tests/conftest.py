@@ -278,7 +278,7 @@ def warm_server():
     server started under another one is replaced, or every later run would start fresh."""
     import warm_start
 
-    if os.environ.get(warm_start.FRESH_ENV, "") not in ("", "0"):
+    if not warm_start.enabled():
         return None
     env = script_env()
     if not _WARM:
@@ -303,17 +303,12 @@ class Background:
     launcher leads (a scheduler's SIGTERM to a whole job): the run's processes are not in it."""
 
     def __init__(self, args: list[str], env: dict | None = None, new_session: bool = False, warm: bool = False):
-        import warm_start
-
         full_env, command = script_env(env), [sys.executable, *args]
         server = warm_server() if warm else None
         self.pidfile = None
         if server is not None and server.ready:
-            handle, name = tempfile.mkstemp(suffix=".pid", dir=os.path.dirname(server.sock_path))  # gone at exit
-            os.close(handle)
-            self.pidfile = Path(name)
-            full_env.update({**server.shim_env(), warm_start.PIDFILE_ENV: str(self.pidfile)})
-            command = [str(warm_start.SHIM), *args]
+            command, shim_env, self.pidfile = server.shim_start(args)
+            full_env.update(shim_env)
         self.proc = subprocess.Popen(command, cwd=REPO, env=full_env, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, start_new_session=new_session)
         self.new_session = new_session
@@ -347,9 +342,11 @@ class Background:
     def _warm_run(self):
         """The process warm_python relays (None: not warm, or already gone)."""
         import psutil
+        import warm_start
 
         try:
-            return psutil.Process(int(self.pidfile.read_text())) if self.pidfile else None
+            pid = warm_start.read_pid(self.pidfile) if self.pidfile else None
+            return psutil.Process(pid) if pid is not None else None
         except (OSError, ValueError, psutil.NoSuchProcess):
             return None
 
@@ -422,15 +419,12 @@ def warm_benchmark_runs(monkeypatch):
         launcher = cmd[1:2] == ["-m"] and cmd[2] in warm_start.LAUNCHERS
         if server is None or not server.ready or cmd[0] != sys.executable or launcher:
             return plain_start(cmd, cwd, env)
-        handle, name = tempfile.mkstemp(suffix=".pid", dir=os.path.dirname(server.sock_path))  # gone at exit
-        os.close(handle)
-        pidfile = Path(name)
-        proc, _ = plain_start([str(warm_start.SHIM), *cmd[1:]], cwd,
-                              {**env, **server.shim_env(), warm_start.PIDFILE_ENV: name})
+        command, shim_env, pidfile = server.shim_start(cmd[1:])
+        proc, _ = plain_start(command, cwd, {**env, **shim_env})
 
-        def run_pid() -> int | None:  # warm_python writes it once the server has answered (its own pid if refused)
-            text = pidfile.read_text()
-            return int(text) if text else None if proc.poll() is None else proc.pid
+        def run_pid() -> int | None:  # known once the server has answered; the shim's own if it ended first
+            pid = warm_start.read_pid(pidfile)
+            return pid if pid is not None or proc.poll() is None else proc.pid
 
         return proc, run_pid
 

@@ -119,7 +119,8 @@ def test_a_run_stuck_holding_pythons_lock_goes_when_its_client_does(server, back
     does) is killed by the server once the client is gone, not left behind."""
     import psutil
 
-    stuck = "import re\nprint('stuck', flush=True)\nre.match(r'(a+)+$', 'a' * 64 + 'b')\n"  # seconds of C, GIL held
+    # a regex match in C that holds the GIL until the process is killed
+    stuck = "import re\nprint('stuck', flush=True)\nre.match(r'(a+)+$', 'a' * 64 + 'b')\n"
     run = background(["-c", stuck], warm=True)
     deadline = time.time() + 60
     while not run.out and time.time() < deadline:

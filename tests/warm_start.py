@@ -64,6 +64,11 @@ def refusal(argv: list[str], env: dict, base_env: dict) -> str | None:
     return f"environment differs in {differ}" if differ else None
 
 
+def enabled() -> bool:
+    """False when GPT2_TOOLKIT_TESTS_FRESH asks for a real interpreter for every run."""
+    return os.environ.get(FRESH_ENV, "") in ("", "0")
+
+
 def log(entry: dict) -> None:
     """A line of JSON in $GPT2_TOOLKIT_WARM_LOG, when set: which runs started warm, which not and why."""
     if os.environ.get("GPT2_TOOLKIT_WARM_LOG"):
@@ -341,11 +346,19 @@ class Server:
         line = self.proc.stdout.readline()
         self.ready = json.loads(line).get("ready", False) if line.startswith("{") else False
 
-    shim = SHIM
-
     def shim_env(self) -> dict:
         """What warm_python needs in its environment to start its runs from this server."""
         return {SOCKET_ENV: self.sock_path, PYTHON_ENV: sys.executable}
+
+    def shim_start(self, args: list[str]) -> tuple[list[str], dict, Path]:
+        """`python ARGS` through warm_python, for a process of one's own: the command, what its environment needs, and
+        the file where warm_python writes the pid of the run it relays (read_pid; in the server's folder, removed with
+        it)."""
+        import tempfile
+
+        handle, name = tempfile.mkstemp(suffix=".pid", dir=os.path.dirname(self.sock_path))
+        os.close(handle)
+        return [str(SHIM), *args], {**self.shim_env(), PIDFILE_ENV: name}, Path(name)
 
     def run(self, argv: list[str], env: dict, cwd, timeout: float):
         """`python ARGV` from the server: a CompletedProcess, or None where it cannot start there. Past `timeout`,
@@ -393,6 +406,12 @@ class Server:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=30)
+
+
+def read_pid(pidfile: Path) -> int | None:
+    """The pid warm_python wrote (the run it relays, or its own where the server refused); None until it has."""
+    text = pidfile.read_text()
+    return int(text) if text else None
 
 
 def kill_tree(pid: int) -> None:

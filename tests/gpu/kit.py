@@ -346,21 +346,23 @@ def interpreter() -> str:
     tests/warm_python, with a fork server made for the jobs' environment (tests/warm_start.py): each job is still a
     process of its own that runs its command unchanged; only the ~10 s of imports of torch, transformers, peft, ...
     are made once (nothing the rehearsal checks depends on them). GPT2_TOOLKIT_TESTS_FRESH=1: a new one there too."""
-    if not shape().rehearsal or os.environ.get("GPT2_TOOLKIT_TESTS_FRESH", "") not in ("", "0"):
+    if not shape().rehearsal:
+        return sys.executable
+    if str(REPO / "tests") not in sys.path:
+        sys.path.insert(0, str(REPO / "tests"))
+    import warm_start
+
+    if not warm_start.enabled():
         return sys.executable
     if not _WARM:
         import atexit
         import shutil
 
-        if str(REPO / "tests") not in sys.path:
-            sys.path.insert(0, str(REPO / "tests"))
-        import warm_start
-
         folder = tempfile.mkdtemp(prefix="gpu-kit-warm-")
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         _WARM.append(warm_start.Server(child_env(), folder))
         atexit.register(_WARM[0].stop)
-    return str(_WARM[0].shim) if _WARM[0].ready else sys.executable
+    return str(warm_start.SHIM) if _WARM[0].ready else sys.executable
 
 
 def probed(probe_dir: Path, recipe: str, args: list[str], launcher: list[str] | None = None) -> list[str]:
